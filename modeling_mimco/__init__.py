@@ -1,0 +1,45 @@
+"""MimCo: masked image modeling pre-training with a contrastive teacher, for Hugging Face `transformers`.
+
+Importing the package registers the MimCo classes with the Auto classes and marks them for remote code, so that
+`save_pretrained` writes an `auto_map` and the model files next to the weights.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
+
+from .configuration_mimco import MimCoConfig
+from .masking import MimCoMaskGenerator
+from .modeling_mimco import (
+    MimCoForImageClassification,
+    MimCoForPreTraining,
+    MimCoForPreTrainingOutput,
+    MimCoModel,
+    MimCoPreTrainedModel,
+)
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MimCoConfig.model_type, MimCoConfig, exist_ok=True)
+AutoModel.register(MimCoConfig, MimCoModel, exist_ok=True)
+AutoModelForPreTraining.register(MimCoConfig, MimCoForPreTraining, exist_ok=True)
+AutoModelForImageClassification.register(MimCoConfig, MimCoForImageClassification, exist_ok=True)
+
+MimCoConfig.register_for_auto_class()
+MimCoModel.register_for_auto_class("AutoModel")
+MimCoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+MimCoForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "MimCoConfig",
+    "MimCoForImageClassification",
+    "MimCoForPreTraining",
+    "MimCoForPreTrainingOutput",
+    "MimCoMaskGenerator",
+    "MimCoModel",
+    "MimCoPreTrainedModel",
+]

@@ -1,0 +1,260 @@
+"""Configuration of MimCo models: the ViT backbone, the masking, the heads, the losses and the teacher."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
+
+POSITION_EMBEDDING_TYPES = ("learned", "sincos")
+POOLING_TYPES = ("cls", "mean")
+MASK_STRATEGIES = ("random", "block")
+LOSS_TYPES = ("infonce", "cosine", "smooth_l1")
+PATCH_NEGATIVES = ("image", "batch")
+
+
+def _teacher_config_from_dict(teacher_config: dict) -> PreTrainedConfig:
+    """Builds the teacher sub-config from its serialised form.
+
+    A MimCo teacher is resolved here rather than through `AutoConfig`, so that a checkpoint loaded as remote code
+    (where `mimco` is not a registered model type) still finds its teacher's config class.
+    """
+    teacher_config = dict(teacher_config)
+    model_type = teacher_config.pop("model_type", None)
+    if model_type is None or model_type == MimCoConfig.model_type:
+        return MimCoConfig(**teacher_config)
+
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"`teacher_config` has model_type {model_type!r}, which this transformers installation does not know."
+        )
+    return CONFIG_MAPPING[model_type](**teacher_config)
+
+
+@strict
+class MimCoConfig(PreTrainedConfig):
+    r"""
+    Configuration of a MimCo Vision Transformer and of its masked-image pre-training with a contrastive teacher.
+
+    The defaults describe a ViT-S/16 at 224 pixels pre-trained as in the MimCo paper (arXiv 2209.03063): 60 % of the
+    image masked in 32x32-pixel blocks, MLP heads, InfoNCE patch and image losses at temperature 0.2.
+
+    Args:
+        image_size (`int`, defaults to 224): Height and width of the (square) input images, in pixels.
+        patch_size (`int`, defaults to 16): Height and width of each patch, in pixels.
+        num_channels (`int`, defaults to 3): Number of input channels.
+        hidden_size (`int`, defaults to 384): Width of the transformer.
+        num_hidden_layers (`int`, defaults to 12): Number of transformer blocks.
+        num_attention_heads (`int`, defaults to 6): Number of attention heads in each block.
+        intermediate_size (`int`, defaults to 1536): Width of the MLP inside each block.
+        hidden_act (`str`, defaults to `"gelu"`): Activation of the block MLPs and of the pre-training heads.
+        layer_norm_eps (`float`, defaults to 1e-6): Epsilon of every LayerNorm.
+        qkv_bias (`bool`, defaults to `True`): Whether the fused query/key/value projection has a bias.
+        hidden_dropout_prob (`float`, defaults to 0.0): Dropout on embeddings and on the residual branches.
+        attention_probs_dropout_prob (`float`, defaults to 0.0): Dropout on the attention probabilities.
+        drop_path_rate (`float`, defaults to 0.0): Stochastic depth rate of the last block; it rises linearly from 0
+            in the first block.
+        initializer_range (`float`, defaults to 0.02): Standard deviation of the truncated normal initialisation.
+        position_embedding_type (`str`, defaults to `"learned"`): `"learned"` position embeddings, or fixed 2-D
+            `"sincos"` ones (as in MoCo v3 and MAE), which are not trained.
+        pooling (`str`, defaults to `"cls"`): `"cls"` pools the final CLS token; `"mean"` averages the patch tokens
+            before the final norm and normalises the average with its own LayerNorm (`pooler_norm`).
+        mask_strategy (`str`, defaults to `"random"`): `"random"` masks random `mask_patch_size` blocks (SimMIM);
+            `"block"` masks rectangles of patches (BEiT block-wise masking).
+        mask_ratio (`float`, defaults to 0.6): Fraction of patches to mask, in (0, 1).
+        mask_patch_size (`int`, defaults to 32): Side in pixels of the square blocks that random masking hides; a
+            multiple of `patch_size` that divides `image_size`.
+        head_hidden_size (`int`, defaults to 2048): Hidden width of the patch and image heads; 0 makes them linear.
+        patch_loss_type (`str`, defaults to `"infonce"`): `"infonce"`, `"cosine"` or `"smooth_l1"`.
+        image_loss_type (`str`, defaults to `"infonce"`): `"infonce"`, `"cosine"` or `"smooth_l1"`.
+        patch_negatives (`str`, defaults to `"image"`): Negatives of the patch InfoNCE loss: the other teacher patch
+            tokens of the same `"image"`, or every teacher patch token of the local `"batch"`.
+        patch_temperature (`float`, defaults to 0.2): Temperature of the patch InfoNCE loss.
+        image_temperature (`float`, defaults to 0.2): Temperature of the image InfoNCE loss.
+        patch_loss_weight (`float`, defaults to 1.0): Weight of the patch loss in the total; 0 disables it.
+        image_loss_weight (`float`, defaults to 1.0): Weight of the image loss in the total; 0 disables it.
+        image_mean (`list[float]`): Per-channel mean with which the student's `pixel_values` were normalised.
+        image_std (`list[float]`): Per-channel standard deviation with which the student's `pixel_values` were
+            normalised.
+        teacher_config (`PreTrainedConfig` or `dict`, *optional*): Config of the frozen teacher: a `MimCoConfig` or
+            the config of any Hugging Face ViT-like backbone (`ViTConfig`, `Dinov2Config`...). `None` means a teacher
+            with the student's own backbone shape.
+        teacher_image_mean (`list[float]`, *optional*): The teacher's pixel normalisation mean; defaults to
+            `image_mean`.
+        teacher_image_std (`list[float]`, *optional*): The teacher's pixel normalisation std; defaults to
+            `image_std`.
+
+    Example:
+
+    ```python
+    >>> from modeling_mimco import MimCoConfig, MimCoForPreTraining
+
+    >>> config = MimCoConfig(image_size=32, patch_size=4, mask_patch_size=8, hidden_size=64, num_hidden_layers=2,
+    ...                      num_attention_heads=2, intermediate_size=128)
+    >>> model = MimCoForPreTraining(config)
+    ```"""
+
+    model_type = "mimco"
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 384
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 6
+    intermediate_size: int = 1536
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    drop_path_rate: float | int = 0.0
+    initializer_range: float = 0.02
+    position_embedding_type: str = "learned"
+    pooling: str = "cls"
+
+    mask_strategy: str = "random"
+    mask_ratio: float = 0.6
+    mask_patch_size: int = 32
+
+    head_hidden_size: int = 2048
+
+    patch_loss_type: str = "infonce"
+    image_loss_type: str = "infonce"
+    patch_negatives: str = "image"
+    patch_temperature: float = 0.2
+    image_temperature: float = 0.2
+    patch_loss_weight: float | int = 1.0
+    image_loss_weight: float | int = 1.0
+
+    image_mean: list[float] | tuple[float, ...] | None = None
+    image_std: list[float] | tuple[float, ...] | None = None
+    teacher_config: dict | PreTrainedConfig | None = None
+    teacher_image_mean: list[float] | tuple[float, ...] | None = None
+    teacher_image_std: list[float] | tuple[float, ...] | None = None
+
+    def __post_init__(self, **kwargs):
+        self.image_mean = list(self.image_mean) if self.image_mean is not None else list(IMAGENET_DEFAULT_MEAN)
+        self.image_std = list(self.image_std) if self.image_std is not None else list(IMAGENET_DEFAULT_STD)
+        self.teacher_image_mean = (
+            list(self.teacher_image_mean) if self.teacher_image_mean is not None else list(self.image_mean)
+        )
+        self.teacher_image_std = (
+            list(self.teacher_image_std) if self.teacher_image_std is not None else list(self.image_std)
+        )
+        if isinstance(self.teacher_config, dict):
+            self.teacher_config = _teacher_config_from_dict(self.teacher_config)
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: every error names the offending field and value."""
+        _check_positive_int("image_size", self.image_size)
+        _check_positive_int("patch_size", self.patch_size)
+        _check_positive_int("num_channels", self.num_channels)
+        _check_positive_int("hidden_size", self.hidden_size)
+        _check_positive_int("num_hidden_layers", self.num_hidden_layers)
+        _check_positive_int("num_attention_heads", self.num_attention_heads)
+        _check_positive_int("intermediate_size", self.intermediate_size)
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(
+                f"`image_size` ({self.image_size}) must be divisible by `patch_size` ({self.patch_size})."
+            )
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"`mask_ratio` must lie strictly between 0 and 1, got {self.mask_ratio}.")
+        if self.mask_patch_size <= 0 or self.mask_patch_size % self.patch_size != 0:
+            raise ValueError(
+                f"`mask_patch_size` ({self.mask_patch_size}) must be a positive multiple of `patch_size` "
+                f"({self.patch_size})."
+            )
+        if self.image_size % self.mask_patch_size != 0:
+            raise ValueError(
+                f"`image_size` ({self.image_size}) must be divisible by `mask_patch_size` ({self.mask_patch_size})."
+            )
+        _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        _check_choice("pooling", self.pooling, POOLING_TYPES)
+        _check_choice("mask_strategy", self.mask_strategy, MASK_STRATEGIES)
+        _check_choice("patch_loss_type", self.patch_loss_type, LOSS_TYPES)
+        _check_choice("image_loss_type", self.image_loss_type, LOSS_TYPES)
+        _check_choice("patch_negatives", self.patch_negatives, PATCH_NEGATIVES)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must lie in [0, 1), got {value}.")
+        if self.head_hidden_size < 0:
+            raise ValueError(f"`head_hidden_size` must be >= 0 (0 means a linear head), got {self.head_hidden_size}.")
+        for name in ("patch_temperature", "image_temperature", "layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"`{name}` must be > 0, got {value}.")
+        for name in ("patch_loss_weight", "image_loss_weight"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value}.")
+        if self.patch_loss_weight == 0 and self.image_loss_weight == 0:
+            raise ValueError("`patch_loss_weight` and `image_loss_weight` are both 0: at least one loss must be used.")
+        for name in ("image_mean", "image_std", "teacher_image_mean", "teacher_image_std"):
+            value = getattr(self, name)
+            if len(value) != self.num_channels:
+                raise ValueError(
+                    f"`{name}` has {len(value)} values but `num_channels` is {self.num_channels}: give one per channel."
+                )
+        for name in ("image_std", "teacher_image_std"):
+            if any(v <= 0 for v in getattr(self, name)):
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.teacher_config is not None:
+            for name in ("hidden_size", "patch_size"):
+                if getattr(self.teacher_config, name, None) is None:
+                    raise ValueError(
+                        f"`teacher_config` ({type(self.teacher_config).__name__}) has no `{name}`: the teacher must be "
+                        "a ViT-like backbone with a CLS token and patch tokens."
+                    )
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch tokens of an `image_size` input."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def get_teacher_config(self) -> PreTrainedConfig:
+        """The teacher's config; without an explicit one, a frozen copy of the student's backbone shape."""
+        if self.teacher_config is not None:
+            return self.teacher_config
+        backbone_fields = (
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "qkv_bias",
+            "initializer_range",
+            "position_embedding_type",
+            "image_mean",
+            "image_std",
+        )
+        return MimCoConfig(**{name: getattr(self, name) for name in backbone_fields})
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+__all__ = ["MimCoConfig"]

@@ -1,0 +1,121 @@
+"""The MimCo reconstruction losses: the student's predictions against the frozen teacher's features.
+
+Every function takes plain tensors, so each can be checked on its own against a slow reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_across_processes(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenates `tensor` (first dimension = local batch) from every process of the default process group.
+
+    Returns the gathered tensor and the offset of this process's rows in it. The result carries no gradient: it is
+    meant for negatives and targets (the teacher's features), never for the queries that are trained. Processes may
+    hold different batch sizes (a last, smaller batch); rows are padded for the collective and trimmed afterwards.
+    Without an initialised process group this is the identity with offset 0.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    world_size = dist.get_world_size()
+    rank = dist.get_rank()
+    local_size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    sizes = [torch.zeros_like(local_size) for _ in range(world_size)]
+    dist.all_gather(sizes, local_size)
+    sizes = [int(size.item()) for size in sizes]
+    max_size = max(sizes)
+
+    padded = tensor.detach().contiguous()
+    if padded.shape[0] < max_size:
+        padding = padded.new_zeros((max_size - padded.shape[0], *padded.shape[1:]))
+        padded = torch.cat([padded, padding])
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    gathered = torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)])
+    return gathered, sum(sizes[:rank])
+
+
+def patch_infonce_loss(
+    patch_predictions: torch.Tensor,
+    teacher_patch_tokens: torch.Tensor,
+    bool_masked_pos: torch.BoolTensor,
+    temperature: float,
+    negatives: str = "image",
+) -> torch.Tensor:
+    """InfoNCE between the student's predictions for the masked patches and the teacher's patch tokens.
+
+    Args:
+        patch_predictions: `(num_masked, dim)`, the patch head's output for each masked patch, in the row-major
+            order of `bool_masked_pos.nonzero()`.
+        teacher_patch_tokens: `(batch_size, num_patches, dim)`, the teacher's patch tokens of the unmasked images.
+        bool_masked_pos: `(batch_size, num_patches)`, `True` where the student's patch was masked.
+        temperature: Softmax temperature.
+        negatives: `"image"`: a prediction is contrasted with every teacher patch token of its own image (the token
+            at its own position is the positive). `"batch"`: with every teacher patch token of the local batch.
+
+    Both sides are L2-normalised. Returns the mean loss over the masked patches.
+    """
+    batch_size, num_patches, dim = teacher_patch_tokens.shape
+    predictions = F.normalize(patch_predictions, dim=-1)
+    targets = F.normalize(teacher_patch_tokens, dim=-1)
+    image_index, position_index = bool_masked_pos.nonzero(as_tuple=True)
+
+    if negatives == "image":
+        # Scatter the predictions back onto the patch grid and compare each image with itself in one bmm; the rows
+        # of unmasked positions are computed but never selected.
+        scattered = predictions.new_zeros(batch_size, num_patches, dim)
+        scattered[image_index, position_index] = predictions
+        logits = torch.bmm(scattered, targets.transpose(1, 2))[image_index, position_index]
+        labels = position_index
+    elif negatives == "batch":
+        logits = predictions @ targets.reshape(batch_size * num_patches, dim).T
+        labels = image_index * num_patches + position_index
+    else:
+        raise ValueError(f"`negatives` must be 'image' or 'batch', got {negatives!r}.")
+    return F.cross_entropy(logits.float() / temperature, labels)
+
+
+def image_infonce_loss(
+    image_predictions: torch.Tensor,
+    teacher_image_features: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """InfoNCE between the student's global predictions and the teacher's global features.
+
+    Args:
+        image_predictions: `(batch_size, dim)`, the image head's output for each local image.
+        teacher_image_features: `(batch_size, dim)`, the teacher's CLS token of the same images.
+        temperature: Softmax temperature.
+
+    The positive of image `i` is the teacher feature of image `i`; the negatives are the teacher features of every
+    other image in the global batch, gathered from all processes, so N processes with batch B compute the same loss
+    (and, averaged by DDP, the same gradient) as one process with batch N*B.
+    """
+    predictions = F.normalize(image_predictions, dim=-1)
+    targets = F.normalize(teacher_image_features, dim=-1)
+    all_targets, offset = gather_across_processes(targets)
+    logits = predictions @ all_targets.T
+    labels = torch.arange(predictions.shape[0], device=predictions.device) + offset
+    return F.cross_entropy(logits.float() / temperature, labels)
+
+
+def feature_regression_loss(predictions: torch.Tensor, targets: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Non-contrastive alternatives to InfoNCE, row by row: `"cosine"` (1 - cosine similarity) or `"smooth_l1"`.
+
+    For `"smooth_l1"` the targets are standardised per token (LayerNorm without affine), as feature-regression MIM
+    methods do, so the scale of the teacher's features does not set the scale of the loss.
+    """
+    predictions = predictions.float()
+    targets = targets.float()
+    if loss_type == "cosine":
+        return (1.0 - F.cosine_similarity(predictions, targets, dim=-1)).mean()
+    if loss_type == "smooth_l1":
+        targets = F.layer_norm(targets, targets.shape[-1:])
+        return F.smooth_l1_loss(predictions, targets)
+    raise ValueError(f"`loss_type` must be 'cosine' or 'smooth_l1' here, got {loss_type!r}.")
+
+
+__all__ = ["feature_regression_loss", "gather_across_processes", "image_infonce_loss", "patch_infonce_loss"]

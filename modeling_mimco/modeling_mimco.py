@@ -1,0 +1,668 @@
+"""PyTorch MimCo models: a ViT backbone, the masked-image student with its frozen contrastive teacher, and the
+image classifier.
+
+The backbone's weights map one-to-one onto timm's `VisionTransformer` (see `convert.py`): `embeddings.cls_token`
+is `cls_token`, `layers.{i}.attention.qkv` is `blocks.{i}.attn.qkv`, and so on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_mimco import MimCoConfig
+from .losses import feature_regression_loss, image_infonce_loss, patch_infonce_loss
+from .masking import MimCoMaskGenerator
+from .teacher import TeacherInputAdapter
+
+
+logger = logging.get_logger(__name__)
+
+
+def get_2d_sincos_position_embeddings(hidden_size: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings of shape `(1, 1 + grid_size**2, hidden_size)`.
+
+    Half of the channels encode the row, half the column, each as sines and cosines of geometrically spaced
+    frequencies; the CLS position is all zeros (the MoCo v3 / MAE construction).
+    """
+    if hidden_size % 4 != 0:
+        raise ValueError(f"2-D sin-cos position embeddings need `hidden_size` divisible by 4, got {hidden_size}.")
+    quarter = hidden_size // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    grid_rows, grid_cols = torch.meshgrid(coords, coords, indexing="ij")
+    out_cols = grid_cols.flatten()[:, None] * omega[None]
+    out_rows = grid_rows.flatten()[:, None] * omega[None]
+    patch_embeddings = torch.cat([out_cols.sin(), out_cols.cos(), out_rows.sin(), out_rows.cos()], dim=1)
+    cls_embedding = torch.zeros(1, hidden_size, dtype=torch.float64)
+    return torch.cat([cls_embedding, patch_embeddings]).unsqueeze(0).float()
+
+
+def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zeroes the residual branch of whole samples with probability `drop_prob`."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1.0 - drop_prob
+    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+    return hidden_states * keep / keep_prob
+
+
+class MimCoDropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return drop_path(hidden_states, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class MimCoPatchEmbeddings(nn.Module):
+    """Cuts `pixel_values` `(batch, channels, height, width)` into patches and projects each to `hidden_size`,
+    giving `(batch, num_patches, hidden_size)` in row-major grid order."""
+
+    def __init__(self, config: MimCoConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.patch_size = config.patch_size
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class MimCoEmbeddings(nn.Module):
+    """Patch embeddings, the mask token for masked positions, the CLS token and the position embeddings."""
+
+    def __init__(self, config: MimCoConfig):
+        super().__init__()
+        self.config = config
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.grid_size = config.image_size // config.patch_size
+        self.patch_embeddings = MimCoPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, self.grid_size**2 + 1, config.hidden_size),
+            requires_grad=config.position_embedding_type == "learned",
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for a `height` x `width` input, resampled bicubically from the trained grid."""
+        new_height, new_width = height // self.patch_size, width // self.patch_size
+        if new_height == self.grid_size and new_width == self.grid_size:
+            return self.position_embeddings
+        class_position, patch_positions = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        dim = patch_positions.shape[-1]
+        patch_positions = patch_positions.float().reshape(1, self.grid_size, self.grid_size, dim).permute(0, 3, 1, 2)
+        patch_positions = nn.functional.interpolate(
+            patch_positions, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True
+        )
+        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, new_height * new_width, dim)
+        return torch.cat([class_position, patch_positions.to(class_position.dtype)], dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        batch_size, num_channels, height, width = pixel_values.shape
+        if num_channels != self.config.num_channels:
+            raise ValueError(
+                f"`pixel_values` has {num_channels} channels but the model expects `num_channels` = "
+                f"{self.config.num_channels}."
+            )
+        if interpolate_pos_encoding:
+            if height % self.patch_size or width % self.patch_size:
+                raise ValueError(
+                    f"Input image size ({height}x{width}) must be divisible by `patch_size` ({self.patch_size})."
+                )
+        elif height != self.image_size or width != self.image_size:
+            raise ValueError(
+                f"Input image size ({height}x{width}) doesn't match the model's `image_size` ({self.image_size}x"
+                f"{self.image_size}); pass `interpolate_pos_encoding=True` to use another resolution."
+            )
+
+        embeddings = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))
+        if bool_masked_pos is not None:
+            if bool_masked_pos.shape != embeddings.shape[:2]:
+                raise ValueError(
+                    f"`bool_masked_pos` has shape {tuple(bool_masked_pos.shape)} but (batch_size, num_patches) = "
+                    f"{tuple(embeddings.shape[:2])} was expected."
+                )
+            mask = bool_masked_pos.unsqueeze(-1)
+            embeddings = torch.where(mask, self.mask_token.to(embeddings.dtype), embeddings)
+
+        cls_tokens = self.cls_token.expand(batch_size, -1, -1)
+        embeddings = torch.cat([cls_tokens, embeddings], dim=1)
+        if interpolate_pos_encoding:
+            embeddings = embeddings + self.interpolate_pos_encoding(height, width)
+        else:
+            embeddings = embeddings + self.position_embeddings
+        return self.dropout(embeddings)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention. `query`/`key`/`value`: `(batch, heads, tokens, head_dim)`; returns the output as
+    `(batch, tokens, heads, head_dim)` and the attention probabilities `(batch, heads, tokens, tokens)`."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class MimCoAttention(nn.Module):
+    """Multi-head self-attention with one fused query/key/value projection (timm's `Attention`)."""
+
+    def __init__(self, config: MimCoConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, num_tokens, hidden_size = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+        # Attention probabilities only exist in the eager kernel, so asking for them selects it for this call.
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation != "eager" and not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        attn_output = self.proj(attn_output.reshape(batch_size, num_tokens, hidden_size))
+        return attn_output, (attn_weights if output_attentions else None)
+
+
+class MimCoMLP(nn.Module):
+    def __init__(self, config: MimCoConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))
+        return self.dropout(self.fc2(hidden_states))
+
+
+class MimCoLayer(GradientCheckpointingLayer):
+    """A pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`, with stochastic depth."""
+
+    def __init__(self, config: MimCoConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = MimCoAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MimCoMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = MimCoDropPath(drop_path_rate)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = hidden_states + self.drop_path(self.dropout(attention_output))
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+        return hidden_states, attn_weights
+
+
+class MimCoPredictionHead(nn.Module):
+    """Maps student tokens to the teacher's width: `Linear -> act -> Linear`, or one `Linear` when
+    `hidden_size` is 0."""
+
+    def __init__(self, in_features: int, hidden_size: int, out_features: int, hidden_act: str = "gelu"):
+        super().__init__()
+        if hidden_size > 0:
+            self.fc1 = nn.Linear(in_features, hidden_size)
+            self.activation = ACT2FN[hidden_act]
+            self.fc2 = nn.Linear(hidden_size, out_features)
+        else:
+            self.fc1 = None
+            self.activation = None
+            self.fc2 = nn.Linear(in_features, out_features)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.fc1 is not None:
+            hidden_states = self.activation(self.fc1(hidden_states))
+        return self.fc2(hidden_states)
+
+
+class MimCoPreTrainedModel(PreTrainedModel):
+    config_class = MimCoConfig
+    config: MimCoConfig
+    base_model_prefix = "mimco"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MimCoEmbeddings", "MimCoLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # A pre-training checkpoint also holds the teacher and the heads; the backbone and classifier skip them quietly.
+    _keys_to_ignore_on_load_unexpected = [r"^teacher\.", r"^patch_head\.", r"^image_head\."]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MimCoEmbeddings):
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            init.trunc_normal_(module.mask_token, mean=0.0, std=std)
+            if module.config.position_embedding_type == "sincos":
+                sincos = get_2d_sincos_position_embeddings(module.config.hidden_size, module.grid_size)
+                init.copy_(module.position_embeddings, sincos)
+            else:
+                init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # List every MimCo class in `auto_map`, so that a checkpoint of any of them loads as remote code into any
+        # Auto class (a pre-training checkpoint into `AutoModelForImageClassification`, for instance).
+        if getattr(type(self), "_auto_class", None) is not None:
+            self.config.auto_map = dict(MIMCO_AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MimCoModel(MimCoPreTrainedModel):
+    """The bare MimCo Vision Transformer, returning the normalised tokens `[CLS, patches]` and a pooled feature."""
+
+    def __init__(self, config: MimCoConfig):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = MimCoEmbeddings(config)
+        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList([MimCoLayer(config, rate) for rate in drop_path_rates])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else None
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> MimCoPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images (see `ViTImageProcessor`).
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+                `True` where a patch is replaced by the learned mask token before the encoder.
+            interpolate_pos_encoding (`bool`, *optional*):
+                Resample the position embeddings to the input's resolution.
+            output_attentions / output_hidden_states (`bool`, *optional*):
+                Also return each layer's attention probabilities / the embeddings and every layer's output.
+
+        Returns:
+            `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, 1 + num_patches, hidden_size)` after the
+            final LayerNorm (CLS first); `pooler_output` `(batch_size, hidden_size)`, the CLS token or the normalised
+            mean of the patch tokens.
+        """
+        if pixel_values is None:
+            raise ValueError("You have to specify `pixel_values`.")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+
+        hidden_states = self.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=bool(interpolate_pos_encoding)
+        )
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+
+        sequence_output = self.layernorm(hidden_states)
+        if self.pooler_norm is not None:
+            pooled_output = self.pooler_norm(hidden_states[:, 1:].mean(dim=1))
+        else:
+            pooled_output = sequence_output[:, 0]
+
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+@dataclass
+class MimCoForPreTrainingOutput(ModelOutput):
+    r"""
+    Output of `MimCoForPreTraining`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): `patch_loss_weight * patch_loss + image_loss_weight * image_loss`.
+        patch_loss (`torch.FloatTensor` of shape `()`, *optional*): Loss on the masked patches; `None` when its
+            weight is 0.
+        image_loss (`torch.FloatTensor` of shape `()`, *optional*): Loss on the global feature; `None` when its
+            weight is 0.
+        patch_predictions (`torch.FloatTensor` of shape `(num_masked, teacher_hidden_size)`, *optional*): The patch
+            head's output for each masked patch, in the row-major order of `bool_masked_pos.nonzero()`.
+        image_predictions (`torch.FloatTensor` of shape `(batch_size, teacher_hidden_size)`, *optional*): The image
+            head's output for each image.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches, hidden_size)`): The student's
+            final tokens on the masked input.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): The student's embeddings and layer outputs.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): The student's attention probabilities.
+    """
+
+    loss: torch.FloatTensor | None = None
+    patch_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    patch_predictions: torch.FloatTensor | None = None
+    image_predictions: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def build_teacher(teacher_config: PreTrainedConfig) -> PreTrainedModel:
+    """An untrained backbone for `teacher_config`; its weights come from a checkpoint afterwards."""
+    if isinstance(teacher_config, MimCoConfig):
+        return MimCoModel(teacher_config)
+    return AutoModel.from_config(teacher_config)
+
+
+class MimCoForPreTraining(MimCoPreTrainedModel):
+    """A MimCo student (`MimCoModel` with patch and image heads) and the frozen teacher it learns from.
+
+    The student sees the masked image, the teacher the whole image. The patch head maps the student's masked patch
+    tokens, and the image head its CLS token, to the teacher's width; each is compared with the teacher's tokens by
+    the losses that the config selects. The teacher runs in eval mode without gradients, is excluded from
+    `parameters()` that require gradients, and keeps its weights bit-identical through training.
+
+    Build it from configs (`MimCoForPreTraining(config)`, teacher weights random), from a trained teacher
+    (`MimCoForPreTraining.from_teacher("path/or/hub-id", config)`), or from a saved pre-training checkpoint
+    (`from_pretrained`), which holds the teacher too.
+    """
+
+    def __init__(self, config: MimCoConfig):
+        super().__init__(config)
+        self.mimco = MimCoModel(config)
+        teacher_config = config.get_teacher_config()
+        self.teacher = build_teacher(teacher_config)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.teacher_adapter = TeacherInputAdapter(
+            self.teacher,
+            teacher_config,
+            student_grid_size=config.image_size // config.patch_size,
+            student_mean=config.image_mean,
+            student_std=config.image_std,
+            teacher_mean=config.teacher_image_mean,
+            teacher_std=config.teacher_image_std,
+        )
+        teacher_hidden_size = teacher_config.hidden_size
+        self.patch_head = None
+        self.image_head = None
+        if config.patch_loss_weight > 0:
+            self.patch_head = MimCoPredictionHead(
+                config.hidden_size, config.head_hidden_size, teacher_hidden_size, config.hidden_act
+            )
+        if config.image_loss_weight > 0:
+            self.image_head = MimCoPredictionHead(
+                config.hidden_size, config.head_hidden_size, teacher_hidden_size, config.hidden_act
+            )
+        self.mask_generator = MimCoMaskGenerator.from_config(config)
+        self.post_init()
+
+    @classmethod
+    def from_teacher(
+        cls, teacher_name_or_path: str, config: MimCoConfig | None = None, **kwargs
+    ) -> MimCoForPreTraining:
+        """A randomly initialised student paired with a pre-trained teacher.
+
+        Args:
+            teacher_name_or_path: A local folder or Hub id of the teacher: a `MimCoModel` or any ViT-like
+                backbone that `AutoModel` loads. Its `preprocessor_config.json`, when present, sets the teacher's
+                pixel normalisation.
+            config: The student's config; its `teacher_config` is replaced by the teacher's. Defaults to a
+                `MimCoConfig` with the teacher's image size.
+            kwargs: Passed to the teacher's `from_pretrained` (`revision`, `token`, ...).
+        """
+        teacher_config = PreTrainedConfig.get_config_dict(teacher_name_or_path, **kwargs)[0]
+        if teacher_config.get("model_type") == MimCoConfig.model_type:
+            teacher = MimCoModel.from_pretrained(teacher_name_or_path, **kwargs)
+        else:
+            teacher = AutoModel.from_pretrained(teacher_name_or_path, **kwargs)
+        if config is None:
+            config = MimCoConfig(image_size=getattr(teacher.config, "image_size", 224))
+        else:
+            config = MimCoConfig.from_dict(config.to_dict())
+        config.teacher_config = teacher.config
+        teacher_mean, teacher_std = _load_pixel_normalisation(teacher_name_or_path, **kwargs)
+        if teacher_mean is not None:
+            config.teacher_image_mean, config.teacher_image_std = teacher_mean, teacher_std
+        config.validate()
+        model = cls(config)
+        model.teacher.load_state_dict(teacher.state_dict())
+        return model
+
+    def train(self, mode: bool = True) -> MimCoForPreTraining:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's CLS feature `(batch, teacher_dim)` and patch tokens `(batch, num_patches, teacher_dim)`
+        for the unmasked images."""
+        teacher_inputs = self.teacher_adapter.teacher_inputs(pixel_values)
+        teacher_output = self.teacher(**teacher_inputs)
+        return self.teacher_adapter.split_tokens(teacher_output.last_hidden_state)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> MimCoForPreTrainingOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
+                The unmasked images, normalised with the config's `image_mean`/`image_std`.
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+                `True` for the patches the student sees masked. When omitted, the config's mask generator draws
+                one mask per image.
+        """
+        if pixel_values is None:
+            raise ValueError("You have to specify `pixel_values`.")
+        if bool_masked_pos is None:
+            bool_masked_pos = self.mask_generator.batch(pixel_values.shape[0])
+        bool_masked_pos = bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
+
+        student_outputs = self.mimco(
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        student_tokens = student_outputs.last_hidden_state
+        teacher_image_features, teacher_patch_tokens = self.teacher_features(pixel_values)
+
+        config = self.config
+        loss = 0.0
+        patch_loss = image_loss = patch_predictions = image_predictions = None
+        if self.patch_head is not None:
+            # Only masked patches are predicted, so the head never runs on the visible ones.
+            patch_predictions = self.patch_head(student_tokens[:, 1:][bool_masked_pos])
+            if config.patch_loss_type == "infonce":
+                patch_loss = patch_infonce_loss(
+                    patch_predictions,
+                    teacher_patch_tokens,
+                    bool_masked_pos,
+                    temperature=config.patch_temperature,
+                    negatives=config.patch_negatives,
+                )
+            else:
+                patch_loss = feature_regression_loss(
+                    patch_predictions, teacher_patch_tokens[bool_masked_pos], config.patch_loss_type
+                )
+            loss = loss + config.patch_loss_weight * patch_loss
+        if self.image_head is not None:
+            image_predictions = self.image_head(student_tokens[:, 0])
+            if config.image_loss_type == "infonce":
+                image_loss = image_infonce_loss(
+                    image_predictions, teacher_image_features, temperature=config.image_temperature
+                )
+            else:
+                image_loss = feature_regression_loss(image_predictions, teacher_image_features, config.image_loss_type)
+            loss = loss + config.image_loss_weight * image_loss
+
+        return MimCoForPreTrainingOutput(
+            loss=loss,
+            patch_loss=patch_loss,
+            image_loss=image_loss,
+            patch_predictions=patch_predictions,
+            image_predictions=image_predictions,
+            last_hidden_state=student_tokens,
+            hidden_states=student_outputs.hidden_states,
+            attentions=student_outputs.attentions,
+        )
+
+
+class MimCoForImageClassification(MimCoPreTrainedModel):
+    """A MimCo backbone with a linear classifier on its pooled output (CLS token or normalised mean, per
+    `config.pooling`). Loads the student of any MimCo checkpoint; a pre-training checkpoint's teacher and heads are
+    skipped."""
+
+    def __init__(self, config: MimCoConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.mimco = MimCoModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices for a cross-entropy loss (or float targets for regression / multi-label classification,
+            following `config.problem_type`).
+        """
+        outputs = self.mimco(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+def _load_pixel_normalisation(name_or_path: str, **kwargs) -> tuple[list[float] | None, list[float] | None]:
+    """The `image_mean`/`image_std` of a checkpoint's `preprocessor_config.json`, or `(None, None)` without one."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path, **kwargs)
+    except OSError:
+        return None, None
+    mean, std = processor_dict.get("image_mean"), processor_dict.get("image_std")
+    if mean is None or std is None:
+        return None, None
+    return list(mean), list(std)
+
+
+MIMCO_AUTO_MAP = {
+    "AutoConfig": "configuration_mimco.MimCoConfig",
+    "AutoModel": "modeling_mimco.MimCoModel",
+    "AutoModelForPreTraining": "modeling_mimco.MimCoForPreTraining",
+    "AutoModelForImageClassification": "modeling_mimco.MimCoForImageClassification",
+}
+
+__all__ = [
+    "MimCoForImageClassification",
+    "MimCoForPreTraining",
+    "MimCoForPreTrainingOutput",
+    "MimCoModel",
+    "MimCoPreTrainedModel",
+    "build_teacher",
+    "get_2d_sincos_position_embeddings",
+]
