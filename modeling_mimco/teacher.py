@@ -77,21 +77,27 @@ class TeacherInputAdapter(nn.Module):
                 f"{student_grid_size}): {type(teacher).__name__} cannot take other input sizes."
             )
 
-        # Converting the student's normalisation into the teacher's is one affine map per channel.
-        student_mean = torch.tensor(student_mean).view(1, -1, 1, 1)
-        student_std = torch.tensor(student_std).view(1, -1, 1, 1)
-        teacher_mean = torch.tensor(teacher_mean).view(1, -1, 1, 1)
-        teacher_std = torch.tensor(teacher_std).view(1, -1, 1, 1)
-        self.renormalize = not (torch.equal(student_mean, teacher_mean) and torch.equal(student_std, teacher_std))
-        self.register_buffer("pixel_scale", student_std / teacher_std, persistent=False)
-        self.register_buffer("pixel_shift", (student_mean - teacher_mean) / teacher_std, persistent=False)
+        # Converting the student's normalisation into the teacher's is one affine map per channel. It is kept as
+        # plain floats (not buffers) so that building the model on the meta device, as `from_pretrained` does,
+        # leaves nothing uninitialised; tensors are made once per device and dtype.
+        self.renormalize = list(student_mean) != list(teacher_mean) or list(student_std) != list(teacher_std)
+        self.pixel_scale = [s / t for s, t in zip(student_std, teacher_std)]
+        self.pixel_shift = [(ms - mt) / t for ms, mt, t in zip(student_mean, teacher_mean, teacher_std)]
+        self._affine_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _affine(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (reference.device, reference.dtype)
+        if key not in self._affine_cache:
+            scale = torch.tensor(self.pixel_scale, device=reference.device, dtype=reference.dtype).view(1, -1, 1, 1)
+            shift = torch.tensor(self.pixel_shift, device=reference.device, dtype=reference.dtype).view(1, -1, 1, 1)
+            self._affine_cache[key] = (scale, shift)
+        return self._affine_cache[key]
 
     def teacher_inputs(self, pixel_values: torch.Tensor) -> dict:
         """Keyword arguments for the teacher's forward: its `pixel_values` (and the interpolation flag if needed)."""
         if self.renormalize:
-            pixel_values = pixel_values * self.pixel_scale.to(pixel_values.dtype) + self.pixel_shift.to(
-                pixel_values.dtype
-            )
+            scale, shift = self._affine(pixel_values)
+            pixel_values = pixel_values * scale + shift
         if pixel_values.shape[-2:] != (self.teacher_input_size, self.teacher_input_size):
             pixel_values = F.interpolate(
                 pixel_values,
