@@ -11,9 +11,10 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
-from .configuration_mimco import MimCoConfig
+from .configuration_mimco import MimCoConfig, MimCoContrastiveConfig
 from .masking import MimCoMaskGenerator
 from .modeling_mimco import (
+    MimCoForContrastivePreTraining,
     MimCoForImageClassification,
     MimCoForPreTraining,
     MimCoForPreTrainingOutput,
@@ -25,7 +26,9 @@ from .modeling_mimco import (
 __version__ = "0.1.0"
 
 AutoConfig.register(MimCoConfig.model_type, MimCoConfig, exist_ok=True)
+AutoConfig.register(MimCoContrastiveConfig.model_type, MimCoContrastiveConfig, exist_ok=True)
 AutoModel.register(MimCoConfig, MimCoModel, exist_ok=True)
+AutoModelForPreTraining.register(MimCoContrastiveConfig, MimCoForContrastivePreTraining, exist_ok=True)
 AutoModelForPreTraining.register(MimCoConfig, MimCoForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(MimCoConfig, MimCoForImageClassification, exist_ok=True)
 
@@ -36,6 +39,8 @@ MimCoForImageClassification.register_for_auto_class("AutoModelForImageClassifica
 
 __all__ = [
     "MimCoConfig",
+    "MimCoContrastiveConfig",
+    "MimCoForContrastivePreTraining",
     "MimCoForImageClassification",
     "MimCoForPreTraining",
     "MimCoForPreTrainingOutput",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
 
 
@@ -247,6 +248,30 @@ class MimCoConfig(PreTrainedConfig):
         return MimCoConfig(**{name: getattr(self, name) for name in backbone_fields})
 
 
+class MimCoConfigValidationError(StrictDataclassClassValidationError, ValueError):
+    """An invalid `MimCoConfig`: a `ValueError` naming the field, and the error that `@strict` configs raise."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+
+_strict_validate = MimCoConfig.validate
+
+
+def _validate(self) -> None:
+    # `@strict` wraps the validators' `ValueError`s in an exception that is not a `ValueError`; re-raise as both.
+    try:
+        _strict_validate(self)
+    except StrictDataclassClassValidationError as error:
+        if isinstance(error, ValueError):
+            raise
+        raise MimCoConfigValidationError(str(error)) from error.__cause__
+
+
+_validate.__is_defined_by_strict_decorator__ = True
+MimCoConfig.validate = _validate
+
+
 def _check_positive_int(name: str, value: int) -> None:
     if value <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value}.")
@@ -257,4 +282,58 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
 
 
-__all__ = ["MimCoConfig"]
+@strict
+class MimCoContrastiveConfig(PreTrainedConfig):
+    r"""
+    Configuration of the stage-1 contrastive teacher (MoCo v3 for ViTs): a `MimCoModel` base encoder with a
+    projector and a predictor, and a momentum copy of encoder and projector that provides the keys.
+
+    Args:
+        backbone_config (`MimCoConfig` or `dict`, *optional*): The ViT that is trained and exported as the stage-2
+            teacher. Defaults to `MimCoConfig(position_embedding_type="sincos")`, as MoCo v3 uses fixed position
+            embeddings.
+        projector_hidden_size (`int`, defaults to 4096): Hidden width of the 3-layer projector and the 2-layer
+            predictor (both with BatchNorm).
+        projection_size (`int`, defaults to 256): Output width of projector and predictor.
+        temperature (`float`, defaults to 0.2): InfoNCE temperature; the loss is scaled by `2 * temperature`.
+        momentum (`float`, defaults to 0.99): Initial EMA momentum of the momentum encoder.
+        momentum_final (`float`, defaults to 1.0): Momentum at the end of training, reached on a cosine schedule.
+        freeze_patch_embeddings (`bool`, defaults to `False`): Keep the patch projection at its random
+            initialisation, which MoCo v3 reports to stabilise ViT training.
+    """
+
+    model_type = "mimco_contrastive"
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    projector_hidden_size: int = 4096
+    projection_size: int = 256
+    temperature: float = 0.2
+    momentum: float = 0.99
+    momentum_final: float = 1.0
+    freeze_patch_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.backbone_config is None:
+            self.backbone_config = MimCoConfig(position_embedding_type="sincos")
+        elif isinstance(self.backbone_config, dict):
+            self.backbone_config = MimCoConfig(**{k: v for k, v in self.backbone_config.items() if k != "model_type"})
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: every error names the offending field and value."""
+        if not isinstance(self.backbone_config, MimCoConfig):
+            raise ValueError(
+                f"`backbone_config` must be a MimCoConfig, got {type(self.backbone_config).__name__}."
+            )
+        _check_positive_int("projector_hidden_size", self.projector_hidden_size)
+        _check_positive_int("projection_size", self.projection_size)
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
+        for name in ("momentum", "momentum_final"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must lie in [0, 1], got {value}.")
+
+
+__all__ = ["MimCoConfig", "MimCoContrastiveConfig"]

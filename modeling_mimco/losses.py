@@ -19,7 +19,7 @@ def gather_across_processes(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     Without an initialised process group this is the identity with offset 0.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor, 0
+        return tensor.detach(), 0
     world_size = dist.get_world_size()
     rank = dist.get_rank()
     local_size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
@@ -102,6 +102,22 @@ def image_infonce_loss(
     return F.cross_entropy(logits.float() / temperature, labels)
 
 
+def contrastive_infonce_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3's InfoNCE: query `i` against the keys of the global batch, the positive being key `i`.
+
+    Args:
+        queries: `(batch_size, dim)`, the predictor's output for one view (trained).
+        keys: `(batch_size, dim)`, the momentum branch's output for the other view (no gradient).
+        temperature: Softmax temperature; the loss is multiplied by `2 * temperature` as in MoCo v3.
+    """
+    queries = F.normalize(queries, dim=-1)
+    keys = F.normalize(keys, dim=-1)
+    all_keys, offset = gather_across_processes(keys)
+    logits = queries @ all_keys.T
+    labels = torch.arange(queries.shape[0], device=queries.device) + offset
+    return F.cross_entropy(logits.float() / temperature, labels) * (2 * temperature)
+
+
 def feature_regression_loss(predictions: torch.Tensor, targets: torch.Tensor, loss_type: str) -> torch.Tensor:
     """Non-contrastive alternatives to InfoNCE, row by row: `"cosine"` (1 - cosine similarity) or `"smooth_l1"`.
 
@@ -118,4 +134,10 @@ def feature_regression_loss(predictions: torch.Tensor, targets: torch.Tensor, lo
     raise ValueError(f"`loss_type` must be 'cosine' or 'smooth_l1' here, got {loss_type!r}.")
 
 
-__all__ = ["feature_regression_loss", "gather_across_processes", "image_infonce_loss", "patch_infonce_loss"]
+__all__ = [
+    "contrastive_infonce_loss",
+    "feature_regression_loss",
+    "gather_across_processes",
+    "image_infonce_loss",
+    "patch_infonce_loss",
+]

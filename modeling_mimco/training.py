@@ -1,0 +1,605 @@
+"""The training loop that both pre-training stages share: Accelerate, AdamW, cosine schedule, atomic checkpoints,
+resume mid-epoch, preemption and bad-step handling.
+
+The scripts supply the model, the dataset, the collator and a `compute_loss` function; everything about devices,
+processes, precision, checkpoints and logging lives here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .data import (
+    SkippedImageTracker,
+    disable_image_decoding,
+    load_image_dataset,
+    resolve_image_column,
+    shard_for_process,
+)
+
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+MANIFEST_NAME = "checkpoint_manifest.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+# Parameters that AdamW must not decay: norms and biases (1-D) and the learned tokens and position embeddings.
+NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "position_embeddings")
+
+
+@dataclass
+class PreTrainingArguments:
+    """Optimisation, checkpointing and logging settings shared by both pre-training scripts."""
+
+    output_dir: str = field(metadata={"help": "Where checkpoints, logs and the final model are written."})
+    seed: int = field(default=42, metadata={"help": "Random seed for initialisation, data order and masks."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per process and step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(
+        default=1.5e-4, metadata={"help": "Base learning rate for a global batch of 256; scaled linearly."}
+    )
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, tokens)."})
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.95)
+    max_grad_norm: float = field(default=3.0, metadata={"help": "Gradient clipping norm; 0 disables clipping."})
+    num_train_epochs: float = field(default=100, metadata={"help": "Epochs, unless --max_train_steps is set."})
+    max_train_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides epochs."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the steps spent warming up."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
+    logging_steps: int = field(default=10, metadata={"help": "Log losses, lr, grad norm and images/s every N steps."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Tracker for accelerate: tensorboard or none."})
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Write a checkpoint every N steps."})
+    checkpoints_total_limit: int | None = field(default=3, metadata={"help": "Keep only the last K checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or the path of a checkpoint folder to continue from."}
+    )
+    max_consecutive_bad_steps: int = field(
+        default=20, metadata={"help": "Stop after this many consecutive steps with a NaN/Inf loss."}
+    )
+    max_skipped_fraction: float = field(
+        default=0.05, metadata={"help": "Stop when more than this fraction of images cannot be read."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
+    hub_private_repo: bool = field(default=False)
+
+    def __post_init__(self):
+        if self.per_device_train_batch_size <= 0:
+            raise ValueError(
+                f"--per_device_train_batch_size must be positive, got {self.per_device_train_batch_size}."
+            )
+        if self.gradient_accumulation_steps <= 0:
+            raise ValueError(
+                f"--gradient_accumulation_steps must be positive, got {self.gradient_accumulation_steps}."
+            )
+        if self.max_train_steps is not None and self.max_train_steps <= 0:
+            raise ValueError(f"--max_train_steps must be positive, got {self.max_train_steps}.")
+        if self.num_train_epochs <= 0:
+            raise ValueError(f"--num_train_epochs must be positive, got {self.num_train_epochs}.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
+        if self.checkpointing_steps is not None and self.checkpointing_steps <= 0:
+            raise ValueError(f"--checkpointing_steps must be positive, got {self.checkpointing_steps}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit <= 0:
+            raise ValueError(f"--checkpoints_total_limit must be positive, got {self.checkpoints_total_limit}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup_ratio must lie in [0, 1), got {self.warmup_ratio}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is incomplete or damaged."""
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Splits the trainable parameters into a decayed and a non-decayed AdamW group."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or any(token in name for token in NO_WEIGHT_DECAY_NAMES):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def _write_manifest(folder: str) -> None:
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+    with open(os.path.join(folder, MANIFEST_NAME), "w") as handle:
+        json.dump({"files": files}, handle, indent=2)
+
+
+def verify_checkpoint(folder: str) -> None:
+    """Raises `CheckpointError` naming the problem unless every file of `folder` is present and complete."""
+    manifest_path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"Checkpoint {folder} has no {MANIFEST_NAME}: it was not completely written.")
+    try:
+        with open(manifest_path) as handle:
+            files = json.load(handle)["files"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise CheckpointError(f"Checkpoint {folder}: {MANIFEST_NAME} is unreadable ({error}).") from error
+    for name, size in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"Checkpoint {folder} is missing {name}.")
+        if os.path.getsize(path) != size:
+            raise CheckpointError(
+                f"Checkpoint {folder}: {name} has {os.path.getsize(path)} bytes, {size} were written (truncated?)."
+            )
+
+
+def list_checkpoints(checkpoint_root: str) -> list[str]:
+    """Checkpoint folders under `checkpoint_root`, oldest step first."""
+    if not os.path.isdir(checkpoint_root):
+        return []
+    steps = []
+    for name in os.listdir(checkpoint_root):
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
+            steps.append(int(name[len(CHECKPOINT_PREFIX) :]))
+    return [os.path.join(checkpoint_root, f"{CHECKPOINT_PREFIX}{step}") for step in sorted(steps)]
+
+
+def find_resume_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
+    """Resolves `--resume_from_checkpoint`: `latest` picks the newest complete checkpoint (skipping damaged ones with
+    a warning) or `None` when there is none; a path must be a complete checkpoint."""
+    if resume_from_checkpoint != "latest":
+        verify_checkpoint(resume_from_checkpoint)
+        return resume_from_checkpoint
+    for folder in reversed(list_checkpoints(os.path.join(output_dir, "checkpoints"))):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as error:
+            logger.warning(f"Skipping damaged checkpoint: {error}")
+            continue
+        return folder
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state: dict, keep: int | None) -> str:
+    """Writes `checkpoint-{step}` atomically: into a temporary folder, completed by a manifest, then renamed."""
+    checkpoint_root = os.path.join(output_dir, "checkpoints")
+    final = os.path.join(checkpoint_root, f"{CHECKPOINT_PREFIX}{step}")
+    temporary = os.path.join(checkpoint_root, f".tmp-{CHECKPOINT_PREFIX}{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(temporary, TRAINER_STATE_NAME), "w") as handle:
+            json.dump(state, handle, indent=2)
+        _write_manifest(temporary)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        if keep is not None:
+            for old in list_checkpoints(checkpoint_root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingResult:
+    """What a run did: steps, losses at each logging step, and skipped work."""
+
+    global_step: int
+    log_history: list[dict]
+    bad_steps: int
+    skipped_images: int
+    output_dir: str
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag that the loop checks between steps, so a checkpoint is written before exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _batch_size(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim >= 4:
+            return value.shape[0]
+    return 0
+
+
+def train(
+    args: PreTrainingArguments,
+    model: torch.nn.Module,
+    train_dataset,
+    collator: Callable,
+    compute_loss: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    save_final: Callable[[torch.nn.Module, str], None],
+    project_name: str = "mimco",
+    run_config: dict | None = None,
+) -> TrainingResult:
+    """Trains `model` on `train_dataset` and saves the result with `save_final(unwrapped_model, output_dir)`.
+
+    `compute_loss(model, batch, progress)` returns the loss and a dict of extra scalars to log; `progress` runs from
+    0 to 1 over training (the stage-1 momentum schedule reads it). Returns a `TrainingResult`.
+    """
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    is_iterable = not hasattr(train_dataset, "__len__")
+    dataloader = DataLoader(
+        train_dataset,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=not is_iterable,
+        collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0,
+        drop_last=not is_iterable,
+    )
+
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    learning_rate = args.learning_rate * global_batch / 256
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2)
+    )
+
+    if args.max_train_steps is not None:
+        max_train_steps = args.max_train_steps
+    elif is_iterable:
+        raise ValueError("A streaming dataset has no length: set --max_train_steps.")
+    else:
+        per_process_batches = len(train_dataset) // (args.per_device_train_batch_size * accelerator.num_processes)
+        if per_process_batches == 0:
+            raise ValueError(
+                f"The dataset has {len(train_dataset)} images, fewer than one global batch of "
+                f"{args.per_device_train_batch_size * accelerator.num_processes}: lower --per_device_train_batch_size."
+            )
+        steps_per_epoch = max(per_process_batches // args.gradient_accumulation_steps, 1)
+        max_train_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(args.warmup_ratio * max_train_steps), num_training_steps=max_train_steps
+    )
+
+    if is_iterable:
+        # A streaming dataset is already sharded per process (`shard_for_process`); Accelerate must not shard it
+        # again or dispatch it from the main process, so only the batches' device placement is done here.
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    skipped = SkippedImageTracker(max_skipped_fraction=args.max_skipped_fraction)
+    accelerator.register_for_checkpointing(skipped)
+
+    global_step, epoch, batches_done_in_epoch = 0, 0, 0
+    bad_steps, consecutive_bad_steps = 0, 0
+    log_history: list[dict] = []
+    if args.resume_from_checkpoint:
+        checkpoint = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if checkpoint is None:
+            logger.warning(f"No complete checkpoint in {args.output_dir}/checkpoints: starting from scratch.")
+        else:
+            accelerator.load_state(checkpoint)
+            with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as handle:
+                state = json.load(handle)
+            global_step, epoch = state["global_step"], state["epoch"]
+            batches_done_in_epoch, bad_steps = state["batches_done_in_epoch"], state["bad_steps"]
+            log_history = state["log_history"]
+            accelerator.print(f"Resumed from {checkpoint} at step {global_step} (epoch {epoch}).")
+
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(project_name, config=_flat_config(run_config or asdict(args)))
+
+    def trainer_state() -> dict:
+        return {
+            "global_step": global_step,
+            "epoch": epoch,
+            "batches_done_in_epoch": batches_done_in_epoch,
+            "bad_steps": bad_steps,
+            "log_history": log_history,
+        }
+
+    progress_bar = tqdm(
+        total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Training"
+    )
+    window = {"loss_sum": None, "parts": {}, "count": 0, "images": 0, "start": time.perf_counter()}
+    grad_norm = None
+
+    with _Preemption() as preemption:
+        while global_step < max_train_steps:
+            if is_iterable:
+                if hasattr(train_dataset, "set_epoch"):
+                    train_dataset.set_epoch(epoch)
+                epoch_loader = itertools.islice(dataloader, batches_done_in_epoch, None)
+            else:
+                dataloader.set_epoch(epoch)
+                epoch_loader = dataloader
+                if batches_done_in_epoch > 0:
+                    epoch_loader = accelerator.skip_first_batches(dataloader, batches_done_in_epoch)
+            for batch in epoch_loader:
+                if is_iterable:
+                    batch = {
+                        k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                    }
+                batches_done_in_epoch += 1
+                num_skipped = batch.pop("num_skipped", torch.zeros((), dtype=torch.long))
+                local_images = _batch_size(batch)
+                counts = accelerator.reduce(
+                    torch.tensor([local_images, int(num_skipped)], device=accelerator.device), reduction="sum"
+                )
+                skipped.update(int(counts[0] + counts[1]), int(counts[1]))
+                # Every process must agree to skip, or the gradient all-reduce would wait forever.
+                has_images = accelerator.gather(torch.tensor([local_images > 0], device=accelerator.device)).all()
+                if not has_images:
+                    continue
+
+                with accelerator.accumulate(model):
+                    progress = global_step / max_train_steps
+                    loss, parts = compute_loss(model, batch, progress)
+                    finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
+                    if not finite:
+                        bad_steps += 1
+                        consecutive_bad_steps += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        logger.warning(f"Step {global_step}: non-finite loss, step skipped ({bad_steps} so far).")
+                        if consecutive_bad_steps >= args.max_consecutive_bad_steps:
+                            raise RuntimeError(
+                                f"{consecutive_bad_steps} consecutive steps had a NaN/Inf loss (step {global_step}); "
+                                "stopping. Lower --learning_rate, use bf16 instead of fp16, or check the data. "
+                                "The last checkpoint is intact."
+                            )
+                        continue
+                    consecutive_bad_steps = 0
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                detached = loss.detach()
+                window["loss_sum"] = detached if window["loss_sum"] is None else window["loss_sum"] + detached
+                for name, value in parts.items():
+                    window["parts"][name] = window["parts"].get(name, 0.0) + value.detach()
+                window["count"] += 1
+                window["images"] += int(counts[0])
+
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                global_step += 1
+                progress_bar.update(1)
+
+                if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                    # `.item()` synchronises with the device, so it only happens at logging steps.
+                    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+                    record = {
+                        "step": global_step,
+                        "loss": float(accelerator.reduce(window["loss_sum"], "mean").item()) / window["count"],
+                        "lr": scheduler.get_last_lr()[0],
+                        "images_per_second": window["images"] / elapsed,
+                    }
+                    for name, value in window["parts"].items():
+                        record[name] = float(accelerator.reduce(value, "mean").item()) / window["count"]
+                    if grad_norm is not None:
+                        record["grad_norm"] = float(grad_norm)
+                    log_history.append(record)
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=global_step)
+                    progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    window = {"loss_sum": None, "parts": {}, "count": 0, "images": 0, "start": time.perf_counter()}
+
+                stop = bool(accelerator.gather(torch.tensor([preemption.requested], device=accelerator.device)).any())
+                if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0) or stop:
+                    folder = save_checkpoint(
+                        accelerator, args.output_dir, global_step, trainer_state(), args.checkpoints_total_limit
+                    )
+                    accelerator.print(f"Saved checkpoint {folder}")
+                if stop:
+                    accelerator.print("SIGTERM received: checkpoint written, exiting.")
+                    accelerator.end_training()
+                    raise SystemExit(143)
+                if global_step >= max_train_steps:
+                    break
+            else:
+                epoch += 1
+                batches_done_in_epoch = 0
+                continue
+            break
+
+    progress_bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(accelerator.unwrap_model(model), args.output_dir)
+        with open(os.path.join(args.output_dir, "train_results.json"), "w") as handle:
+            json.dump(
+                {
+                    "global_step": global_step,
+                    "bad_steps": bad_steps,
+                    "skipped_images": skipped.num_skipped,
+                    "log_history": log_history,
+                },
+                handle,
+                indent=2,
+            )
+        if args.push_to_hub:
+            _push_to_hub(args)
+    accelerator.end_training()
+    if skipped.num_skipped:
+        accelerator.print(skipped.summary())
+    return TrainingResult(global_step, log_history, bad_steps, skipped.num_skipped, args.output_dir)
+
+
+def _push_to_hub(args: PreTrainingArguments) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()  # the token comes from HF_TOKEN or the cached login; it is never printed
+    api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True)
+    api.upload_folder(
+        repo_id=args.hub_model_id,
+        folder_path=args.output_dir,
+        ignore_patterns=["checkpoints/*", "logs/*", ".tmp-*"],
+        commit_message="Upload MimCo pre-training output",
+    )
+
+
+def _flat_config(config: dict) -> dict:
+    """Tracker hyper-parameters must be scalars."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+
+
+# Backbone shapes selectable with --model_preset; "tiny" is for the demo and tests on 32-px images.
+MODEL_PRESETS = {
+    "tiny": dict(
+        image_size=32,
+        patch_size=4,
+        mask_patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+    ),
+    "vit-small-patch16": dict(
+        image_size=224,
+        patch_size=16,
+        mask_patch_size=32,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+    ),
+    "vit-base-patch16": dict(
+        image_size=224,
+        patch_size=16,
+        mask_patch_size=32,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+    ),
+}
+
+
+def preset_backbone_kwargs(model_preset: str, image_size: int | None = None) -> dict:
+    """The `MimCoConfig` backbone fields of a preset, optionally at another image size."""
+    if model_preset not in MODEL_PRESETS:
+        raise ValueError(f"--model_preset must be one of {sorted(MODEL_PRESETS)}, got {model_preset!r}.")
+    kwargs = dict(MODEL_PRESETS[model_preset])
+    if image_size is not None:
+        kwargs["image_size"] = image_size
+    return kwargs
+
+
+@dataclass
+class DataArguments:
+    """Where the training images come from. Without any source, the built-in digits data is used."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, or 'digits'."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files with an image column."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column; found automatically if unset."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of preparing it locally."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N images."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
+
+
+def load_training_images(data_args: DataArguments, image_size: int, process_index: int = 0, num_processes: int = 1):
+    """Loads the training split of `data_args` with undecoded images; returns `(dataset, image_column)`."""
+    dataset = load_image_dataset(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        split=data_args.train_split,
+        train_dir=data_args.train_dir,
+        data_files=data_args.data_files,
+        streaming=data_args.streaming,
+        cache_dir=data_args.cache_dir,
+        digits_image_size=image_size,
+    )
+    image_column = resolve_image_column(dataset, data_args.image_column)
+    if data_args.max_train_samples is not None:
+        if data_args.streaming:
+            dataset = dataset.take(data_args.max_train_samples)
+        else:
+            dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
+    dataset = disable_image_decoding(dataset, image_column)
+    dataset = shard_for_process(dataset, process_index, num_processes)
+    return dataset, image_column
+
+
+def save_image_processor(output_dir: str, image_size: int, image_mean: list[float], image_std: list[float]) -> None:
+    """Writes the `preprocessor_config.json` that turns images into this model's `pixel_values`."""
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=image_mean, image_std=image_std
+    ).save_pretrained(output_dir)
+
+
+__all__ = [
+    "MODEL_PRESETS",
+    "CheckpointError",
+    "DataArguments",
+    "load_training_images",
+    "preset_backbone_kwargs",
+    "save_image_processor",
+    "PreTrainingArguments",
+    "TrainingResult",
+    "find_resume_checkpoint",
+    "parameter_groups",
+    "save_checkpoint",
+    "train",
+    "verify_checkpoint",
+]
