@@ -248,30 +248,6 @@ class MimCoConfig(PreTrainedConfig):
         return MimCoConfig(**{name: getattr(self, name) for name in backbone_fields})
 
 
-class MimCoConfigValidationError(StrictDataclassClassValidationError, ValueError):
-    """An invalid `MimCoConfig`: a `ValueError` naming the field, and the error that `@strict` configs raise."""
-
-    def __init__(self, message: str):
-        Exception.__init__(self, message)
-
-
-_strict_validate = MimCoConfig.validate
-
-
-def _validate(self) -> None:
-    # `@strict` wraps the validators' `ValueError`s in an exception that is not a `ValueError`; re-raise as both.
-    try:
-        _strict_validate(self)
-    except StrictDataclassClassValidationError as error:
-        if isinstance(error, ValueError):
-            raise
-        raise MimCoConfigValidationError(str(error)) from error.__cause__
-
-
-_validate.__is_defined_by_strict_decorator__ = True
-MimCoConfig.validate = _validate
-
-
 def _check_positive_int(name: str, value: int) -> None:
     if value <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value}.")
@@ -323,9 +299,7 @@ class MimCoContrastiveConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Part of `@strict` validation: every error names the offending field and value."""
         if not isinstance(self.backbone_config, MimCoConfig):
-            raise ValueError(
-                f"`backbone_config` must be a MimCoConfig, got {type(self.backbone_config).__name__}."
-            )
+            raise ValueError(f"`backbone_config` must be a MimCoConfig, got {type(self.backbone_config).__name__}.")
         _check_positive_int("projector_hidden_size", self.projector_hidden_size)
         _check_positive_int("projection_size", self.projection_size)
         if not self.temperature > 0:
@@ -334,6 +308,35 @@ class MimCoContrastiveConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` must lie in [0, 1], got {value}.")
+
+
+class MimCoConfigValidationError(StrictDataclassClassValidationError, ValueError):
+    """An invalid MimCo config: a `ValueError` naming the field, and the error that `@strict` configs raise."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+
+def _raise_value_errors(config_class: type[PreTrainedConfig]) -> None:
+    """`@strict` wraps the validators' `ValueError`s in an exception that is not a `ValueError`; make `validate`
+    raise one that is both, carrying the validator's own message."""
+    strict_validate = config_class.validate
+
+    def validate(self) -> None:
+        try:
+            strict_validate(self)
+        except StrictDataclassClassValidationError as error:
+            if isinstance(error, ValueError):
+                raise
+            cause = error.__cause__
+            raise MimCoConfigValidationError(str(cause) if cause is not None else str(error)) from cause
+
+    validate.__is_defined_by_strict_decorator__ = True
+    config_class.validate = validate
+
+
+_raise_value_errors(MimCoConfig)
+_raise_value_errors(MimCoContrastiveConfig)
 
 
 __all__ = ["MimCoConfig", "MimCoContrastiveConfig"]

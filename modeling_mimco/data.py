@@ -227,7 +227,7 @@ def _available_splits(path: str, kwargs: dict, cache_dir: str | None, token: str
     """Best-effort list of the split names of a source, without preparing it; `None` when unknown."""
     try:
         builder = datasets.load_dataset_builder(path, **kwargs, cache_dir=cache_dir, token=token)
-    except Exception:  # noqa: BLE001 - only used to improve an error message
+    except Exception:  # only used to improve an error message
         return None
     if builder.info.splits:
         return list(builder.info.splits)
@@ -446,7 +446,7 @@ def decode_image(value: Any, token: str | bool | None = None) -> PIL.Image.Image
         return to_rgb(image)
     except UnreadableImageError:
         raise
-    except Exception as err:  # noqa: BLE001 - PIL raises many kinds of errors for broken files
+    except Exception as err:  # PIL raises many kinds of errors for broken files
         raise UnreadableImageError(f"Unreadable image {label}: {type(err).__name__}: {err}", path=name) from err
 
 
@@ -475,7 +475,7 @@ def _read_image_bytes(value: Any, token: str | bool | None) -> bytes:
 def _apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
     try:
         orientation = image.getexif().get(PIL.Image.ExifTags.Base.Orientation)
-    except Exception:  # noqa: BLE001 - a broken EXIF block does not make the pixels unreadable
+    except Exception:  # a broken EXIF block does not make the pixels unreadable
         return image
     if orientation is None or orientation == 1:
         return image
@@ -672,7 +672,9 @@ class ContrastiveExampleTransform(_ExampleTransform):
 
     pixel_keys = ("pixel_values_1", "pixel_values_2")
 
-    def __init__(self, transform_1: Callable, transform_2: Callable, image_column: str, label_column: str | None = None):
+    def __init__(
+        self, transform_1: Callable, transform_2: Callable, image_column: str, label_column: str | None = None
+    ):
         super().__init__(image_column, label_column)
         self.transform_1 = transform_1
         self.transform_2 = transform_2

@@ -13,7 +13,7 @@ class MimCoMaskGenerator:
     Two strategies are available:
 
     - `"random"` (SimMIM): the image is cut into `mask_patch_size` x `mask_patch_size` pixel blocks and a random
-      `mask_ratio` fraction of the blocks is masked, so exactly `round(mask_ratio * num_blocks)` blocks are hidden.
+      `mask_ratio` fraction of the blocks is masked, so exactly `ceil(mask_ratio * num_blocks)` blocks are hidden.
     - `"block"` (BEiT): rectangles of random area (at least `min_num_patches` patches) and aspect ratio are masked
       until `round(mask_ratio * num_patches)` patches are hidden.
 

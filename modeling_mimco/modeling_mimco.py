@@ -41,7 +41,7 @@ logger = logging.get_logger(__name__)
 def get_2d_sincos_position_embeddings(hidden_size: int, grid_size: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embeddings of shape `(1, 1 + grid_size**2, hidden_size)`.
 
-    Half of the channels encode the row, half the column, each as sines and cosines of geometrically spaced
+    The first half of the channels encodes the row, the second half the column, each as sines and cosines of geometrically spaced
     frequencies; the CLS position is all zeros (the MoCo v3 / MAE construction).
     """
     if hidden_size % 4 != 0:
@@ -52,7 +52,8 @@ def get_2d_sincos_position_embeddings(hidden_size: int, grid_size: int) -> torch
     grid_rows, grid_cols = torch.meshgrid(coords, coords, indexing="ij")
     out_cols = grid_cols.flatten()[:, None] * omega[None]
     out_rows = grid_rows.flatten()[:, None] * omega[None]
-    patch_embeddings = torch.cat([out_cols.sin(), out_cols.cos(), out_rows.sin(), out_rows.cos()], dim=1)
+    # rows first, as in MoCo v3's table, so a freshly built sin-cos model equals a MoCo v3 checkpoint's
+    patch_embeddings = torch.cat([out_rows.sin(), out_rows.cos(), out_cols.sin(), out_cols.cos()], dim=1)
     cls_embedding = torch.zeros(1, hidden_size, dtype=torch.float64)
     return torch.cat([cls_embedding, patch_embeddings]).unsqueeze(0).float()
 
@@ -318,6 +319,22 @@ class MimCoPreTrainedModel(PreTrainedModel):
             else:
                 init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
 
+    def freeze_untrained_parameters(self) -> None:
+        """Marks the parameters that are never trained (fixed sin-cos positions, a teacher) `requires_grad=False`.
+
+        Called at construction and again after `from_pretrained`, which re-creates every loaded parameter as
+        trainable.
+        """
+        for module in self.modules():
+            if isinstance(module, MimCoEmbeddings):
+                module.position_embeddings.requires_grad_(module.config.position_embedding_type == "learned")
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.freeze_untrained_parameters()
+        return model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # List every MimCo class in `auto_map`, so that a checkpoint of any of them loads as remote code into any
         # Auto class (a pre-training checkpoint into `AutoModelForImageClassification`, for instance).
@@ -340,6 +357,7 @@ class MimCoModel(MimCoPreTrainedModel):
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else None
         )
         self.post_init()
+        self.freeze_untrained_parameters()
 
     def get_input_embeddings(self) -> MimCoPatchEmbeddings:
         return self.embeddings.patch_embeddings
@@ -459,7 +477,6 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         self.mimco = MimCoModel(config)
         teacher_config = config.get_teacher_config()
         self.teacher = build_teacher(teacher_config)
-        self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.teacher_adapter = TeacherInputAdapter(
             self.teacher,
@@ -483,6 +500,11 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
             )
         self.mask_generator = MimCoMaskGenerator.from_config(config)
         self.post_init()
+        self.freeze_untrained_parameters()
+
+    def freeze_untrained_parameters(self) -> None:
+        super().freeze_untrained_parameters()
+        self.teacher.requires_grad_(False)
 
     @classmethod
     def from_teacher(
@@ -613,6 +635,7 @@ class MimCoForImageClassification(MimCoPreTrainedModel):
         self.mimco = MimCoModel(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
+        self.freeze_untrained_parameters()
 
     @can_return_tuple
     def forward(
@@ -740,12 +763,25 @@ class MimCoForContrastivePreTraining(PreTrainedModel):
         self.predictor = build_mlp(2, config.projection_size, config.projector_hidden_size, config.projection_size)
         self.momentum_encoder = MimCoModel(backbone_config)
         self.momentum_projector = build_mlp(3, hidden_size, config.projector_hidden_size, config.projection_size)
-        # stage 1 never masks, and a parameter without gradient would stall DDP's reducer
-        self.base_encoder.embeddings.mask_token.requires_grad_(False)
-        if config.freeze_patch_embeddings:
-            self.base_encoder.embeddings.patch_embeddings.requires_grad_(False)
         self.post_init()
         self.reset_momentum_branch()
+
+    def freeze_untrained_parameters(self) -> None:
+        """Freezes the momentum branch, the unused mask token, fixed positions and, if configured, the patch
+        projection. Called at construction and after `from_pretrained` (which makes every loaded weight trainable)."""
+        self.base_encoder.freeze_untrained_parameters()
+        # stage 1 never masks, and a parameter without gradient would stall DDP's reducer
+        self.base_encoder.embeddings.mask_token.requires_grad_(False)
+        if self.config.freeze_patch_embeddings:
+            self.base_encoder.embeddings.patch_embeddings.requires_grad_(False)
+        self.momentum_encoder.requires_grad_(False)
+        self.momentum_projector.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.freeze_untrained_parameters()
+        return model
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -762,12 +798,11 @@ class MimCoForContrastivePreTraining(PreTrainedModel):
                 init.zeros_(module.num_batches_tracked)
 
     def reset_momentum_branch(self) -> None:
-        """Copies the base encoder and projector into the momentum branch and freezes it."""
+        """Copies the base encoder and projector into the momentum branch (frozen)."""
         with torch.no_grad():
             for base, momentum in self._momentum_pairs():
                 momentum.copy_(base)
-        self.momentum_encoder.requires_grad_(False)
-        self.momentum_projector.requires_grad_(False)
+        self.freeze_untrained_parameters()
 
     def _momentum_pairs(self):
         base = list(self.base_encoder.parameters()) + list(self.base_projector.parameters())
@@ -827,7 +862,6 @@ class MimCoForContrastivePreTraining(PreTrainedModel):
         source = self.momentum_encoder if encoder == "momentum" else self.base_encoder
         teacher = MimCoModel(copy.deepcopy(self.config.backbone_config))
         teacher.load_state_dict(source.state_dict())
-        teacher.requires_grad_(True)
         teacher.save_pretrained(save_directory, **kwargs)
         return teacher
 

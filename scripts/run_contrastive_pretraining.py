@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining
 from modeling_mimco.data import (
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None):
     except (ValueError, OSError) as error:
         parser.error(str(error))
 
+    set_seed(training_args.seed)  # --seed also fixes the initialisation
     model = MimCoForContrastivePreTraining(config)
     transform_1, transform_2 = build_contrastive_transforms(
         backbone.image_size, backbone.image_mean, backbone.image_std, crop_scale=(model_args.crop_min_scale, 1.0)

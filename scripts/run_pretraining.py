@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoMaskGenerator
 from modeling_mimco.data import (
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None):
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
         # Everything that can be wrong with the arguments fails here, before any training step.
+        set_seed(training_args.seed)  # --seed also fixes the student's initialisation
         model = build_model(model_args)
         config = model.config
         from accelerate import PartialState

@@ -1,6 +1,8 @@
 """Backbone and model-class tests: numerical parity with timm, attention kernels, gradient checkpointing,
 save/load round trips and the Auto classes."""
 
+import math
+
 import pytest
 import timm
 import torch
@@ -279,3 +281,56 @@ def test_auto_classes_resolve_mimco(tmp_path):
     MimCoForPreTraining(config).save_pretrained(tmp_path)
     assert type(AutoModel.from_pretrained(tmp_path)) is MimCoModel
     assert type(AutoModelForImageClassification.from_pretrained(tmp_path)) is MimCoForImageClassification
+
+
+def test_sincos_table_follows_the_moco_v3_layout():
+    """Channel k < D/4 holds sin(row * w_k), then cos(row * w_k), then sin/cos of the column (MoCo v3's order)."""
+    hidden_size, grid_size = 16, 3
+    config = tiny_config(
+        hidden_size=hidden_size,
+        num_attention_heads=2,
+        image_size=12,
+        mask_patch_size=4,
+        position_embedding_type="sincos",
+    )
+    model = MimCoModel(config)
+    table = model.embeddings.position_embeddings[0]
+    quarter = hidden_size // 4
+    for row in range(grid_size):
+        for col in range(grid_size):
+            token = 1 + row * grid_size + col
+            for k in range(quarter):
+                omega = 1.0 / 10000 ** (k / quarter)
+                expected = [
+                    math.sin(row * omega),
+                    math.cos(row * omega),
+                    math.sin(col * omega),
+                    math.cos(col * omega),
+                ]
+                actual = [table[token, part * quarter + k].item() for part in range(4)]
+                assert actual == pytest.approx(expected, abs=1e-6), (row, col, k)
+
+
+def test_untrained_parameters_stay_frozen_after_from_pretrained(tmp_path):
+    from modeling_mimco import MimCoContrastiveConfig, MimCoForContrastivePreTraining
+
+    config = MimCoContrastiveConfig(
+        backbone_config=tiny_config(position_embedding_type="sincos"),
+        projector_hidden_size=32,
+        projection_size=8,
+        freeze_patch_embeddings=True,
+    )
+    MimCoForContrastivePreTraining(config).save_pretrained(tmp_path / "stage1")
+    loaded = MimCoForContrastivePreTraining.from_pretrained(tmp_path / "stage1")
+    trainable = {name for name, parameter in loaded.named_parameters() if parameter.requires_grad}
+    assert trainable, "the base branch must stay trainable"
+    assert not any(name.startswith(("momentum_encoder.", "momentum_projector.")) for name in trainable)
+    assert "base_encoder.embeddings.position_embeddings" not in trainable
+    assert "base_encoder.embeddings.patch_embeddings.projection.weight" not in trainable
+    assert "base_encoder.layers.0.attention.qkv.weight" in trainable
+
+    MimCoModel(tiny_config(position_embedding_type="sincos")).save_pretrained(tmp_path / "backbone")
+    for model_class in (MimCoModel, MimCoForImageClassification):
+        loaded = model_class.from_pretrained(tmp_path / "backbone")
+        positions = [p for name, p in loaded.named_parameters() if name.endswith("position_embeddings")]
+        assert len(positions) == 1 and not positions[0].requires_grad

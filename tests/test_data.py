@@ -1,0 +1,536 @@
+"""Tests of the data layer (`modeling_mimco.data`), all on generated data: no network, no downloaded dataset."""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import os
+import pickle
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from modeling_mimco.data import (
+    DIGITS_DATASET,
+    UNREADABLE_KEY,
+    ContrastiveCollator,
+    ContrastiveExampleTransform,
+    MimCoPretrainingCollator,
+    PretrainingExampleTransform,
+    SkippedImageTracker,
+    TooManyUnreadableImagesError,
+    UnreadableImageError,
+    apply_example_transform,
+    build_contrastive_transforms,
+    build_eval_transform,
+    build_pretraining_transform,
+    decode_image,
+    disable_image_decoding,
+    load_digits_dataset,
+    load_image_dataset,
+    resolve_image_column,
+    resolve_label_column,
+    shard_for_process,
+    to_rgb,
+)
+from modeling_mimco.masking import MimCoMaskGenerator
+
+
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+IMAGE_SIZE = 16
+CIFAR10_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10")
+
+
+def _noise_image(seed: int, size=(20, 24), mode: str = "RGB") -> PIL.Image.Image:
+    rng = np.random.RandomState(seed)
+    channels = 3 if mode == "RGB" else 1
+    pixels = rng.randint(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    return PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+
+
+def _encode(image: PIL.Image.Image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+GOOD_FILES = {"cat": ["a.png", "b.jpg", "c.png"], "dog": ["d.jpg", "e.png", "f.png", "g.jpg"]}
+BAD_FILES = {"cat": ["empty.jpg"], "dog": ["truncated.jpg", "text.png"]}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> str:
+    """`root/<class>/<image>`: 7 good PNG/JPEG images (one grayscale, one RGBA) and 3 unreadable files."""
+    root = tmp_path_factory.mktemp("images")
+    seed = 0
+    for class_name, names in GOOD_FILES.items():
+        (root / class_name).mkdir()
+        for name in names:
+            seed += 1
+            image = _noise_image(seed, mode="L" if seed == 2 else "RGB")
+            if seed == 3:
+                image = image.convert("RGBA")
+            image.save(root / class_name / name)
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    whole = _encode(_noise_image(99, size=(64, 64)), "JPEG")
+    (root / "dog" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (root / "dog" / "text.png").write_text("this is not an image\n")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def clean_folder(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("clean")
+    for class_index, class_name in enumerate(["ant", "bee"]):
+        (root / class_name).mkdir()
+        for i in range(3):
+            _noise_image(10 * class_index + i).save(root / class_name / f"{i}.png")
+    return str(root)
+
+
+def _parquet_file(directory, column: str = "img", num_rows: int = 10, bad_rows: tuple[int, ...] = ()) -> str:
+    """A parquet file with an image column `column`, a "label" and an "id" column; rows in `bad_rows` hold junk."""
+    records = []
+    for i in range(num_rows):
+        data = b"junk, not an image" if i in bad_rows else _encode(_noise_image(i, size=(12, 10)), "PNG")
+        records.append({"bytes": data, "path": f"row{i}.png"})
+    features = datasets.Features(
+        {
+            column: datasets.Image(),
+            "label": datasets.ClassLabel(names=["even", "odd"]),
+            "id": datasets.Value("int64"),
+        }
+    )
+    dataset = datasets.Dataset.from_dict(
+        {column: records, "label": [i % 2 for i in range(num_rows)], "id": list(range(num_rows))}, features=features
+    )
+    path = os.path.join(str(directory), f"{column}-{num_rows}-{len(bad_rows)}.parquet")
+    dataset.to_parquet(path)
+    return path
+
+
+def _pretraining_pipeline(dataset, image_column, label_column=None):
+    dataset = disable_image_decoding(dataset, image_column)
+    transform = build_pretraining_transform(IMAGE_SIZE, MEAN, STD)
+    return apply_example_transform(dataset, PretrainingExampleTransform(transform, image_column, label_column))
+
+
+def _mask_generator() -> MimCoMaskGenerator:
+    return MimCoMaskGenerator(image_size=IMAGE_SIZE, patch_size=4, mask_ratio=0.5, mask_patch_size=8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# digits
+
+
+def test_digits_splits_partition_the_images_and_are_deterministic():
+    from sklearn.datasets import load_digits
+
+    train = load_digits_dataset("train", image_size=8)
+    test = load_digits_dataset("test", image_size=8)
+    assert len(train) + len(test) == 1797
+    assert abs(len(train) / 1797 - 0.85) < 0.01
+
+    def keys(dataset):
+        # at 8 pixels no resampling happens: one channel of each image is the sklearn image scaled to 0..255
+        return collections.Counter(np.asarray(image)[..., 0].tobytes() for image in dataset["image"])
+
+    originals = load_digits().images
+    expected = collections.Counter(
+        np.clip(np.round(image * 255 / 16), 0, 255).astype(np.uint8).tobytes() for image in originals
+    )
+    assert keys(train) + keys(test) == expected  # disjoint and covering, as multisets
+
+    again = load_digits_dataset("train", image_size=8)
+    assert again["label"] == train["label"]
+    assert keys(again) == keys(train)
+    validation = load_digits_dataset("validation", image_size=8)
+    assert validation["label"] == test["label"]
+
+
+def test_digits_images_are_rgb_at_the_requested_size_with_labels_0_to_9():
+    dataset = load_image_dataset(DIGITS_DATASET, split="test", digits_image_size=20)
+    assert isinstance(dataset, datasets.Dataset)
+    assert dataset.features["label"].names == [str(d) for d in range(10)]
+    assert set(dataset["label"]) == set(range(10))
+    image = dataset[0]["image"]
+    assert image.mode == "RGB" and image.size == (20, 20)
+    pixels = np.asarray(image)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and pixels.max() > 100
+    assert len(load_image_dataset()) == len(load_digits_dataset("train"))  # no source -> digits
+
+
+def test_digits_unknown_split_lists_splits():
+    with pytest.raises(ValueError, match=r"'train', 'test'"):
+        load_digits_dataset("dev")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sources and columns
+
+
+def test_image_folder_loads_with_class_labels(clean_folder):
+    dataset = load_image_dataset(train_dir=clean_folder)
+    assert len(dataset) == 6
+    assert resolve_image_column(dataset) == "image"
+    assert resolve_label_column(dataset) == "label"
+    assert dataset.features["label"].names == ["ant", "bee"]
+    assert sorted(dataset["label"]) == [0, 0, 0, 1, 1, 1]
+
+
+def test_parquet_data_files_load_and_img_column_is_detected(tmp_path):
+    path = _parquet_file(tmp_path, column="img", num_rows=5)
+    dataset = load_image_dataset(data_files=path)
+    assert len(dataset) == 5
+    assert resolve_image_column(dataset) == "img"
+    assert resolve_label_column(dataset) == "label"
+    assert dataset[0]["img"].size == (12, 10)
+
+
+def test_image_column_found_by_feature_type(tmp_path):
+    path = _parquet_file(tmp_path, column="picture", num_rows=2)
+    assert resolve_image_column(load_image_dataset(data_files=path)) == "picture"
+
+
+def test_unknown_columns_raise_naming_the_flag_and_the_columns(tmp_path):
+    dataset = load_image_dataset(data_files=_parquet_file(tmp_path, num_rows=2))
+    with pytest.raises(ValueError, match=r"--image_column 'photo'.*'img', 'label', 'id'"):
+        resolve_image_column(dataset, "photo")
+    with pytest.raises(ValueError, match=r"--label_column 'target'"):
+        resolve_label_column(dataset, "target")
+    assert resolve_image_column(dataset, "img") == "img"
+    raw = datasets.Dataset.from_dict({"path": ["x.png"], "img": [_encode(_noise_image(0), "PNG")]})
+    assert resolve_image_column(raw) == "img"  # found by name although it is not a datasets.Image column
+    unlabeled = datasets.Dataset.from_dict({"image": [_encode(_noise_image(0), "PNG")]})
+    assert resolve_label_column(unlabeled) is None
+    with pytest.raises(ValueError, match="--image_column"):
+        resolve_image_column(datasets.Dataset.from_dict({"text": ["x"]}))
+
+
+def test_two_sources_raise(tmp_path, clean_folder):
+    with pytest.raises(ValueError, match=r"--train_dir, --data_files"):
+        load_image_dataset(train_dir=clean_folder, data_files=_parquet_file(tmp_path, num_rows=2))
+    with pytest.raises(ValueError, match=r"--dataset_name, --train_dir"):
+        load_image_dataset(dataset_name="digits", train_dir=clean_folder)
+
+
+def test_unknown_split_raises_listing_the_splits(tmp_path, clean_folder):
+    with pytest.raises(ValueError, match=r"'validation'.*available splits: \['train'\]"):
+        load_image_dataset(train_dir=clean_folder, split="validation")
+    with pytest.raises(ValueError, match=r"available splits: \['train'\]"):
+        load_image_dataset(data_files=_parquet_file(tmp_path, num_rows=2), split="test")
+
+
+@pytest.mark.skipif(not os.path.isdir(CIFAR10_DIR), reason="the shared CIFAR-10 parquet folder is not present")
+def test_local_dataset_folder_unknown_split_lists_its_splits():
+    with pytest.raises(ValueError, match=r"available splits: \['train', 'test'\]"):
+        load_image_dataset(CIFAR10_DIR, split="valid", streaming=True)
+    stream = load_image_dataset(CIFAR10_DIR, split="test", streaming=True)
+    assert resolve_image_column(stream) == "img"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decoding
+
+
+def _with_transparency() -> PIL.Image.Image:
+    image = PIL.Image.new("P", (6, 5), 0)
+    image.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    image.putpixel((1, 1), 1)
+    image.info["transparency"] = 0
+    return image
+
+
+def _transparent_rgba() -> PIL.Image.Image:
+    image = PIL.Image.new("RGBA", (6, 5), (0, 0, 0, 0))
+    image.putpixel((1, 1), (200, 10, 10, 255))
+    return image
+
+
+TO_RGB_CASES = {
+    "L": (lambda: PIL.Image.new("L", (6, 5), 77), (77, 77, 77)),
+    "P": (lambda: PIL.Image.new("RGB", (6, 5), (10, 200, 30)).quantize(4), (10, 200, 30)),
+    "P+transparency": (lambda: _with_transparency(), (255, 255, 255)),
+    "RGBA": (_transparent_rgba, (255, 255, 255)),
+    "LA": (lambda: PIL.Image.new("LA", (6, 5), (0, 0)), (255, 255, 255)),
+    "PA": (lambda: _with_transparency().convert("PA"), (255, 255, 255)),
+    "CMYK": (lambda: PIL.Image.new("CMYK", (6, 5), (0, 0, 0, 0)), (255, 255, 255)),
+    "I;16": (lambda: PIL.Image.fromarray(np.full((5, 6), 65535, dtype=np.uint16)), (255, 255, 255)),
+    "I;16 half": (lambda: PIL.Image.fromarray(np.full((5, 6), 32768, dtype=np.uint16)), (128, 128, 128)),
+    "I;16B": (lambda: PIL.Image.new("I;16B", (6, 5), 65535), (255, 255, 255)),
+    "I 16-bit values": (lambda: PIL.Image.fromarray(np.full((5, 6), 65535, dtype=np.int32)), (255, 255, 255)),
+    "I 8-bit values": (lambda: PIL.Image.fromarray(np.full((5, 6), 100, dtype=np.int32)), (100, 100, 100)),
+    "F 0..1": (lambda: PIL.Image.fromarray(np.full((5, 6), 0.5, dtype=np.float32)), (128, 128, 128)),
+    "F 0..255": (lambda: PIL.Image.fromarray(np.full((5, 6), 200.0, dtype=np.float32)), (200, 200, 200)),
+}
+
+
+@pytest.mark.parametrize("case", list(TO_RGB_CASES))
+def test_to_rgb_gives_8bit_rgb_of_the_same_size(case):
+    make, corner_rgb = TO_RGB_CASES[case]
+    image = make()
+    expected_mode = case.split(" ")[0].split("+")[0]
+    assert image.mode == expected_mode
+    converted = to_rgb(image)
+    assert converted.mode == "RGB"
+    assert converted.size == image.size
+    assert np.abs(np.asarray(converted)[0, 0].astype(int) - corner_rgb).max() <= 1
+
+
+def test_to_rgb_keeps_opaque_pixels_and_scales_wide_ranges():
+    assert to_rgb(_transparent_rgba()).getpixel((1, 1)) == (200, 10, 10)
+    assert to_rgb(_with_transparency()).getpixel((1, 1)) == (200, 10, 10)
+    ramp = np.linspace(0, 65535, 30, dtype=np.float64).reshape(5, 6)
+    converted = np.asarray(to_rgb(PIL.Image.fromarray(ramp.astype(np.uint16))))[..., 0]
+    np.testing.assert_allclose(converted, np.round(ramp * 255 / 65535), atol=1)
+    wide = PIL.Image.fromarray(np.array([[-5.0, 5.0]], dtype=np.float32))
+    assert np.asarray(to_rgb(wide))[0, :, 0].tolist() == [0, 255]
+
+
+def test_decode_image_accepts_records_bytes_paths_and_pil(tmp_path):
+    image = _noise_image(3)
+    data = _encode(image, "PNG")
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    for value in ({"bytes": data, "path": "x.png"}, {"bytes": None, "path": str(path)}, data, str(path), image):
+        decoded = decode_image(value)
+        assert decoded.mode == "RGB"
+        assert np.array_equal(np.asarray(decoded), np.asarray(image))
+    gray = decode_image(_encode(_noise_image(4, mode="L"), "PNG"))
+    assert gray.mode == "RGB"
+
+
+def test_decode_image_applies_exif_orientation():
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = 6  # stored sideways: display rotated by 90 degrees
+    buffer = io.BytesIO()
+    _noise_image(5, size=(20, 10)).save(buffer, format="JPEG", exif=exif)
+    assert decode_image({"bytes": buffer.getvalue(), "path": "sideways.jpg"}).size == (10, 20)
+
+
+def test_decode_image_raises_unreadable_image_error_naming_the_file(image_folder):
+    for class_name, name in (("cat", "empty.jpg"), ("dog", "truncated.jpg"), ("dog", "text.png")):
+        path = os.path.join(image_folder, class_name, name)
+        with pytest.raises(UnreadableImageError, match=name) as info:
+            decode_image({"bytes": None, "path": path})
+        assert info.value.path == path
+        with open(path, "rb") as file:
+            data = file.read()
+        with pytest.raises(UnreadableImageError, match=name):
+            decode_image({"bytes": data, "path": name})
+    with pytest.raises(UnreadableImageError):
+        decode_image(b"")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# unreadable images through the whole pipeline
+
+
+def _run_loader(dataset, collator, num_workers, batch_size=4):
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collator)
+    num_rows = num_skipped = 0
+    labels = []
+    for batch in loader:
+        assert batch["pixel_values"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert batch["bool_masked_pos"].shape == (batch["pixel_values"].shape[0], 16)
+        num_rows += batch["pixel_values"].shape[0]
+        num_skipped += int(batch["num_skipped"])
+        labels += batch["labels"].tolist()
+    return num_rows, num_skipped, labels
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_images_are_skipped_and_counted(image_folder, num_workers, caplog):
+    dataset = load_image_dataset(train_dir=image_folder)
+    assert len(dataset) == 10
+    dataset = _pretraining_pipeline(dataset, "image", "label")
+    collator = MimCoPretrainingCollator(_mask_generator(), image_size=IMAGE_SIZE)
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+        num_rows, num_skipped, labels = _run_loader(dataset, collator, num_workers)
+    assert num_skipped == sum(len(names) for names in BAD_FILES.values())
+    assert num_rows == sum(len(names) for names in GOOD_FILES.values())
+    assert sorted(labels) == [0] * 3 + [1] * 4
+    if num_workers == 0:  # warnings of worker processes do not reach caplog
+        messages = "\n".join(record.getMessage() for record in caplog.records)
+        for names in BAD_FILES.values():
+            for name in names:
+                assert name in messages
+
+
+def test_bad_image_warning_is_logged_once_per_file(image_folder, caplog):
+    transform = PretrainingExampleTransform(build_eval_transform(IMAGE_SIZE, MEAN, STD), "image")
+    bad = {"bytes": None, "path": os.path.join(image_folder, "cat", "empty.jpg")}
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+        output = transform({"image": [bad, bad]})
+        transform({"image": bad})
+    assert output == {"pixel_values": [None, None], UNREADABLE_KEY: [bad["path"], bad["path"]]}
+    assert sum("empty.jpg" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_streaming_parquet_with_a_bad_row_is_counted(tmp_path):
+    path = _parquet_file(tmp_path, column="image", num_rows=9, bad_rows=(4,))
+    stream = load_image_dataset(data_files=path, streaming=True)
+    assert isinstance(stream, datasets.IterableDataset)
+    dataset = _pretraining_pipeline(stream, resolve_image_column(stream), resolve_label_column(stream))
+    collator = MimCoPretrainingCollator(_mask_generator(), image_size=IMAGE_SIZE)
+    num_rows, num_skipped, labels = _run_loader(dataset, collator, num_workers=0)
+    assert (num_rows, num_skipped) == (8, 1)
+    assert sorted(labels) == sorted(i % 2 for i in range(9) if i != 4)
+
+
+def test_all_unreadable_batch_has_zero_rows():
+    generator = _mask_generator()
+    examples = [{"pixel_values": None, UNREADABLE_KEY: "a.jpg"}, {"pixel_values": None, UNREADABLE_KEY: "b.jpg"}]
+    batch = MimCoPretrainingCollator(generator, image_size=IMAGE_SIZE)(examples)
+    assert batch["pixel_values"].shape == (0, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["bool_masked_pos"].shape == (0, generator.num_patches)
+    assert int(batch["num_skipped"]) == 2
+    views = ContrastiveCollator()([{"pixel_values_1": None, "pixel_values_2": None, UNREADABLE_KEY: "a.jpg"}])
+    assert views["pixel_values_1"].shape[0] == views["pixel_values_2"].shape[0] == 0
+    assert int(views["num_skipped"]) == 1
+
+
+def test_skipped_image_tracker_threshold_and_state():
+    tracker = SkippedImageTracker(max_skipped_fraction=0.1, min_seen=50)
+    tracker.update(10, 5)  # 50 % but fewer than min_seen images seen
+    tracker.update(40, 0)  # 5 of 50 = 10 %: at the threshold, not above
+    assert (tracker.num_seen, tracker.num_skipped) == (50, 5)
+    assert "5 of 50" in tracker.summary()
+
+    restored = SkippedImageTracker(max_skipped_fraction=0.1, min_seen=50)
+    restored.load_state_dict(tracker.state_dict())
+    copied = pickle.loads(pickle.dumps(tracker))
+    for candidate in (tracker, restored, copied):
+        with pytest.raises(TooManyUnreadableImagesError, match=r"6 of 51.*--max_skipped_fraction"):
+            candidate.update(1, 1)
+    assert issubclass(TooManyUnreadableImagesError, RuntimeError)
+
+    relaxed = SkippedImageTracker(max_skipped_fraction=0.5, min_seen=1)
+    relaxed.update(100, 50)
+    with pytest.raises(ValueError):
+        relaxed.update(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# streaming and sharding
+
+
+def test_streaming_shards_per_process_are_disjoint_and_cover(tmp_path):
+    path = _parquet_file(tmp_path, column="img", num_rows=11)
+    stream = load_image_dataset(data_files=path, streaming=True)
+    ids = [[example["id"] for example in shard_for_process(stream, rank, 2)] for rank in (0, 1)]
+    assert ids[0] and ids[1]
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(ids[0] + ids[1]) == list(range(11))
+    assert [example["id"] for example in shard_for_process(stream, 0, 1)] == list(range(11))
+
+    digits = load_image_dataset(split="test", streaming=True)
+    labels = [[example["label"] for example in shard_for_process(digits, rank, 2)] for rank in (0, 1)]
+    assert len(labels[0]) + len(labels[1]) == 270
+    assert collections.Counter(labels[0]) + collections.Counter(labels[1]) == collections.Counter(
+        load_digits_dataset("test")["label"]
+    )
+
+    map_style = load_digits_dataset("test")
+    assert shard_for_process(map_style, 1, 2) is map_style
+    with pytest.raises(ValueError):
+        shard_for_process(stream, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transforms and collators
+
+
+def _expected_gray(value: int) -> torch.Tensor:
+    return (value / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+
+
+def test_transforms_give_normalised_float_tensors():
+    gray = PIL.Image.new("RGB", (40, 30), (128, 128, 128))
+    expected = _expected_gray(128)
+    for transform in (
+        build_pretraining_transform(IMAGE_SIZE, MEAN, STD),
+        build_eval_transform(IMAGE_SIZE, MEAN, STD),
+        build_pretraining_transform(IMAGE_SIZE, MEAN, STD, crop_scale=(0.2, 0.3), hflip=False),
+    ):
+        output = transform(gray)
+        assert output.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert output.dtype == torch.float32
+        torch.testing.assert_close(output.mean(dim=(1, 2)), expected, atol=2e-2, rtol=0)
+
+
+def test_eval_transform_resizes_then_center_crops():
+    # a white image with a black band on its left quarter: the central crop leaves the band out entirely
+    pixels = np.full((64, 96, 3), 255, dtype=np.uint8)
+    pixels[:, :24] = 0
+    output = build_eval_transform(32, [0.0] * 3, [1.0] * 3, crop_pct=0.5)(PIL.Image.fromarray(pixels))
+    assert output.shape == (3, 32, 32)
+    assert output.min() > 0.95  # short side stays 64, the crop keeps columns 32..64 of 96
+
+
+def test_contrastive_views_differ_and_have_the_right_shape():
+    torch.manual_seed(0)
+    transform_1, transform_2 = build_contrastive_transforms(IMAGE_SIZE, MEAN, STD)
+    image = _noise_image(7, size=(48, 40))
+    transform = ContrastiveExampleTransform(transform_1, transform_2, "image", label_column="label")
+    output = transform({"image": [image, image, b"bad"], "label": [1, 2, 3]})
+    assert output["pixel_values_1"][0].shape == output["pixel_values_2"][0].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert not torch.allclose(output["pixel_values_1"][0], output["pixel_values_2"][0])
+    assert not torch.allclose(output["pixel_values_1"][0], output["pixel_values_1"][1])
+    assert output["pixel_values_1"][2] is None and output[UNREADABLE_KEY][2] is not None
+
+    examples = [{key: values[i] for key, values in output.items()} for i in range(3)]
+    batch = ContrastiveCollator(image_size=IMAGE_SIZE)(examples)
+    assert batch["pixel_values_1"].shape == batch["pixel_values_2"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["labels"].tolist() == [1, 2]
+    assert int(batch["num_skipped"]) == 1
+
+
+def test_contrastive_views_apply_view_specific_augmentations():
+    transform_1, transform_2 = build_contrastive_transforms(224, MEAN, STD)
+    names_1 = [type(step).__name__ for step in transform_1.transforms]
+    names_2 = [type(step).__name__ for step in transform_2.transforms]
+    assert "GaussianBlur" in names_1 and "RandomSolarize" not in names_1
+    assert "RandomSolarize" in names_2 and "GaussianBlur" not in names_2
+    blur = next(step for step in transform_1.transforms if type(step).__name__ == "GaussianBlur")
+    assert list(blur.kernel_size) == [23, 23]
+
+
+def test_contrastive_pipeline_on_digits_through_a_dataloader():
+    dataset = load_image_dataset(split="test", digits_image_size=IMAGE_SIZE).select(range(10))
+    dataset = disable_image_decoding(dataset, "image")
+    assert dataset.features["image"].decode is False
+    views = build_contrastive_transforms(IMAGE_SIZE, MEAN, STD)
+    dataset = apply_example_transform(dataset, ContrastiveExampleTransform(*views, "image"))
+    batch = next(iter(DataLoader(dataset, batch_size=6, collate_fn=ContrastiveCollator())))
+    assert batch["pixel_values_1"].shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["pixel_values_1"].dtype == torch.float32
+    assert int(batch["num_skipped"]) == 0 and "labels" not in batch
+
+
+@pytest.mark.parametrize("strategy", ["random", "block"])
+def test_pretraining_collator_masks_the_configured_count_per_row(strategy):
+    generator = MimCoMaskGenerator(
+        image_size=32, patch_size=4, mask_ratio=0.6, mask_patch_size=8, strategy=strategy, min_num_patches=4
+    )
+    examples = [{"pixel_values": torch.randn(3, 32, 32), "labels": i} for i in range(5)]
+    examples.insert(2, {"pixel_values": None, UNREADABLE_KEY: "bad.png", "labels": 9})
+    batch = MimCoPretrainingCollator(generator)(examples)
+    assert batch["pixel_values"].shape == (5, 3, 32, 32)
+    assert batch["bool_masked_pos"].shape == (5, 64)
+    assert batch["bool_masked_pos"].dtype == torch.bool
+    expected = 40 if strategy == "random" else 38  # ceil(0.6 * 16) blocks of 4 patches / round(0.6 * 64) patches
+    if strategy == "random":
+        assert batch["bool_masked_pos"].sum(dim=1).tolist() == [expected] * 5
+    else:
+        assert (batch["bool_masked_pos"].sum(dim=1) <= expected).all()
+        assert (batch["bool_masked_pos"].sum(dim=1) >= expected // 2).all()
+    assert batch["labels"].tolist() == [0, 1, 2, 3, 4]
+    assert int(batch["num_skipped"]) == 1
+    assert "bool_masked_pos" not in MimCoPretrainingCollator(None)(examples)
