@@ -62,7 +62,12 @@ class PreTrainingArguments:
     num_train_epochs: float = field(default=100, metadata={"help": "Epochs, unless --max_train_steps is set."})
     max_train_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides epochs."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the steps spent warming up."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "'no', 'bf16' or 'fp16'. Default: what `accelerate launch` sets, else bf16 on a GPU with it."
+        },
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
     logging_steps: int = field(default=10, metadata={"help": "Log losses, lr, grad norm and images/s every N steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "Tracker for accelerate: tensorboard or none."})
@@ -94,7 +99,7 @@ class PreTrainingArguments:
             raise ValueError(f"--max_train_steps must be positive, got {self.max_train_steps}.")
         if self.num_train_epochs <= 0:
             raise ValueError(f"--num_train_epochs must be positive, got {self.num_train_epochs}.")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
         if self.checkpointing_steps is not None and self.checkpointing_steps <= 0:
             raise ValueError(f"--checkpointing_steps must be positive, got {self.checkpointing_steps}.")
@@ -121,6 +126,33 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(
+    model: torch.nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, fused into one kernel per device where PyTorch offers it."""
+    groups = parameter_groups(model, weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)
+
+
+def skip_update_if(optimizer, bad: torch.Tensor, accelerator: Accelerator) -> None:
+    """Makes the coming `optimizer.step()` a no-op when `bad` (a 0-dim bool tensor) is true.
+
+    The fused AdamW kernel reads a `found_inf` flag on the device, so the decision costs no host-device sync. With
+    fp16 loss scaling, Accelerate's gradient scaler already skips non-finite steps; an unfused optimizer needs one
+    synchronising check.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if accelerator.scaler is not None:
+        return
+    if inner.defaults.get("fused"):
+        inner.found_inf = bad.float()
+    elif bool(bad):
+        optimizer.zero_grad(set_to_none=True)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
@@ -265,9 +297,13 @@ def train(
     `compute_loss(model, batch, progress)` returns the loss and a dict of extra scalars to log; `progress` runs from
     0 to 1 over training (the stage-1 momentum schedule reads it). Returns a `TrainingResult`.
     """
+    mixed_precision = args.mixed_precision
+    if mixed_precision is None and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        # the paper-scale recipe trains in bf16; a GPU that supports it gets it unless told otherwise
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
@@ -292,9 +328,7 @@ def train(
 
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     learning_rate = args.learning_rate * global_batch / 256
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2)
-    )
+    optimizer = build_adamw(model, learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
 
     if args.max_train_steps is not None:
         max_train_steps = args.max_train_steps
@@ -323,7 +357,7 @@ def train(
     accelerator.register_for_checkpointing(skipped)
 
     global_step, epoch, batches_done_in_epoch = 0, 0, 0
-    bad_steps, consecutive_bad_steps = 0, 0
+    bad_steps = 0
     log_history: list[dict] = []
     if args.resume_from_checkpoint:
         checkpoint = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -346,15 +380,57 @@ def train(
             "global_step": global_step,
             "epoch": epoch,
             "batches_done_in_epoch": batches_done_in_epoch,
-            "bad_steps": bad_steps,
+            "bad_steps": int(bad_steps_total),
             "log_history": log_history,
         }
 
     progress_bar = tqdm(
         total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Training"
     )
-    window = {"loss_sum": None, "parts": {}, "count": 0, "images": 0, "start": time.perf_counter()}
+
+    def any_process(flag: bool) -> bool:
+        if accelerator.num_processes == 1:
+            return flag
+        return bool(accelerator.gather(torch.tensor([flag], device=accelerator.device)).any())
+
+    def new_window() -> dict:
+        return {
+            "loss_sum": None,
+            "parts": {},
+            "count": 0,
+            "images": 0,
+            "skipped": torch.zeros((), dtype=torch.long, device=accelerator.device),
+            "start": time.perf_counter(),
+        }
+
+    def flush_window(window: dict, grad_norm: torch.Tensor | None) -> tuple[int, dict]:
+        """Turns the device-side sums of a logging window into a log record; returns the bad-step total."""
+        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        counts = accelerator.reduce(
+            torch.stack(
+                [torch.tensor(window["images"], device=accelerator.device), window["skipped"], bad_steps_total]
+            ),
+            reduction="sum",
+        ).tolist()
+        images, num_skipped = counts[0], counts[1]
+        skipped.update(images + num_skipped, num_skipped)
+        record = {"step": global_step, "lr": scheduler.get_last_lr()[0], "images_per_second": images / elapsed}
+        if window["count"]:
+            record["loss"] = float(accelerator.reduce(window["loss_sum"], "mean")) / window["count"]
+            for name, value in window["parts"].items():
+                record[name] = float(accelerator.reduce(value, "mean")) / window["count"]
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        log_history.append(record)
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=global_step)
+        if "loss" in record:
+            progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        return int(bad_steps_total), new_window()
+
+    window = new_window()
     grad_norm = None
+    bad_steps_total = torch.tensor(bad_steps, device=accelerator.device)
+    consecutive_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
 
     with _Preemption() as preemption:
         while global_step < max_train_steps:
@@ -373,37 +449,32 @@ def train(
                         k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
                     }
                 batches_done_in_epoch += 1
-                num_skipped = batch.pop("num_skipped", torch.zeros((), dtype=torch.long))
+                num_skipped = batch.pop("num_skipped", None)
+                if num_skipped is not None:
+                    window["skipped"] = window["skipped"] + num_skipped.to(accelerator.device)
                 local_images = _batch_size(batch)
-                counts = accelerator.reduce(
-                    torch.tensor([local_images, int(num_skipped)], device=accelerator.device), reduction="sum"
-                )
-                skipped.update(int(counts[0] + counts[1]), int(counts[1]))
-                # Every process must agree to skip, or the gradient all-reduce would wait forever.
-                has_images = accelerator.gather(torch.tensor([local_images > 0], device=accelerator.device)).all()
-                if not has_images:
+                window["images"] += local_images
+                # A batch whose images were all unreadable is skipped; every process must agree, or the gradient
+                # all-reduce would wait forever.
+                if any_process(local_images == 0):
                     continue
 
                 with accelerator.accumulate(model):
                     progress = global_step / max_train_steps
                     loss, parts = compute_loss(model, batch, progress)
-                    finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
-                    if not finite:
-                        bad_steps += 1
-                        consecutive_bad_steps += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        logger.warning(f"Step {global_step}: non-finite loss, step skipped ({bad_steps} so far).")
-                        if consecutive_bad_steps >= args.max_consecutive_bad_steps:
-                            raise RuntimeError(
-                                f"{consecutive_bad_steps} consecutive steps had a NaN/Inf loss (step {global_step}); "
-                                "stopping. Lower --learning_rate, use bf16 instead of fp16, or check the data. "
-                                "The last checkpoint is intact."
-                            )
-                        continue
-                    consecutive_bad_steps = 0
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        # The global gradient norm is identical on every process, so its finiteness decides the
+                        # skip everywhere without another collective; a NaN/Inf loss makes it non-finite too.
+                        grad_norm = accelerator.clip_grad_norm_(
+                            model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                        )
+                        if not isinstance(grad_norm, torch.Tensor):  # DeepSpeed clips inside its own step
+                            grad_norm = torch.tensor(float(grad_norm or 0.0), device=accelerator.device)
+                        bad = ~torch.isfinite(grad_norm)
+                        skip_update_if(optimizer, bad, accelerator)
+                        bad_steps_total += bad.long()
+                        consecutive_bad = (consecutive_bad + 1) * bad.long()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
 
@@ -412,7 +483,6 @@ def train(
                 for name, value in parts.items():
                     window["parts"][name] = window["parts"].get(name, 0.0) + value.detach()
                 window["count"] += 1
-                window["images"] += int(counts[0])
 
                 if not accelerator.sync_gradients:
                     continue
@@ -422,23 +492,15 @@ def train(
 
                 if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                     # `.item()` synchronises with the device, so it only happens at logging steps.
-                    elapsed = max(time.perf_counter() - window["start"], 1e-9)
-                    record = {
-                        "step": global_step,
-                        "loss": float(accelerator.reduce(window["loss_sum"], "mean").item()) / window["count"],
-                        "lr": scheduler.get_last_lr()[0],
-                        "images_per_second": window["images"] / elapsed,
-                    }
-                    for name, value in window["parts"].items():
-                        record[name] = float(accelerator.reduce(value, "mean").item()) / window["count"]
-                    if grad_norm is not None:
-                        record["grad_norm"] = float(grad_norm)
-                    log_history.append(record)
-                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=global_step)
-                    progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    window = {"loss_sum": None, "parts": {}, "count": 0, "images": 0, "start": time.perf_counter()}
+                    bad_steps, window = flush_window(window, grad_norm)
+                    if int(consecutive_bad) >= args.max_consecutive_bad_steps:
+                        raise RuntimeError(
+                            f"{int(consecutive_bad)} consecutive steps had a NaN/Inf loss or gradient (up to step "
+                            f"{global_step}); stopping. Lower --learning_rate, use bf16 instead of fp16, or check the "
+                            "data. The last checkpoint is intact."
+                        )
 
-                stop = bool(accelerator.gather(torch.tensor([preemption.requested], device=accelerator.device)).any())
+                stop = any_process(preemption.requested)
                 if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0) or stop:
                     folder = save_checkpoint(
                         accelerator, args.output_dir, global_step, trainer_state(), args.checkpoints_total_limit
@@ -457,6 +519,7 @@ def train(
             break
 
     progress_bar.close()
+    bad_steps = int(bad_steps_total)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), args.output_dir)
@@ -597,6 +660,7 @@ __all__ = [
     "save_image_processor",
     "PreTrainingArguments",
     "TrainingResult",
+    "build_adamw",
     "find_resume_checkpoint",
     "parameter_groups",
     "save_checkpoint",

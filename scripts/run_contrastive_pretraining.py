@@ -54,6 +54,8 @@ class ModelArguments:
 
 def main(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
+    # the paper-scale ImageNet recipe (per-device batch for 8 GPUs); small runs override these flags
+    parser.set_defaults(per_device_train_batch_size=512, num_train_epochs=300, weight_decay=0.1, warmup_ratio=0.133)
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
         if model_args.export_encoder not in ("momentum", "base"):

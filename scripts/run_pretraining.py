@@ -90,6 +90,8 @@ def compute_loss(model, batch: dict, progress: float):
 
 def main(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
+    # the paper-scale ImageNet recipe (per-device batch for 8 GPUs); small runs override these flags
+    parser.set_defaults(per_device_train_batch_size=256, num_train_epochs=100)
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
         # Everything that can be wrong with the arguments fails here, before any training step.
