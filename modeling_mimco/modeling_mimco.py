@@ -543,13 +543,16 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         self.teacher.eval()
         return self
 
-    @torch.no_grad()
     def teacher_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's CLS feature `(batch, teacher_dim)` and patch tokens `(batch, num_patches, teacher_dim)`
-        for the unmasked images."""
-        teacher_inputs = self.teacher_adapter.teacher_inputs(pixel_values)
-        teacher_output = self.teacher(**teacher_inputs)
-        return self.teacher_adapter.split_tokens(teacher_output.last_hidden_state)
+        for the unmasked images. They carry no gradient."""
+        # inference mode skips autograd bookkeeping entirely; the clone turns the result into an ordinary tensor
+        # that the losses may save for their backward pass
+        with torch.inference_mode():
+            teacher_inputs = self.teacher_adapter.teacher_inputs(pixel_values)
+            last_hidden_state = self.teacher(**teacher_inputs).last_hidden_state
+        image_features, patch_tokens = self.teacher_adapter.split_tokens(last_hidden_state.clone())
+        return image_features, patch_tokens
 
     @can_return_tuple
     def forward(
@@ -678,26 +681,34 @@ class MimCoBatchNorm1d(nn.BatchNorm1d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(input)
-        num_features = input.shape[1]
-        count = input.new_full((1,), input.shape[0])
-        stats = torch.cat([input.sum(dim=0), (input * input).sum(dim=0), count])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
             import torch.distributed.nn.functional as dist_functional
 
-            stats = dist_functional.all_reduce(stats)
-        total = stats[-1]
-        mean = stats[:num_features] / total
-        variance = (stats[num_features : 2 * num_features] / total - mean * mean).clamp_min(0.0)
+            all_reduce = dist_functional.all_reduce
+        else:
+
+            def all_reduce(tensor):
+                return tensor
+
+        # Statistics in at least float32 and in two passes (mean, then squared deviations): E[x^2] - E[x]^2 cancels badly
+        # in low precision or when the mean is large against the spread.
+        values = input.to(torch.promote_types(input.dtype, torch.float32))
+        count = values.new_full((1,), values.shape[0])
+        sums = all_reduce(torch.cat([values.sum(dim=0), count]))
+        total = sums[-1]
+        mean = sums[:-1] / total
+        variance = all_reduce(((values - mean) ** 2).sum(dim=0)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 unbiased = variance * total / (total - 1).clamp_min(1.0)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
                 self.num_batches_tracked.add_(1)
-        output = (input - mean) * torch.rsqrt(variance + self.eps)
+        output = (values - mean) * torch.rsqrt(variance + self.eps)
         if self.affine:
             output = output * self.weight + self.bias
-        return output
+        return output.to(input.dtype)
 
 
 def build_mlp(

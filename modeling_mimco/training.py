@@ -12,12 +12,15 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -109,6 +112,48 @@ class PreTrainingArguments:
             raise ValueError(f"--warmup_ratio must lie in [0, 1), got {self.warmup_ratio}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id.")
+        if self.resume_from_checkpoint not in (None, "latest"):
+            try:
+                verify_checkpoint(self.resume_from_checkpoint)
+            except CheckpointError as error:
+                raise ValueError(f"--resume_from_checkpoint: {error}") from error
+
+
+class _SeededBatches(torch.utils.data.Dataset):
+    """Reads and collates each batch under an RNG seeded by the run's seed and the batch's indices.
+
+    Augmentations and masks then depend neither on the global RNG (which the model and the DataLoader also draw
+    from) nor on Accelerate fetching one batch ahead, so a run resumed mid-epoch sees the batches of the run it
+    continues. The global RNG states are left as they were.
+    """
+
+    def __init__(self, dataset, collator: Callable, seed: int):
+        self.dataset, self.collator, self.seed = dataset, collator, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        key = zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes())
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                seed = (self.seed * 1_000_003 + key) % 2**32
+                torch.default_generator.manual_seed(seed)  # CPU only: accelerator RNGs stay untouched
+                random.seed(seed)
+                np.random.seed(seed)
+                if hasattr(self.dataset, "__getitems__"):
+                    examples = self.dataset.__getitems__(indices)
+                else:
+                    examples = [self.dataset[index] for index in indices]
+                return [self.collator(examples)]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _only_batch(batches: list[dict]) -> dict:
+    return batches[0]
 
 
 class CheckpointError(RuntimeError):
@@ -311,16 +356,24 @@ def train(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
     )
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
+        raise RuntimeError(
+            f"{torch.distributed.get_world_size()} processes were started but Accelerate sees "
+            f"{accelerator.num_processes}: on a machine without GPUs, launch with `ACCELERATE_USE_CPU=1 accelerate "
+            "launch --multi_gpu --num_processes N ...` so that the processes train together."
+        )
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
     is_iterable = not hasattr(train_dataset, "__len__")
     dataloader = DataLoader(
-        train_dataset,
+        train_dataset if is_iterable else _SeededBatches(train_dataset, collator, args.seed),
         batch_size=args.per_device_train_batch_size,
         shuffle=not is_iterable,
-        collate_fn=collator,
+        # its own generator, so that starting an epoch's iterator does not draw from the global RNG
+        generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=collator if is_iterable else _only_batch,
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
         drop_last=not is_iterable,
@@ -397,7 +450,7 @@ def train(
         return {
             "loss_sum": None,
             "parts": {},
-            "count": 0,
+            "finite_steps": torch.zeros((), dtype=torch.long, device=accelerator.device),
             "images": 0,
             "skipped": torch.zeros((), dtype=torch.long, device=accelerator.device),
             "start": time.perf_counter(),
@@ -415,10 +468,11 @@ def train(
         images, num_skipped = counts[0], counts[1]
         skipped.update(images + num_skipped, num_skipped)
         record = {"step": global_step, "lr": scheduler.get_last_lr()[0], "images_per_second": images / elapsed}
-        if window["count"]:
-            record["loss"] = float(accelerator.reduce(window["loss_sum"], "mean")) / window["count"]
+        finite_steps = int(window["finite_steps"])
+        if finite_steps:
+            record["loss"] = float(accelerator.reduce(window["loss_sum"], "mean")) / finite_steps
             for name, value in window["parts"].items():
-                record[name] = float(accelerator.reduce(value, "mean")) / window["count"]
+                record[name] = float(accelerator.reduce(value, "mean")) / finite_steps
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         log_history.append(record)
@@ -478,11 +532,14 @@ def train(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
 
-                detached = loss.detach()
+                # a step with a NaN/Inf loss is skipped, and kept out of the logged averages as well
+                finite = torch.isfinite(loss.detach())
+                window["finite_steps"] = window["finite_steps"] + finite.long()
+                detached = torch.where(finite, loss.detach(), 0.0)
                 window["loss_sum"] = detached if window["loss_sum"] is None else window["loss_sum"] + detached
                 for name, value in parts.items():
-                    window["parts"][name] = window["parts"].get(name, 0.0) + value.detach()
-                window["count"] += 1
+                    value = torch.where(finite, value.detach(), 0.0)
+                    window["parts"][name] = window["parts"].get(name, 0.0) + value
 
                 if not accelerator.sync_gradients:
                     continue

@@ -75,7 +75,10 @@ def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
         patch_loss_weight=model_args.patch_loss_weight,
         image_loss_weight=model_args.image_loss_weight,
     )
-    return MimCoForPreTraining.from_teacher(model_args.teacher_name_or_path, config)
+    try:
+        return MimCoForPreTraining.from_teacher(model_args.teacher_name_or_path, config)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"--teacher_name_or_path {model_args.teacher_name_or_path!r}: {error}") from error
 
 
 def compute_loss(model, batch: dict, progress: float):
@@ -110,7 +113,10 @@ def main(argv: list[str] | None = None):
     transform = build_pretraining_transform(
         config.image_size, config.image_mean, config.image_std, crop_scale=(model_args.crop_min_scale, 1.0)
     )
-    dataset = apply_example_transform(dataset, PretrainingExampleTransform(transform, image_column))
+    example_transform = PretrainingExampleTransform(
+        transform, image_column, draft_for=(config.image_size, model_args.crop_min_scale)
+    )
+    dataset = apply_example_transform(dataset, example_transform)
     collator = MimCoPretrainingCollator(MimCoMaskGenerator.from_config(config), image_size=config.image_size)
 
     def save_final(unwrapped_model: MimCoForPreTraining, output_dir: str) -> None:

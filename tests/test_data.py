@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import math
 import os
 import pickle
 
@@ -534,3 +535,20 @@ def test_pretraining_collator_masks_the_configured_count_per_row(strategy):
     assert batch["labels"].tolist() == [0, 1, 2, 3, 4]
     assert int(batch["num_skipped"]) == 1
     assert "bool_masked_pos" not in MimCoPretrainingCollator(None)(examples)
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_size_only_when_the_crop_allows_it():
+    from modeling_mimco.data import reduced_decode_size
+
+    def jpeg(width, height):
+        buffer = io.BytesIO()
+        PIL.Image.new("RGB", (width, height), (120, 30, 200)).save(buffer, format="JPEG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    large = decode_image(jpeg(1600, 1200), draft_for=(224, 0.67))
+    assert large.size[0] < 1600
+    # the smallest crop the augmentation may take still holds at least 224 pixels on its short side
+    assert math.sqrt(0.67 * large.size[0] * large.size[1] * 0.75) >= 224
+    assert decode_image(jpeg(500, 375), draft_for=(224, 0.67)).size == (500, 375)
+    assert decode_image(jpeg(1600, 1200)).size == (1600, 1200)
+    assert reduced_decode_size(300, 300, 224, 0.67) is None
