@@ -214,8 +214,10 @@ class MimCoAttention(nn.Module):
 
         # Attention probabilities only exist in the eager kernel, so asking for them selects it for this call.
         attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager" and not output_attentions:
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        if not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
 
         attn_output, attn_weights = attention_interface(
             self,

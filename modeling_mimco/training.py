@@ -71,6 +71,9 @@ class PreTrainingArguments:
             "help": "'no', 'bf16' or 'fp16'. Default: what `accelerate launch` sets, else bf16 on a GPU with it."
         },
     )
+    torch_compile: bool = field(
+        default=False, metadata={"help": "Compile the transformer backbones with torch.compile (student and teacher)."}
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
     logging_steps: int = field(default=10, metadata={"help": "Log losses, lr, grad norm and images/s every N steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "Tracker for accelerate: tensorboard or none."})

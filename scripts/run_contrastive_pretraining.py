@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None):
     )
     dataset = apply_example_transform(dataset, ContrastiveExampleTransform(transform_1, transform_2, image_column))
 
+    if training_args.torch_compile:
+        # in place, so parameter names (and checkpoints) stay those of the uncompiled model
+        model.base_encoder.compile()
+        model.momentum_encoder.compile()
+
     def compute_loss(wrapped_model, batch: dict, progress: float):
         outputs = wrapped_model(
             pixel_values_1=batch["pixel_values_1"],

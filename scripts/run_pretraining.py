@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None):
     dataset = apply_example_transform(dataset, example_transform)
     collator = MimCoPretrainingCollator(MimCoMaskGenerator.from_config(config), image_size=config.image_size)
 
+    if training_args.torch_compile:
+        # in place, so parameter names (and checkpoints) stay those of the uncompiled model
+        model.mimco.compile()
+        model.teacher.compile()
+
     def save_final(unwrapped_model: MimCoForPreTraining, output_dir: str) -> None:
         unwrapped_model.save_pretrained(output_dir)
         save_image_processor(output_dir, config.image_size, config.image_mean, config.image_std)

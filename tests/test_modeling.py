@@ -334,3 +334,16 @@ def test_untrained_parameters_stay_frozen_after_from_pretrained(tmp_path):
         loaded = model_class.from_pretrained(tmp_path / "backbone")
         positions = [p for name, p in loaded.named_parameters() if name.endswith("position_embeddings")]
         assert len(positions) == 1 and not positions[0].requires_grad
+
+
+@pytest.mark.slow
+def test_attention_implementation_can_be_switched_and_flex_agrees(pixel_values):
+    """Switching kernels on a built model goes through transformers' attention interface; flex attention (forward
+    only on CPUs) gives the eager result."""
+    model = MimCoModel(tiny_config(attn_implementation="eager")).eval()
+    with torch.no_grad():
+        expected = model(pixel_values).last_hidden_state
+        model.set_attn_implementation("flex_attention")
+        assert model.config._attn_implementation == "flex_attention"
+        actual = model(pixel_values).last_hidden_state
+    assert (actual - expected).abs().max() <= 1e-5
