@@ -30,11 +30,12 @@ Frozen features:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -438,14 +439,16 @@ def load_classification_splits(
                 f"The dataset has no 'validation' or 'test' split; set --train_val_split in (0, 1) to split one off "
                 f"the training images (got {train_val_split})."
             )
-        stratify = label_column if isinstance(train.features.get(label_column), datasets.ClassLabel) else None
-        parts = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column=stratify)
+        train, _, class_names = _encode_labels(train, None, label_column)
+        try:
+            parts = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column=label_column)
+        except ValueError:  # a class too small to stratify
+            parts = train.train_test_split(test_size=train_val_split, seed=seed)
         train, eval_dataset = parts["train"], parts["test"]
         eval_name = f"{train_split}[split off {train_val_split:.0%}]"
     else:
         eval_dataset = disable_image_decoding(eval_dataset, image_column)
-
-    train, eval_dataset, class_names = _encode_labels(train, eval_dataset, label_column)
+        train, eval_dataset, class_names = _encode_labels(train, eval_dataset, label_column)
     if max_train_samples is not None:
         train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
     if max_eval_samples is not None:
@@ -454,24 +457,26 @@ def load_classification_splits(
 
 
 def _encode_labels(
-    train: datasets.Dataset, eval_dataset: datasets.Dataset, label_column: str
-) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    train: datasets.Dataset, eval_dataset: datasets.Dataset | None, label_column: str
+) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+    """Casts the label column of both splits to one `ClassLabel` (integers keep their values, strings are numbered in
+    sorted order) and returns the class names."""
     feature = train.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return train, eval_dataset, list(feature.names)
-    values = set(train[label_column]) | set(eval_dataset[label_column])
-    if all(isinstance(value, (int, np.integer)) for value in values):
+    values = set(train[label_column]) | (set(eval_dataset[label_column]) if eval_dataset is not None else set())
+    if values and all(isinstance(value, (int, np.integer)) for value in values):
         if min(values) < 0:
             raise ValueError(f"Integer labels must be >= 0, found {min(values)} in column {label_column!r}.")
-        return train, eval_dataset, [str(index) for index in range(max(values) + 1)]
-    if not all(isinstance(value, str) for value in values):
+        class_label = datasets.ClassLabel(names=[str(index) for index in range(max(values) + 1)])
+    elif values and all(isinstance(value, str) for value in values):
+        class_label = datasets.ClassLabel(names=sorted(values))
+    else:
         raise ValueError(f"Labels in column {label_column!r} must be a ClassLabel, integers or strings.")
-    class_label = datasets.ClassLabel(names=sorted(values))
-    return (
-        train.cast_column(label_column, class_label),
-        eval_dataset.cast_column(label_column, class_label),
-        list(class_label.names),
-    )
+    train = train.cast_column(label_column, class_label)
+    if eval_dataset is not None:
+        eval_dataset = eval_dataset.cast_column(label_column, class_label)
+    return train, eval_dataset, list(class_label.names)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -673,6 +678,29 @@ def extract_features(
 # linear probe and k-NN
 
 
+@contextlib.contextmanager
+def limit_cpu_threads(num_threads: int | None = 1) -> Iterator[None]:
+    """Runs the block with at most `num_threads` CPU threads in torch and in the OpenMP / BLAS pools (threadpoolctl),
+    then restores the previous settings; `None` changes nothing.
+
+    The probe's, the k-NN's and the t-SNE's operations are small: on a CPU shared with other processes, their thread
+    synchronisation costs far more than the work (the t-SNE of a few hundred points took 30-40 s with two threads on
+    a loaded 2-core machine and under 1.5 s with one).
+    """
+    if num_threads is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(num_threads, previous)))
+    try:
+        with threadpool_limits(limits=num_threads):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def build_linear_probe(feature_dim: int, num_classes: int) -> nn.Sequential:
     """MAE's linear-probe head: `BatchNorm1d` without affine parameters (it only standardises the features), then a
     `Linear` layer initialised with a truncated normal of std 0.01 and a zero bias."""
@@ -686,14 +714,16 @@ def build_linear_probe(feature_dim: int, num_classes: int) -> nn.Sequential:
 class LinearProbeConfig:
     """Training settings of the linear probe (on cached features, so epochs are cheap)."""
 
-    epochs: int = 90
+    epochs: int = 100
     batch_size: int = 256
     optimizer: str = "sgd"
     """`"sgd"` (momentum 0.9) or `"adamw"`."""
-    learning_rate: float = 0.1
+    learning_rate: float = 0.5
     weight_decay: float = 0.0
     warmup_epochs: int = 5
     seed: int = 0
+    cpu_threads: int | None = 1
+    """Threads used when training on a CPU (`limit_cpu_threads`); `None` keeps the process setting."""
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
@@ -709,8 +739,9 @@ def train_linear_probe(
     config: LinearProbeConfig | None = None,
     device: str | torch.device = "cpu",
 ) -> nn.Sequential:
-    """Trains `build_linear_probe` on cached features with a warmup + cosine learning-rate schedule; returns it in eval
-    mode (the BatchNorm then uses the running statistics gathered in training)."""
+    """Trains `build_linear_probe` on cached features with a warmup + cosine learning-rate schedule (the BatchNorm
+    standardises each batch with its own statistics); returns it in eval mode, its BatchNorm set to the mean and
+    variance of all training features."""
     from transformers import get_cosine_schedule_with_warmup
 
     config = config or LinearProbeConfig()
@@ -735,7 +766,20 @@ def train_linear_probe(
         num_training_steps=total_steps,
     )
     probe.train()
-    for _ in range(config.epochs):
+    threads = limit_cpu_threads(config.cpu_threads) if features.device.type == "cpu" else contextlib.nullcontext()
+    with threads:
+        _fit(probe, features, labels, optimizer, scheduler, config.epochs, steps_per_epoch, batch_size, generator)
+        # Evaluation standardises with the statistics of all training features, not a running average of a few
+        # batches (which, after only a few steps, still remembers its initial mean 0 and variance 1).
+        with torch.no_grad():
+            probe[0].running_mean.copy_(features.mean(dim=0))
+            probe[0].running_var.copy_(features.var(dim=0) if num_examples > 1 else torch.ones_like(features[0]))
+    return probe.eval()
+
+
+def _fit(probe, features, labels, optimizer, scheduler, epochs, steps_per_epoch, batch_size, generator) -> None:
+    device, num_examples = features.device, features.shape[0]
+    for _ in range(epochs):
         order = torch.randperm(num_examples, generator=generator).to(device)
         for step in range(steps_per_epoch):
             index = order[step * batch_size : (step + 1) * batch_size]
@@ -744,7 +788,6 @@ def train_linear_probe(
             loss.backward()
             optimizer.step()
             scheduler.step()
-    return probe.eval()
 
 
 @torch.no_grad()
@@ -764,6 +807,7 @@ def knn_classify(
     k: int = 20,
     temperature: float = 0.07,
     chunk_size: int = 1024,
+    cpu_threads: int | None = 1,
 ) -> torch.Tensor:
     """DINO's weighted k-NN classifier; returns the predicted class of each test feature.
 
@@ -772,6 +816,11 @@ def knn_classify(
     """
     if k <= 0 or temperature <= 0:
         raise ValueError(f"k-NN needs k > 0 and temperature > 0, got k={k}, temperature={temperature}.")
+    with limit_cpu_threads(cpu_threads):
+        return _knn_votes(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
+
+
+def _knn_votes(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size) -> torch.Tensor:
     train = nn.functional.normalize(train_features.float(), dim=1)
     test = nn.functional.normalize(test_features.float(), dim=1)
     k = min(k, train.shape[0])
@@ -855,13 +904,17 @@ def evaluate_frozen_features(
 # t-SNE picture
 
 
-def tsne_embedding(features: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
-    """2-D t-SNE (scikit-learn, PCA initialisation) of `features`; the perplexity is capped for small sets."""
+def tsne_embedding(
+    features: torch.Tensor, seed: int = 0, perplexity: float = 30.0, cpu_threads: int | None = 1
+) -> np.ndarray:
+    """2-D t-SNE (scikit-learn, PCA initialisation) of `features`; the perplexity is capped for small sets. Runs on
+    `cpu_threads` threads (`limit_cpu_threads`)."""
     from sklearn.manifold import TSNE
 
     values = features.float().numpy()
     perplexity = float(min(perplexity, max((len(values) - 1) / 3.0, 1.0)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(values)
+    with limit_cpu_threads(cpu_threads):
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(values)
 
 
 def plot_tsne(
@@ -965,6 +1018,7 @@ __all__ = [
     "knn_accuracy",
     "knn_classify",
     "layer_decay_parameter_groups",
+    "limit_cpu_threads",
     "load_accuracy_metric",
     "load_backbone",
     "load_classification_splits",

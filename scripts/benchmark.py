@@ -305,12 +305,17 @@ def run_mim_pipeline(image_size: int, mask_patch_size: int, patch_size: int, mas
 
 
 def mimco_pipeline(config: MimCoConfig) -> Callable:
+    """The data path of `run_pretraining.py`."""
     example_transform = PretrainingExampleTransform(
-        build_pretraining_transform(config.image_size, config.image_mean, config.image_std),
+        build_pretraining_transform(config.image_size, config.image_mean, config.image_std, normalize=False),
         image_column="image",
         draft_for=(config.image_size, 0.67),
     )
-    collator = MimCoPretrainingCollator(MimCoMaskGenerator.from_config(config), image_size=config.image_size)
+    collator = MimCoPretrainingCollator(
+        MimCoMaskGenerator.from_config(config),
+        image_size=config.image_size,
+        normalize_with=(config.image_mean, config.image_std),
+    )
 
     def process(jpegs: list[bytes]) -> dict:
         examples = example_transform({"image": [{"bytes": data, "path": None} for data in jpegs]})

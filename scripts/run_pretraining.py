@@ -111,13 +111,21 @@ def main(argv: list[str] | None = None):
         parser.error(str(error))
 
     transform = build_pretraining_transform(
-        config.image_size, config.image_mean, config.image_std, crop_scale=(model_args.crop_min_scale, 1.0)
+        config.image_size,
+        config.image_mean,
+        config.image_std,
+        crop_scale=(model_args.crop_min_scale, 1.0),
+        normalize=False,  # the collator normalises whole batches
     )
     example_transform = PretrainingExampleTransform(
         transform, image_column, draft_for=(config.image_size, model_args.crop_min_scale)
     )
     dataset = apply_example_transform(dataset, example_transform)
-    collator = MimCoPretrainingCollator(MimCoMaskGenerator.from_config(config), image_size=config.image_size)
+    collator = MimCoPretrainingCollator(
+        MimCoMaskGenerator.from_config(config),
+        image_size=config.image_size,
+        normalize_with=(config.image_mean, config.image_std),
+    )
 
     if training_args.torch_compile:
         # in place, so parameter names (and checkpoints) stay those of the uncompiled model

@@ -552,3 +552,51 @@ def test_large_jpegs_are_decoded_at_a_reduced_size_only_when_the_crop_allows_it(
     assert decode_image(jpeg(500, 375), draft_for=(224, 0.67)).size == (500, 375)
     assert decode_image(jpeg(1600, 1200)).size == (1600, 1200)
     assert reduced_decode_size(300, 300, 224, 0.67) is None
+
+
+def test_fast_jpeg_decoding_matches_pil_and_keeps_broken_files_unreadable():
+    generator = np.random.default_rng(0)
+    pixels = generator.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
+
+    fast = decode_image({"bytes": data, "path": None}, fast_jpeg=True)
+    slow = decode_image({"bytes": data, "path": None})
+    assert isinstance(fast, torch.Tensor) and fast.dtype == torch.uint8 and fast.shape == (3, 40, 56)
+    reference = torch.from_numpy(np.array(slow)).permute(2, 0, 1).int()
+    assert (fast.int() - reference).abs().max() <= 2
+
+    with pytest.raises(UnreadableImageError, match="truncated.jpg"):
+        decode_image({"bytes": data[: len(data) // 2], "path": "truncated.jpg"}, fast_jpeg=True)
+    # a PNG is not a JPEG: it takes the PIL path
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    assert isinstance(decode_image({"bytes": buffer.getvalue(), "path": None}, fast_jpeg=True), PIL.Image.Image)
+
+
+def test_fused_normalisation_equals_todtype_then_normalize():
+    from torchvision.transforms import v2
+
+    from modeling_mimco.data import ToNormalizedFloat
+
+    image = v2.ToImage()(torch.randint(0, 256, (3, 9, 7), dtype=torch.uint8))
+    mean, std = [0.5, 0.25, 0.1], [0.2, 0.3, 0.4]
+    expected = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(image))
+    assert torch.allclose(ToNormalizedFloat(mean, std)(image), expected, atol=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        ToNormalizedFloat(mean, std)(image.float())
+
+
+def test_collator_normalises_uint8_batches_like_the_per_image_transform():
+    from modeling_mimco.data import ToNormalizedFloat
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    images = [torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8) for _ in range(3)]
+    examples = [{"pixel_values": image, "unreadable_image": None} for image in images]
+    examples.append({"pixel_values": None, "unreadable_image": "bad.jpg"})
+    batch = MimCoPretrainingCollator(image_size=8, normalize_with=(mean, std))(examples)
+    expected = torch.stack([ToNormalizedFloat(mean, std)(image) for image in images])
+    assert batch["pixel_values"].dtype == torch.float32
+    assert torch.allclose(batch["pixel_values"], expected, atol=1e-6)
+    assert int(batch["num_skipped"]) == 1
