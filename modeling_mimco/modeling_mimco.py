@@ -312,6 +312,14 @@ class MimCoPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            if module.affine:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            if module.track_running_stats:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
         elif isinstance(module, MimCoEmbeddings):
             init.trunc_normal_(module.cls_token, mean=0.0, std=std)
             init.trunc_normal_(module.mask_token, mean=0.0, std=std)
@@ -746,7 +754,7 @@ class MimCoContrastiveOutput(ModelOutput):
     keys: tuple[torch.FloatTensor, torch.FloatTensor] | None = None
 
 
-class MimCoForContrastivePreTraining(PreTrainedModel):
+class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
     """Stage 1: a MoCo v3 contrastive ViT that becomes the MimCo teacher.
 
     The base encoder (a `MimCoModel`) and its projector and predictor are trained on the queries; a momentum copy of
@@ -759,13 +767,7 @@ class MimCoForContrastivePreTraining(PreTrainedModel):
     config: MimCoContrastiveConfig
     base_model_prefix = "base_encoder"
     main_input_name = "pixel_values_1"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["MimCoEmbeddings", "MimCoLayer"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = None
 
     def __init__(self, config: MimCoContrastiveConfig):
         super().__init__(config)
@@ -789,26 +791,6 @@ class MimCoForContrastivePreTraining(PreTrainedModel):
             self.base_encoder.embeddings.patch_embeddings.requires_grad_(False)
         self.momentum_encoder.requires_grad_(False)
         self.momentum_projector.requires_grad_(False)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        model.freeze_untrained_parameters()
-        return model
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm1d):
-            if module.affine:
-                init.ones_(module.weight)
-                init.zeros_(module.bias)
-            if module.track_running_stats:
-                init.zeros_(module.running_mean)
-                init.ones_(module.running_var)
-                init.zeros_(module.num_batches_tracked)
 
     def reset_momentum_branch(self) -> None:
         """Copies the base encoder and projector into the momentum branch (frozen)."""
