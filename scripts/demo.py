@@ -8,6 +8,11 @@
    their test features is written.
 
 The script prints how the losses moved, a table of the accuracies and where the checkpoints and the picture are.
+
+Settings that differ from the paper-scale defaults, for 300-step runs of a 4-layer, 64-wide ViT on 32-px digits:
+base learning rates 5e-3 (stage 1) and 1.5e-3 (stage 2), and an image-level temperature of 0.05 instead of 0.2. The
+tiny teacher's CLS features all point almost the same way (mean pairwise cosine about 0.9996), so at 0.2 the
+image-level InfoNCE logits hardly differ between images and that loss stays at its chance value, ln(batch size).
 """
 
 from __future__ import annotations
@@ -56,18 +61,19 @@ def main(argv: list[str] | None = None) -> dict:
     student_dir = os.path.join(args.output_dir, "student")
     evaluation_dir = os.path.join(args.output_dir, "evaluation")
     common = ["--model_preset", "tiny", "--per_device_train_batch_size", str(args.batch_size), "--logging_steps", "25"]
-    common += ["--report_to", "none", "--learning_rate", "1.5e-3", "--warmup_ratio", "0.05"]
+    common += ["--report_to", "none", "--warmup_ratio", "0.05"]
 
     summaries = []
     if not args.skip_pretraining:
         stage1 = run_contrastive_pretraining.main(
             ["--output_dir", teacher_dir, "--max_train_steps", str(args.stage1_steps), "--projector_hidden_size"]
-            + ["512", "--projection_size", "128", "--checkpointing_steps", "100"]
+            + ["512", "--projection_size", "128", "--checkpointing_steps", "100", "--learning_rate", "5e-3"]
             + common
         )
         stage2 = run_pretraining.main(
             ["--teacher_name_or_path", teacher_dir, "--output_dir", student_dir, "--max_train_steps"]
             + [str(args.stage2_steps), "--head_hidden_size", "256", "--checkpointing_steps", "100"]
+            + ["--learning_rate", "1.5e-3", "--image_temperature", "0.05"]
             + common
         )
         summaries.append(loss_summary("Stage 1 (MoCo v3 teacher)", stage1.log_history, ("loss",)))

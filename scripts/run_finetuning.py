@@ -154,7 +154,8 @@ class ClassificationCollator(MimCoPretrainingCollator):
 
 
 def build_train_transform(image_size: int, mean, std, data_args: DataTrainingArguments) -> v2.Compose:
-    """RandomResizedCrop (bicubic) -> flip -> RandAugment -> tensor -> Normalize -> RandomErasing."""
+    """RandomResizedCrop (bicubic) -> flip -> RandAugment -> float32 -> Normalize -> RandomErasing, for a PIL image or
+    a uint8 tensor."""
     steps = [
         v2.RandomResizedCrop(
             image_size,
@@ -169,7 +170,9 @@ def build_train_transform(image_size: int, mean, std, data_args: DataTrainingArg
             v2.RandAugment(
                 num_ops=data_args.rand_augment_num_ops,
                 magnitude=data_args.rand_augment_magnitude,
-                interpolation=v2.InterpolationMode.BICUBIC,
+                # JPEGs arrive as uint8 tensors (`data.decode_image(fast_jpeg=True)`), whose geometric operations
+                # support nearest and bilinear only
+                interpolation=v2.InterpolationMode.BILINEAR,
             )
         )
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]

@@ -45,6 +45,7 @@ from modeling_mimco.evaluation import (
 
 
 REPO = Path(__file__).resolve().parents[1]
+CIFAR10_DIR = REPO.parent / "shared" / "datasets" / "cifar10"
 
 
 def _load_script(name: str):
@@ -311,6 +312,16 @@ def test_classification_splits_fall_back_to_a_stratified_split_and_encode_string
         load_classification_splits(data_files=[path], train_val_split=0.0)
     digits = load_classification_splits(max_train_samples=50)
     assert digits.eval_split == "validation" and len(digits.train) == 50 and digits.num_labels == 10
+
+
+@pytest.mark.skipif(not CIFAR10_DIR.is_dir(), reason=f"CIFAR-10 parquet not found at {CIFAR10_DIR}")
+def test_cifar10_parquet_gives_img_column_and_test_split(tiny_mimco_config):
+    data = load_classification_splits(dataset_name=str(CIFAR10_DIR), max_train_samples=40, max_eval_samples=20)
+    assert (data.image_column, data.label_column, data.eval_split) == ("img", "label", "test")
+    assert data.num_labels == 10 and "airplane" in data.class_names
+    backbone = load_backbone(RANDOM_INIT, model_preset="tiny")
+    features, labels = extract_features(backbone, data.eval, data.image_column, data.label_column, batch_size=8)
+    assert features.shape == (20, 64) and labels.max() < 10
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -302,6 +302,17 @@ def test_models_load_from_every_kind_of_checkpoint(tmp_path, tiny_mimco_config):
     assert torch.equal(model.vit.embeddings.cls_token, vit.vit.embeddings.cls_token)
 
 
+def test_train_transform_takes_pil_images_and_uint8_tensors():
+    data_args = finetuning.DataTrainingArguments(random_erasing=1.0)
+    transform = finetuning.build_train_transform(32, [0.5] * 3, [0.5] * 3, data_args)
+    torch.manual_seed(0)
+    images = (PIL.Image.new("RGB", (40, 48), (200, 10, 10)), torch.randint(0, 256, (3, 48, 40), dtype=torch.uint8))
+    for image in images:
+        for _ in range(20):  # RandAugment draws its operations: enough draws to include the geometric ones
+            pixels = transform(image)
+            assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32
+
+
 def test_recipe_defaults_are_the_documented_ones(tmp_path):
     parser = finetuning.HfArgumentParser(
         (finetuning.ModelArguments, finetuning.DataTrainingArguments, finetuning.FineTuningArguments)
@@ -318,7 +329,7 @@ def test_recipe_defaults_are_the_documented_ones(tmp_path):
 # end to end
 
 
-def _write_parquet(path: Path, num_images: int, seed: int) -> list[tuple[bytes, str]]:
+def _write_parquet(path: Path, num_images: int, seed: int, format: str = "PNG") -> list[tuple[bytes, str]]:
     """Noise images with a weak class-dependent tint; string labels."""
     rng = np.random.default_rng(seed)
     tints = rng.uniform(-40, 40, (len(CLASS_NAMES), 3))
@@ -327,7 +338,7 @@ def _write_parquet(path: Path, num_images: int, seed: int) -> list[tuple[bytes, 
         label = index % len(CLASS_NAMES)
         pixels = np.clip(rng.normal(128, 50, (32, 32, 3)) + tints[label], 0, 255).astype(np.uint8)
         buffer = io.BytesIO()
-        PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+        PIL.Image.fromarray(pixels).save(buffer, format=format)
         rows.append((buffer.getvalue(), CLASS_NAMES[label]))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
     data = {"image": [{"bytes": b, "path": None} for b, _ in rows], "label": [label for _, label in rows]}
@@ -386,7 +397,8 @@ CLEAN_PROCESS = textwrap.dedent(
 def test_finetuning_end_to_end_serves_the_image_classification_pipeline(tmp_path, tiny_mimco_config, no_network):
     from transformers import pipeline
 
-    _write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", num_images=40, seed=0)
+    # JPEG training images reach the augmentation as uint8 tensors, PNG validation images as PIL images
+    _write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", num_images=40, seed=0, format="JPEG")
     validation = _write_parquet(tmp_path / "data" / "validation-00000-of-00001.parquet", num_images=15, seed=1)
     torch.manual_seed(0)
     MimCoForPreTraining(tiny_mimco_config()).save_pretrained(tmp_path / "pretrained")
