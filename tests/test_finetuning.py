@@ -8,9 +8,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import os
 import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers.clean_process import run_without_package
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
 from modeling_mimco import (
@@ -349,26 +348,8 @@ def _write_parquet(path: Path, num_images: int, seed: int, format: str = "PNG") 
 
 CLEAN_PROCESS = textwrap.dedent(
     """
-    import importlib.abc
     import io
     import json
-    import sys
-
-
-    class HideMimCo(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_mimco" or name.startswith("modeling_mimco."):
-                raise ImportError(f"{name} is hidden in this process")
-            return None
-
-
-    sys.meta_path.insert(0, HideMimCo())
-    try:
-        import modeling_mimco  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("modeling_mimco must not be importable here")
 
     import PIL.Image
     from transformers import AutoModelForImageClassification, pipeline
@@ -433,24 +414,8 @@ def test_finetuning_end_to_end_serves_the_image_classification_pipeline(tmp_path
 
     # In a clean process that cannot import modeling_mimco: the saved code serves both loaders.
     (tmp_path / "images.json").write_text(json.dumps([image.hex() for image, _ in validation]))
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CLEAN_PROCESS,
-            str(output_dir),
-            str(tmp_path / "images.json"),
-            str(tmp_path / "out.json"),
-        ],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_without_package(
+        CLEAN_PROCESS, [output_dir, tmp_path / "images.json", tmp_path / "out.json"], tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads((tmp_path / "out.json").read_text())

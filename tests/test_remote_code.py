@@ -1,39 +1,18 @@
 """A saved MimCo folder loads as remote code in a Python process that cannot import this package."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from helpers.clean_process import run_without_package
 
 from modeling_mimco import MimCoConfig, MimCoForPreTraining
 
 
 CHILD_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc
     import json
-    import sys
-
-
-    class BlockMimCoPackage(importlib.abc.MetaPathFinder):
-        # The package is installed in this environment; hide it so that only the files in the checkpoint can serve.
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_mimco" or name.startswith("modeling_mimco."):
-                raise ImportError(f"{name} is hidden in this process")
-            return None
-
-
-    sys.meta_path.insert(0, BlockMimCoPackage())
-    try:
-        import modeling_mimco  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("modeling_mimco must not be importable here")
 
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
@@ -109,18 +88,7 @@ def test_saved_folder_loads_as_remote_code_in_a_clean_process(tmp_path, teacher)
         expected_tokens = model.mimco(pixel_values).last_hidden_state
         expected_loss = model(pixel_values, bool_masked_pos=bool_masked_pos).loss
 
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD_SCRIPT, str(checkpoint), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_without_package(CHILD_SCRIPT, [checkpoint, tmp_path / "inputs.pt", tmp_path / "out.pt"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     results = torch.load(tmp_path / "out.pt", weights_only=True)

@@ -24,6 +24,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers.clean_process import run_without_package
 from safetensors.torch import load_file, save_file
 
 from modeling_mimco import MimCoModel
@@ -273,25 +274,6 @@ def stage2_digits(tmp_path_factory, stage1_digits):
 
 REMOTE_CODE_CHILD = textwrap.dedent(
     """
-    import importlib.abc
-    import sys
-
-
-    class BlockMimCoPackage(importlib.abc.MetaPathFinder):
-        # The package may be installed in this environment; hide it so that only the checkpoint's files can serve.
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_mimco" or name.startswith("modeling_mimco."):
-                raise ImportError(f"{name} is hidden in this process")
-            return None
-
-
-    sys.meta_path.insert(0, BlockMimCoPackage())
-    try:
-        import modeling_mimco  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("modeling_mimco must not be importable here")
 
     import torch
     from transformers import AutoModel
@@ -328,24 +310,8 @@ def test_end_to_end_on_digits_and_remote_code(tmp_path, stage1_digits, stage2_di
     student = MimCoModel.from_pretrained(output_dir).eval()
     with torch.no_grad():
         expected = student(pixel_values).last_hidden_state
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            REMOTE_CODE_CHILD,
-            str(output_dir),
-            str(tmp_path / "inputs.pt"),
-            str(tmp_path / "o.pt"),
-        ],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    completed = run_without_package(
+        REMOTE_CODE_CHILD, [output_dir, tmp_path / "inputs.pt", tmp_path / "o.pt"], tmp_path
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     remote = torch.load(tmp_path / "o.pt", weights_only=True)
