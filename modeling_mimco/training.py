@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, is_tensorboard_available, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -349,10 +349,14 @@ def train(
     if mixed_precision is None and "ACCELERATE_MIXED_PRECISION" not in os.environ:
         # the paper-scale recipe trains in bf16; a GPU that supports it gets it unless told otherwise
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    report_to = None if args.report_to == "none" else args.report_to
+    if report_to == "tensorboard" and not is_tensorboard_available():
+        logger.warning("TensorBoard is not installed: losses are only printed (pip install tensorboard to log them).")
+        report_to = None
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=report_to,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
         ),
@@ -428,7 +432,7 @@ def train(
             log_history = state["log_history"]
             accelerator.print(f"Resumed from {checkpoint} at step {global_step} (epoch {epoch}).")
 
-    if accelerator.is_main_process and args.report_to != "none":
+    if accelerator.is_main_process and report_to is not None:
         accelerator.init_trackers(project_name, config=_flat_config(run_config or asdict(args)))
 
     def trainer_state() -> dict:

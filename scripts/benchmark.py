@@ -66,6 +66,13 @@ class BenchmarkArguments:
     data_source_sizes: str = field(
         default="224x224,500x375,1024x768", metadata={"help": "Comma-separated WxH of the generated JPEGs."}
     )
+    timer: str = field(
+        default="wall",
+        metadata={
+            "help": "wall (elapsed time) or cpu (this process's CPU time: steadier on a shared machine; use it with "
+            "one thread, OMP_NUM_THREADS=1, so that no thread spins while it waits)."
+        },
+    )
     output_json: str | None = field(default=None, metadata={"help": "Where to write the results."})
     seed: int = field(default=0)
 
@@ -74,6 +81,8 @@ class BenchmarkArguments:
             raise ValueError(f"--model_preset must be one of {sorted(MODEL_PRESETS)}, got {self.model_preset!r}.")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}.")
+        if self.timer not in ("wall", "cpu"):
+            raise ValueError(f"--timer must be wall or cpu, got {self.timer!r}.")
         if self.batch_size <= 0 or self.repeats <= 0 or self.warmup < 0:
             raise ValueError("--batch_size and --repeats must be positive and --warmup non-negative.")
 
@@ -225,8 +234,11 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(steps: dict[str, Callable], inputs: tuple, device: str, warmup: int, repeats: int) -> dict:
+def time_interleaved(
+    steps: dict[str, Callable], inputs: tuple, device: str, warmup: int, repeats: int, timer: str = "wall"
+) -> dict:
     """Median seconds per call of each step; rounds alternate between the steps so drifts hit all of them."""
+    clock = time.process_time if timer == "cpu" else time.perf_counter
     for step in steps.values():
         for _ in range(warmup):
             step(*inputs)
@@ -235,10 +247,10 @@ def time_interleaved(steps: dict[str, Callable], inputs: tuple, device: str, war
     for _ in range(repeats):
         for name, step in steps.items():
             _synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             step(*inputs)
             _synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -339,7 +351,9 @@ def benchmark_data(args: BenchmarkArguments, config: MimCoConfig) -> dict:
         for source_size in args.data_source_sizes.split(","):
             width, height = (int(v) for v in source_size.split("x"))
             jpegs = make_jpegs(args.data_images, (width, height), args.seed)
-            timings = time_interleaved(pipelines, (jpegs,), "cpu", warmup=1, repeats=max(args.repeats, 3))
+            timings = time_interleaved(
+                pipelines, (jpegs,), "cpu", warmup=1, repeats=max(args.repeats, 3), timer=args.timer
+            )
             results[source_size] = {f"{name}_images_per_second": len(jpegs) / t for name, t in timings.items()}
             results[source_size]["speedup"] = timings["run_mim"] / timings["mimco"]
     finally:
@@ -396,7 +410,7 @@ def run_benchmark(args: BenchmarkArguments) -> dict:
         )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = time_interleaved(steps, inputs, device, args.warmup, args.repeats)
+    seconds = time_interleaved(steps, inputs, device, args.warmup, args.repeats, args.timer)
 
     result = {
         "settings": asdict(args) | {"best_precision": best, "torch_version": torch.__version__},
@@ -415,7 +429,7 @@ def run_benchmark(args: BenchmarkArguments) -> dict:
 
 
 def format_report(result: dict) -> str:
-    lines = [f"{'variant':<16}{'images/s':>12}{'s/step':>10}"]
+    lines = [f"{'variant':<16}{'images/s':>12}{'s/step':>10}   ({result['settings']['timer']} time)"]
     for name, value in result["images_per_second"].items():
         lines.append(f"{name:<16}{value:>12.1f}{result['seconds_per_step'][name]:>10.4f}")
     lines.append(f"overhead (mimco_step / floor, lower is better): {result['overhead']:.3f}")
