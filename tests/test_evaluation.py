@@ -227,7 +227,7 @@ def test_extract_features_matches_a_direct_forward_in_order(tiny_mimco_config):
     features, labels = extract_features(backbone, dataset, "image", "label", batch_size=3, crop_pct=1.0)
     assert features.shape == (7, backbone.feature_dim) and labels.tolist() == [i % 3 for i in range(7)]
     image = PIL.Image.open(io.BytesIO(dataset[5]["image"]["bytes"])).convert("RGB")
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     mean, std = torch.tensor(backbone.image_mean)[:, None, None], torch.tensor(backbone.image_std)[:, None, None]
     with torch.no_grad():
         expected = backbone.model(((pixels - mean) / std)[None]).last_hidden_state[0, 0]
