@@ -252,9 +252,8 @@ def build_model_card(
     architectures = config.get("architectures") or ["MimCoModel"]
     is_classifier = "MimCoForImageClassification" in architectures
     pipeline_tag = "image-classification" if is_classifier else "image-feature-extraction"
+    # a pre-training checkpoint is used for its student: `AutoModel` loads it as a `MimCoModel`, teacher skipped
     auto_class = "AutoModelForImageClassification" if is_classifier else "AutoModel"
-    if "MimCoForPreTraining" in architectures:
-        auto_class = "AutoModelForPreTraining"
 
     dataset = evaluation_dataset(results)
     metrics = measured_metrics(results)

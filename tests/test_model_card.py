@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import ModelCard
 from transformers import ViTImageProcessor
 
-from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoModel, hub
+from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel, hub
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,8 @@ def test_card_from_results_parses_and_holds_the_numbers(script, tmp_path):
     assert "| Fine-tuning |" not in card.text
 
     text = card.text
-    assert 'AutoModel.from_pretrained("me/mimco-tiny", trust_remote_code=True)' in text
+    assert 'repo_id = "me/mimco-tiny"' in text
+    assert "AutoModel.from_pretrained(repo_id, trust_remote_code=True)" in text
     assert "import modeling_mimco" in text
     assert "2209.03063" in text and "Contrastive Teacher" in text
     assert "## Limitations" in text
@@ -155,3 +156,26 @@ def test_validate_model_card_rejects_broken_metadata():
         hub.validate_model_card(broken_index, expect_eval_results=True)
     with pytest.raises(ValueError, match="model-index"):
         hub.validate_model_card("---\nlibrary_name: transformers\n---\n# card\n", expect_eval_results=True)
+
+
+@pytest.mark.parametrize("model_class", [MimCoForPreTraining, MimCoForImageClassification])
+def test_the_cards_remote_code_example_runs(tmp_path, monkeypatch, model_class):
+    """The "transformers only" snippet of a generated card works on the checkpoint it describes."""
+    import re
+
+    folder = save_checkpoint(tmp_path / "checkpoint", model_class=model_class)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(RESULTS))
+    content = str(hub.build_model_card(folder, hub.load_results(results), repo_id="me/mimco-tiny"))
+    snippet = re.findall(r"```python\n(.*?)```", content, re.DOTALL)[1]
+    snippet = snippet.replace('"me/mimco-tiny"', repr(str(folder))).replace(
+        'Image.open("image.jpg")', "Image.new('RGB', (40, 30))"
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace = {}
+    exec(compile(snippet, "card-example", "exec"), namespace)
+    if model_class is MimCoForImageClassification:
+        assert namespace["predicted_class"] in namespace["model"].config.id2label.values()
+    else:
+        assert type(namespace["model"]).__name__ == "MimCoModel"
+        assert tuple(namespace["features"].shape) == (1, 32)

@@ -1,0 +1,715 @@
+#!/usr/bin/env python
+"""`make reproduce`: MimCo's claim at small scale — the comparison table on CIFAR-10, one command, on CPUs.
+
+    python scripts/reproduce.py                          # the default 90-minute budget (2 CPU cores)
+    python scripts/reproduce.py --budget_minutes 60      # a shorter run (fewer pre-training steps)
+    python scripts/reproduce.py --smoke                  # every row end to end on a few hundred images (15-40 s)
+
+Rows (same data, same model shape, same number of pre-training steps and batch size for every pre-trained row):
+
+1. random initialisation (no pre-training);
+2. the stage-1 contrastive teacher (MoCo v3, `run_contrastive_pretraining.py`);
+3. pixel MIM: transformers' own `ViTForMaskedImageModeling` (SimMIM: L1 on the masked pixels) trained by the shared
+   training loop of `modeling_mimco.training` with the optimizer, schedule, steps, batch, augmentation and masks
+   (`MimCoMaskGenerator`, same settings) of the MimCo student;
+4. the MimCo student (patch + image InfoNCE) with that teacher (`run_pretraining.py`);
+5. ablations: patch loss only, image loss only, smooth-L1 feature regression instead of InfoNCE.
+
+Columns: linear-probe and weighted k-NN top-1 on frozen features (CLS token and mean of the patch tokens, on a seeded
+subset of the training and test splits), top-1 of a short fine-tune (`run_finetuning.py`, same recipe for every row)
+on the test subset, and the pre-training wall time.
+
+The number of pre-training steps is derived from `--budget_minutes`: a few synthetic steps of each pre-training
+objective are timed, the evaluation's share is set aside, and the rest is divided among the pre-training rows. The
+plan is stored in the results JSON, so a rerun uses the same step count. Rerunning skips every row already in the
+results JSON (with the same settings); an interrupted pre-training run continues from its last checkpoint
+(`--resume_from_checkpoint latest`). The results JSON is rewritten after each row; at the end come the Markdown table,
+a t-SNE figure of the teacher / pixel-MIM / MimCo test features and a model card of the MimCo student.
+
+Data: `../shared/datasets/cifar10` beside the repository root when present, else the Hub's `uoft-cs/cifar10`
+(`--dataset_name` overrides). `--smoke` uses CIFAR-10 when the local copy is present and the built-in digits data
+otherwise, so it runs everywhere without a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+
+
+SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(SCRIPTS_DIR)
+if SCRIPTS_DIR not in sys.path:
+    sys.path.insert(0, SCRIPTS_DIR)  # the sibling scripts are imported as modules
+LOCAL_CIFAR10 = os.path.join(REPO_ROOT, "..", "shared", "datasets", "cifar10")
+HUB_CIFAR10 = "uoft-cs/cifar10"
+RESULTS_VERSION = 1
+
+# (key, display name, kind, stage-2 overrides). The order is the order of the table.
+ROWS = [
+    ("random_init", "random initialisation", "random", {}),
+    ("teacher", "MoCo v3 teacher (stage 1)", "contrastive", {}),
+    ("pixel_mim", "pixel MIM (ViTForMaskedImageModeling, SimMIM)", "simmim", {}),
+    ("mimco", "MimCo student (patch + image InfoNCE)", "mimco", {}),
+    ("mimco_patch_only", "MimCo, patch loss only", "mimco", {"image_loss_weight": "0"}),
+    ("mimco_image_only", "MimCo, image loss only", "mimco", {"patch_loss_weight": "0"}),
+    (
+        "mimco_smooth_l1",
+        "MimCo, smooth-L1 regression",
+        "mimco",
+        {"patch_loss_type": "smooth_l1", "image_loss_type": "smooth_l1"},
+    ),
+]
+# Rows run in this order, so that an interrupted run has the main comparison first.
+RUN_ORDER = ["teacher", "mimco", "pixel_mim", "random_init", "mimco_patch_only", "mimco_image_only", "mimco_smooth_l1"]
+TSNE_ROWS = ["teacher", "pixel_mim", "mimco"]
+POOLINGS = ("cls", "mean")
+
+
+def default_dataset() -> str:
+    return os.path.relpath(LOCAL_CIFAR10) if os.path.isdir(LOCAL_CIFAR10) else HUB_CIFAR10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget_minutes", type=float, default=90.0, help="Wall-time budget of the whole run.")
+    parser.add_argument("--smoke", action="store_true", help="Every row on a few hundred images, a few steps.")
+    parser.add_argument("--dataset_name", default=None, help="Default: local CIFAR-10 copy, else uoft-cs/cifar10.")
+    parser.add_argument("--output_dir", default=None, help="Checkpoints and features (default outputs/reproduce).")
+    parser.add_argument("--results_dir", default=None, help="JSON, t-SNE PNG, card (default docs/results).")
+    parser.add_argument("--model_preset", default="tiny", help="Backbone shape of every row (tiny: 32 px, patch 4).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=128, help="Pre-training batch of every row.")
+    parser.add_argument("--learning_rate", type=float, default=1.5e-3, help="Base lr for batch 256 (scaled).")
+    parser.add_argument("--pretrain_steps", type=int, default=None, help="Override the budget-derived step count.")
+    parser.add_argument("--probe_train_samples", type=int, default=10000)
+    parser.add_argument("--eval_samples", type=int, default=5000, help="Test images for probe, k-NN and fine-tune.")
+    parser.add_argument("--probe_epochs", type=int, default=100)
+    parser.add_argument("--finetune_samples", type=int, default=20000)
+    parser.add_argument("--finetune_epochs", type=float, default=4.0)
+    parser.add_argument("--finetune_learning_rate", type=float, default=2e-3)
+    parser.add_argument("--tsne_points", type=int, default=1500)
+    parser.add_argument("--num_threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores).")
+    parser.add_argument("--num_workers", type=int, default=1, help="Data-loading worker processes.")
+    parser.add_argument("--rows", nargs="+", default=None, help="Only these rows (keys); default all.")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.dataset_name = args.dataset_name or (
+            os.path.relpath(LOCAL_CIFAR10) if os.path.isdir(LOCAL_CIFAR10) else "digits"
+        )
+        args.output_dir = args.output_dir or os.path.join("outputs", "reproduce-smoke")
+        args.results_dir = args.results_dir or os.path.join(args.output_dir, "results")
+        args.pretrain_steps = args.pretrain_steps or 3
+        args.batch_size = min(args.batch_size, 32)
+        args.probe_train_samples = min(args.probe_train_samples, 200)
+        args.eval_samples = min(args.eval_samples, 100)
+        args.probe_epochs = min(args.probe_epochs, 5)
+        args.finetune_samples = min(args.finetune_samples, 64)
+        args.finetune_epochs = min(args.finetune_epochs, 1.0)
+        args.tsne_points = min(args.tsne_points, 100)
+        args.num_workers = 0
+    args.dataset_name = args.dataset_name or default_dataset()
+    args.output_dir = args.output_dir or os.path.join("outputs", "reproduce")
+    args.results_dir = args.results_dir or os.path.join("docs", "results")
+    unknown = set(args.rows or []) - {key for key, *_ in ROWS}
+    if unknown:
+        parser.error(f"--rows: unknown rows {sorted(unknown)}; known: {[key for key, *_ in ROWS]}")
+    if args.budget_minutes <= 0:
+        parser.error("--budget_minutes must be positive.")
+    return args
+
+
+def log(message: str) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    print(f"[reproduce {stamp}] {message}", flush=True)
+
+
+# --- models and configs ------------------------------------------------------------------------------------------
+
+
+def backbone_kwargs(args) -> dict:
+    from modeling_mimco.training import preset_backbone_kwargs
+
+    return preset_backbone_kwargs(args.model_preset)
+
+
+# Stage-1 and stage-2 heads sized for the small backbone (the ImageNet defaults, 4096 and 2048, are far too wide).
+PROJECTOR_HIDDEN_SIZE, PROJECTION_SIZE, HEAD_HIDDEN_SIZE = 512, 128, 256
+
+
+def simmim_config(args):
+    """A `ViTConfig` with the MimCo backbone's shape, for `ViTForMaskedImageModeling` (SimMIM's decoder: one linear
+    layer + pixel shuffle with stride = patch size)."""
+    from transformers import ViTConfig
+
+    from modeling_mimco import MimCoConfig
+
+    shape = backbone_kwargs(args)
+    mimco = MimCoConfig(**shape)
+    return ViTConfig(
+        image_size=shape["image_size"],
+        patch_size=shape["patch_size"],
+        hidden_size=shape["hidden_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        intermediate_size=shape["intermediate_size"],
+        layer_norm_eps=mimco.layer_norm_eps,
+        qkv_bias=mimco.qkv_bias,
+        encoder_stride=shape["patch_size"],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def time_pretraining_steps(args, repeats: int = 3) -> dict[str, float]:
+    """Seconds per optimizer step of each objective at the run's batch size, on synthetic tensors (1 warm-up step)."""
+    import torch
+    from transformers import ViTForMaskedImageModeling
+
+    from modeling_mimco import (
+        MimCoConfig,
+        MimCoContrastiveConfig,
+        MimCoForContrastivePreTraining,
+        MimCoForPreTraining,
+    )
+
+    shape = backbone_kwargs(args)
+    batch = args.batch_size
+    pixels = torch.randn(batch, 3, shape["image_size"], shape["image_size"])
+    contrastive = MimCoForContrastivePreTraining(
+        MimCoContrastiveConfig(
+            backbone_config=MimCoConfig(**shape, position_embedding_type="sincos"),
+            projector_hidden_size=PROJECTOR_HIDDEN_SIZE,
+            projection_size=PROJECTION_SIZE,
+        )
+    )
+    student = MimCoForPreTraining(
+        MimCoConfig(**shape, head_hidden_size=HEAD_HIDDEN_SIZE, teacher_config=MimCoConfig(**shape))
+    )
+    simmim = ViTForMaskedImageModeling(simmim_config(args))
+    mask = student.mask_generator.batch(batch)
+    objectives = {
+        "contrastive": (contrastive, lambda: contrastive(pixel_values_1=pixels, pixel_values_2=pixels).loss),
+        "mimco": (student, lambda: student(pixels, bool_masked_pos=mask).loss),
+        "simmim": (simmim, lambda: simmim(pixels, bool_masked_pos=mask).loss),
+    }
+    seconds = {}
+    for name, (model, loss_fn) in objectives.items():
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        for step in range(repeats + 1):
+            if step == 1:
+                start = time.perf_counter()
+            loss_fn().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        seconds[name] = (time.perf_counter() - start) / repeats
+    return seconds
+
+
+# Seconds set aside per row for evaluation at the default sizes, and once for startup, t-SNE and the card. Measured on
+# this machine (2 shared cores): frozen features, probe and k-NN ~25 s, fine-tuning ~35 s per 20k image-epochs, plus
+# loading; the rest is margin for other work on the same cores.
+EVAL_SECONDS_PER_ROW = 210.0
+FIXED_SECONDS = 240.0
+# Real steps also decode and augment images; with one loader worker most of that overlaps, not all of it.
+DATA_OVERHEAD = 1.3
+
+
+def plan_steps(args, step_seconds: dict[str, float]) -> dict:
+    """Derives the pre-training step count (the same for every pre-trained row) from the budget."""
+    selected = [kind for key, _, kind, _ in ROWS if args.rows is None or key in args.rows]
+    per_step = DATA_OVERHEAD * sum(step_seconds[kind] for kind in selected if kind != "random")
+    reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * len(selected)
+    available = max(args.budget_minutes * 60.0 - reserve, 0.0)
+    steps = max(int(available / per_step) // 10 * 10, 20) if per_step > 0 else 20
+    return {
+        "pretrain_steps": steps,
+        "measured_seconds_per_step": {k: round(v, 4) for k, v in step_seconds.items()},
+        "data_overhead_factor": DATA_OVERHEAD,
+        "seconds_reserved_for_evaluation": reserve,
+        "estimated_pretraining_minutes": round(steps * per_step / 60.0, 1),
+    }
+
+
+# The wall time of a row's pre-training, kept next to its checkpoints so that a rerun that finds the final model
+# (say, after a crash during evaluation) still reports it.
+PRETRAINING_TIME_NAME = "reproduce_pretraining_time.json"
+
+
+# --- pre-training ------------------------------------------------------------------------------------------------
+
+
+def common_pretraining_flags(args, steps: int, output_dir: str) -> list[str]:
+    flags = ["--output_dir", output_dir, "--dataset_name", args.dataset_name, "--model_preset", args.model_preset]
+    flags += ["--seed", str(args.seed), "--per_device_train_batch_size", str(args.batch_size)]
+    flags += ["--max_train_steps", str(steps), "--learning_rate", str(args.learning_rate), "--warmup_ratio", "0.05"]
+    flags += ["--dataloader_num_workers", str(args.num_workers), "--report_to", "none", "--mixed_precision", "no"]
+    flags += ["--logging_steps", str(max(min(50, steps // 5), 1))]
+    flags += ["--checkpointing_steps", str(max(steps // 4, 1)), "--checkpoints_total_limit", "1"]
+    flags += ["--resume_from_checkpoint", "latest"]
+    if args.smoke:
+        flags += ["--max_train_samples", "256"]
+    return flags
+
+
+def finished(output_dir: str, steps: int) -> bool:
+    """Whether a pre-training run already wrote its final model after `steps` steps."""
+    path = os.path.join(output_dir, "train_results.json")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(output_dir, "config.json"))):
+        return False
+    with open(path) as handle:
+        return json.load(handle).get("global_step") == steps
+
+
+def pretrain_contrastive(args, steps: int, output_dir: str):
+    import run_contrastive_pretraining
+
+    flags = common_pretraining_flags(args, steps, output_dir)
+    flags += ["--projector_hidden_size", str(PROJECTOR_HIDDEN_SIZE), "--projection_size", str(PROJECTION_SIZE)]
+    return run_contrastive_pretraining.main(flags + ["--weight_decay", "0.1"])
+
+
+def mimco_flags(args, steps: int, output_dir: str, teacher_dir: str, overrides: dict) -> list[str]:
+    flags = common_pretraining_flags(args, steps, output_dir) + ["--teacher_name_or_path", teacher_dir]
+    flags += ["--head_hidden_size", str(HEAD_HIDDEN_SIZE), "--weight_decay", "0.05"]
+    for name, value in overrides.items():
+        flags += [f"--{name}", value]
+    return flags
+
+
+def pretrain_mimco(args, steps: int, output_dir: str, teacher_dir: str, overrides: dict):
+    import run_pretraining
+
+    return run_pretraining.main(mimco_flags(args, steps, output_dir, teacher_dir, overrides))
+
+
+def pretrain_simmim(args, steps: int, output_dir: str, teacher_dir: str):
+    """Pixel MIM with transformers' `ViTForMaskedImageModeling`, trained exactly like the MimCo student: the stage-2
+    script's arguments (parsed by its own parser, so defaults cannot drift), its data pipeline and collator (same
+    augmentation, same `MimCoMaskGenerator` masks), and the shared `training.train` loop (same AdamW groups, lr
+    scaling, cosine schedule, clipping, checkpoints and resume)."""
+    import run_pretraining
+    from transformers import HfArgumentParser, ViTForMaskedImageModeling, set_seed
+
+    from modeling_mimco import MimCoConfig, MimCoMaskGenerator
+    from modeling_mimco.data import (
+        MimCoPretrainingCollator,
+        PretrainingExampleTransform,
+        apply_example_transform,
+        build_pretraining_transform,
+    )
+    from modeling_mimco.training import DataArguments, PreTrainingArguments, load_training_images, train
+
+    parser = HfArgumentParser((run_pretraining.ModelArguments, DataArguments, PreTrainingArguments))
+    parser.set_defaults(per_device_train_batch_size=256, num_train_epochs=100)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+        args=mimco_flags(args, steps, output_dir, teacher_dir, {})
+    )
+    # the student's masking settings, from the same config fields the MimCo rows use
+    student_config = MimCoConfig(
+        **backbone_kwargs(args), mask_strategy=model_args.mask_strategy, mask_ratio=model_args.mask_ratio
+    )
+    set_seed(training_args.seed)
+    model = ViTForMaskedImageModeling(simmim_config(args))
+    dataset, image_column = load_training_images(data_args, student_config.image_size)
+    transform = build_pretraining_transform(
+        student_config.image_size,
+        student_config.image_mean,
+        student_config.image_std,
+        crop_scale=(model_args.crop_min_scale, 1.0),
+        normalize=False,
+    )
+    dataset = apply_example_transform(
+        dataset,
+        PretrainingExampleTransform(
+            transform, image_column, draft_for=(student_config.image_size, model_args.crop_min_scale)
+        ),
+    )
+    collator = MimCoPretrainingCollator(
+        MimCoMaskGenerator.from_config(student_config),
+        image_size=student_config.image_size,
+        normalize_with=(student_config.image_mean, student_config.image_std),
+    )
+
+    def compute_loss(wrapped_model, batch: dict, progress: float):
+        outputs = wrapped_model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
+        return outputs.loss, {}
+
+    def save_final(unwrapped_model, final_dir: str) -> None:
+        from modeling_mimco.training import save_image_processor
+
+        unwrapped_model.save_pretrained(final_dir)
+        save_image_processor(final_dir, student_config.image_size, student_config.image_mean, student_config.image_std)
+
+    return train(
+        training_args,
+        model,
+        dataset,
+        collator,
+        compute_loss,
+        save_final,
+        project_name="pixel-mim",
+        run_config={**vars(model_args), **vars(data_args), **vars(training_args)},
+    )
+
+
+def save_random_init(args, output_dir: str) -> None:
+    """An untrained `MimCoModel` of the shared shape (seeded), saved like a checkpoint so that the probe and the
+    fine-tune load it the same way as the others."""
+    import torch
+
+    from modeling_mimco import MimCoConfig, MimCoModel
+    from modeling_mimco.training import save_image_processor
+
+    if os.path.isfile(os.path.join(output_dir, "config.json")):
+        return
+    config = MimCoConfig(**backbone_kwargs(args))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = MimCoModel(config)
+    model.save_pretrained(output_dir)
+    save_image_processor(output_dir, config.image_size, list(config.image_mean), list(config.image_std))
+
+
+def final_losses(output_dir: str) -> dict:
+    """The losses of the last logging window of a finished pre-training run (from its `train_results.json`)."""
+    state = load_state(os.path.join(output_dir, "train_results.json")) or {}
+    history = state.get("log_history") or [{}]
+    return {k: round(v, 4) for k, v in history[-1].items() if k.endswith("loss")}
+
+
+# --- evaluation --------------------------------------------------------------------------------------------------
+
+
+def frozen_feature_scores(args, data, checkpoint: str, key: str, features_dir: str) -> dict:
+    """Linear probe and k-NN top-1 with CLS and mean-patch features; the test features are saved for the t-SNE."""
+    import torch
+
+    from modeling_mimco.evaluation import LinearProbeConfig, evaluate_frozen_features, extract_features, load_backbone
+
+    backbone = load_backbone(checkpoint, seed=args.seed)
+    probe = LinearProbeConfig(epochs=args.probe_epochs, seed=args.seed)
+    scores = {"feature_source": backbone.source, "feature_dim": backbone.feature_dim}
+    for pooling in POOLINGS:
+        common = dict(pooling=pooling, batch_size=256, num_workers=args.num_workers, device="cpu")
+        train_x, train_y = extract_features(backbone, data.train, data.image_column, data.label_column, **common)
+        test_x, test_y = extract_features(backbone, data.eval, data.image_column, data.label_column, **common)
+        result = evaluate_frozen_features(train_x, train_y, test_x, test_y, data.num_labels, probe)
+        scores[f"linear_probe_top1_{pooling}"] = result["linear_probe_top1"]
+        scores[f"knn_top1_{pooling}"] = result["knn_top1"]
+        if pooling == "cls":
+            os.makedirs(features_dir, exist_ok=True)
+            torch.save({"features": test_x, "labels": test_y}, os.path.join(features_dir, f"{key}.pt"))
+        scores["num_probe_train_images"], scores["num_test_images"] = len(train_y), len(test_y)
+    return scores
+
+
+def finetune_flags(args, checkpoint: str, output_dir: str) -> list[str]:
+    flags = ["--model_name_or_path", checkpoint, "--dataset_name", args.dataset_name, "--output_dir", output_dir]
+    flags += ["--max_train_samples", str(args.finetune_samples), "--max_eval_samples", str(args.eval_samples)]
+    flags += ["--num_train_epochs", str(args.finetune_epochs), "--per_device_train_batch_size", "128"]
+    flags += ["--per_device_eval_batch_size", "256", "--learning_rate", str(args.finetune_learning_rate)]
+    flags += ["--layer_decay", "0.75", "--drop_path_rate", "0.0", "--pooling", "cls", "--warmup_steps", "0.1"]
+    # a short schedule: light augmentation (crop + flip), no MixUp / CutMix / erasing, which need long runs
+    flags += ["--rand_augment_num_ops", "0", "--random_erasing", "0", "--mixup", "0", "--cutmix", "0"]
+    flags += ["--crop_min_scale", "0.35", "--label_smoothing_factor", "0.1", "--weight_decay", "0.05"]
+    flags += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed)]
+    flags += ["--dataloader_num_workers", str(args.num_workers), "--logging_steps", "20", "--use_cpu"]
+    flags += ["--disable_tqdm", "true"]
+    return flags
+
+
+def finetune_top1(args, checkpoint: str, output_dir: str) -> float:
+    import run_finetuning
+
+    metrics = run_finetuning.main(finetune_flags(args, checkpoint, output_dir))
+    return float(metrics["eval_accuracy"])
+
+
+# --- results -----------------------------------------------------------------------------------------------------
+
+
+def settings_of(args, plan: dict) -> dict:
+    from modeling_mimco.training import MODEL_PRESETS
+
+    return {
+        "version": RESULTS_VERSION,
+        "dataset": args.dataset_name,
+        "smoke": args.smoke,
+        "budget_minutes": args.budget_minutes,
+        "model_preset": args.model_preset,
+        "backbone": MODEL_PRESETS.get(args.model_preset),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "base_learning_rate": args.learning_rate,
+        "pretrain_steps": plan["pretrain_steps"],
+        "probe_train_samples": args.probe_train_samples,
+        "eval_samples": args.eval_samples,
+        "probe_epochs": args.probe_epochs,
+        "finetune_samples": args.finetune_samples,
+        "finetune_epochs": args.finetune_epochs,
+        "finetune_learning_rate": args.finetune_learning_rate,
+        "projector_hidden_size": PROJECTOR_HIDDEN_SIZE,
+        "projection_size": PROJECTION_SIZE,
+        "head_hidden_size": HEAD_HIDDEN_SIZE,
+    }
+
+
+# The settings that the checkpoints under --output_dir depend on; resuming them under others would mix two runs.
+PRETRAINING_SETTINGS = (
+    "dataset",
+    "smoke",
+    "model_preset",
+    "seed",
+    "batch_size",
+    "base_learning_rate",
+    "pretrain_steps",
+    "projector_hidden_size",
+    "projection_size",
+    "head_hidden_size",
+)
+
+
+def check_pretraining_settings(output_dir: str, settings: dict) -> None:
+    """Records the pre-training settings in `output_dir`, or refuses to reuse a folder trained under other ones."""
+    wanted = {key: settings[key] for key in PRETRAINING_SETTINGS}
+    path = os.path.join(output_dir, "pretraining_settings.json")
+    stored = load_state(path)
+    if stored is not None and stored != wanted:
+        changed = sorted(key for key in wanted if stored.get(key) != wanted[key])
+        raise SystemExit(
+            f"reproduce.py: {output_dir} holds checkpoints pre-trained with other settings ({', '.join(changed)}); "
+            "pass another --output_dir or delete that folder."
+        )
+    write_json(path, wanted)
+
+
+def load_state(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def write_json(path: str, state: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(state, handle, indent=2)
+    os.replace(temporary, path)
+
+
+def percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(state: dict) -> str:
+    lines = [
+        "| row | linear probe (CLS) | linear probe (mean) | kNN (CLS) | kNN (mean) | fine-tune | pre-training |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = state.get("rows", {})
+    for key, name, _, _ in ROWS:
+        row = rows.get(key)
+        if row is None:
+            continue
+        minutes = row.get("pretraining_seconds")
+        time_text = "–" if not minutes else f"{minutes / 60:.1f} min"
+        lines.append(
+            f"| {name} | {percent(row.get('linear_probe_top1_cls'))} | {percent(row.get('linear_probe_top1_mean'))} "
+            f"| {percent(row.get('knn_top1_cls'))} | {percent(row.get('knn_top1_mean'))} "
+            f"| {percent(row.get('finetune_top1'))} | {time_text} |"
+        )
+    return "\n".join(lines)
+
+
+def write_tsne(args, state: dict, data, features_dir: str, path: str) -> str | None:
+    import torch
+
+    from modeling_mimco.evaluation import plot_tsne
+
+    panels = []
+    for key in TSNE_ROWS:
+        row = state["rows"].get(key)
+        feature_file = os.path.join(features_dir, f"{key}.pt")
+        if row is None or not os.path.isfile(feature_file):
+            continue
+        saved = torch.load(feature_file, weights_only=True)
+        title = f"{dict((k, n) for k, n, _, _ in ROWS)[key]}\nlinear (CLS) {percent(row['linear_probe_top1_cls'])}%"
+        panels.append((title, saved["features"], saved["labels"]))
+    if not panels:
+        return None
+    return plot_tsne(panels, path, class_names=data.class_names, max_points=args.tsne_points, seed=args.seed)
+
+
+def write_model_card(args, state: dict, student_dir: str, results_dir: str) -> str | None:
+    """The MimCo student's card, from a results file in the schema of `modeling_mimco.hub` (percent)."""
+    import make_model_card
+
+    row = state["rows"].get("mimco")
+    if row is None:
+        return None
+    dataset_id = HUB_CIFAR10 if "cifar10" in args.dataset_name else args.dataset_name
+    card_results = {
+        "model_name": f"mimco-{args.model_preset}-cifar10-reproduction",
+        "dataset": {"id": dataset_id, "name": "CIFAR-10" if "cifar10" in args.dataset_name else dataset_id},
+        "results": {
+            "linear_probe_top1": round(100 * row["linear_probe_top1_cls"], 2),
+            "knn_top1": round(100 * row["knn_top1_cls"], 2),
+            "finetune_top1": None if row.get("finetune_top1") is None else round(100 * row["finetune_top1"], 2),
+        },
+        "pretraining": {
+            "teacher": f"MoCo v3 {args.model_preset} ViT trained by stage 1 of this run ({state['settings']['pretrain_steps']} steps)",
+            "dataset": dataset_id,
+            "steps": state["settings"]["pretrain_steps"],
+            "batch size": args.batch_size,
+            "evaluation": (
+                f"test subset of {row['num_test_images']} images; linear probe / k-NN trained on "
+                f"{row['num_probe_train_images']} training images; fine-tune {args.finetune_epochs} epochs on "
+                f"{args.finetune_samples} training images"
+            ),
+            "produced by": "scripts/reproduce.py",
+        },
+        "license": "apache-2.0",
+    }
+    results_file = os.path.join(results_dir, "mimco_student_card_results.json")
+    write_json(results_file, card_results)
+    output_file = os.path.join(results_dir, "mimco_student_model_card.md")
+    return str(
+        make_model_card.main(
+            ["--checkpoint_dir", student_dir, "--results_file", results_file, "--output_file", output_file]
+            + ["--hub_model_id", f"your-namespace/{card_results['model_name']}", "--overwrite_output", "true"]
+        )
+    )
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from modeling_mimco.evaluation import load_classification_splits
+
+    start, started, ran = time.perf_counter(), datetime.now(timezone.utc).isoformat(), []
+    results_path = os.path.join(args.results_dir, "reproduce_results.json")
+    state = load_state(results_path)
+
+    # the plan: reuse a stored one for the same budget, so that a rerun trains the same number of steps
+    plan = None
+    if state is not None and state.get("settings", {}).get("budget_minutes") == args.budget_minutes:
+        plan = state.get("plan")
+    if args.pretrain_steps is not None:
+        plan = {"pretrain_steps": args.pretrain_steps, "source": "--pretrain_steps"}
+    if plan is None:
+        log("Timing a few pre-training steps of each objective to size the run ...")
+        plan = plan_steps(args, time_pretraining_steps(args))
+        plan["source"] = f"--budget_minutes {args.budget_minutes:g}"
+    steps = plan["pretrain_steps"]
+    settings = settings_of(args, plan)
+    if state is not None and state.get("settings") != settings:
+        backup = results_path + ".previous"
+        shutil.copyfile(results_path, backup)
+        log(f"{results_path} holds results for other settings; starting afresh (old file kept as {backup}).")
+        state = None
+    if state is None:
+        state = {"settings": settings, "plan": plan, "rows": {}}
+    write_json(results_path, state)
+    log(f"Plan: {steps} pre-training steps per row, batch {args.batch_size}, dataset {args.dataset_name}; {plan}")
+
+    check_pretraining_settings(args.output_dir, settings)
+    data = load_classification_splits(
+        dataset_name=args.dataset_name,
+        eval_split="test",
+        max_train_samples=args.probe_train_samples,
+        max_eval_samples=args.eval_samples,
+        seed=args.seed,
+    )
+    features_dir = os.path.join(args.output_dir, "features")
+    teacher_dir = os.path.join(args.output_dir, "teacher")
+    wanted = [key for key in RUN_ORDER if args.rows is None or key in args.rows]
+    kinds = {key: (name, kind, overrides) for key, name, kind, overrides in ROWS}
+    for key in wanted:
+        name, kind, overrides = kinds[key]
+        if key in state["rows"]:
+            log(f"{name}: already in {results_path}, skipped.")
+            continue
+        row_dir = os.path.join(args.output_dir, key)
+        log(f"{name}: pre-training ({kind}) ...")
+        row_start = time.perf_counter()
+        resumed = False
+        timing_file = os.path.join(row_dir, PRETRAINING_TIME_NAME)
+        if kind == "random":
+            save_random_init(args, row_dir)
+        elif finished(row_dir, steps):
+            log(f"{name}: the final model of {steps} steps is already in {row_dir}.")
+        else:
+            resumed = os.path.isdir(os.path.join(row_dir, "checkpoints"))
+            if kind == "mimco" and not finished(teacher_dir, steps):
+                raise RuntimeError(f"{name} needs the teacher: run the 'teacher' row first.")
+            if kind == "contrastive":
+                pretrain_contrastive(args, steps, row_dir)
+            elif kind == "simmim":
+                pretrain_simmim(args, steps, row_dir, teacher_dir)
+            else:
+                pretrain_mimco(args, steps, row_dir, teacher_dir, overrides)
+            if args.num_threads > 0:  # the scripts and their libraries may have changed it
+                torch.set_num_threads(args.num_threads)
+            write_json(timing_file, {"seconds": time.perf_counter() - row_start, "resumed": resumed})
+        timing = load_state(timing_file) or {}
+        pretraining_seconds = timing.get("seconds")
+        resumed = timing.get("resumed", resumed)
+        log(f"{name}: frozen-feature evaluation ...")
+        eval_start = time.perf_counter()
+        row = {"name": name, "kind": kind, "checkpoint": row_dir, "overrides": overrides}
+        row.update(frozen_feature_scores(args, data, row_dir, key, features_dir))
+        log(f"{name}: fine-tuning ...")
+        row["finetune_top1"] = finetune_top1(args, row_dir, os.path.join(args.output_dir, "finetune", key))
+        if args.num_threads > 0:
+            torch.set_num_threads(args.num_threads)
+        row.update(
+            pretraining_steps=0 if kind == "random" else steps,
+            pretraining_seconds=pretraining_seconds,
+            pretraining_resumed=resumed,
+            final_losses=final_losses(row_dir),
+            evaluation_seconds=time.perf_counter() - eval_start,
+        )
+        state["rows"][key] = row
+        ran.append(key)
+        write_json(results_path, state)
+        log(
+            f"{name}: linear probe CLS {percent(row['linear_probe_top1_cls'])}% / mean "
+            f"{percent(row['linear_probe_top1_mean'])}%, kNN CLS {percent(row['knn_top1_cls'])}%, fine-tune "
+            f"{percent(row['finetune_top1'])}%; elapsed {(time.perf_counter() - start) / 60:.1f} min"
+        )
+
+    table = markdown_table(state)
+    state["table_markdown"] = table
+    state["tsne_file"] = write_tsne(args, state, data, features_dir, os.path.join(args.results_dir, "tsne.png"))
+    state["model_card_file"] = write_model_card(args, state, os.path.join(args.output_dir, "mimco"), args.results_dir)
+    minutes = round((time.perf_counter() - start) / 60.0, 2)
+    # one record per invocation, so that a rerun that only skips rows does not hide how long the real run took
+    state.setdefault("invocations", []).append(
+        {"started": started, "finished": datetime.now(timezone.utc).isoformat(), "minutes": minutes, "rows_run": ran}
+    )
+    write_json(results_path, state)
+    print()
+    print(table)
+    print()
+    log(f"Results: {results_path}; t-SNE: {state['tsne_file']}; model card: {state['model_card_file']}")
+    log(f"This invocation took {minutes:.1f} min.")
+    state["results_file"] = results_path
+    return state
+
+
+if __name__ == "__main__":
+    main()
