@@ -131,8 +131,8 @@ _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL\s+([\w.]+)")
 def load_checkpoint_file(path: str | Path) -> Any:
     """Reads a checkpoint file without ever running code from it.
 
-    `.safetensors` files are read with safetensors; anything else is unpickled with `torch.load(...,
-    weights_only=True)`, which rebuilds tensors and plain containers only. A pickle that references any other
+    `.safetensors` files are read with safetensors; anything else is unpickled by `torch.load` with
+    `weights_only=True`, which rebuilds tensors and plain containers only. A pickle that references any other
     callable (a class with a malicious `__reduce__`, for instance) is refused with a `ValueError` naming the file and
     the callable.
     """

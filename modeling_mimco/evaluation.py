@@ -355,6 +355,26 @@ class FineTuningTrainer(Trainer):
 
 
 @dataclass
+class LabelledDataArguments:
+    """Where the labelled images of fine-tuning and frozen-feature evaluation come from (both scripts' flags).
+    Without a source, the built-in digits data is used."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, local dataset folder, 'digits'."})
+    dataset_config_name: str | None = field(default=None)
+    train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files (image and label columns)."})
+    train_split: str = field(default="train")
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
+    )
+    train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
+    image_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
+    label_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N train images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N eval images."})
+
+
+@dataclass
 class ClassificationData:
     """A labelled train split and evaluation split, images left undecoded (see `data.disable_image_decoding`)."""
 

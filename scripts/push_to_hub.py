@@ -6,7 +6,7 @@ The upload holds exactly what a user needs to load the model, with or without th
 * `config.json`, which must carry an `auto_map` (saved after `import modeling_mimco`);
 * the weights (`*.safetensors`, and `model.safetensors.index.json` when sharded);
 * the code files that `auto_map` names (`configuration_mimco.py`, `modeling_mimco.py`) and every module they import
-  relatively, so that `trust_remote_code=True` works;
+  relatively, so that loading with `trust_remote_code` works;
 * `preprocessor_config.json` (the `ViTImageProcessor`);
 * `README.md`, the model card (`scripts/make_model_card.py`).
 

@@ -17,7 +17,7 @@ weight decay 0.05 and a cosine schedule with warmup. Top-1 (and top-5 with at le
 with the `evaluate` library and no network (`modeling_mimco.evaluation.TopKAccuracy`).
 
 The output folder holds the model with `id2label` / `label2id` and its `preprocessor_config.json`, ready for
-`pipeline("image-classification", model=OUTPUT_DIR)` (with `trust_remote_code=True` where this package is not
+`pipeline("image-classification", model=OUTPUT_DIR)` (passing `trust_remote_code` where this package is not
 installed); `--push_to_hub` uploads it.
 """
 
@@ -56,6 +56,7 @@ from modeling_mimco.data import (
 from modeling_mimco.evaluation import (
     ClassificationMetrics,
     FineTuningTrainer,
+    LabelledDataArguments,
     SoftTargetCrossEntropy,
     build_batch_mixer,
     load_classification_splits,
@@ -94,22 +95,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
-    """The labelled images and their augmentation. Without a source, the built-in digits data is used."""
+class DataTrainingArguments(LabelledDataArguments):
+    """The labelled images (see `LabelledDataArguments`) and their augmentation."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, local dataset folder, 'digits'."})
-    dataset_config_name: str | None = field(default=None)
-    train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files (image and label columns)."})
-    train_split: str = field(default="train")
-    eval_split: str | None = field(
-        default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
-    )
-    train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
-    image_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
-    label_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
     crop_min_scale: float = field(default=0.08, metadata={"help": "Smallest area of the random resized crop."})
     rand_augment_num_ops: int = field(default=2, metadata={"help": "RandAugment operations per image; 0 disables."})
     rand_augment_magnitude: int = field(default=9, metadata={"help": "RandAugment magnitude (of 31 bins)."})

@@ -27,6 +27,7 @@ from modeling_mimco.evaluation import (
     FEATURE_POOLINGS,
     RANDOM_INIT,
     FrozenFeatureResult,
+    LabelledDataArguments,
     LinearProbeConfig,
     evaluate_frozen_features,
     extract_features,
@@ -60,22 +61,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """The labelled images. Without a source, the built-in digits data is used."""
+class DataArguments(LabelledDataArguments):
+    """The labelled images (see `LabelledDataArguments`) and the evaluation transform."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, local dataset folder, 'digits'."})
-    dataset_config_name: str | None = field(default=None)
-    train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files (image and label columns)."})
-    train_split: str = field(default="train")
-    eval_split: str | None = field(
-        default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
-    )
-    train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
-    image_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
-    label_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N train images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N eval images."})
     crop_pct: float = field(default=0.875, metadata={"help": "Eval transform: resize to size/crop_pct, center crop."})
     cache_dir: str | None = field(default=None)
 
