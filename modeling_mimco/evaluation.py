@@ -373,6 +373,27 @@ class LabelledDataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N train images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N eval images."})
 
+    def load_splits(
+        self, seed: int, cache_dir: str | None = None, token: str | bool | None = None
+    ) -> ClassificationData:
+        """The training and evaluation splits these arguments describe (`load_classification_splits`)."""
+        return load_classification_splits(
+            dataset_name=self.dataset_name,
+            dataset_config_name=self.dataset_config_name,
+            train_dir=self.train_dir,
+            data_files=self.data_files,
+            train_split=self.train_split,
+            eval_split=self.eval_split,
+            train_val_split=self.train_val_split,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            max_train_samples=self.max_train_samples,
+            max_eval_samples=self.max_eval_samples,
+            cache_dir=cache_dir,
+            token=token,
+            seed=seed,
+        )
+
 
 @dataclass
 class ClassificationData:

@@ -59,7 +59,6 @@ from modeling_mimco.evaluation import (
     LabelledDataArguments,
     SoftTargetCrossEntropy,
     build_batch_mixer,
-    load_classification_splits,
     reported_top_k,
     top_k_predictions,
 )
@@ -257,22 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError("--remove_unused_columns must stay False: the image column is decoded on the fly.")
         if model_args.pooling not in ("cls", "mean"):
             raise ValueError(f"--pooling must be 'cls' or 'mean', got {model_args.pooling!r}.")
-        data = load_classification_splits(
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            train_dir=data_args.train_dir,
-            data_files=data_args.data_files,
-            train_split=data_args.train_split,
-            eval_split=data_args.eval_split,
-            train_val_split=data_args.train_val_split,
-            image_column=data_args.image_column,
-            label_column=data_args.label_column,
-            max_train_samples=data_args.max_train_samples,
-            max_eval_samples=data_args.max_eval_samples,
-            cache_dir=model_args.cache_dir,
-            token=model_args.token,
-            seed=training_args.seed,
-        )
+        data = data_args.load_splits(training_args.seed, cache_dir=model_args.cache_dir, token=model_args.token)
     except (ValueError, OSError) as error:
         parser.error(str(error))
 

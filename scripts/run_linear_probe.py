@@ -32,7 +32,6 @@ from modeling_mimco.evaluation import (
     evaluate_frozen_features,
     extract_features,
     load_backbone,
-    load_classification_splits,
     plot_tsne,
     results_table,
 )
@@ -112,21 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             weight_decay=eval_args.probe_weight_decay,
             seed=eval_args.seed,
         )
-        data = load_classification_splits(
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            train_dir=data_args.train_dir,
-            data_files=data_args.data_files,
-            train_split=data_args.train_split,
-            eval_split=data_args.eval_split,
-            train_val_split=data_args.train_val_split,
-            image_column=data_args.image_column,
-            label_column=data_args.label_column,
-            max_train_samples=data_args.max_train_samples,
-            max_eval_samples=data_args.max_eval_samples,
-            cache_dir=data_args.cache_dir,
-            seed=eval_args.seed,
-        )
+        data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
     except (ValueError, OSError) as error:
         parser.error(str(error))
 

@@ -1,6 +1,10 @@
 """Shared helpers for the tests: tiny configs that keep every model a few thousand parameters."""
 
+import socket
+
+import huggingface_hub.constants
 import pytest
+import torch
 from transformers import ViTConfig
 
 from modeling_mimco import MimCoConfig
@@ -47,3 +51,31 @@ def tiny_mimco_config():
 def tiny_vit_teacher_config():
     """Factory fixture: `tiny_vit_teacher_config(**overrides)` returns a tiny `transformers.ViTConfig`."""
     return make_tiny_vit_teacher_config
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: on two cores shared with other work, intra-op threads only fight."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Hub offline mode plus a socket guard: any attempt to open a network connection fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access is disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    yield attempts
+    assert not attempts, f"the code tried to reach the network: {attempts}"

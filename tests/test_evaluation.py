@@ -4,19 +4,16 @@ pooling, and the script's JSON and t-SNE outputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import socket
-import sys
 from pathlib import Path
 
 import datasets
-import huggingface_hub.constants
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers.scripts import load_script
 from transformers import ViTConfig, ViTModel
 
 from modeling_mimco import (
@@ -48,40 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR10_DIR = REPO.parent / "shared" / "datasets" / "cifar10"
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_mimco_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared with other work: several intra-op threads only fight each other.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Hub offline mode plus a socket guard: any attempt to open a network connection fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access is disabled in this test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield attempts
-    assert not attempts, f"the code tried to reach the network: {attempts}"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,7 +294,7 @@ def test_cifar10_parquet_gives_img_column_and_test_split(tiny_mimco_config):
 
 @pytest.mark.slow
 def test_run_linear_probe_compares_two_models_and_writes_json_and_png(tmp_path, tiny_mimco_config, no_network):
-    script = _load_script("run_linear_probe")
+    script = load_script("run_linear_probe")
     torch.manual_seed(0)
     MimCoModel(tiny_mimco_config()).save_pretrained(tmp_path / "saved")
     output_dir = tmp_path / "out"

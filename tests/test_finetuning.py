@@ -5,21 +5,18 @@ and as remote code in a process that cannot import this package."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import socket
-import sys
 import textwrap
 from pathlib import Path
 
 import datasets
-import huggingface_hub.constants
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from helpers.clean_process import run_without_package
+from helpers.scripts import load_script
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
 from modeling_mimco import (
@@ -40,43 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["apple", "bird", "car", "dog", "eel"]  # 5 classes, so top-5 accuracy is reported too
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_mimco_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+finetuning = load_script("run_finetuning")
 
 
-finetuning = _load_script("run_finetuning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared with other work: several intra-op threads only fight each other.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Hub offline mode plus a socket guard: any attempt to open a network connection fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access is disabled in this test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield attempts
-    assert not attempts, f"the code tried to reach the network: {attempts}"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """Model cards: rendering from the template, the results JSON and config.json, and parsing with huggingface_hub."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 from huggingface_hub import ModelCard
 from transformers import ViTImageProcessor
 
@@ -13,14 +12,6 @@ from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPre
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

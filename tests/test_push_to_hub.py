@@ -1,13 +1,12 @@
 """Hub upload: the file list, the checks on the folder, one commit, and no token anywhere. No test reaches the
 network: `HfApi` is replaced, and sockets refuse to connect."""
 
-import importlib.util
 import json
 import socket
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 from transformers import ViTImageProcessor
 
 from modeling_mimco import MimCoConfig, MimCoModel, hub
@@ -15,14 +14,6 @@ from modeling_mimco import MimCoConfig, MimCoModel, hub
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_" + "Zq7" * 12
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ subprocesses where a process boundary is the point (kill, SIGTERM, argument erro
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -25,6 +24,7 @@ import PIL.Image
 import pytest
 import torch
 from helpers.clean_process import run_without_package
+from helpers.scripts import load_script
 from safetensors.torch import load_file, save_file
 
 from modeling_mimco import MimCoModel
@@ -55,16 +55,8 @@ LOGGED_VALUES = ("loss", "lr", "grad_norm", "patch_loss", "image_loss")
 FINAL_FILES = ("model.safetensors", "config.json", "preprocessor_config.json", "train_results.json")
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_mimco_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-stage1 = _load_script("run_contrastive_pretraining")
-stage2 = _load_script("run_pretraining")
+stage1 = load_script("run_contrastive_pretraining")
+stage2 = load_script("run_pretraining")
 
 
 @pytest.fixture(scope="module", autouse=True)
