@@ -231,11 +231,12 @@ def _available_splits(path: str, kwargs: dict, cache_dir: str | None, token: str
         builder = datasets.load_dataset_builder(path, **kwargs, cache_dir=cache_dir, token=token)
     except Exception:  # only used to improve an error message
         return None
+    # split keys may be `datasets.NamedSplit` objects (e.g. before the source was ever prepared); name them as strings
     if builder.info.splits:
-        return list(builder.info.splits)
+        return [str(name) for name in builder.info.splits]
     data_files = getattr(builder.config, "data_files", None)
     if data_files:
-        return list(data_files)
+        return [str(name) for name in data_files]
     return None
 
 

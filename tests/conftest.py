@@ -1,13 +1,26 @@
 """Shared helpers for the tests: tiny configs that keep every model a few thousand parameters."""
 
+import atexit
+import os
+import shutil
 import socket
+import tempfile
 
-import huggingface_hub.constants
-import pytest
-import torch
-from transformers import ViTConfig
 
-from modeling_mimco import MimCoConfig
+# An empty Hugging Face cache for every run, set before any HF library reads it: the tests then see what CI's fresh
+# clone sees (no prepared datasets, no downloaded code modules) instead of whatever this machine cached earlier.
+_TEST_HF_HOME = tempfile.mkdtemp(prefix="mimco-tests-hf-home-")
+os.environ["HF_HOME"] = _TEST_HF_HOME
+for _variable in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_MODULES_CACHE"):
+    os.environ.pop(_variable, None)
+atexit.register(shutil.rmtree, _TEST_HF_HOME, ignore_errors=True)
+
+import huggingface_hub.constants  # noqa: E402 (after the cache is set)
+import pytest  # noqa: E402 (after the cache is set)
+import torch  # noqa: E402 (after the cache is set)
+from transformers import ViTConfig  # noqa: E402 (after the cache is set)
+
+from modeling_mimco import MimCoConfig  # noqa: E402 (after the cache is set)
 
 
 TINY_MIMCO_VALUES = dict(
