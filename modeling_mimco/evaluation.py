@@ -536,6 +536,9 @@ class Backbone:
     """Tokens before the patch tokens in `last_hidden_state` (CLS plus register tokens)."""
     source: str = ""
     """What was loaded, for the results: e.g. `"MimCoForPreTraining checkpoint (student)"`."""
+    untrained_weights: tuple[str, ...] = ()
+    """Weights the checkpoint did not hold, so they are freshly initialised: e.g. the pooler of a `ViTModel` loaded
+    from a `ViTForMaskedImageModeling` checkpoint, which has none. Pooling through them is refused."""
 
     @property
     def feature_dim(self) -> int:
@@ -596,6 +599,7 @@ def load_backbone(
     config_dict = PreTrainedConfig.get_config_dict(name_or_path, **hub_kwargs)[0]
     model_type = config_dict.get("model_type")
     architectures = config_dict.get("architectures") or ["?"]
+    untrained_weights: tuple[str, ...] = ()
     if model_type == MimCoContrastiveConfig.model_type:
         contrastive = MimCoForContrastivePreTraining.from_pretrained(name_or_path, **hub_kwargs)
         config = contrastive.config.backbone_config
@@ -607,7 +611,10 @@ def load_backbone(
         part = {"MimCoForPreTraining": " (student)", "MimCoForImageClassification": " (backbone)"}
         source = f"{architectures[0]} checkpoint{part.get(architectures[0], '')}"
     else:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs)
+        model, loading_info = AutoModel.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True, **hub_kwargs
+        )
+        untrained_weights = tuple(sorted(loading_info.get("missing_keys", ())))
         source = f"{architectures[0]} checkpoint via AutoModel ({type(model).__name__})"
 
     config = model.config
@@ -620,7 +627,7 @@ def load_backbone(
         mean = list(processor.get("image_mean") or mean)
         std = list(processor.get("image_std") or std)
     num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-    return _frozen(Backbone(model, image_size, mean, std, num_prefix_tokens, source))
+    return _frozen(Backbone(model, image_size, mean, std, num_prefix_tokens, source, untrained_weights))
 
 
 def _frozen(backbone: Backbone) -> Backbone:
@@ -690,6 +697,12 @@ def extract_features(
     """
     if pooling not in FEATURE_POOLINGS:
         raise ValueError(f"`pooling` must be one of {FEATURE_POOLINGS}, got {pooling!r}.")
+    untrained_pooler = [name for name in backbone.untrained_weights if name.startswith("pooler.")]
+    if pooling == "pooler" and untrained_pooler:
+        raise ValueError(
+            f"--pooling pooler: the {backbone.source} has no trained pooler ({', '.join(untrained_pooler)} were not in "
+            "the checkpoint), so its `pooler_output` would come from random weights. Use --pooling cls or mean."
+        )
     transform = build_eval_transform(backbone.image_size, backbone.image_mean, backbone.image_std, crop_pct=crop_pct)
     prepared = apply_example_transform(dataset, PretrainingExampleTransform(transform, image_column, label_column))
     loader = DataLoader(

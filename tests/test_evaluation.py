@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from helpers.scripts import load_script
-from transformers import ViTConfig, ViTModel
+from transformers import ViTConfig, ViTForMaskedImageModeling, ViTModel
 
 from modeling_mimco import (
     MimCoContrastiveConfig,
@@ -247,6 +247,26 @@ def test_backbones_load_from_every_kind_of_checkpoint(tmp_path, tiny_mimco_confi
             got = backbone.model(pixel_values).last_hidden_state
             expected = reference(pixel_values).last_hidden_state
         assert torch.allclose(got, expected, atol=1e-5), name
+
+
+def test_pooler_pooling_is_refused_when_the_checkpoint_has_no_trained_pooler(tmp_path, tiny_vit_teacher_config):
+    # a SimMIM checkpoint has no pooler: AutoModel builds ViTModel's pooler from random weights
+    torch.manual_seed(0)
+    ViTForMaskedImageModeling(tiny_vit_teacher_config()).save_pretrained(tmp_path / "simmim")
+    ViTModel(tiny_vit_teacher_config()).save_pretrained(tmp_path / "vit_with_pooler")
+    dataset = _image_dataset(num_images=4)
+
+    simmim = load_backbone(str(tmp_path / "simmim"))
+    assert "pooler.dense.weight" in simmim.untrained_weights
+    with pytest.raises(ValueError, match=r"no trained pooler \(pooler\.dense\.bias, pooler\.dense\.weight"):
+        extract_features(simmim, dataset, "image", "label", pooling="pooler")
+    cls_features, _ = extract_features(simmim, dataset, "image", "label", pooling="cls")
+    assert cls_features.shape == (4, 24)
+
+    with_pooler = load_backbone(str(tmp_path / "vit_with_pooler"))
+    assert with_pooler.untrained_weights == ()
+    pooled, _ = extract_features(with_pooler, dataset, "image", "label", pooling="pooler")
+    assert pooled.shape == (4, 24)
 
 
 def test_random_init_copies_the_shape_of_a_checkpoint_and_is_seeded(tmp_path, tiny_mimco_config):
