@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, Dinov2Config, ResNetConfig, ViTConfig
+from conftest import make_tiny_vit_teacher_config
+from transformers import BertConfig, Dinov2Config, ResNetConfig
 
 from modeling_mimco import MimCoConfig, MimCoModel
 
@@ -96,14 +97,7 @@ def _teacher_configs():
             image_mean=[0.5, 0.5, 0.5],
             image_std=[0.25, 0.25, 0.25],
         ),
-        "vit": ViTConfig(
-            image_size=32,
-            patch_size=4,
-            hidden_size=24,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=48,
-        ),
+        "vit": make_tiny_vit_teacher_config(),
         "dinov2": Dinov2Config(
             image_size=16, patch_size=2, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2
         ),

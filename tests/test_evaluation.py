@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from helpers.scripts import load_script
-from transformers import ViTConfig, ViTForMaskedImageModeling, ViTModel
+from transformers import ViTForMaskedImageModeling, ViTModel
 
 from modeling_mimco import (
     MimCoContrastiveConfig,
@@ -198,7 +198,7 @@ def test_extract_features_matches_a_direct_forward_in_order(tiny_mimco_config):
     assert torch.allclose(features[5], expected, atol=1e-4)
 
 
-def test_backbones_load_from_every_kind_of_checkpoint(tmp_path, tiny_mimco_config):
+def test_backbones_load_from_every_kind_of_checkpoint(tmp_path, tiny_mimco_config, tiny_vit_teacher_config):
     torch.manual_seed(0)
     pixel_values = torch.randn(2, 3, 32, 32)
 
@@ -219,16 +219,7 @@ def test_backbones_load_from_every_kind_of_checkpoint(tmp_path, tiny_mimco_confi
         for parameter in contrastive.momentum_encoder.parameters():
             parameter.add_(0.01)
     contrastive.save_pretrained(tmp_path / "contrastive")
-    vit = ViTModel(
-        ViTConfig(
-            image_size=32,
-            patch_size=4,
-            hidden_size=24,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=48,
-        )
-    ).eval()
+    vit = ViTModel(tiny_vit_teacher_config()).eval()
     vit.save_pretrained(tmp_path / "vit")
 
     cases = {

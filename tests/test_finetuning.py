@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers.clean_process import run_without_package
 from helpers.scripts import load_script
-from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import TrainingArguments, ViTForImageClassification
 
 from modeling_mimco import (
     MimCoContrastiveConfig,
@@ -109,18 +109,8 @@ def test_layer_decay_gives_each_parameter_its_documented_learning_rate(tmp_path,
         assert group["lr"] == pytest.approx(head_lr * group["lr_scale"])
 
 
-def test_layer_decay_understands_transformers_vit_names():
-    model = ViTForImageClassification(
-        ViTConfig(
-            image_size=32,
-            patch_size=4,
-            hidden_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=48,
-            num_labels=3,
-        )
-    )
+def test_layer_decay_understands_transformers_vit_names(tiny_vit_teacher_config):
+    model = ViTForImageClassification(tiny_vit_teacher_config(num_hidden_layers=2, num_labels=3))
     groups = layer_decay_parameter_groups(model, learning_rate=1.0, weight_decay=0.1, layer_decay=0.1)
     lr_of = {name: group["lr"] for group in groups for name in group["param_names"]}
     assert lr_of["vit.embeddings.patch_embeddings.projection.weight"] == pytest.approx(1e-3)
@@ -217,7 +207,7 @@ def _model_args(path, **overrides):
     return finetuning.ModelArguments(model_name_or_path=str(path), **overrides)
 
 
-def test_models_load_from_every_kind_of_checkpoint(tmp_path, tiny_mimco_config):
+def test_models_load_from_every_kind_of_checkpoint(tmp_path, tiny_mimco_config, tiny_vit_teacher_config):
     id2label = dict(enumerate(CLASS_NAMES))
     label2id = {name: i for i, name in id2label.items()}
     torch.manual_seed(0)
@@ -248,17 +238,7 @@ def test_models_load_from_every_kind_of_checkpoint(tmp_path, tiny_mimco_config):
         model.mimco.layers[0].attention.qkv.weight, contrastive.momentum_encoder.layers[0].attention.qkv.weight
     )
 
-    vit = ViTForImageClassification(
-        ViTConfig(
-            image_size=32,
-            patch_size=4,
-            hidden_size=24,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=48,
-            num_labels=2,
-        )
-    )
+    vit = ViTForImageClassification(tiny_vit_teacher_config(num_labels=2))
     vit.save_pretrained(tmp_path / "vit")
     model = finetuning.load_model(_model_args(tmp_path / "vit"), id2label, label2id)
     assert isinstance(model, ViTForImageClassification) and model.classifier.out_features == 5
