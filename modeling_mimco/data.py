@@ -827,6 +827,9 @@ class MimCoPretrainingCollator:
         - `"num_skipped"`: 0-dim long tensor, the number of unreadable examples dropped from this batch.
 
         When every example is unreadable, B is 0; the training loop should skip such a batch.
+
+    `prepare_example` draws one example's mask on its own; the training loop calls it under that image's seed, so
+    an image's mask does not depend on the batch it lands in. Examples without a drawn mask get one in `__call__`.
     """
 
     def __init__(
@@ -839,6 +842,12 @@ class MimCoPretrainingCollator:
         self.image_size = image_size
         self.normalize = ToNormalizedFloat(*normalize_with) if normalize_with is not None else None
 
+    def prepare_example(self, example: dict[str, Any]) -> dict[str, Any]:
+        """Adds `"bool_masked_pos"`, the mask `(num_patches,)` of one readable example."""
+        if self.mask_generator is not None and example.get("pixel_values") is not None:
+            example = {**example, "bool_masked_pos": self.mask_generator()}
+        return example
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         readable, num_skipped = _split_readable(examples, "pixel_values")
         pixel_values = _stack_views(readable, "pixel_values", self.image_size)
@@ -846,8 +855,10 @@ class MimCoPretrainingCollator:
             pixel_values = self.normalize(pixel_values.to(torch.uint8)) if readable else pixel_values.float()
         batch = {"pixel_values": pixel_values}
         if self.mask_generator is not None:
-            if readable:
-                batch["bool_masked_pos"] = self.mask_generator.batch(len(readable))
+            masks = [example.get("bool_masked_pos") for example in readable]
+            masks = [mask if mask is not None else self.mask_generator() for mask in masks]
+            if masks:
+                batch["bool_masked_pos"] = torch.stack(masks)
             else:
                 batch["bool_masked_pos"] = torch.zeros(0, self.mask_generator.num_patches, dtype=torch.bool)
         labels = _labels(examples, readable)

@@ -16,17 +16,22 @@ import random
 import shutil
 import signal
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    parse_flag_from_env,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import SchedulerType, get_scheduler
 
 from .data import (
     SkippedImageTracker,
@@ -65,6 +70,13 @@ class PreTrainingArguments:
     num_train_epochs: float = field(default=100, metadata={"help": "Epochs, unless --max_train_steps is set."})
     max_train_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides epochs."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the steps spent warming up."})
+    num_warmup_steps: int | None = field(
+        default=None, metadata={"help": "Warm-up steps; when set, it replaces --warmup_ratio."}
+    )
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": "Learning-rate schedule after warm-up: any transformers SchedulerType (cosine, linear...)."},
+    )
     mixed_precision: str | None = field(
         default=None,
         metadata={
@@ -77,6 +89,13 @@ class PreTrainingArguments:
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
     logging_steps: int = field(default=10, metadata={"help": "Log losses, lr, grad norm and images/s every N steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "Tracker for accelerate: tensorboard or none."})
+    with_tracking: bool = field(
+        default=False,
+        metadata={
+            "help": "As in the transformers no_trainer examples. Tracking is on by default (--report_to); with this "
+            "flag a tracker that is not installed is an error instead of a warning."
+        },
+    )
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Write a checkpoint every N steps."})
     checkpoints_total_limit: int | None = field(default=3, metadata={"help": "Keep only the last K checkpoints."})
     resume_from_checkpoint: str | None = field(
@@ -90,29 +109,46 @@ class PreTrainingArguments:
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
-    hub_private_repo: bool = field(default=False)
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token for --push_to_hub (default: HF_TOKEN or the cached login)."}
+    )
 
     def __post_init__(self):
-        if self.per_device_train_batch_size <= 0:
-            raise ValueError(
-                f"--per_device_train_batch_size must be positive, got {self.per_device_train_batch_size}."
-            )
-        if self.gradient_accumulation_steps <= 0:
-            raise ValueError(
-                f"--gradient_accumulation_steps must be positive, got {self.gradient_accumulation_steps}."
-            )
-        if self.max_train_steps is not None and self.max_train_steps <= 0:
-            raise ValueError(f"--max_train_steps must be positive, got {self.max_train_steps}.")
-        if self.num_train_epochs <= 0:
-            raise ValueError(f"--num_train_epochs must be positive, got {self.num_train_epochs}.")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
-            raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
-        if self.checkpointing_steps is not None and self.checkpointing_steps <= 0:
-            raise ValueError(f"--checkpointing_steps must be positive, got {self.checkpointing_steps}.")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit <= 0:
-            raise ValueError(f"--checkpoints_total_limit must be positive, got {self.checkpoints_total_limit}.")
+        _check_positive("per_device_train_batch_size", self.per_device_train_batch_size)
+        _check_positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _check_positive("learning_rate", self.learning_rate)
+        _check_positive("num_train_epochs", self.num_train_epochs)
+        _check_positive("logging_steps", self.logging_steps)
+        _check_positive("max_consecutive_bad_steps", self.max_consecutive_bad_steps)
+        for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        for name in ("weight_decay", "max_grad_norm", "dataloader_num_workers"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.num_warmup_steps is not None and not self.num_warmup_steps >= 0:
+            raise ValueError(f"--num_warmup_steps must be >= 0, got {self.num_warmup_steps}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name} must lie in [0, 1), got {getattr(self, name)}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must lie in [0, 1), got {self.warmup_ratio}.")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"--max_skipped_fraction must lie in [0, 1], got {self.max_skipped_fraction}.")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
+        try:
+            SchedulerType(self.lr_scheduler_type)
+        except ValueError:
+            choices = ", ".join(member.value for member in SchedulerType)
+            raise ValueError(
+                f"--lr_scheduler_type must be one of {choices}; got {self.lr_scheduler_type!r}."
+            ) from None
+        if self.report_to not in ("tensorboard", "none"):
+            raise ValueError(f"--report_to must be 'tensorboard' or 'none', got {self.report_to!r}.")
+        if self.with_tracking and self.report_to == "none":
+            raise ValueError("--with_tracking asks for a tracker but --report_to is 'none'.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id.")
         if self.resume_from_checkpoint not in (None, "latest"):
@@ -121,34 +157,61 @@ class PreTrainingArguments:
             except CheckpointError as error:
                 raise ValueError(f"--resume_from_checkpoint: {error}") from error
 
+    def warmup_steps(self, max_train_steps: int) -> int:
+        """`--num_warmup_steps` if given, else `--warmup_ratio` of the run's optimizer steps."""
+        if self.num_warmup_steps is not None:
+            return self.num_warmup_steps
+        return int(self.warmup_ratio * max_train_steps)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:  # also refuses NaN
+        raise ValueError(f"--{name} must be positive, got {value}.")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's randomness (crop, flips, colour, mask) in one epoch of a run."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
 
 class _SeededBatches(torch.utils.data.Dataset):
-    """Reads and collates each batch under an RNG seeded by the run's seed and the batch's indices.
+    """Reads and collates each batch; every image's randomness comes from `sample_seed(seed, epoch, index)`.
 
-    Augmentations and masks then depend neither on the global RNG (which the model and the DataLoader also draw
-    from) nor on Accelerate fetching one batch ahead, so a run resumed mid-epoch sees the batches of the run it
-    continues. The global RNG states are left as they were.
+    An image's augmentation and mask then depend only on the run's seed, the epoch and the image: not on the global
+    RNG (which the model and the DataLoader also draw from), on Accelerate fetching one batch ahead, on the number
+    of processes, the per-device batch, accumulation or workers. So a run resumed mid-epoch sees the batches of the
+    run it continues, and N processes with batch B see the images of one process with batch N*B. The collator's
+    per-image random step (`prepare_example`, the mask) runs under the same seed. The global RNG states are left as
+    they were. Set `epoch` before each epoch's iterator is created (workers are not persistent, so they see it).
     """
 
     def __init__(self, dataset, collator: Callable, seed: int):
         self.dataset, self.collator, self.seed = dataset, collator, seed
+        self.epoch = 0
+        self._prepare_example = getattr(collator, "prepare_example", None)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _example(self, index: int) -> dict:
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__([index])[0]
+        return self.dataset[index]
+
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        key = zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes())
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                seed = (self.seed * 1_000_003 + key) % 2**32
-                torch.default_generator.manual_seed(seed)  # CPU only: accelerator RNGs stay untouched
-                random.seed(seed)
-                np.random.seed(seed)
-                if hasattr(self.dataset, "__getitems__"):
-                    examples = self.dataset.__getitems__(indices)
-                else:
-                    examples = [self.dataset[index] for index in indices]
+                examples = []
+                for index in indices:
+                    seed = sample_seed(self.seed, self.epoch, int(index))
+                    torch.default_generator.manual_seed(seed)  # CPU only: accelerator RNGs stay untouched
+                    random.seed(seed)
+                    np.random.seed(seed)
+                    example = self._example(int(index))
+                    if self._prepare_example is not None:
+                        example = self._prepare_example(example)
+                    examples.append(example)
                 return [self.collator(examples)]
         finally:
             random.setstate(python_state)
@@ -330,27 +393,73 @@ def _batch_size(batch: dict) -> int:
     return 0
 
 
-def train(
-    args: PreTrainingArguments,
-    model: torch.nn.Module,
-    train_dataset,
-    collator: Callable,
-    compute_loss: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-    save_final: Callable[[torch.nn.Module, str], None],
-    project_name: str = "mimco",
-    run_config: dict | None = None,
-) -> TrainingResult:
-    """Trains `model` on `train_dataset` and saves the result with `save_final(unwrapped_model, output_dir)`.
+def run_facts(accelerator: Accelerator) -> dict:
+    """How the run actually trains, whatever the flags or the launcher said: recorded with the hyper-parameters."""
+    return {
+        "mixed_precision": accelerator.mixed_precision,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "num_processes": accelerator.num_processes,
+        "device": accelerator.device.type,
+    }
 
-    `compute_loss(model, batch, progress)` returns the loss and a dict of extra scalars to log; `progress` runs from
-    0 to 1 over training (the stage-1 momentum schedule reads it). Returns a `TrainingResult`.
+
+def start_banner(
+    accelerator: Accelerator,
+    args: PreTrainingArguments,
+    num_examples: int | None,
+    max_train_steps: int,
+    steps_per_epoch: int | None,
+) -> str:
+    """The block printed before the first step, as the transformers `no_trainer` examples print it."""
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    epochs = f"{max_train_steps / steps_per_epoch:.2f}" if steps_per_epoch else "unknown (streaming)"
+    lines = [
+        "***** Running training *****",
+        f"  Num examples = {num_examples if num_examples is not None else 'unknown (streaming)'}",
+        f"  Num epochs = {epochs}",
+        f"  Instantaneous batch size per device = {args.per_device_train_batch_size}",
+        f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}",
+        f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
+        f"  Total optimization steps = {max_train_steps}",
+        f"  Distributed type = {accelerator.distributed_type.value}, processes = {accelerator.num_processes}",
+        f"  Mixed precision = {accelerator.mixed_precision}",
+    ]
+    return "\n".join(lines)
+
+
+def format_log_record(record: dict, max_train_steps: int) -> str:
+    """One plain line per logging step, readable in a log file (the progress bar's postfix is not)."""
+    fields = [f"step {record['step']}/{max_train_steps}"]
+    for name, value in record.items():
+        if name == "step":
+            continue
+        fields.append(f"{name} {value:.3e}" if name == "lr" else f"{name} {value:.4f}")
+    return " | ".join(fields)
+
+
+def create_accelerator(args: PreTrainingArguments) -> Accelerator:
+    """The run's `Accelerator`: devices, processes, mixed precision and the tracker.
+
+    Build it before anything else asks which process it is (data sharding), so that the launcher's settings
+    (`accelerate launch`'s environment, e.g. `ACCELERATE_USE_CPU`) take effect. Raises `ValueError` for a setup that
+    cannot train: FSDP, processes that do not see each other, fp16 without a GPU, a missing tracker with
+    `--with_tracking`.
     """
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch` for an FSDP config
+        # refused before the Accelerator is built: on a machine without GPUs, building it would already fail
+        raise ValueError(
+            "FSDP is not supported by the MimCo pre-training scripts: the frozen teacher and the momentum encoder "
+            "would be sharded with the trained weights. Use DDP (`accelerate launch --multi_gpu ...`, or "
+            "`distributed_type: MULTI_GPU` in the accelerate config); a ViT-S/B student fits one GPU."
+        )
     mixed_precision = args.mixed_precision
     if mixed_precision is None and "ACCELERATE_MIXED_PRECISION" not in os.environ:
         # the paper-scale recipe trains in bf16; a GPU that supports it gets it unless told otherwise
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     report_to = None if args.report_to == "none" else args.report_to
     if report_to == "tensorboard" and not is_tensorboard_available():
+        if args.with_tracking:
+            raise ValueError("--with_tracking: TensorBoard is not installed (pip install tensorboard).")
         logger.warning("TensorBoard is not installed: losses are only printed (pip install tensorboard to log them).")
         report_to = None
     accelerator = Accelerator(
@@ -364,25 +473,52 @@ def train(
         step_scheduler_with_optimizer=False,
     )
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
-        raise RuntimeError(
+        raise ValueError(
             f"{torch.distributed.get_world_size()} processes were started but Accelerate sees "
             f"{accelerator.num_processes}: on a machine without GPUs, launch with `ACCELERATE_USE_CPU=1 accelerate "
             "launch --multi_gpu --num_processes N ...` so that the processes train together."
         )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate would silently train in float32: fp16 autocast and loss scaling exist only on GPUs
+        raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 (or no).")
+    return accelerator
+
+
+def train(
+    args: PreTrainingArguments,
+    model: torch.nn.Module,
+    train_dataset,
+    collator: Callable,
+    compute_loss: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    save_final: Callable[[torch.nn.Module, str], None],
+    project_name: str = "mimco",
+    run_config: dict | None = None,
+    accelerator: Accelerator | None = None,
+) -> TrainingResult:
+    """Trains `model` on `train_dataset` and saves the result with `save_final(unwrapped_model, output_dir)`.
+
+    `compute_loss(model, batch, progress)` returns the loss and a dict of extra scalars to log; `progress` runs from
+    0 to 1 over training (the stage-1 momentum schedule reads it). `accelerator` is the one `create_accelerator`
+    built for the run (a new one by default). Returns a `TrainingResult`.
+    """
+    if accelerator is None:
+        accelerator = create_accelerator(args)
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
     is_iterable = not hasattr(train_dataset, "__len__")
+    seeded_dataset = None if is_iterable else _SeededBatches(train_dataset, collator, args.seed)
     dataloader = DataLoader(
-        train_dataset if is_iterable else _SeededBatches(train_dataset, collator, args.seed),
+        train_dataset if is_iterable else seeded_dataset,
         batch_size=args.per_device_train_batch_size,
         shuffle=not is_iterable,
         # its own generator, so that starting an epoch's iterator does not draw from the global RNG
         generator=torch.Generator().manual_seed(args.seed),
         collate_fn=collator if is_iterable else _only_batch,
         num_workers=args.dataloader_num_workers,
-        persistent_workers=args.dataloader_num_workers > 0,
+        # not persistent: each epoch's workers must see `seeded_dataset.epoch`
+        persistent_workers=False,
         drop_last=not is_iterable,
     )
 
@@ -394,7 +530,7 @@ def train(
         max_train_steps = args.max_train_steps
     elif is_iterable:
         raise ValueError("A streaming dataset has no length: set --max_train_steps.")
-    else:
+    if not is_iterable:
         per_process_batches = len(train_dataset) // (args.per_device_train_batch_size * accelerator.num_processes)
         if per_process_batches == 0:
             raise ValueError(
@@ -402,9 +538,13 @@ def train(
                 f"{args.per_device_train_batch_size * accelerator.num_processes}: lower --per_device_train_batch_size."
             )
         steps_per_epoch = max(per_process_batches // args.gradient_accumulation_steps, 1)
-        max_train_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=int(args.warmup_ratio * max_train_steps), num_training_steps=max_train_steps
+        if args.max_train_steps is None:
+            max_train_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.warmup_steps(max_train_steps),
+        num_training_steps=max_train_steps,
     )
 
     if is_iterable:
@@ -432,8 +572,18 @@ def train(
             log_history = state["log_history"]
             accelerator.print(f"Resumed from {checkpoint} at step {global_step} (epoch {epoch}).")
 
-    if accelerator.is_main_process and report_to is not None:
-        accelerator.init_trackers(project_name, config=_flat_config(run_config or asdict(args)))
+    run_config = {**(run_config or asdict(args)), **run_facts(accelerator)}
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers(project_name, config=_flat_config(run_config))
+    accelerator.print(
+        start_banner(
+            accelerator,
+            args,
+            num_examples=None if is_iterable else len(train_dataset),
+            max_train_steps=max_train_steps,
+            steps_per_epoch=None if is_iterable else steps_per_epoch,
+        )
+    )
 
     def trainer_state() -> dict:
         return {
@@ -486,6 +636,8 @@ def train(
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=global_step)
         if "loss" in record:
             progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if accelerator.is_main_process:
+            progress_bar.write(format_log_record(record, max_train_steps))
         return int(bad_steps_total), new_window()
 
     window = new_window()
@@ -500,6 +652,7 @@ def train(
                     train_dataset.set_epoch(epoch)
                 epoch_loader = itertools.islice(dataloader, batches_done_in_epoch, None)
             else:
+                seeded_dataset.epoch = epoch
                 dataloader.set_epoch(epoch)
                 epoch_loader = dataloader
                 if batches_done_in_epoch > 0:
@@ -593,6 +746,7 @@ def train(
                     "global_step": global_step,
                     "bad_steps": bad_steps,
                     "skipped_images": skipped.num_skipped,
+                    **run_facts(accelerator),
                     "log_history": log_history,
                 },
                 handle,
@@ -656,6 +810,10 @@ MODEL_PRESETS = {
 }
 
 
+# The `MimCoConfig` fields that make up a backbone's shape (what a preset sets).
+BACKBONE_FIELDS = tuple(MODEL_PRESETS["tiny"])
+
+
 def preset_backbone_kwargs(model_preset: str, image_size: int | None = None) -> dict:
     """The `MimCoConfig` backbone fields of a preset, optionally at another image size."""
     if model_preset not in MODEL_PRESETS:
@@ -716,7 +874,9 @@ def save_image_processor(output_dir: str, image_size: int, image_mean: list[floa
 
 
 __all__ = [
+    "BACKBONE_FIELDS",
     "MODEL_PRESETS",
+    "create_accelerator",
     "CheckpointError",
     "DataArguments",
     "load_training_images",

@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 
-import run_contrastive_pretraining
-import run_linear_probe
-import run_pretraining
 import torch
 
+from modeling_mimco.commands import run_contrastive_pretraining, run_linear_probe, run_pretraining
 from modeling_mimco.evaluation import results_table
 
 

@@ -37,15 +37,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from datetime import datetime, timezone
 
 
 SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(SCRIPTS_DIR)
-if SCRIPTS_DIR not in sys.path:
-    sys.path.insert(0, SCRIPTS_DIR)  # the sibling scripts are imported as modules
 LOCAL_CIFAR10 = os.path.join(REPO_ROOT, "..", "shared", "datasets", "cifar10")
 HUB_CIFAR10 = "uoft-cs/cifar10"
 RESULTS_VERSION = 1
@@ -268,7 +265,7 @@ def finished(output_dir: str, steps: int) -> bool:
 
 
 def pretrain_contrastive(args, steps: int, output_dir: str):
-    import run_contrastive_pretraining
+    from modeling_mimco.commands import run_contrastive_pretraining
 
     flags = common_pretraining_flags(args, steps, output_dir)
     flags += ["--projector_hidden_size", str(PROJECTOR_HIDDEN_SIZE), "--projection_size", str(PROJECTION_SIZE)]
@@ -284,7 +281,7 @@ def mimco_flags(args, steps: int, output_dir: str, teacher_dir: str, overrides: 
 
 
 def pretrain_mimco(args, steps: int, output_dir: str, teacher_dir: str, overrides: dict):
-    import run_pretraining
+    from modeling_mimco.commands import run_pretraining
 
     return run_pretraining.main(mimco_flags(args, steps, output_dir, teacher_dir, overrides))
 
@@ -294,10 +291,10 @@ def pretrain_simmim(args, steps: int, output_dir: str, teacher_dir: str):
     script's arguments (parsed by its own parser, so defaults cannot drift), its data pipeline and collator (same
     augmentation, same `MimCoMaskGenerator` masks), and the shared `training.train` loop (same AdamW groups, lr
     scaling, cosine schedule, clipping, checkpoints and resume)."""
-    import run_pretraining
     from transformers import HfArgumentParser, ViTForMaskedImageModeling, set_seed
 
     from modeling_mimco import MimCoConfig, MimCoMaskGenerator
+    from modeling_mimco.commands import run_pretraining
     from modeling_mimco.data import (
         MimCoPretrainingCollator,
         PretrainingExampleTransform,
@@ -426,7 +423,7 @@ def finetune_flags(args, checkpoint: str, output_dir: str) -> list[str]:
 
 
 def finetune_top1(args, checkpoint: str, output_dir: str) -> float:
-    import run_finetuning
+    from modeling_mimco.commands import run_finetuning
 
     metrics = run_finetuning.main(finetune_flags(args, checkpoint, output_dir))
     return float(metrics["eval_accuracy"])
@@ -550,7 +547,7 @@ def write_tsne(args, state: dict, data, features_dir: str, path: str) -> str | N
 
 def write_model_card(args, state: dict, student_dir: str, results_dir: str) -> str | None:
     """The MimCo student's card, from a results file in the schema of `modeling_mimco.hub` (percent)."""
-    import make_model_card
+    from modeling_mimco.commands import make_model_card
 
     row = state["rows"].get("mimco")
     if row is None:

@@ -1,124 +1,15 @@
 #!/usr/bin/env python
 """Stage 1 of MimCo: pre-train the contrastive teacher (MoCo v3 for ViTs).
 
-One process:            python scripts/run_contrastive_pretraining.py --output_dir OUT
-Several GPUs/machines:  accelerate launch scripts/run_contrastive_pretraining.py --output_dir OUT ...
-
-The output folder holds the momentum encoder as a plain `MimCoModel` checkpoint with its image processor, ready for
-`run_pretraining.py --teacher_name_or_path OUT`; the whole contrastive model is kept in `OUT/contrastive_model`.
+The program lives in `modeling_mimco/commands/run_contrastive_pretraining.py` and is installed as the
+`mimco-contrastive` command; this file runs it from a clone of the repository: `python
+scripts/run_contrastive_pretraining.py --help`.
 """
 
-from __future__ import annotations
-
-import os
 import sys
-from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, set_seed
-
-from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining
-from modeling_mimco.data import (
-    ContrastiveCollator,
-    ContrastiveExampleTransform,
-    apply_example_transform,
-    build_contrastive_transforms,
-)
-from modeling_mimco.training import (
-    DataArguments,
-    PreTrainingArguments,
-    load_training_images,
-    preset_backbone_kwargs,
-    save_image_processor,
-    train,
-)
-
-
-@dataclass
-class ModelArguments:
-    """The encoder and the MoCo v3 objective."""
-
-    model_preset: str = field(
-        default="vit-small-patch16", metadata={"help": "Encoder shape: tiny, vit-small-patch16 or vit-base-patch16."}
-    )
-    image_size: int | None = field(default=None, metadata={"help": "Input size; defaults to the preset's."})
-    projector_hidden_size: int = field(default=4096, metadata={"help": "Hidden width of projector and predictor."})
-    projection_size: int = field(default=256, metadata={"help": "Output width of projector and predictor."})
-    temperature: float = field(default=0.2, metadata={"help": "InfoNCE temperature."})
-    momentum: float = field(default=0.99, metadata={"help": "Initial EMA momentum (rises to 1 on a cosine)."})
-    freeze_patch_embeddings: bool = field(
-        default=True, metadata={"help": "Keep the random patch projection frozen (MoCo v3's stability trick)."}
-    )
-    export_encoder: str = field(default="momentum", metadata={"help": "Encoder exported as teacher: momentum/base."})
-    crop_min_scale: float = field(default=0.08, metadata={"help": "Smallest area of the random resized crop."})
-
-
-def main(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
-    # the paper-scale ImageNet recipe (per-device batch for 8 GPUs); small runs override these flags
-    parser.set_defaults(per_device_train_batch_size=512, num_train_epochs=300, weight_decay=0.1, warmup_ratio=0.133)
-    try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        if model_args.export_encoder not in ("momentum", "base"):
-            raise ValueError(f"--export_encoder must be 'momentum' or 'base', got {model_args.export_encoder!r}.")
-        backbone = MimCoConfig(
-            **preset_backbone_kwargs(model_args.model_preset, model_args.image_size),
-            position_embedding_type="sincos",
-        )
-        config = MimCoContrastiveConfig(
-            backbone_config=backbone,
-            projector_hidden_size=model_args.projector_hidden_size,
-            projection_size=model_args.projection_size,
-            temperature=model_args.temperature,
-            momentum=model_args.momentum,
-            freeze_patch_embeddings=model_args.freeze_patch_embeddings,
-        )
-        from accelerate import PartialState
-
-        state = PartialState()
-        dataset, image_column = load_training_images(
-            data_args, backbone.image_size, state.process_index, state.num_processes
-        )
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
-
-    set_seed(training_args.seed)  # --seed also fixes the initialisation
-    model = MimCoForContrastivePreTraining(config)
-    transform_1, transform_2 = build_contrastive_transforms(
-        backbone.image_size, backbone.image_mean, backbone.image_std, crop_scale=(model_args.crop_min_scale, 1.0)
-    )
-    dataset = apply_example_transform(dataset, ContrastiveExampleTransform(transform_1, transform_2, image_column))
-
-    if training_args.torch_compile:
-        # in place, so parameter names (and checkpoints) stay those of the uncompiled model
-        model.base_encoder.compile()
-        model.momentum_encoder.compile()
-
-    def compute_loss(wrapped_model, batch: dict, progress: float):
-        outputs = wrapped_model(
-            pixel_values_1=batch["pixel_values_1"],
-            pixel_values_2=batch["pixel_values_2"],
-            momentum=model.momentum_at(progress),
-        )
-        return outputs.loss, {}
-
-    def save_final(unwrapped_model: MimCoForContrastivePreTraining, output_dir: str) -> None:
-        unwrapped_model.export_teacher(output_dir, encoder=model_args.export_encoder)
-        save_image_processor(output_dir, backbone.image_size, backbone.image_mean, backbone.image_std)
-        unwrapped_model.save_pretrained(os.path.join(output_dir, "contrastive_model"))
-
-    result = train(
-        training_args,
-        model,
-        dataset,
-        ContrastiveCollator(image_size=backbone.image_size),
-        compute_loss,
-        save_final,
-        project_name="mimco-contrastive",
-        run_config={**vars(model_args), **vars(data_args), **vars(training_args)},
-    )
-    print(f"Contrastive teacher ({model_args.export_encoder} encoder) saved to {result.output_dir}.")
-    return result
+from modeling_mimco.commands.run_contrastive_pretraining import cli
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli())

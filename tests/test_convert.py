@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 import timm
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,17 +26,9 @@ TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, n
 HEADS = "4"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the argument annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    return load_script("convert_checkpoint")
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:

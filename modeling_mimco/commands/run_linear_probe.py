@@ -1,0 +1,207 @@
+"""Frozen-feature evaluation: linear probe and weighted k-NN accuracy of one or several backbones.
+
+    python scripts/run_linear_probe.py --model_name_or_path outputs/demo/teacher outputs/demo/student random-init \\
+        --output_dir outputs/linear_probe --plot
+
+Each model's features (CLS token by default; `--pooling mean` or `pooler`) of the training and evaluation images are
+extracted once, then (a) a linear probe (MAE's protocol: BatchNorm without affine parameters + Linear, trained on the
+cached features) and (b) a weighted k-NN classifier (DINO's: k=20, T=0.07, cosine similarity) are measured on them.
+`--model_name_or_path` takes MimCo checkpoints (pre-training, classification, `MimCoModel`, a stage-1 output folder),
+any `AutoModel` vision backbone, and `random-init` (an untrained `MimCoModel` shaped like `--random_init_config` or
+`--model_preset`). The results go to `OUTPUT_DIR/linear_probe_results.json`; with `--plot`, a t-SNE of the evaluation
+features, one panel per model, goes to `OUTPUT_DIR/tsne.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import HfArgumentParser
+
+from modeling_mimco.commands import run_command
+from modeling_mimco.evaluation import (
+    FEATURE_POOLINGS,
+    RANDOM_INIT,
+    FrozenFeatureResult,
+    LabelledDataArguments,
+    LinearProbeConfig,
+    evaluate_frozen_features,
+    extract_features,
+    load_backbone,
+    plot_tsne,
+    results_table,
+)
+
+
+RESULTS_NAME = "linear_probe_results.json"
+PLOT_NAME = "tsne.png"
+
+
+@dataclass
+class ModelArguments:
+    """The backbones to compare."""
+
+    model_name_or_path: list[str] = field(
+        metadata={"help": "One or more checkpoints (local folders or Hub ids), or 'random-init'."}
+    )
+    model_names: list[str] | None = field(
+        default=None, metadata={"help": "Display names, one per model; default: the folder names."}
+    )
+    pooling: str = field(default="cls", metadata={"help": "Feature: cls, mean (patch tokens) or pooler."})
+    random_init_config: str | None = field(
+        default=None, metadata={"help": "For random-init: a checkpoint folder or config.json to copy the shape of."}
+    )
+    model_preset: str = field(default="tiny", metadata={"help": "For random-init without --random_init_config."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for AutoModel checkpoints."})
+
+
+@dataclass
+class DataArguments(LabelledDataArguments):
+    """The labelled images (see `LabelledDataArguments`) and the evaluation transform."""
+
+    crop_pct: float = field(default=0.875, metadata={"help": "Eval transform: resize to size/crop_pct, center crop."})
+    cache_dir: str | None = field(default=None)
+
+
+@dataclass
+class EvaluationArguments:
+    """Feature extraction, the two classifiers and the outputs."""
+
+    output_dir: str = field(default="outputs/linear_probe", metadata={"help": "Where the JSON (and PNG) go."})
+    batch_size: int = field(default=128, metadata={"help": "Images per forward pass when extracting features."})
+    dataloader_num_workers: int = field(default=0)
+    device: str | None = field(default=None, metadata={"help": "Default: cuda when available, else cpu."})
+    seed: int = field(default=0, metadata={"help": "Seed of random-init models, the probe and the data subsets."})
+    probe_epochs: int = field(default=100, metadata={"help": "Linear-probe epochs over the cached features."})
+    probe_batch_size: int = field(default=256)
+    probe_optimizer: str = field(default="sgd", metadata={"help": "sgd (momentum 0.9) or adamw."})
+    probe_learning_rate: float = field(default=0.5, metadata={"help": "Peak learning rate (cosine, with warmup)."})
+    probe_weight_decay: float = field(default=0.0)
+    knn_k: int = field(default=20, metadata={"help": "Neighbours that vote in the k-NN classifier."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight: exp(cosine similarity / T)."})
+    plot: bool = field(default=False, metadata={"help": "Also write a t-SNE of the eval features (PNG)."})
+    tsne_max_points: int = field(default=2000, metadata={"help": "At most this many eval images in the t-SNE."})
+
+
+def _display_names(paths: list[str], names: list[str] | None) -> list[str]:
+    if names is not None:
+        if len(names) != len(paths):
+            raise ValueError(f"--model_names has {len(names)} names for {len(paths)} models.")
+        return list(names)
+    short = [path if path == RANDOM_INIT else os.path.basename(os.path.normpath(path)) or path for path in paths]
+    return [s if short.count(s) == 1 else path for s, path in zip(short, paths)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, EvaluationArguments))
+    try:
+        model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
+        if model_args.pooling not in FEATURE_POOLINGS:
+            raise ValueError(f"--pooling must be one of {FEATURE_POOLINGS}, got {model_args.pooling!r}.")
+        names = _display_names(model_args.model_name_or_path, model_args.model_names)
+        probe_config = LinearProbeConfig(
+            epochs=eval_args.probe_epochs,
+            batch_size=eval_args.probe_batch_size,
+            optimizer=eval_args.probe_optimizer,
+            learning_rate=eval_args.probe_learning_rate,
+            weight_decay=eval_args.probe_weight_decay,
+            seed=eval_args.seed,
+        )
+        data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+
+    device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results: list[FrozenFeatureResult] = []
+    for name, path in zip(names, model_args.model_name_or_path):
+        backbone = load_backbone(
+            path,
+            random_init_config=model_args.random_init_config,
+            model_preset=model_args.model_preset,
+            trust_remote_code=model_args.trust_remote_code,
+            seed=eval_args.seed,
+            cache_dir=data_args.cache_dir,
+        )
+        common = dict(
+            pooling=model_args.pooling,
+            batch_size=eval_args.batch_size,
+            crop_pct=data_args.crop_pct,
+            num_workers=eval_args.dataloader_num_workers,
+            device=device,
+        )
+        train_features, train_labels = extract_features(
+            backbone, data.train, data.image_column, data.label_column, desc=f"{name}: train features", **common
+        )
+        test_features, test_labels = extract_features(
+            backbone, data.eval, data.image_column, data.label_column, desc=f"{name}: eval features", **common
+        )
+        backbone.model.cpu()
+        scores = evaluate_frozen_features(
+            train_features,
+            train_labels,
+            test_features,
+            test_labels,
+            data.num_labels,
+            probe_config,
+            knn_k=eval_args.knn_k,
+            knn_temperature=eval_args.knn_temperature,
+            device=device,
+        )
+        result = FrozenFeatureResult(
+            name=name,
+            model_name_or_path=path,
+            source=backbone.source,
+            feature_dim=int(train_features.shape[1]),
+            pooling=model_args.pooling,
+            num_train_images=int(train_features.shape[0]),
+            num_test_images=int(test_features.shape[0]),
+            test_features=test_features,
+            test_labels=test_labels,
+            **scores,
+        )
+        print(f"{name}: linear probe {result.linear_probe_top1:.2%}, k-NN {result.knn_top1:.2%}")
+        results.append(result)
+
+    os.makedirs(eval_args.output_dir, exist_ok=True)
+    report = {
+        "dataset": data_args.dataset_name or data_args.train_dir or data_args.data_files or "digits",
+        "train_split": data_args.train_split,
+        "eval_split": data.eval_split,
+        "num_classes": data.num_labels,
+        "linear_probe": asdict(probe_config),
+        "knn": {"k": eval_args.knn_k, "temperature": eval_args.knn_temperature},
+        "models": [result.to_json() for result in results],
+    }
+    results_path = os.path.join(eval_args.output_dir, RESULTS_NAME)
+    with open(results_path, "w") as handle:
+        json.dump(report, handle, indent=2)
+    report["results_file"] = results_path
+    if eval_args.plot:
+        panels = [
+            (f"{r.name}\nlinear {r.linear_probe_top1:.1%} · kNN {r.knn_top1:.1%}", r.test_features, r.test_labels)
+            for r in results
+        ]
+        report["plot_file"] = plot_tsne(
+            panels,
+            os.path.join(eval_args.output_dir, PLOT_NAME),
+            class_names=data.class_names,
+            max_points=eval_args.tsne_max_points,
+            seed=eval_args.seed,
+        )
+    print()
+    print(results_table(results))
+    print(f"Results: {results_path}" + (f"; t-SNE: {report['plot_file']}" if eval_args.plot else ""))
+    return report
+
+
+def cli() -> int:
+    """The `mimco-probe` console command."""
+    return run_command(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,203 @@
+"""Stage 2 of MimCo: pre-train a ViT student by masked image modeling against a frozen contrastive teacher.
+
+One process:            python scripts/run_pretraining.py --teacher_name_or_path TEACHER --output_dir OUT
+Several GPUs/machines:  accelerate launch scripts/run_pretraining.py --teacher_name_or_path TEACHER ...
+
+The teacher is a local folder or a Hub id: the output of `run_contrastive_pretraining.py`, a converted MoCo v3 /
+DINO checkpoint, or any ViT-like `transformers` backbone. The output folder holds a `MimCoForPreTraining` checkpoint
+(student, heads and teacher) that loads as `MimCoModel` or `MimCoForImageClassification`, and its image processor.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, set_seed
+
+from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoMaskGenerator, MimCoModel
+from modeling_mimco.commands import run_command
+from modeling_mimco.data import (
+    MimCoPretrainingCollator,
+    PretrainingExampleTransform,
+    apply_example_transform,
+    build_pretraining_transform,
+)
+from modeling_mimco.training import (
+    BACKBONE_FIELDS,
+    DataArguments,
+    PreTrainingArguments,
+    create_accelerator,
+    load_training_images,
+    preset_backbone_kwargs,
+    save_image_processor,
+    train,
+)
+
+
+@dataclass
+class ModelArguments:
+    """The student, its teacher and the MimCo objective (the defaults are `MimCoConfig`'s)."""
+
+    teacher_name_or_path: str = field(metadata={"help": "Local folder or Hub id of the frozen teacher."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow a teacher whose model code lives in its Hub repository (runs that code)."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start the student from this checkpoint (any MimCo folder or Hub id); its shape replaces "
+            "--model_preset, --image_size and --mask_patch_size."
+        },
+    )
+    model_preset: str = field(
+        default="vit-small-patch16", metadata={"help": "Student shape: tiny, vit-small-patch16 or vit-base-patch16."}
+    )
+    image_size: int | None = field(default=None, metadata={"help": "Input size; defaults to the preset's."})
+    drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth of the student."})
+    mask_strategy: str = field(default="random", metadata={"help": "random (SimMIM blocks) or block (BEiT)."})
+    mask_ratio: float = field(default=0.6, metadata={"help": "Fraction of patches masked."})
+    mask_patch_size: int | None = field(default=None, metadata={"help": "Random-mask block size in pixels."})
+    head_hidden_size: int = field(default=2048, metadata={"help": "Hidden width of the heads; 0 for linear heads."})
+    patch_loss_type: str = field(default="infonce", metadata={"help": "infonce, cosine or smooth_l1."})
+    image_loss_type: str = field(default="infonce", metadata={"help": "infonce, cosine or smooth_l1."})
+    patch_negatives: str = field(default="image", metadata={"help": "image or batch."})
+    patch_temperature: float = field(default=0.2)
+    image_temperature: float = field(default=0.2)
+    patch_loss_weight: float = field(default=1.0)
+    image_loss_weight: float = field(default=1.0)
+    crop_min_scale: float = field(default=0.67, metadata={"help": "Smallest area of the random resized crop."})
+
+
+def student_backbone_kwargs(model_args: ModelArguments) -> dict:
+    """The student's shape: that of `--model_name_or_path`, else the preset's (with `--image_size`)."""
+    if model_args.model_name_or_path is None:
+        backbone = preset_backbone_kwargs(model_args.model_preset, model_args.image_size)
+        if model_args.mask_patch_size is not None:
+            backbone["mask_patch_size"] = model_args.mask_patch_size
+        return backbone
+    try:
+        start = MimCoConfig.from_pretrained(model_args.model_name_or_path)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r}: {error}") from error
+    return {name: getattr(start, name) for name in BACKBONE_FIELDS}
+
+
+def load_student_weights(model: MimCoForPreTraining, model_name_or_path: str) -> None:
+    """Copies the backbone weights of a MimCo checkpoint into the student (its heads start fresh)."""
+    try:
+        start = MimCoModel.from_pretrained(model_name_or_path)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"--model_name_or_path {model_name_or_path!r}: {error}") from error
+    missing, unexpected = model.mimco.load_state_dict(start.state_dict(), strict=False)
+    missing = [name for name in missing if "mask_token" not in name]  # a stage-1 encoder never had one
+    if missing or unexpected:
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path!r} does not fit the student: missing {missing}, "
+            f"unexpected {unexpected}."
+        )
+
+
+def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
+    backbone = student_backbone_kwargs(model_args)
+    config = MimCoConfig(
+        **backbone,
+        drop_path_rate=model_args.drop_path_rate,
+        mask_strategy=model_args.mask_strategy,
+        mask_ratio=model_args.mask_ratio,
+        head_hidden_size=model_args.head_hidden_size,
+        patch_loss_type=model_args.patch_loss_type,
+        image_loss_type=model_args.image_loss_type,
+        patch_negatives=model_args.patch_negatives,
+        patch_temperature=model_args.patch_temperature,
+        image_temperature=model_args.image_temperature,
+        patch_loss_weight=model_args.patch_loss_weight,
+        image_loss_weight=model_args.image_loss_weight,
+    )
+    try:
+        model = MimCoForPreTraining.from_teacher(
+            model_args.teacher_name_or_path, config, trust_remote_code=model_args.trust_remote_code
+        )
+    except (ValueError, OSError) as error:
+        raise ValueError(f"--teacher_name_or_path {model_args.teacher_name_or_path!r}: {error}") from error
+    if model_args.model_name_or_path is not None:
+        load_student_weights(model, model_args.model_name_or_path)
+    return model
+
+
+def compute_loss(model, batch: dict, progress: float):
+    outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
+    parts = {}
+    if outputs.patch_loss is not None:
+        parts["patch_loss"] = outputs.patch_loss
+    if outputs.image_loss is not None:
+        parts["image_loss"] = outputs.image_loss
+    return outputs.loss, parts
+
+
+def main(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
+    # the paper-scale ImageNet recipe (per-device batch for 8 GPUs); small runs override these flags
+    parser.set_defaults(per_device_train_batch_size=256, num_train_epochs=100)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        # Everything that can be wrong with the arguments fails here, before any training step.
+        set_seed(training_args.seed)  # --seed also fixes the student's initialisation
+        model = build_model(model_args)
+        config = model.config
+        accelerator = create_accelerator(training_args)
+        dataset, image_column = load_training_images(
+            data_args, config.image_size, accelerator.process_index, accelerator.num_processes
+        )
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+
+    transform = build_pretraining_transform(
+        config.image_size,
+        config.image_mean,
+        config.image_std,
+        crop_scale=(model_args.crop_min_scale, 1.0),
+        normalize=False,  # the collator normalises whole batches
+    )
+    example_transform = PretrainingExampleTransform(
+        transform, image_column, draft_for=(config.image_size, model_args.crop_min_scale)
+    )
+    dataset = apply_example_transform(dataset, example_transform)
+    collator = MimCoPretrainingCollator(
+        MimCoMaskGenerator.from_config(config),
+        image_size=config.image_size,
+        normalize_with=(config.image_mean, config.image_std),
+    )
+
+    if training_args.torch_compile:
+        # in place, so parameter names (and checkpoints) stay those of the uncompiled model
+        model.mimco.compile()
+        model.teacher.compile()
+
+    def save_final(unwrapped_model: MimCoForPreTraining, output_dir: str) -> None:
+        unwrapped_model.save_pretrained(output_dir)
+        save_image_processor(output_dir, config.image_size, config.image_mean, config.image_std)
+
+    result = train(
+        training_args,
+        model,
+        dataset,
+        collator,
+        compute_loss,
+        save_final,
+        project_name="mimco-pretraining",
+        run_config={**vars(model_args), **vars(data_args), **vars(training_args)},
+        accelerator=accelerator,
+    )
+    accelerator.print(f"MimCo student saved to {result.output_dir} after {result.global_step} steps.")
+    return result
+
+
+def cli() -> int:
+    """The `mimco-pretrain` console command."""
+    return run_command(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
