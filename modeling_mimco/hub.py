@@ -1,10 +1,12 @@
-"""Model cards and Hub uploads for MimCo checkpoints; the logic behind `scripts/make_model_card.py` and
-`scripts/push_to_hub.py`.
+"""Model cards and Hub uploads for MimCo checkpoints: the logic behind `mimco-card` and `mimco-push`
+(`modeling_mimco/commands/make_model_card.py`, `push_to_hub.py`) and the pre-training loop's `--push_to_hub`.
 
 Results file
 ------------
-A card is filled from a checkpoint folder's `config.json` and, optionally, a results JSON written by the evaluation
-scripts. Its schema (every entry optional):
+A card is filled from a checkpoint folder's `config.json` and, optionally, a results JSON. `load_results` reads
+three kinds of file and turns each into the card's own schema:
+
+1. The card's schema (every entry optional):
 
 ```json
 {
@@ -24,24 +26,40 @@ scripts. Its schema (every entry optional):
 * `dataset` is the evaluation dataset: a Hub id string, or an object with `id` (Hub id or any identifier), `name`
   (display name, defaults to the id), `split` and `config`.
 * `results` holds accuracies **in percent**, under the keys of `RESULT_METRICS`. A number that is absent or `null`
-  is simply left out of the card; an unknown key is an error (a typo would otherwise vanish silently).
+  is simply left out of the card; an unknown key is an error (a typo would otherwise vanish silently), and so is an
+  unknown top-level key.
 * `pretraining` is free-form `{name: value}`: it is listed, after the fields read from `config.json`, in the card's
   training recipe.
+
+2. `linear_probe_results.json` of `mimco-probe` (`run_linear_probe.py`): `dataset`, `eval_split` and a `models` list
+   whose entries hold `name`, `model_name_or_path` and the fractions `linear_probe_top1` and `knn_top1`. The entry
+   of the checkpoint is the one whose `model_name_or_path` is the checkpoint folder (or, when that path cannot be
+   checked from here, whose name is the folder's name); `model=` (`--results_model`) picks one by name instead.
+3. The `eval_results.json` (or `all_results.json`) that the `Trainer` of `mimco-finetune` writes: the fractions
+   `eval_accuracy` and `eval_top5_accuracy`. It does not name its data, so the dataset must be given
+   (`dataset=`, `--dataset`).
+
+Fractions are turned into percent. Any other file is refused with a message naming it.
 """
 
 from __future__ import annotations
 
 import json
 import numbers
+import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 
 
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+# Read through importlib.resources, so that the template is found in an installed wheel, an editable install or a
+# zip import alike (a `Path(__file__)` expression only works when the package is a plain folder).
+DEFAULT_TEMPLATE = package_files("modeling_mimco") / "templates" / "model_card.md"
 
 # results key -> (evaluation protocol, shown as, top-k)
 RESULT_METRICS = {
@@ -52,6 +70,13 @@ RESULT_METRICS = {
     "finetune_top1": ("Fine-tuning", 1),
     "finetune_top5": ("Fine-tuning", 5),
 }
+# The top-level keys of the card's results schema.
+RESULTS_KEYS = ("model_name", "dataset", "results", "pretraining", "license", "base_model")
+LINEAR_PROBE_RESULTS_NAME = "linear_probe_results.json"
+# Trainer metric (fraction) -> results key (percent)
+FINETUNE_METRICS = {"eval_accuracy": "finetune_top1", "eval_top5_accuracy": "finetune_top5"}
+# linear-probe entry field (fraction) -> results key (percent)
+LINEAR_PROBE_METRICS = {"linear_probe_top1": "linear_probe_top1", "knn_top1": "knn_top1"}
 
 MIMCO_CITATION = """@inproceedings{zhou2022mimco,
   title     = {MimCo: Masked Image Modeling Pre-training with Contrastive Teacher},
@@ -68,8 +93,9 @@ CARD_TAGS = ["mimco", "vision", "vit", "self-supervised-learning", "masked-image
 REQUIRED_FILES = {
     "config.json": "save the model with `save_pretrained` (after `import modeling_mimco`)",
     "preprocessor_config.json": "save a `ViTImageProcessor` next to the model",
-    "README.md": "write the model card with scripts/make_model_card.py",
+    "README.md": "write the model card with `mimco-card`",
 }
+DEFAULT_COMMIT_MESSAGE = "Upload MimCo model"
 # A Hugging Face user access token, wherever it might have been pasted.
 _HF_TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 
@@ -86,23 +112,159 @@ class EvaluationDataset:
     config: str | None = None
 
 
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Reads and validates a results JSON (schema in this module's docstring); raises `ValueError` naming the file
-    and the entry that is wrong."""
+def load_results(
+    path: str | Path,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    model: str | None = None,
+    dataset: str | None = None,
+    dataset_split: str | None = None,
+) -> dict[str, Any]:
+    """Reads a results JSON of any of the kinds in this module's docstring and returns it in the card's schema,
+    validated. Raises `ValueError` naming the file and the entry that is wrong.
+
+    `checkpoint_dir` and `model` choose the entry of a linear-probe file; `dataset` (a Hub id or any identifier) and
+    `dataset_split` set or replace the evaluation dataset (a fine-tuning eval file needs them).
+    """
     path = Path(path)
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such results file.") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error}).") from None
-    validate_results(results, str(path))
+    source = str(path)
+    kind = results_kind(data, source)
+    if kind == "linear_probe":
+        results = _from_linear_probe(data, source, checkpoint_dir, model)
+    elif kind == "finetune":
+        results = _from_finetune(data, source, dataset)
+    else:
+        results = dict(data)
+        if model is not None:
+            raise ValueError(f"{source}: `model` (--results_model) only applies to a {LINEAR_PROBE_RESULTS_NAME}.")
+    if dataset is not None or dataset_split is not None:
+        results["dataset"] = _override_dataset(results.get("dataset"), dataset, dataset_split, source)
+    validate_results(results, source)
     return results
 
 
+def results_kind(data: Any, source: str = "results") -> str:
+    """`"card"`, `"linear_probe"` or `"finetune"`: which of the schemas in this module's docstring `data` follows.
+    Raises `ValueError` (one line, naming `source`) for anything else."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: the top level must be a JSON object, got {type(data).__name__}.")
+    if isinstance(data.get("models"), list):
+        return "linear_probe"
+    if "eval_accuracy" in data:
+        return "finetune"
+    unknown = sorted(set(data) - set(RESULTS_KEYS))
+    if not unknown:
+        return "card"
+    raise ValueError(
+        f"{source}: unknown results schema (unexpected keys: {', '.join(unknown)}); expected the model-card results "
+        f"schema (keys {', '.join(RESULTS_KEYS)}), a linear probe's {LINEAR_PROBE_RESULTS_NAME} (a `models` list) "
+        "or a fine-tuning eval_results.json / all_results.json (with `eval_accuracy`)."
+    )
+
+
+def _percent(value: Any, where: str) -> float | None:
+    """A fraction in [0, 1] as percent; `None` stays `None`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{where} must be an accuracy between 0 and 1 (a fraction), got {value!r}.")
+    # rounded so that float noise (71.23000000000001) does not reach the card's metadata
+    return round(100.0 * float(value), 4)
+
+
+def _same_checkpoint(entry: dict[str, Any], checkpoint_dir: Path) -> bool:
+    """Whether a linear-probe entry measured `checkpoint_dir`: the same folder when its path can be checked from
+    here, else the same folder name (the probe may have run from another working directory)."""
+    path = entry.get("model_name_or_path")
+    if isinstance(path, str) and Path(path).exists() and checkpoint_dir.exists():
+        return os.path.samefile(path, checkpoint_dir)
+    folder_name = checkpoint_dir.resolve().name
+    names = {entry.get("name")}
+    if isinstance(path, str):
+        names.add(Path(path).name)
+    return folder_name in names
+
+
+def select_linear_probe_entry(
+    models: list[Any], source: str, checkpoint_dir: str | Path | None = None, model: str | None = None
+) -> dict[str, Any]:
+    """The entry of a linear-probe results file for `model` (a `name` or `model_name_or_path`) or, without it, for
+    `checkpoint_dir`. Raises `ValueError` listing the names the file holds when there is not exactly one."""
+    entries = [entry for entry in models if isinstance(entry, dict)]
+    if len(entries) != len(models):
+        raise ValueError(f"{source}: every entry of `models` must be an object.")
+    listing = ", ".join(repr(str(entry.get("name"))) for entry in entries) or "none"
+    if model is not None:
+        hits = [entry for entry in entries if entry.get("name") == model]
+        hits = hits or [entry for entry in entries if entry.get("model_name_or_path") == model]
+        if not hits:
+            raise ValueError(f"{source}: no model named {model!r}; the file holds: {listing}.")
+        return hits[0]
+    hits = (
+        [] if checkpoint_dir is None else [entry for entry in entries if _same_checkpoint(entry, Path(checkpoint_dir))]
+    )
+    if len(hits) == 1:
+        return hits[0]
+    which = "several" if hits else "none"
+    raise ValueError(
+        f"{source}: holds linear-probe results for {len(entries)} model(s) ({listing}), {which} of which is the "
+        f"checkpoint {checkpoint_dir}; choose one with --results_model NAME."
+    )
+
+
+def _from_linear_probe(
+    report: dict[str, Any], source: str, checkpoint_dir: str | Path | None, model: str | None
+) -> dict[str, Any]:
+    entry = select_linear_probe_entry(report["models"], source, checkpoint_dir, model)
+    name = entry.get("name")
+    metrics = {
+        key: _percent(entry.get(field_name), f"{source}: models[{name!r}].{field_name}")
+        for field_name, key in LINEAR_PROBE_METRICS.items()
+    }
+    if all(value is None for value in metrics.values()):
+        raise ValueError(f"{source}: models[{name!r}] holds neither linear_probe_top1 nor knn_top1.")
+    results: dict[str, Any] = {"results": metrics}
+    dataset = report.get("dataset")
+    if isinstance(dataset, list):  # --data_files
+        dataset = ", ".join(str(item) for item in dataset)
+    if dataset:
+        results["dataset"] = {"id": str(dataset), "split": report.get("eval_split")}
+    return results
+
+
+def _from_finetune(metrics: dict[str, Any], source: str, dataset: str | None) -> dict[str, Any]:
+    if dataset is None:
+        raise ValueError(
+            f"{source}: a fine-tuning eval file does not name its evaluation data; pass the dataset (--dataset)."
+        )
+    return {
+        "results": {key: _percent(metrics.get(name), f"{source}: {name}") for name, key in FINETUNE_METRICS.items()}
+    }
+
+
+def _override_dataset(current: Any, dataset: str | None, split: str | None, source: str) -> dict[str, Any]:
+    if dataset is None:
+        if current is None:
+            raise ValueError(f"{source}: names no dataset to set the split {split!r} of; pass the dataset too.")
+        current = {"id": current} if isinstance(current, str) else dict(current)
+        return {**current, "split": split}
+    keep_split = current.get("split") if isinstance(current, dict) else None
+    return {"id": dataset, "split": split if split is not None else keep_split}
+
+
 def validate_results(results: Any, source: str = "results") -> None:
+    """Checks a results dict in the card's schema; raises `ValueError` naming `source` and the wrong entry."""
     if not isinstance(results, dict):
         raise ValueError(f"{source}: the top level must be a JSON object, got {type(results).__name__}.")
+    unknown = sorted(set(results) - set(RESULTS_KEYS))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(RESULTS_KEYS)}.")
     metrics = results.get("results") or {}
     if not isinstance(metrics, dict):
         raise ValueError(f"{source}: `results` must be an object of {{metric: accuracy in percent}}.")
@@ -222,6 +384,22 @@ def _training_recipe(config: dict[str, Any], pretraining: dict[str, Any]) -> lis
     return recipe
 
 
+def read_template(template_path: str | Path | None = None) -> str:
+    """The text of a Jinja2 model-card template: `template_path`, or the one shipped in the package."""
+    if template_path is None:
+        try:
+            return DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+        except OSError:
+            raise OSError(
+                f"{DEFAULT_TEMPLATE}: the model-card template shipped with modeling_mimco is missing; reinstall the "
+                "package, or pass a template with `--template`."
+            ) from None
+    path = Path(template_path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such model-card template; pass one with `--template`.")
+    return path.read_text(encoding="utf-8")
+
+
 def build_model_card(
     checkpoint_dir: str | Path,
     results: dict[str, Any] | None = None,
@@ -243,9 +421,7 @@ def build_model_card(
     config = json.loads(config_file.read_text(encoding="utf-8"))
     results = dict(results or {})
     validate_results(results)
-    template_path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
-    if not template_path.is_file():
-        raise ValueError(f"{template_path}: no such model-card template; pass one with `--template`.")
+    template = read_template(template_path)
 
     repo_id = repo_id or checkpoint_dir.resolve().name
     model_name = results.get("model_name") or repo_id.split("/")[-1]
@@ -301,7 +477,7 @@ def build_model_card(
     parameters = count_parameters(checkpoint_dir)
     card = ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=template,
         repo_id=repo_id,
         model_name=model_name,
         architecture=_architecture(config),
@@ -356,19 +532,21 @@ def _relative_imports(module_file: Path) -> list[str]:
     return sorted(get_relative_imports(str(module_file)))
 
 
-def collect_upload_files(checkpoint_dir: str | Path) -> tuple[list[str], list[str]]:
+def collect_upload_files(checkpoint_dir: str | Path, pending: Collection[str] = ()) -> tuple[list[str], list[str]]:
     """The files of `checkpoint_dir` to upload, and those left out.
 
     Uploaded: `config.json` (which must hold an `auto_map`), the safetensors weights (and their shard index), the
     code files that `auto_map` names together with the modules they import relatively, `preprocessor_config.json`
-    and `README.md`. Anything else in the folder (optimizer states, pickles, logs...) stays local. Raises
+    and `README.md`. Anything else in the folder (optimizer states, pickles, logs...) stays local. `pending` names
+    required files that are not written yet but will be before the upload (a generated `README.md`). Raises
     `ValueError` listing everything that is missing.
     """
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such checkpoint folder.")
-    missing = [f"{name} ({hint})" for name, hint in REQUIRED_FILES.items() if not (folder / name).is_file()]
-    files = [name for name in REQUIRED_FILES if (folder / name).is_file()]
+    present = {name for name in REQUIRED_FILES if (folder / name).is_file() or name in pending}
+    missing = [f"{name} ({hint})" for name, hint in REQUIRED_FILES.items() if name not in present]
+    files = [name for name in REQUIRED_FILES if name in present]
 
     weights = sorted(path.name for path in folder.glob("*.safetensors"))
     if not weights:
@@ -416,48 +594,176 @@ def collect_upload_files(checkpoint_dir: str | Path) -> tuple[list[str], list[st
     return files, left_out
 
 
+def _holds_token(content: bytes, token: str | None) -> bool:
+    return bool((token and token.encode() in content) or _HF_TOKEN_PATTERN.search(content))
+
+
 def check_no_secrets(checkpoint_dir: str | Path, files: list[str], token: str | None = None) -> None:
     """Refuses an upload whose files contain a Hugging Face access token (`token` itself, or anything shaped like
-    one). The error names the file, never the token."""
+    one). The error names the file, never the token. Files of `files` that do not exist (yet) are skipped."""
     folder = Path(checkpoint_dir)
-    needle = token.encode() if token else None
     for name in files:
-        content = (folder / name).read_bytes()
-        if (needle and needle in content) or _HF_TOKEN_PATTERN.search(content):
-            raise ValueError(f"{folder / name} contains a Hugging Face access token; remove it before uploading.")
+        path = folder / name
+        if path.is_file() and _holds_token(path.read_bytes(), token):
+            raise ValueError(f"{path} contains a Hugging Face access token; remove it before uploading.")
 
 
-def push_checkpoint(
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (huggingface_hub's HTTP errors span several), for a command's `error:` line."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _is_transfer_error(error: BaseException) -> bool:
+    """An error of the HTTP client under huggingface_hub (httpx), or one that wraps such an error."""
+    for item in (error, error.__cause__):
+        if item is not None and type(item).__module__.split(".")[0].startswith("httpx"):
+            return True
+    return isinstance(error, RuntimeError) and str(error).startswith("Error while uploading")
+
+
+@dataclass
+class UploadPlan:
+    """What `push_to_hub` would upload: the folder's files, those left out, and the model card that it generates
+    (and writes as `README.md` just before the commit) when the folder has none."""
+
+    folder: Path
+    repo_id: str
+    files: list[str]
+    left_out: list[str]
+    generated_card: ModelCard | None = field(default=None, repr=False)
+
+
+def plan_upload(
     checkpoint_dir: str | Path,
-    repo_id: str,
-    private: bool = False,
-    commit_message: str = "Upload MimCo model",
-    revision: str | None = None,
-    api: Any = None,
-) -> Any:
-    """Creates `repo_id` if needed and uploads the files of `collect_upload_files` in one commit.
+    hub_model_id: str,
+    *,
+    token: str | None = None,
+    results: dict[str, Any] | None = None,
+) -> UploadPlan:
+    """Checks a checkpoint folder for upload without writing or sending anything.
 
-    The token comes from `HF_TOKEN` or the cached login (`hf auth login`), through huggingface_hub; it is never
-    printed or written. Returns the `CommitInfo`.
+    Without a `README.md`, the model card is built (`build_model_card`, with `results` in the card's schema) and
+    kept in the plan. The files of `collect_upload_files` and the card are checked for access tokens
+    (`check_no_secrets`, with `token` and the token pattern). Raises `ValueError` naming what is missing or wrong.
     """
-    files, _ = collect_upload_files(checkpoint_dir)
-    token = get_token()
-    if token is None:
-        raise ValueError("No Hugging Face token: set HF_TOKEN or log in with `hf auth login`.")
-    check_no_secrets(checkpoint_dir, files, token)
-    api = api if api is not None else HfApi()
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     folder = Path(checkpoint_dir)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-    return api.create_commit(
-        repo_id=repo_id, repo_type="model", operations=operations, commit_message=commit_message, revision=revision
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such checkpoint folder.")
+    card = None
+    if not (folder / "README.md").is_file() and (folder / "config.json").is_file():
+        card = build_model_card(folder, results, repo_id=hub_model_id)
+    files, left_out = collect_upload_files(folder, pending=("README.md",) if card is not None else ())
+    check_no_secrets(folder, files, token)
+    if card is not None and _holds_token(str(card).encode(), token):
+        raise ValueError(f"The model card generated for {folder} contains a Hugging Face access token.")
+    return UploadPlan(folder, hub_model_id, files, left_out, card)
+
+
+def _summarize_paths(paths: list[str]) -> str:
+    """`a.pt, logs/ (3 files)`: a folder (checkpoints, logs) is one entry, not one per file."""
+    entries: dict[str, int] = {}
+    for path in paths:
+        top, _, rest = path.partition("/")
+        key = f"{top}/" if rest else top
+        entries[key] = entries.get(key, 0) + 1
+    return ", ".join(
+        f"{key} ({count} file{'s' if count != 1 else ''})" if key.endswith("/") else key
+        for key, count in entries.items()
     )
 
 
+def push_to_hub(
+    checkpoint_dir: str | Path,
+    hub_model_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    revision: str | None = None,
+    results: dict[str, Any] | None = None,
+    dry_run: bool = False,
+    api: HfApi | None = None,
+    log: Callable[[str], None] = print,
+) -> CommitInfo | None:
+    """Uploads a checkpoint folder to `hub_model_id` in one commit: the one upload path of the package (`mimco-push`
+    and the pre-training loop's `--push_to_hub` both call it).
+
+    1. `plan_upload`: writes nothing yet; builds the model card when the folder has no `README.md` (from
+       `config.json` and `results`, a dict in the card's schema, see `load_results`; `results` is not used when
+       a card exists), collects the files (`collect_upload_files`) and refuses files that hold `token` or anything
+       shaped like an access token.
+    2. Logs (through `log`) the files to upload and those left out. With `dry_run`, stops there: returns `None`,
+       nothing is written or sent.
+    3. Creates the repository if needed (`private` applies to a new one), writes the generated card as
+       `README.md`, and commits every file in one commit on `revision` (default: main); logs the commit URL.
+
+    The token is `token`, else `HF_TOKEN` or the cached login (`hf auth login`); it is checked against the files,
+    sent in the request headers only, and never logged. The Hub address is huggingface_hub's (`HF_ENDPOINT`).
+    Returns the `CommitInfo`. Raises `ValueError` for a folder that is not ready or a missing token; network errors
+    are huggingface_hub's (`OSError`s).
+    """
+    token = token or get_token()  # an empty `--hub_token` means "not given"
+    if token is None and not dry_run:
+        raise ValueError("No Hugging Face token: set HF_TOKEN or log in with `hf auth login`.")
+    if _holds_token(commit_message.encode(), token):
+        raise ValueError("The commit message contains a Hugging Face access token.")
+    plan = plan_upload(checkpoint_dir, hub_model_id, token=token, results=results)
+    folder = plan.folder
+
+    verb = "Would upload" if dry_run else "Uploading"
+    visibility = "private" if private else "public"  # applies to a repository that does not exist yet
+    log(f"{verb} {len(plan.files)} files from {folder} to {hub_model_id} ({visibility} if created):")
+    for name in plan.files:
+        note = " (model card generated from config.json)" if name == "README.md" and plan.generated_card else ""
+        log(f"  {name}{note}")
+    if plan.left_out:
+        log(f"Left out ({len(plan.left_out)} files, kept local): {_summarize_paths(plan.left_out)}")
+    if dry_run:
+        log("Dry run: nothing was uploaded" + (" and no README.md written." if plan.generated_card else "."))
+        return None
+
+    api = api if api is not None else HfApi(token=token)
+    try:
+        api.create_repo(repo_id=hub_model_id, repo_type="model", private=private, exist_ok=True, token=token)
+        if plan.generated_card is not None:  # written once the Hub has accepted the token
+            plan.generated_card.save(folder / "README.md")
+            log(f"Wrote the model card {folder / 'README.md'}.")
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in plan.files]
+        commit = api.create_commit(
+            repo_id=hub_model_id,
+            repo_type="model",
+            operations=operations,
+            commit_message=commit_message,
+            revision=revision,
+            token=token,
+        )
+    except OSError as error:  # huggingface_hub's HTTP errors: they name the URL and the server's message
+        if token and token in str(error):  # a server that echoes the token must not make us print it
+            raise OSError(str(error).replace(token, "<token>")) from None
+        raise
+    except Exception as error:
+        # A connection that fails (httpx's transport errors) or an LFS upload that does (a RuntimeError) is no
+        # OSError; give the commands their one-line message, and keep the cause for a traceback.
+        if not _is_transfer_error(error):
+            raise
+        cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ else error
+        raise OSError(
+            f"Upload of {folder} to {hub_model_id} at {getattr(api, 'endpoint', 'the Hub')} failed: {error}"
+            + (f" ({type(cause).__name__}: {cause})" if cause is not error else "")
+        ) from error
+    log(f"Committed {len(plan.files)} files to {hub_model_id}: {commit.commit_url}")
+    return commit
+
+
 __all__ = [
-    "DEFAULT_TEMPLATE_PATH",
+    "DEFAULT_COMMIT_MESSAGE",
+    "DEFAULT_TEMPLATE",
+    "FINETUNE_METRICS",
+    "LINEAR_PROBE_METRICS",
     "MIMCO_CITATION",
+    "RESULTS_KEYS",
     "RESULT_METRICS",
+    "UploadPlan",
     "build_model_card",
     "check_no_secrets",
     "collect_upload_files",
@@ -466,7 +772,12 @@ __all__ = [
     "format_accuracy",
     "load_results",
     "measured_metrics",
-    "push_checkpoint",
+    "one_line",
+    "plan_upload",
+    "push_to_hub",
+    "read_template",
+    "results_kind",
+    "select_linear_probe_entry",
     "validate_model_card",
     "validate_results",
 ]

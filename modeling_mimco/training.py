@@ -753,24 +753,20 @@ def train(
                 indent=2,
             )
         if args.push_to_hub:
-            _push_to_hub(args)
+            from .hub import push_to_hub  # the one checked upload path: model card, file list, secret check
+
+            push_to_hub(
+                args.output_dir,
+                args.hub_model_id,
+                token=args.hub_token,
+                private=args.hub_private_repo,
+                commit_message="Upload MimCo pre-training output",
+                log=accelerator.print,
+            )
     accelerator.end_training()
     if skipped.num_skipped:
         accelerator.print(skipped.summary())
     return TrainingResult(global_step, log_history, bad_steps, skipped.num_skipped, args.output_dir)
-
-
-def _push_to_hub(args: PreTrainingArguments) -> None:
-    from huggingface_hub import HfApi
-
-    api = HfApi()  # the token comes from HF_TOKEN or the cached login; it is never printed
-    api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True)
-    api.upload_folder(
-        repo_id=args.hub_model_id,
-        folder_path=args.output_dir,
-        ignore_patterns=["checkpoints/*", "logs/*", ".tmp-*"],
-        commit_message="Upload MimCo pre-training output",
-    )
 
 
 def _flat_config(config: dict) -> dict:

@@ -14,6 +14,8 @@ os.environ["HF_HOME"] = _TEST_HF_HOME
 for _variable in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_MODULES_CACHE"):
     os.environ.pop(_variable, None)
 atexit.register(shutil.rmtree, _TEST_HF_HOME, ignore_errors=True)
+# huggingface_hub may otherwise ask the Hub for telemetry settings while it builds request headers
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import huggingface_hub.constants  # noqa: E402 (after the cache is set)
 import pytest  # noqa: E402 (after the cache is set)

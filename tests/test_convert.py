@@ -5,16 +5,15 @@ comparing outputs with timm's own forward pass.
 """
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers.scripts import load_script
 import timm
 import torch
+from helpers.scripts import load_script
 from safetensors.torch import load_file, save_file
 
 from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel, convert

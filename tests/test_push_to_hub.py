@@ -1,5 +1,6 @@
-"""Hub upload: the file list, the checks on the folder, one commit, and no token anywhere. No test reaches the
-network: `HfApi` is replaced, and sockets refuse to connect."""
+"""Hub upload: the file list, the checks on the folder, one commit, and no token anywhere. No test here reaches the
+network: `HfApi` is replaced, and sockets refuse to connect (tests/test_hub_server.py runs real uploads against a
+local fake Hub)."""
 
 import json
 import socket
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers.scripts import load_script
+from huggingface_hub import CommitInfo, ModelCard
 from transformers import ViTImageProcessor
 
 from modeling_mimco import MimCoConfig, MimCoModel, hub
@@ -77,26 +79,46 @@ def expected_files(folder: Path) -> set[str]:
     return {"config.json", "preprocessor_config.json", "README.md"} | weights | code_files
 
 
+def listed_files(output: str) -> list[str]:
+    """The file names that `push_to_hub` prints, one per indented line (without a note in parentheses)."""
+    return [line.strip().split(" (")[0] for line in output.splitlines() if line.startswith("  ")]
+
+
 def test_dry_run_lists_the_files_and_uploads_nothing(script, checkpoint, no_network, capsys):
     expected = expected_files(checkpoint)
     (checkpoint / "optimizer.pt").write_bytes(b"\x80\x04not for upload")
     (checkpoint / "logs").mkdir()
     (checkpoint / "logs" / "events.txt").write_text("step 1")
 
-    files = script.main(["--checkpoint_dir", str(checkpoint), "--hub_model_id", "me/mimco-tiny", "--dry_run"])
+    assert script.main(["--checkpoint_dir", str(checkpoint), "--hub_model_id", "me/mimco-tiny", "--dry_run"]) is None
     output = capsys.readouterr().out
-    assert set(files) == expected
-    for name in expected:
-        assert f"  {name}\n" in output
+    files = listed_files(output)
+    assert set(files) == expected and len(files) == len(expected)
+    assert files == hub.plan_upload(checkpoint, "me/mimco-tiny").files
     assert "optimizer.pt" not in files and "logs/events.txt" not in files
-    assert "Left out" in output and "optimizer.pt" in output
+    assert "Left out (2 files, kept local): logs/ (1 file), optimizer.pt" in output
     assert "nothing was uploaded" in output
+
+
+def test_dry_run_without_a_card_would_generate_it_and_writes_nothing(script, checkpoint, no_network, capsys):
+    expected = expected_files(checkpoint)
+    (checkpoint / "README.md").unlink()
+    before = sorted(path.name for path in checkpoint.iterdir())
+    script.main(["--checkpoint_dir", str(checkpoint), "--hub_model_id", "me/mimco-tiny", "--dry_run"])
+    output = capsys.readouterr().out
+    assert set(listed_files(output)) == expected
+    assert "  README.md (model card generated from config.json)" in output
+    assert "no README.md written" in output
+    assert sorted(path.name for path in checkpoint.iterdir()) == before
+
+    plan = hub.plan_upload(checkpoint, "me/mimco-tiny")
+    assert plan.generated_card is not None and plan.generated_card.data.library_name == "transformers"
+    assert 'repo_id = "me/mimco-tiny"' in plan.generated_card.text
 
 
 @pytest.mark.parametrize(
     "remove, message",
     [
-        ("README.md", "README.md"),
         ("preprocessor_config.json", "preprocessor_config.json"),
         ("model.safetensors", "safetensors"),
         ("teacher.py", "teacher.py"),
@@ -108,6 +130,13 @@ def test_missing_files_are_named(script, checkpoint, no_network, remove, message
     with pytest.raises(SystemExit, match=message) as error:
         script.main(["--checkpoint_dir", str(checkpoint), "--hub_model_id", "me/mimco-tiny", "--dry_run"])
     assert "missing" in str(error.value)
+
+
+def test_missing_config_and_card_are_both_named(script, checkpoint, no_network):
+    (checkpoint / "config.json").unlink()
+    (checkpoint / "README.md").unlink()
+    with pytest.raises(SystemExit, match="missing: config.json .*README.md"):
+        script.main(["--checkpoint_dir", str(checkpoint), "--hub_model_id", "me/mimco-tiny", "--dry_run"])
 
 
 def test_config_without_auto_map_is_refused(script, checkpoint, no_network):
@@ -129,7 +158,12 @@ class RecordingApi:
 
     def create_commit(self, **kwargs):
         RecordingApi.calls.append(("create_commit", kwargs))
-        return "https://huggingface.co/me/mimco-tiny/commit/0"
+        return CommitInfo(
+            commit_url="https://huggingface.co/me/mimco-tiny/commit/" + "0" * 40,
+            commit_message=kwargs["commit_message"],
+            commit_description="",
+            oid="0" * 40,
+        )
 
     def upload_folder(self, **kwargs):
         RecordingApi.calls.append(("upload_folder", kwargs))
@@ -139,10 +173,11 @@ def test_push_makes_one_commit_without_printing_the_token(script, checkpoint, mo
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     monkeypatch.setattr(hub, "HfApi", RecordingApi)
     RecordingApi.calls = []
-    dry_files = script.main(["--checkpoint_dir", str(checkpoint), "--hub_model_id", "me/mimco-tiny", "--dry_run"])
+    script.main(["--checkpoint_dir", str(checkpoint), "--hub_model_id", "me/mimco-tiny", "--dry_run"])
+    dry_files = listed_files(capsys.readouterr().out)
     assert RecordingApi.calls == []
 
-    files = script.main(
+    commit = script.main(
         [
             "--checkpoint_dir",
             str(checkpoint),
@@ -153,20 +188,48 @@ def test_push_makes_one_commit_without_printing_the_token(script, checkpoint, mo
             "First upload",
         ]
     )
-    assert files == dry_files
+    assert commit.oid == "0" * 40
     names = [call[0] for call in RecordingApi.calls]
     assert names.count("create_repo") == 1 and names.count("create_commit") == 1 and "upload_folder" not in names
     create_repo = next(call[1] for call in RecordingApi.calls if call[0] == "create_repo")
     assert create_repo["repo_id"] == "me/mimco-tiny" and create_repo["private"] is True
-    commit = next(call[1] for call in RecordingApi.calls if call[0] == "create_commit")
-    assert commit["commit_message"] == "First upload"
-    assert sorted(operation.path_in_repo for operation in commit["operations"]) == sorted(dry_files)
+    # the token that was checked against the files is the one the requests use
+    assert create_repo["token"] == FAKE_TOKEN
+    commit_call = next(call[1] for call in RecordingApi.calls if call[0] == "create_commit")
+    assert commit_call["commit_message"] == "First upload" and commit_call["token"] == FAKE_TOKEN
+    assert sorted(operation.path_in_repo for operation in commit_call["operations"]) == sorted(dry_files)
 
     captured = capsys.readouterr()
+    assert f"Committed {len(dry_files)} files to me/mimco-tiny: {commit.commit_url}" in captured.out
     assert FAKE_TOKEN not in captured.out + captured.err + caplog.text
     assert not any(
         FAKE_TOKEN in path.read_bytes().decode("latin-1") for path in checkpoint.rglob("*") if path.is_file()
     )
+
+
+def test_push_writes_the_generated_card_before_the_commit(checkpoint, monkeypatch, capsys):
+    (checkpoint / "README.md").unlink()
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    RecordingApi.calls = []
+    results = {"dataset": "uoft-cs/cifar10", "results": {"knn_top1": 55.5}}
+    hub.push_to_hub(checkpoint, "me/mimco-tiny", token=FAKE_TOKEN, results=results)
+    card = ModelCard.load(checkpoint / "README.md")
+    assert [result.metric_value for result in card.data.eval_results] == [55.5]
+    commit_call = next(call[1] for call in RecordingApi.calls if call[0] == "create_commit")
+    assert "README.md" in [operation.path_in_repo for operation in commit_call["operations"]]
+    assert f"Wrote the model card {checkpoint / 'README.md'}" in capsys.readouterr().out
+
+
+def test_an_explicit_token_is_checked_against_the_files(checkpoint, monkeypatch, no_network):
+    """The training loop passes `--hub_token`: that token, not HF_TOKEN's, must be the one looked for."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    other_token = "not-shaped-like-a-token-1234"
+    (checkpoint / "preprocessor_config.json").write_text(json.dumps({"note": other_token}))
+    with pytest.raises(ValueError, match="preprocessor_config.json contains") as error:
+        hub.push_to_hub(checkpoint, "me/mimco-tiny", token=other_token)
+    assert other_token not in str(error.value)
+    with pytest.raises(ValueError, match="commit message"):
+        hub.push_to_hub(checkpoint, "me/mimco-tiny", token=FAKE_TOKEN, commit_message=f"token {FAKE_TOKEN}")
 
 
 def test_files_holding_a_token_are_refused(script, checkpoint, monkeypatch, no_network):

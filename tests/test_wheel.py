@@ -1,0 +1,113 @@
+"""The package as a user installs it: a wheel built from this tree, installed into a separate environment, used from
+another directory through its console commands.
+
+The environment reuses the dependencies already installed here (a path entry to this interpreter's site-packages,
+after the new environment's own), so the test needs no network; this interpreter's editable install of the package
+is not visible there (its `.pth` hook is not run), so everything comes from the wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = (
+    "mimco-contrastive",
+    "mimco-pretrain",
+    "mimco-finetune",
+    "mimco-probe",
+    "mimco-convert",
+    "mimco-card",
+    "mimco-push",
+)
+
+
+def _run(command: list, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    completed = subprocess.run(
+        [str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert completed.returncode == 0, f"{command}:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}"
+    return completed
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("wheel")
+    dist = root / "dist"
+    # no build isolation: the build backend (setuptools) is already installed, and CI should not fetch it again
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", dist, REPO],
+        cwd=root,
+    )
+    (wheel,) = dist.glob("mimco-*.whl")
+    environment = root / "env"
+    venv.create(environment, with_pip=False)
+    python = environment / "bin" / "python"
+    new_site = Path(
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
+    (new_site / "reuse_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel], cwd=root)
+    work = root / "elsewhere"
+    work.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return {"wheel": wheel, "python": python, "bin": environment / "bin", "cwd": work, "env": env}
+
+
+def test_wheel_ships_the_package_the_commands_and_the_card_template(installed):
+    names = zipfile.ZipFile(installed["wheel"]).namelist()
+    assert "modeling_mimco/templates/model_card.md" in names
+    assert "modeling_mimco/commands/run_pretraining.py" in names
+    entry_points = next(name for name in names if name.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(installed["wheel"]).read(entry_points).decode()
+    for command in COMMANDS:
+        assert f"{command} = " in text, command
+
+
+def test_package_is_imported_from_the_wheel_not_from_the_clone(installed):
+    completed = _run(
+        [installed["python"], "-c", "import modeling_mimco; print(modeling_mimco.__file__)"],
+        cwd=installed["cwd"],
+        env=installed["env"],
+    )
+    location = Path(completed.stdout.strip())
+    assert REPO not in location.parents, location
+    assert installed["bin"].parent in location.parents, location
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_console_command_help(installed, command):
+    completed = _run([installed["bin"] / command, "--help"], cwd=installed["cwd"], env=installed["env"])
+    assert completed.stdout.startswith(f"usage: {command}"), completed.stdout[:200]
+
+
+def test_model_card_from_an_installed_wheel(installed):
+    checkpoint = installed["cwd"] / "tiny-mimco"
+    script = (
+        "import modeling_mimco, sys\n"
+        "config = modeling_mimco.MimCoConfig(image_size=32, patch_size=4, mask_patch_size=8, hidden_size=32,\n"
+        "    num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)\n"
+        "modeling_mimco.MimCoModel(config).save_pretrained(sys.argv[1])\n"
+    )
+    _run([installed["python"], "-c", script, checkpoint], cwd=installed["cwd"], env=installed["env"])
+    completed = _run(
+        [installed["bin"] / "mimco-card", "--checkpoint_dir", checkpoint], cwd=installed["cwd"], env=installed["env"]
+    )
+    card = (checkpoint / "README.md").read_text()
+    assert "library_name: transformers" in card
+    assert "mimco" in card
+    assert "Wrote the model card" in completed.stdout
