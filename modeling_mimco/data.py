@@ -56,6 +56,8 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tensor
 from torchvision.transforms import v2
 
+from .errors import MimCoError
+
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class UnreadableImageError(OSError):
         self.path = path
 
 
-class TooManyUnreadableImagesError(RuntimeError):
+class TooManyUnreadableImagesError(MimCoError):
     """Raised by `SkippedImageTracker` when the fraction of unreadable images exceeds `--max_skipped_fraction`."""
 
 
@@ -153,6 +155,7 @@ def load_image_dataset(
     cache_dir: str | None = None,
     token: str | bool | None = None,
     digits_image_size: int = 32,
+    report_skipped_links: bool = True,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Loads one split of an image dataset from exactly one source.
 
@@ -175,6 +178,14 @@ def load_image_dataset(
         cache_dir: Where `datasets` caches downloads and prepared Arrow files.
         token: Hub token for gated or private datasets; `None` uses the cached login / `HF_TOKEN`.
         digits_image_size: Side of the digits images, when the digits demo is the source.
+        report_skipped_links: With `train_dir`, warn about the symbolic links that `"imagefolder"` drops without a
+            word (dangling links, link loops, links to folders), naming up to 10 of them and counting all
+            (`find_skipped_links`). Loading further splits of a folder already reported can turn this off.
+
+    Local parquet files (`data_files`, or the files of a local dataset folder) are checked first: one that is
+    truncated or not parquet raises `ValueError` naming it, and `datasets` failing to prepare a source raises
+    `ValueError` naming the source. The row counts of the files are remembered, so that an unreadable image without
+    a file name is reported by its row and parquet file (see `apply_example_transform`).
 
     Returns:
         A `datasets.Dataset`, or a `datasets.IterableDataset` when `streaming=True`.
@@ -195,17 +206,26 @@ def load_image_dataset(
         return dataset.to_iterable_dataset(num_shards=_digits_num_shards(len(dataset))) if streaming else dataset
 
     common = {"split": split, "streaming": streaming, "cache_dir": cache_dir, "token": token}
+    parquet_files = None
     if dataset_name is not None:
         path, kwargs, source = dataset_name, {"name": dataset_config_name}, f"--dataset_name {dataset_name!r}"
+        if os.path.isdir(dataset_name):  # a local dataset folder; a Hub dataset is not looked into here
+            parquet_files = _checked_parquet_files(path, kwargs, source, cache_dir=cache_dir, token=token)
     elif train_dir is not None:
         if not os.path.isdir(train_dir):
             raise ValueError(f"--train_dir {train_dir!r} is not a directory.")
         path, kwargs, source = "imagefolder", {"data_dir": train_dir}, f"--train_dir {train_dir!r}"
+        if report_skipped_links:
+            _warn_about_skipped_links(train_dir)
     else:
         path, kwargs, source = "parquet", {"data_files": data_files}, f"--data_files {data_files!r}"
+        parquet_files = _checked_parquet_files(path, kwargs, "--data_files", cache_dir=cache_dir, token=token)
 
     try:
-        return datasets.load_dataset(path, **kwargs, **common)
+        dataset = datasets.load_dataset(path, **kwargs, **common)
+    except DatasetGenerationError as err:
+        # e.g. a parquet file whose footer is intact but whose pages are damaged; the cause says what failed
+        raise ValueError(f"{source}: datasets could not read the data: {one_line(err.__cause__ or err)}") from err
     except ValueError as err:
         if "split" not in str(err).lower():
             raise
@@ -213,6 +233,9 @@ def load_image_dataset(
         if available is None or _split_base_names(split) <= set(available):
             raise
         raise ValueError(f"Split {split!r} does not exist in {source}; available splits: {available}.") from err
+    if parquet_files is not None and isinstance(dataset, datasets.Dataset):
+        _remember_row_sources(dataset, parquet_files.get(str(split)))
+    return dataset
 
 
 def _digits_num_shards(num_rows: int) -> int:

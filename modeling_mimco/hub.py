@@ -608,11 +608,6 @@ def check_no_secrets(checkpoint_dir: str | Path, files: list[str], token: str | 
             raise ValueError(f"{path} contains a Hugging Face access token; remove it before uploading.")
 
 
-def one_line(error: BaseException) -> str:
-    """An error's message on one line (huggingface_hub's HTTP errors span several), for a command's `error:` line."""
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-
-
 def _is_transfer_error(error: BaseException) -> bool:
     """An error of the HTTP client under huggingface_hub (httpx), or one that wraps such an error."""
     for item in (error, error.__cause__):
@@ -772,7 +767,6 @@ __all__ = [
     "format_accuracy",
     "load_results",
     "measured_metrics",
-    "one_line",
     "plan_upload",
     "push_to_hub",
     "read_template",

@@ -7,6 +7,7 @@ processes, precision, checkpoints and logging lives here.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -15,10 +16,12 @@ import os
 import random
 import shutil
 import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+import filelock
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -29,6 +32,7 @@ from accelerate.utils import (
     parse_flag_from_env,
     set_seed,
 )
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
@@ -40,6 +44,7 @@ from .data import (
     resolve_image_column,
     shard_for_process,
 )
+from .errors import MimCoError, one_line
 
 
 logger = logging.getLogger(__name__)
@@ -47,6 +52,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 MANIFEST_NAME = "checkpoint_manifest.json"
 TRAINER_STATE_NAME = "trainer_state.json"
+LOCK_NAME = ".mimco-run.lock"
+LOCK_HOLDER_NAME = ".mimco-run.json"
 
 # Parameters that AdamW must not decay: norms and biases (1-D) and the learned tokens and position embeddings.
 NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "position_embeddings")
@@ -222,8 +229,12 @@ def _only_batch(batches: list[dict]) -> dict:
     return batches[0]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MimCoError):
     """A checkpoint folder that is incomplete or damaged."""
+
+
+class TrainingDivergedError(MimCoError):
+    """Too many consecutive steps had a NaN/Inf loss or gradient."""
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -269,34 +280,69 @@ def skip_update_if(optimizer, bad: torch.Tensor, accelerator: Accelerator) -> No
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
 
+def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _write_manifest(folder: str) -> None:
+    """Records every file's size and SHA-256, so that damage of any kind (truncation, bytes overwritten in place)
+    is found before a resume trusts the checkpoint."""
     files = {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
-            files[os.path.relpath(path, folder)] = os.path.getsize(path)
-    with open(os.path.join(folder, MANIFEST_NAME), "w") as handle:
-        json.dump({"files": files}, handle, indent=2)
+            files[os.path.relpath(path, folder)] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+    _write_json_atomically(os.path.join(folder, MANIFEST_NAME), {"files": files})
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def verify_checkpoint(folder: str) -> None:
-    """Raises `CheckpointError` naming the problem unless every file of `folder` is present and complete."""
+    """Raises `CheckpointError` naming the problem unless every file of `folder` is present, complete and unchanged
+    (size and SHA-256 as the manifest recorded them; manifests of older versions hold sizes only)."""
     manifest_path = os.path.join(folder, MANIFEST_NAME)
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"Checkpoint {folder} has no {MANIFEST_NAME}: it was not completely written.")
     try:
         with open(manifest_path) as handle:
             files = json.load(handle)["files"]
-    except (json.JSONDecodeError, KeyError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"Checkpoint {folder}: {MANIFEST_NAME} is unreadable ({error}).") from error
-    for name, size in files.items():
+    for name, recorded in files.items():
         path = os.path.join(folder, name)
+        size, sha256 = (recorded, None) if isinstance(recorded, int) else (recorded["size"], recorded["sha256"])
         if not os.path.isfile(path):
             raise CheckpointError(f"Checkpoint {folder} is missing {name}.")
         if os.path.getsize(path) != size:
             raise CheckpointError(
                 f"Checkpoint {folder}: {name} has {os.path.getsize(path)} bytes, {size} were written (truncated?)."
             )
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise CheckpointError(f"Checkpoint {folder}: {name} changed after it was written (checksum mismatch).")
+
+
+def read_trainer_state(folder: str) -> dict:
+    """The loop's counters and log of a checkpoint (`trainer_state.json`); `CheckpointError` if it is unreadable."""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME)) as handle:
+            state = json.load(handle)
+        for key in ("global_step", "epoch", "batches_done_in_epoch", "bad_steps", "log_history"):
+            state[key]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"Checkpoint {folder}: {TRAINER_STATE_NAME} is unreadable ({error}).") from error
+    return state
 
 
 def list_checkpoints(checkpoint_root: str) -> list[str]:
@@ -311,19 +357,25 @@ def list_checkpoints(checkpoint_root: str) -> list[str]:
 
 
 def find_resume_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
-    """Resolves `--resume_from_checkpoint`: `latest` picks the newest complete checkpoint (skipping damaged ones with
-    a warning) or `None` when there is none; a path must be a complete checkpoint."""
+    """Resolves `--resume_from_checkpoint`: `latest` picks the newest checkpoint that verifies (skipping damaged
+    ones with a warning) or `None` when there is none; a path must verify."""
+    return next(iter(resume_candidates(output_dir, resume_from_checkpoint)), None)
+
+
+def resume_candidates(output_dir: str, resume_from_checkpoint: str) -> Iterator[str]:
+    """The checkpoints to try, best first, each verified just before it is offered: for `latest`, every verified
+    checkpoint newest first (a damaged one is skipped with a warning); for a path, that path only."""
     if resume_from_checkpoint != "latest":
         verify_checkpoint(resume_from_checkpoint)
-        return resume_from_checkpoint
+        yield resume_from_checkpoint
+        return
     for folder in reversed(list_checkpoints(os.path.join(output_dir, "checkpoints"))):
         try:
             verify_checkpoint(folder)
         except CheckpointError as error:
             logger.warning(f"Skipping damaged checkpoint: {error}")
             continue
-        return folder
-    return None
+        yield folder
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state: dict, keep: int | None) -> str:
@@ -348,6 +400,43 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_final_atomically(save_final: Callable[[torch.nn.Module, str], None], model, output_dir: str) -> None:
+    """Runs `save_final` into a temporary folder inside `output_dir`, then renames each entry into place, so that
+    an interruption never leaves a final folder with a config but no weights."""
+    temporary = os.path.join(output_dir, ".tmp-final")
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    save_final(model, temporary)
+    for name in sorted(os.listdir(temporary)):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(temporary, name), target)
+    os.rmdir(temporary)
+
+
+def resume(accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str) -> dict | None:
+    """Loads the newest usable checkpoint into the prepared objects and returns its trainer state.
+
+    With `latest`, a checkpoint that fails to verify or to load is skipped with a warning and the previous one is
+    tried; `None` when none is usable (the run starts from scratch). A checkpoint given by path must load.
+    """
+    for checkpoint in resume_candidates(output_dir, resume_from_checkpoint):
+        try:
+            state = read_trainer_state(checkpoint)
+            accelerator.load_state(checkpoint)
+        except (CheckpointError, SafetensorError, RuntimeError, OSError, ValueError, EOFError) as error:
+            message = f"Checkpoint {checkpoint} could not be loaded ({one_line(error)})"
+            if resume_from_checkpoint != "latest":
+                raise CheckpointError(message) from error
+            logger.warning(f"{message}; trying the previous one.")
+            continue
+        accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']} (epoch {state['epoch']}).")
+        return state
+    logger.warning(f"No usable checkpoint in {output_dir}/checkpoints: starting from scratch.")
+    return None
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
@@ -391,6 +480,127 @@ def _batch_size(batch: dict) -> int:
         if isinstance(value, torch.Tensor) and value.ndim >= 4:
             return value.shape[0]
     return 0
+
+
+class OutputDirInUseError(MimCoError):
+    """Another run holds the lock of the output folder."""
+
+
+def check_output_dir(output_dir: str, process_index: int = 0) -> None:
+    """Creates `--output_dir` if needed and proves that it is writable (a probe file is written and removed), so
+    that a run never trains to the end and then fails at the final save."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} exists and is not a folder.")
+    probe = os.path.join(output_dir, f".write-test-{process_index}-{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(error.errno, f"--output_dir {output_dir!r} is not writable: {error.strerror}") from None
+
+
+class OutputDirLock:
+    """An exclusive lock on the output folder for the whole run, so that two runs never write into one folder.
+
+    The lock is an OS file lock (`filelock`) on `OUTPUT/.mimco-run.lock`: the kernel releases it when its holder
+    dies, so a killed run leaves no lock that blocks the next one. `OUTPUT/.mimco-run.json` names the holder (host,
+    pid, start time) for the message a second run gets; one left behind by a dead run is replaced.
+    """
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.lock = filelock.FileLock(os.path.join(output_dir, LOCK_NAME))
+        self.holder_path = os.path.join(output_dir, LOCK_HOLDER_NAME)
+
+    def acquire(self) -> str | None:
+        """Takes the lock; returns `None`, or a message naming the run that holds it."""
+        try:
+            self.lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return (
+                f"--output_dir {self.output_dir!r} is in use by another run ({self._holder()}): wait for it to "
+                "finish, or choose another --output_dir."
+            )
+        if os.path.exists(self.holder_path):
+            logger.info(f"Replacing the stale lock of a run that ended without releasing it ({self._holder()}).")
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write_json_atomically(self.holder_path, holder)
+        return None
+
+    def _holder(self) -> str:
+        try:
+            with open(self.holder_path) as handle:
+                holder = json.load(handle)
+            return f"pid {holder['pid']} on {holder['host']}, since {holder['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self.lock.is_locked:
+            try:
+                os.remove(self.holder_path)
+            except FileNotFoundError:
+                pass
+            self.lock.release()
+
+
+class LogWindow:
+    """The steps since the last logging step, summed on the device so that a step needs no host sync.
+
+    `state_dict` (called on every process, as checkpoints are) reduces the sums over processes, so a run resumed
+    from a checkpoint written mid-window logs the same averages as the run it continues.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum: torch.Tensor | None = None
+        self.parts: dict[str, torch.Tensor] = {}
+        self.finite_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self.images = 0
+        self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
+        self.start = time.perf_counter()
+
+    def add_step(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Adds one micro-batch's loss and extra scalars; a NaN/Inf loss is kept out of the averages."""
+        finite = torch.isfinite(loss.detach())
+        self.finite_steps = self.finite_steps + finite.long()
+        detached = torch.where(finite, loss.detach(), 0.0)
+        self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
+        for name, value in parts.items():
+            self.parts[name] = self.parts.get(name, 0.0) + torch.where(finite, value.detach(), 0.0)
+
+    def state_dict(self, accelerator: Accelerator) -> dict:
+        """The window as numbers: loss sums averaged over processes, image counts summed."""
+
+        def mean(value: torch.Tensor | None) -> float | None:
+            return None if value is None else float(accelerator.reduce(value.detach().clone(), "mean"))
+
+        counts = accelerator.reduce(
+            torch.stack([torch.tensor(self.images, device=self.device), self.skipped]), reduction="sum"
+        ).tolist()
+        return {
+            "loss_sum": mean(self.loss_sum),
+            "parts": {name: mean(value) for name, value in self.parts.items()},
+            "finite_steps": int(self.finite_steps),
+            "images": counts[0],
+            "skipped": counts[1],
+        }
+
+    def load_state_dict(self, state: dict, is_main_process: bool) -> None:
+        """Restores a saved window; the image counts go to the main process only (the flush sums them)."""
+        self.reset()
+        if state["loss_sum"] is not None:
+            self.loss_sum = torch.tensor(state["loss_sum"], device=self.device)
+        self.parts = {name: torch.tensor(value, device=self.device) for name, value in state["parts"].items()}
+        self.finite_steps = torch.tensor(state["finite_steps"], device=self.device)
+        if is_main_process:
+            self.images = state["images"]
+            self.skipped = torch.tensor(state["skipped"], device=self.device)
 
 
 def run_facts(accelerator: Accelerator) -> dict:
@@ -462,6 +672,7 @@ def create_accelerator(args: PreTrainingArguments) -> Accelerator:
             raise ValueError("--with_tracking: TensorBoard is not installed (pip install tensorboard).")
         logger.warning("TensorBoard is not installed: losses are only printed (pip install tensorboard to log them).")
         report_to = None
+    check_output_dir(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
@@ -503,6 +714,35 @@ def train(
     """
     if accelerator is None:
         accelerator = create_accelerator(args)
+    lock = OutputDirLock(args.output_dir) if accelerator.is_main_process else None
+    refusal = lock.acquire() if lock is not None else None
+    # every process must stop, not only the one that holds the lock
+    if accelerator.num_processes > 1:
+        refused = accelerator.gather(torch.tensor([refusal is not None], device=accelerator.device)).any()
+    else:
+        refused = refusal is not None
+    if refused:
+        raise OutputDirInUseError(refusal or f"--output_dir {args.output_dir!r} is in use by another run.")
+    try:
+        return _train(
+            args, accelerator, model, train_dataset, collator, compute_loss, save_final, project_name, run_config
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    args: PreTrainingArguments,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    train_dataset,
+    collator: Callable,
+    compute_loss: Callable,
+    save_final: Callable[[torch.nn.Module, str], None],
+    project_name: str,
+    run_config: dict | None,
+) -> TrainingResult:
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -559,18 +799,15 @@ def train(
     global_step, epoch, batches_done_in_epoch = 0, 0, 0
     bad_steps = 0
     log_history: list[dict] = []
+    window = LogWindow(accelerator.device)
     if args.resume_from_checkpoint:
-        checkpoint = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if checkpoint is None:
-            logger.warning(f"No complete checkpoint in {args.output_dir}/checkpoints: starting from scratch.")
-        else:
-            accelerator.load_state(checkpoint)
-            with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as handle:
-                state = json.load(handle)
+        state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+        if state is not None:
             global_step, epoch = state["global_step"], state["epoch"]
             batches_done_in_epoch, bad_steps = state["batches_done_in_epoch"], state["bad_steps"]
             log_history = state["log_history"]
-            accelerator.print(f"Resumed from {checkpoint} at step {global_step} (epoch {epoch}).")
+            if state.get("log_window") is not None:  # older checkpoints have none
+                window.load_state_dict(state["log_window"], accelerator.is_main_process)
 
     run_config = {**(run_config or asdict(args)), **run_facts(accelerator)}
     if accelerator.is_main_process and accelerator.log_with:
@@ -592,6 +829,7 @@ def train(
             "batches_done_in_epoch": batches_done_in_epoch,
             "bad_steps": int(bad_steps_total),
             "log_history": log_history,
+            "log_window": window.state_dict(accelerator),
         }
 
     progress_bar = tqdm(
@@ -603,32 +841,20 @@ def train(
             return flag
         return bool(accelerator.gather(torch.tensor([flag], device=accelerator.device)).any())
 
-    def new_window() -> dict:
-        return {
-            "loss_sum": None,
-            "parts": {},
-            "finite_steps": torch.zeros((), dtype=torch.long, device=accelerator.device),
-            "images": 0,
-            "skipped": torch.zeros((), dtype=torch.long, device=accelerator.device),
-            "start": time.perf_counter(),
-        }
-
-    def flush_window(window: dict, grad_norm: torch.Tensor | None) -> tuple[int, dict]:
-        """Turns the device-side sums of a logging window into a log record; returns the bad-step total."""
-        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    def flush_window(grad_norm: torch.Tensor | None) -> int:
+        """Turns the device-side sums of the logging window into a log record; returns the bad-step total."""
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
         counts = accelerator.reduce(
-            torch.stack(
-                [torch.tensor(window["images"], device=accelerator.device), window["skipped"], bad_steps_total]
-            ),
+            torch.stack([torch.tensor(window.images, device=accelerator.device), window.skipped, bad_steps_total]),
             reduction="sum",
         ).tolist()
         images, num_skipped = counts[0], counts[1]
         skipped.update(images + num_skipped, num_skipped)
         record = {"step": global_step, "lr": scheduler.get_last_lr()[0], "images_per_second": images / elapsed}
-        finite_steps = int(window["finite_steps"])
+        finite_steps = int(window.finite_steps)
         if finite_steps:
-            record["loss"] = float(accelerator.reduce(window["loss_sum"], "mean")) / finite_steps
-            for name, value in window["parts"].items():
+            record["loss"] = float(accelerator.reduce(window.loss_sum, "mean")) / finite_steps
+            for name, value in window.parts.items():
                 record[name] = float(accelerator.reduce(value, "mean")) / finite_steps
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -638,110 +864,105 @@ def train(
             progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         if accelerator.is_main_process:
             progress_bar.write(format_log_record(record, max_train_steps))
-        return int(bad_steps_total), new_window()
+        window.reset()
+        return int(bad_steps_total)
 
-    window = new_window()
     grad_norm = None
     bad_steps_total = torch.tensor(bad_steps, device=accelerator.device)
     consecutive_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
 
     with _Preemption() as preemption:
-        while global_step < max_train_steps:
-            if is_iterable:
-                if hasattr(train_dataset, "set_epoch"):
-                    train_dataset.set_epoch(epoch)
-                epoch_loader = itertools.islice(dataloader, batches_done_in_epoch, None)
-            else:
-                seeded_dataset.epoch = epoch
-                dataloader.set_epoch(epoch)
-                epoch_loader = dataloader
-                if batches_done_in_epoch > 0:
-                    epoch_loader = accelerator.skip_first_batches(dataloader, batches_done_in_epoch)
-            for batch in epoch_loader:
+        with progress_bar:
+            while global_step < max_train_steps:
                 if is_iterable:
-                    batch = {
-                        k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-                    }
-                batches_done_in_epoch += 1
-                num_skipped = batch.pop("num_skipped", None)
-                if num_skipped is not None:
-                    window["skipped"] = window["skipped"] + num_skipped.to(accelerator.device)
-                local_images = _batch_size(batch)
-                window["images"] += local_images
-                # A batch whose images were all unreadable is skipped; every process must agree, or the gradient
-                # all-reduce would wait forever.
-                if any_process(local_images == 0):
-                    continue
+                    if hasattr(train_dataset, "set_epoch"):
+                        train_dataset.set_epoch(epoch)
+                    epoch_loader = itertools.islice(dataloader, batches_done_in_epoch, None)
+                else:
+                    seeded_dataset.epoch = epoch
+                    dataloader.set_epoch(epoch)
+                    epoch_loader = dataloader
+                    if batches_done_in_epoch > 0:
+                        epoch_loader = accelerator.skip_first_batches(dataloader, batches_done_in_epoch)
+                for batch in epoch_loader:
+                    if is_iterable:
+                        batch = {
+                            k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                        }
+                    batches_done_in_epoch += 1
+                    num_skipped = batch.pop("num_skipped", None)
+                    if num_skipped is not None:
+                        window.skipped = window.skipped + num_skipped.to(accelerator.device)
+                    local_images = _batch_size(batch)
+                    window.images += local_images
+                    # A batch whose images were all unreadable is skipped; every process must agree, or the gradient
+                    # all-reduce would wait forever.
+                    if any_process(local_images == 0):
+                        continue
 
-                with accelerator.accumulate(model):
-                    progress = global_step / max_train_steps
-                    loss, parts = compute_loss(model, batch, progress)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        # The global gradient norm is identical on every process, so its finiteness decides the
-                        # skip everywhere without another collective; a NaN/Inf loss makes it non-finite too.
-                        grad_norm = accelerator.clip_grad_norm_(
-                            model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                    with accelerator.accumulate(model):
+                        progress = global_step / max_train_steps
+                        loss, parts = compute_loss(model, batch, progress)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            # The global gradient norm is identical on every process, so its finiteness decides the
+                            # skip everywhere without another collective; a NaN/Inf loss makes it non-finite too.
+                            grad_norm = accelerator.clip_grad_norm_(
+                                model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                            )
+                            if not isinstance(grad_norm, torch.Tensor):  # DeepSpeed clips inside its own step
+                                grad_norm = torch.tensor(float(grad_norm or 0.0), device=accelerator.device)
+                            bad = ~torch.isfinite(grad_norm)
+                            skip_update_if(optimizer, bad, accelerator)
+                            bad_steps_total += bad.long()
+                            consecutive_bad = (consecutive_bad + 1) * bad.long()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+
+                    # a step with a NaN/Inf loss is skipped, and kept out of the logged averages as well
+                    window.add_step(loss, parts)
+
+                    if not accelerator.sync_gradients:
+                        continue
+                    scheduler.step()
+                    global_step += 1
+                    progress_bar.update(1)
+
+                    if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                        # `.item()` synchronises with the device, so it only happens at logging steps.
+                        bad_steps = flush_window(grad_norm)
+                        if int(consecutive_bad) >= args.max_consecutive_bad_steps:
+                            raise TrainingDivergedError(
+                                f"{int(consecutive_bad)} consecutive steps had a NaN/Inf loss or gradient (up to step "
+                                f"{global_step}); stopping. Lower --learning_rate, use bf16 instead of fp16, or check the "
+                                "data. The last checkpoint is intact."
+                            )
+
+                    stop = any_process(preemption.requested)
+                    if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0) or stop:
+                        folder = save_checkpoint(
+                            accelerator, args.output_dir, global_step, trainer_state(), args.checkpoints_total_limit
                         )
-                        if not isinstance(grad_norm, torch.Tensor):  # DeepSpeed clips inside its own step
-                            grad_norm = torch.tensor(float(grad_norm or 0.0), device=accelerator.device)
-                        bad = ~torch.isfinite(grad_norm)
-                        skip_update_if(optimizer, bad, accelerator)
-                        bad_steps_total += bad.long()
-                        consecutive_bad = (consecutive_bad + 1) * bad.long()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-
-                # a step with a NaN/Inf loss is skipped, and kept out of the logged averages as well
-                finite = torch.isfinite(loss.detach())
-                window["finite_steps"] = window["finite_steps"] + finite.long()
-                detached = torch.where(finite, loss.detach(), 0.0)
-                window["loss_sum"] = detached if window["loss_sum"] is None else window["loss_sum"] + detached
-                for name, value in parts.items():
-                    value = torch.where(finite, value.detach(), 0.0)
-                    window["parts"][name] = window["parts"].get(name, 0.0) + value
-
-                if not accelerator.sync_gradients:
+                        accelerator.print(f"Saved checkpoint {folder}")
+                    if stop:
+                        accelerator.print("SIGTERM received: checkpoint written, exiting.")
+                        accelerator.end_training()
+                        raise SystemExit(143)
+                    if global_step >= max_train_steps:
+                        break
+                else:
+                    epoch += 1
+                    batches_done_in_epoch = 0
                     continue
-                scheduler.step()
-                global_step += 1
-                progress_bar.update(1)
+                break
 
-                if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                    # `.item()` synchronises with the device, so it only happens at logging steps.
-                    bad_steps, window = flush_window(window, grad_norm)
-                    if int(consecutive_bad) >= args.max_consecutive_bad_steps:
-                        raise RuntimeError(
-                            f"{int(consecutive_bad)} consecutive steps had a NaN/Inf loss or gradient (up to step "
-                            f"{global_step}); stopping. Lower --learning_rate, use bf16 instead of fp16, or check the "
-                            "data. The last checkpoint is intact."
-                        )
-
-                stop = any_process(preemption.requested)
-                if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0) or stop:
-                    folder = save_checkpoint(
-                        accelerator, args.output_dir, global_step, trainer_state(), args.checkpoints_total_limit
-                    )
-                    accelerator.print(f"Saved checkpoint {folder}")
-                if stop:
-                    accelerator.print("SIGTERM received: checkpoint written, exiting.")
-                    accelerator.end_training()
-                    raise SystemExit(143)
-                if global_step >= max_train_steps:
-                    break
-            else:
-                epoch += 1
-                batches_done_in_epoch = 0
-                continue
-            break
-
-    progress_bar.close()
-    bad_steps = int(bad_steps_total)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(model), args.output_dir)
-        with open(os.path.join(args.output_dir, "train_results.json"), "w") as handle:
-            json.dump(
+        bad_steps = int(bad_steps_total)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # still under the SIGTERM handler: a SIGTERM now lets the final model be written whole first
+            save_final_atomically(save_final, accelerator.unwrap_model(model), args.output_dir)
+            _write_json_atomically(
+                os.path.join(args.output_dir, "train_results.json"),
                 {
                     "global_step": global_step,
                     "bad_steps": bad_steps,
@@ -749,20 +970,22 @@ def train(
                     **run_facts(accelerator),
                     "log_history": log_history,
                 },
-                handle,
-                indent=2,
             )
-        if args.push_to_hub:
-            from .hub import push_to_hub  # the one checked upload path: model card, file list, secret check
+        if any_process(preemption.requested):
+            accelerator.print("SIGTERM received during the final save: the final model was written whole, exiting.")
+            accelerator.end_training()
+            raise SystemExit(143)
+    if accelerator.is_main_process and args.push_to_hub:
+        from .hub import push_to_hub  # the one checked upload path: model card, file list, secret check
 
-            push_to_hub(
-                args.output_dir,
-                args.hub_model_id,
-                token=args.hub_token,
-                private=args.hub_private_repo,
-                commit_message="Upload MimCo pre-training output",
-                log=accelerator.print,
-            )
+        push_to_hub(
+            args.output_dir,
+            args.hub_model_id,
+            token=args.hub_token,
+            private=args.hub_private_repo,
+            commit_message="Upload MimCo pre-training output",
+            log=accelerator.print,
+        )
     accelerator.end_training()
     if skipped.num_skipped:
         accelerator.print(skipped.summary())

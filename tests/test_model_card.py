@@ -290,7 +290,7 @@ def test_linear_probe_entry_errors_list_the_names(script, tmp_path, entries, mod
     with pytest.raises(SystemExit, match=message) as error:
         script.main(argv + (["--results_model", model] if model else []))
     text = str(error.value)
-    assert text.startswith(f"make_model_card.py: error: {results_file}") and "\n" not in text
+    assert text.split(": error: ", 1)[1].startswith(f"{results_file}") and "\n" not in text
     for name, _ in entries:
         assert repr(name) in text
     assert not (folder / "README.md").exists()
@@ -352,7 +352,7 @@ def test_unknown_results_files_are_refused_in_one_line(script, tmp_path, content
     with pytest.raises(SystemExit, match=message) as error:
         script.main(argv)
     text = str(error.value)
-    assert text.startswith(f"make_model_card.py: error: {results_file}") and "\n" not in text
+    assert text.split(": error: ", 1)[1].startswith(f"{results_file}") and "\n" not in text
     if "schema" in message:
         assert "linear_probe_results.json" in text and "eval_accuracy" in text  # says what was expected
     assert not (folder / "README.md").exists()

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from modeling_mimco import MimCoModel
 from modeling_mimco.data import TooManyUnreadableImagesError
+from modeling_mimco.errors import MimCoError
 from modeling_mimco.training import (
     MANIFEST_NAME,
     TRAINER_STATE_NAME,
@@ -510,8 +511,8 @@ def test_resume_from_a_damaged_checkpoint_path_fails_clearly(tmp_path, stage1_di
         stage2.main(
             stage2_args(teacher_dir, output_dir, "--resume_from_checkpoint", str(damaged), steps=NUM_STEPS + 1)
         )
-    assert exit_info.value.code != 0
-    assert re.search(r"--resume_from_checkpoint: .*model\.safetensors.*truncated", capsys.readouterr().err)
+    # the one-line message that ends the program (printed on stderr by the interpreter as it exits with code 1)
+    assert re.search(r": error: --resume_from_checkpoint: .*model\.safetensors.*truncated", str(exit_info.value.code))
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
         verify_checkpoint(str(damaged))
     assert sorted(os.listdir(output_dir / "checkpoints")) == before  # nothing trained, nothing written
@@ -578,8 +579,15 @@ def test_too_many_unreadable_images_stop_the_run(tmp_path, stage1_digits, bad_im
     )
     # one batch of every file: past the tracker's 100-image warm-up at the first batch
     args[args.index("--per_device_train_batch_size") + 1] = str(NUM_BAD_FOLDER_FILES)
-    with pytest.raises(TooManyUnreadableImagesError, match="--max_skipped_fraction"):
-        stage2.main(args)
+    # through the real script: one error line, last on stderr, after the progress bar; no traceback
+    completed = subprocess.run(
+        _script_command("run_pretraining", args), env=_subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("run_pretraining.py: error: ") and "--max_skipped_fraction" in last_line
+    assert issubclass(TooManyUnreadableImagesError, MimCoError)
     assert not (output_dir / "model.safetensors").exists()
     assert not (output_dir / "train_results.json").exists()
 

@@ -12,16 +12,46 @@
 
 Each module has `main(argv)`, which returns what it produced (for tests and for `scripts/demo.py`), and `cli()`,
 the console entry point, which returns the exit code. `scripts/<module>.py` runs the same `cli()` from a clone.
+
+Exit codes: 0 done; 1 an expected error (`modeling_mimco.errors`), shown as one `PROGRAM: error: MESSAGE` line on
+stderr; 2 a command line that argparse could not parse (with the usage); 143 stopped by SIGTERM after writing a
+checkpoint (pre-training).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from collections.abc import Callable
 
+from modeling_mimco.errors import EXPECTED_ERRORS, one_line
+
+
+def reports_errors(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], object]:
+    """Wraps a command's `main(argv)` so that an expected error ends the program with one line.
+
+    This is the one place where expected errors (`modeling_mimco.errors.EXPECTED_ERRORS`) become
+    `PROGRAM: error: MESSAGE` (raised as `SystemExit`, so exit code 1 and the line on stderr), for every command;
+    a new command gets it by decorating its `main`. Other exceptions are bugs and keep their traceback.
+    """
+
+    @functools.wraps(main)
+    def main_reporting_errors(argv: list[str] | None = None):
+        try:
+            return main(argv)
+        except EXPECTED_ERRORS as error:
+            if os.environ.get("MIMCO_TRACEBACK"):
+                raise
+            sys.stdout.flush()
+            program = os.path.basename(sys.argv[0]) or "mimco"
+            raise SystemExit(f"{program}: error: {one_line(error)}") from None
+
+    return main_reporting_errors
+
 
 def run_command(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
-    """Runs a command's `main(argv)` (default: the process's arguments) and returns its exit code, 0 on success.
+    """Runs a command's `main(argv)` (default: the process's arguments) and returns 0; errors exit on their own.
 
     `main` returns a result object for callers in Python; a console entry point must not hand that object to
     `sys.exit`, which would print it and exit with 1.

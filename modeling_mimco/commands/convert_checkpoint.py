@@ -42,7 +42,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from modeling_mimco.commands import run_command
+from modeling_mimco.commands import reports_errors, run_command
 
 
 @dataclass
@@ -164,16 +164,14 @@ def convert_to_timm(args: ConversionArguments):
     return model_name, kwargs, overlay
 
 
+@reports_errors
 def main(argv: list[str] | None = None):
     """Parses the arguments and converts. Errors end the program with a one-paragraph message (no traceback)."""
     parser = HfArgumentParser(ConversionArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    try:
-        if Path(args.input_path).is_dir():
-            return convert_to_timm(args)
-        return convert_to_mimco(args)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"convert_checkpoint.py: error: {error}") from None
+    if Path(args.input_path).is_dir():
+        return convert_to_timm(args)
+    return convert_to_mimco(args)
 
 
 def cli() -> int:

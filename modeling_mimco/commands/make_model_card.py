@@ -51,8 +51,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from modeling_mimco.commands import run_command
-from modeling_mimco.hub import one_line
+from modeling_mimco.commands import reports_errors, run_command
 
 
 @dataclass
@@ -146,13 +145,11 @@ def make_card(args: ModelCardArguments, results_args: ResultsArguments | None = 
     return output_file
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> Path:
     parser = HfArgumentParser((ModelCardArguments, ResultsArguments))
     args, results_args = parser.parse_args_into_dataclasses(args=argv)
-    try:
-        return make_card(args, results_args)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"make_model_card.py: error: {one_line(error)}") from None
+    return make_card(args, results_args)
 
 
 def cli() -> int:

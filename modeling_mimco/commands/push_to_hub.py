@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from huggingface_hub import CommitInfo
 from transformers import HfArgumentParser
 
-from modeling_mimco.commands import run_command
+from modeling_mimco.commands import reports_errors, run_command
 from modeling_mimco.commands.make_model_card import ResultsArguments
-from modeling_mimco.hub import one_line
 
 
 @dataclass
@@ -68,13 +67,11 @@ def push(args: PushArguments, results_args: ResultsArguments | None = None) -> C
     )
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> CommitInfo | None:
     parser = HfArgumentParser((PushArguments, ResultsArguments))
     args, results_args = parser.parse_args_into_dataclasses(args=argv)
-    try:
-        return push(args, results_args)
-    except (ValueError, OSError) as error:  # huggingface_hub's HTTP errors are OSErrors too
-        raise SystemExit(f"push_to_hub.py: error: {one_line(error)}") from None
+    return push(args, results_args)
 
 
 def cli() -> int:

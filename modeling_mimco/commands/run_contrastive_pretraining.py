@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, set_seed
 
 from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining
-from modeling_mimco.commands import run_command
+from modeling_mimco.commands import reports_errors, run_command
 from modeling_mimco.data import (
     ContrastiveCollator,
     ContrastiveExampleTransform,
@@ -53,32 +53,30 @@ class ModelArguments:
     crop_min_scale: float = field(default=0.08, metadata={"help": "Smallest area of the random resized crop."})
 
 
+@reports_errors
 def main(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
     # the paper-scale ImageNet recipe (per-device batch for 8 GPUs); small runs override these flags
     parser.set_defaults(per_device_train_batch_size=512, num_train_epochs=300, weight_decay=0.1, warmup_ratio=0.133)
-    try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        if model_args.export_encoder not in ("momentum", "base"):
-            raise ValueError(f"--export_encoder must be 'momentum' or 'base', got {model_args.export_encoder!r}.")
-        backbone = MimCoConfig(
-            **preset_backbone_kwargs(model_args.model_preset, model_args.image_size),
-            position_embedding_type="sincos",
-        )
-        config = MimCoContrastiveConfig(
-            backbone_config=backbone,
-            projector_hidden_size=model_args.projector_hidden_size,
-            projection_size=model_args.projection_size,
-            temperature=model_args.temperature,
-            momentum=model_args.momentum,
-            freeze_patch_embeddings=model_args.freeze_patch_embeddings,
-        )
-        accelerator = create_accelerator(training_args)
-        dataset, image_column = load_training_images(
-            data_args, backbone.image_size, accelerator.process_index, accelerator.num_processes
-        )
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.export_encoder not in ("momentum", "base"):
+        raise ValueError(f"--export_encoder must be 'momentum' or 'base', got {model_args.export_encoder!r}.")
+    backbone = MimCoConfig(
+        **preset_backbone_kwargs(model_args.model_preset, model_args.image_size),
+        position_embedding_type="sincos",
+    )
+    config = MimCoContrastiveConfig(
+        backbone_config=backbone,
+        projector_hidden_size=model_args.projector_hidden_size,
+        projection_size=model_args.projection_size,
+        temperature=model_args.temperature,
+        momentum=model_args.momentum,
+        freeze_patch_embeddings=model_args.freeze_patch_embeddings,
+    )
+    accelerator = create_accelerator(training_args)
+    dataset, image_column = load_training_images(
+        data_args, backbone.image_size, accelerator.process_index, accelerator.num_processes
+    )
 
     set_seed(training_args.seed)  # --seed also fixes the initialisation
     model = MimCoForContrastivePreTraining(config)

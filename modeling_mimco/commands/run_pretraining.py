@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, set_seed
 
 from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoMaskGenerator, MimCoModel
-from modeling_mimco.commands import run_command
+from modeling_mimco.commands import reports_errors, run_command
 from modeling_mimco.data import (
     MimCoPretrainingCollator,
     PretrainingExampleTransform,
     apply_example_transform,
     build_pretraining_transform,
 )
+from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.training import (
     BACKBONE_FIELDS,
     DataArguments,
@@ -79,8 +80,8 @@ def student_backbone_kwargs(model_args: ModelArguments) -> dict:
         return backbone
     try:
         start = MimCoConfig.from_pretrained(model_args.model_name_or_path)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r}: {error}") from error
+    except EXPECTED_ERRORS as error:
+        raise ValueError(describe_load_error("--model_name_or_path", model_args.model_name_or_path, error)) from error
     return {name: getattr(start, name) for name in BACKBONE_FIELDS}
 
 
@@ -88,8 +89,8 @@ def load_student_weights(model: MimCoForPreTraining, model_name_or_path: str) ->
     """Copies the backbone weights of a MimCo checkpoint into the student (its heads start fresh)."""
     try:
         start = MimCoModel.from_pretrained(model_name_or_path)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"--model_name_or_path {model_name_or_path!r}: {error}") from error
+    except EXPECTED_ERRORS as error:
+        raise ValueError(describe_load_error("--model_name_or_path", model_name_or_path, error)) from error
     missing, unexpected = model.mimco.load_state_dict(start.state_dict(), strict=False)
     missing = [name for name in missing if "mask_token" not in name]  # a stage-1 encoder never had one
     if missing or unexpected:
@@ -119,8 +120,10 @@ def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
         model = MimCoForPreTraining.from_teacher(
             model_args.teacher_name_or_path, config, trust_remote_code=model_args.trust_remote_code
         )
-    except (ValueError, OSError) as error:
-        raise ValueError(f"--teacher_name_or_path {model_args.teacher_name_or_path!r}: {error}") from error
+    except EXPECTED_ERRORS as error:
+        raise ValueError(
+            describe_load_error("--teacher_name_or_path", model_args.teacher_name_or_path, error)
+        ) from error
     if model_args.model_name_or_path is not None:
         load_student_weights(model, model_args.model_name_or_path)
     return model
@@ -136,22 +139,20 @@ def compute_loss(model, batch: dict, progress: float):
     return outputs.loss, parts
 
 
+@reports_errors
 def main(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
     # the paper-scale ImageNet recipe (per-device batch for 8 GPUs); small runs override these flags
     parser.set_defaults(per_device_train_batch_size=256, num_train_epochs=100)
-    try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        # Everything that can be wrong with the arguments fails here, before any training step.
-        set_seed(training_args.seed)  # --seed also fixes the student's initialisation
-        model = build_model(model_args)
-        config = model.config
-        accelerator = create_accelerator(training_args)
-        dataset, image_column = load_training_images(
-            data_args, config.image_size, accelerator.process_index, accelerator.num_processes
-        )
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # Everything that can be wrong with the arguments fails here, before any training step.
+    set_seed(training_args.seed)  # --seed also fixes the student's initialisation
+    model = build_model(model_args)
+    config = model.config
+    accelerator = create_accelerator(training_args)
+    dataset, image_column = load_training_images(
+        data_args, config.image_size, accelerator.process_index, accelerator.num_processes
+    )
 
     transform = build_pretraining_transform(
         config.image_size,
