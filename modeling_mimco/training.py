@@ -7,6 +7,7 @@ processes, precision, checkpoints and logging lives here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -387,7 +388,17 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(temporary, safe_serialization=True)
+    try:
+        accelerator.save_state(temporary, safe_serialization=True)
+    except RuntimeError as error:
+        # torch.save reports a full disk as "basic_ios::clear: iostream error"; say what happened
+        if "iostream" not in str(error) and shutil.disk_usage(checkpoint_root).free > 1 << 20:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on the device while writing checkpoint {final} ({one_line(error)}); the previous "
+            "checkpoint is intact. Free some space (or lower --checkpoints_total_limit) and resume.",
+        ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(temporary, TRAINER_STATE_NAME), "w") as handle:

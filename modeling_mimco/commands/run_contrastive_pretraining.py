@@ -9,6 +9,7 @@ The output folder holds the momentum encoder as a plain `MimCoModel` checkpoint 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from modeling_mimco.training import (
     save_image_processor,
     train,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +89,14 @@ def main(argv: list[str] | None = None):
     )
     dataset = apply_example_transform(dataset, ContrastiveExampleTransform(transform_1, transform_2, image_column))
 
+    if training_args.gradient_accumulation_steps > 1:
+        logger.warning(
+            "--gradient_accumulation_steps %d in stage 1: the InfoNCE negatives and the BatchNorm statistics come "
+            "from each micro-batch (gathered over processes), and the momentum encoder is updated at every "
+            "micro-batch, so the run differs from one with the whole accumulated batch. Prefer more processes or a "
+            "bigger --per_device_train_batch_size.",
+            training_args.gradient_accumulation_steps,
+        )
     if training_args.torch_compile:
         # in place, so parameter names (and checkpoints) stay those of the uncompiled model
         model.base_encoder.compile()

@@ -10,6 +10,7 @@ DINO checkpoint, or any ViT-like `transformers` backbone. The output folder hold
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -34,6 +35,9 @@ from modeling_mimco.training import (
     save_image_processor,
     train,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -171,6 +175,13 @@ def main(argv: list[str] | None = None):
         normalize_with=(config.image_mean, config.image_std),
     )
 
+    if training_args.gradient_accumulation_steps > 1 and "infonce" in (config.patch_loss_type, config.image_loss_type):
+        logger.warning(
+            "--gradient_accumulation_steps %d with InfoNCE losses: the negatives come from each micro-batch of "
+            "--per_device_train_batch_size images (gathered over processes), not from the whole accumulated batch, "
+            "so the objective differs from one big batch. Cosine and smooth-L1 losses are unaffected.",
+            training_args.gradient_accumulation_steps,
+        )
     if training_args.torch_compile:
         # in place, so parameter names (and checkpoints) stay those of the uncompiled model
         model.mimco.compile()
