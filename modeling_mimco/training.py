@@ -1067,12 +1067,26 @@ class DataArguments:
     data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files with an image column."})
     image_column: str | None = field(default=None, metadata={"help": "Image column; found automatically if unset."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of preparing it locally."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N images."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use a subset of N images, drawn with --seed (as the probe does: a folder sorted by class still "
+            "gives every class); with --streaming, the first N of the stream."
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
 
+    def __post_init__(self):
+        if self.max_train_samples is not None and not self.max_train_samples > 0:
+            raise ValueError(f"--max_train_samples must be positive, got {self.max_train_samples}.")
 
-def load_training_images(data_args: DataArguments, image_size: int, process_index: int = 0, num_processes: int = 1):
-    """Loads the training split of `data_args` with undecoded images; returns `(dataset, image_column)`."""
+
+def load_training_images(
+    data_args: DataArguments, image_size: int, process_index: int = 0, num_processes: int = 1, seed: int = 42
+):
+    """Loads the training split of `data_args` with undecoded images; returns `(dataset, image_column)`.
+
+    `seed` draws the `--max_train_samples` subset."""
     dataset = load_image_dataset(
         dataset_name=data_args.dataset_name,
         dataset_config_name=data_args.dataset_config_name,
@@ -1088,7 +1102,8 @@ def load_training_images(data_args: DataArguments, image_size: int, process_inde
         if data_args.streaming:
             dataset = dataset.take(data_args.max_train_samples)
         else:
-            dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
+            subset = np.random.default_rng(seed).permutation(len(dataset))[: data_args.max_train_samples]
+            dataset = dataset.select(np.sort(subset))
     dataset = disable_image_decoding(dataset, image_column)
     dataset = shard_for_process(dataset, process_index, num_processes)
     return dataset, image_column

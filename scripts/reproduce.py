@@ -314,7 +314,7 @@ def pretrain_simmim(args, steps: int, output_dir: str, teacher_dir: str):
     )
     set_seed(training_args.seed)
     model = ViTForMaskedImageModeling(simmim_config(args))
-    dataset, image_column = load_training_images(data_args, student_config.image_size)
+    dataset, image_column = load_training_images(data_args, student_config.image_size, seed=training_args.seed)
     transform = build_pretraining_transform(
         student_config.image_size,
         student_config.image_mean,

@@ -18,10 +18,11 @@ from test_training import (
     stage1,
     stage2,
     stage2_args,
+    write_image_folder,
 )
 
 from modeling_mimco import MimCoConfig, MimCoModel
-from modeling_mimco.training import sample_seed
+from modeling_mimco.training import DataArguments, load_training_images, sample_seed
 
 
 pytestmark = pytest.mark.slow
@@ -91,6 +92,8 @@ BAD_FLAGS = {
     "with_tracking_without_tracker": (["--with_tracking", "--report_to", "none"], ["--with_tracking", "none"]),
     "num_warmup_steps": (["--num_warmup_steps", "-1"], ["--num_warmup_steps", "-1"]),
     "learning_rate": (["--learning_rate", "-0.001"], ["--learning_rate", "-0.001"]),
+    "crop_min_scale": (["--crop_min_scale", "0"], ["--crop_min_scale", "(0, 1]"]),
+    "patch_temperature": (["--patch_temperature", "-1"], ["patch_temperature", "-1"]),
     "student_checkpoint": (["--model_name_or_path", "/no/such/student"], ["--model_name_or_path", "/no/such/student"]),
 }
 
@@ -147,3 +150,18 @@ def test_push_to_hub_of_a_pretraining_run_goes_through_the_checked_path(tmp_path
     assert token not in completed.stdout + completed.stderr
     assert "someone/mimco-tiny" in completed.stdout
     assert_token_only_in_authorization(fake, token)
+
+
+def test_max_train_samples_draws_a_seeded_subset_of_every_class(tmp_path):
+    folder = write_image_folder(tmp_path / "images", 40)  # listed class by class: 20 cat, then 20 dog
+
+    def subset(seed: int):
+        data_args = DataArguments(train_dir=str(folder), max_train_samples=10, cache_dir=str(tmp_path / "cache"))
+        dataset, _ = load_training_images(data_args, 32, seed=seed)
+        return [(row["image"]["path"], row["label"]) for row in dataset]
+
+    first = subset(0)
+    assert len(first) == 10
+    assert {label for _, label in first} == {0, 1}
+    assert subset(0) == first
+    assert subset(1) != first

@@ -56,6 +56,11 @@ class ModelArguments:
     export_encoder: str = field(default="momentum", metadata={"help": "Encoder exported as teacher: momentum/base."})
     crop_min_scale: float = field(default=0.08, metadata={"help": "Smallest area of the random resized crop."})
 
+    def __post_init__(self):
+        # the objective's numbers are checked by the model config, which names the same fields
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ValueError(f"--crop_min_scale must lie in (0, 1], got {self.crop_min_scale}.")
+
 
 @reports_errors
 def main(argv: list[str] | None = None):
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None):
     )
     accelerator = create_accelerator(training_args)
     dataset, image_column = load_training_images(
-        data_args, backbone.image_size, accelerator.process_index, accelerator.num_processes
+        data_args, backbone.image_size, accelerator.process_index, accelerator.num_processes, training_args.seed
     )
 
     set_seed(training_args.seed)  # --seed also fixes the initialisation

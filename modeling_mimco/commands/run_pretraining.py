@@ -74,6 +74,11 @@ class ModelArguments:
     image_loss_weight: float = field(default=1.0)
     crop_min_scale: float = field(default=0.67, metadata={"help": "Smallest area of the random resized crop."})
 
+    def __post_init__(self):
+        # the objective's numbers are checked by the model config, which names the same fields
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ValueError(f"--crop_min_scale must lie in (0, 1], got {self.crop_min_scale}.")
+
 
 def student_backbone_kwargs(model_args: ModelArguments) -> dict:
     """The student's shape: that of `--model_name_or_path`, else the preset's (with `--image_size`)."""
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None):
     config = model.config
     accelerator = create_accelerator(training_args)
     dataset, image_column = load_training_images(
-        data_args, config.image_size, accelerator.process_index, accelerator.num_processes
+        data_args, config.image_size, accelerator.process_index, accelerator.num_processes, training_args.seed
     )
 
     transform = build_pretraining_transform(
