@@ -7,13 +7,16 @@ The pipeline, from a source to a batch:
 
 1. `load_image_dataset(...)` returns a `datasets.Dataset` (or an `IterableDataset` with `streaming=True`) from a
    Hub name or local dataset folder, a folder of class sub-folders, parquet files, or the built-in `"digits"` demo.
+   It warns about the symbolic links of a class folder that `datasets` drops silently (`find_skipped_links`) and
+   refuses a truncated or non-parquet file by name.
 2. `resolve_image_column` / `resolve_label_column` find the columns; `disable_image_decoding` casts the image column
    to `datasets.Image(decode=False)` so that `datasets` hands over raw `{"bytes", "path"}` records and never decodes a
    file itself (a broken file would otherwise crash the iterator).
 3. `shard_for_process` splits a streaming dataset between processes.
 4. An example transform (`PretrainingExampleTransform` or `ContrastiveExampleTransform`) attached with
    `apply_example_transform` decodes each image with `decode_image` and augments it. An unreadable image does not
-   raise: its pixel entries are `None` and `"unreadable_image"` names the file (a warning is logged once per file).
+   raise: its pixel entries are `None` and `"unreadable_image"` names the file, or for a record without a file name
+   its row (and parquet file) (a warning is logged once per file or row).
 5. A collator (`MimCoPretrainingCollator` or `ContrastiveCollator`) drops the unreadable examples, stacks the rest
    and reports how many it dropped as `"num_skipped"` inside the batch, so the count survives DataLoader workers.
 6. The training loop feeds the counts to a `SkippedImageTracker`, which stops the run with
@@ -40,23 +43,33 @@ Example (stage 2, map-style):
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import errno
 import io
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+import re
+import stat
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import datasets
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import generate_random_fingerprint
+from datasets.table import InMemoryTable, concat_tables, list_table_cache_files
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tensor
 from torchvision.transforms import v2
 
-from .errors import MimCoError
+from .errors import MimCoError, one_line
 
 
 logger = logging.getLogger(__name__)
@@ -67,6 +80,13 @@ DIGITS_SPLIT_SEED = 0
 
 UNREADABLE_KEY = "unreadable_image"
 """Key of the per-example marker: `None` for a readable image, else the file name (or a description) of the bad one."""
+
+ROW_INDEX_COLUMN = "__mimco_row_index__"
+"""Column that `apply_example_transform` adds to a map-style dataset: each example's row in the loaded data, so that
+an unreadable image without a file name can be named by its row."""
+
+MAX_LISTED_NAMES = 10
+"""How many names a warning about skipped files lists before it only counts the rest."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -261,6 +281,148 @@ def _available_splits(path: str, kwargs: dict, cache_dir: str | None, token: str
     if data_files:
         return [str(name) for name in data_files]
     return None
+
+
+# Symbolic links that `datasets`' file listing drops: it neither follows links to folders nor keeps links whose
+# target is missing or loops, and it says nothing about either.
+
+
+def find_skipped_links(folder: str) -> list[tuple[str, str]]:
+    """The symbolic links under `folder` whose images the `"imagefolder"` builder silently leaves out.
+
+    These are dangling links and link loops whose name could be an image (an image extension, or no extension: it
+    may have been a class folder), and links to folders (`datasets` does not follow them). Hidden entries and
+    `__*` folders are passed over, as `datasets` ignores them too. Only links cost a `stat`, so the walk is about as
+    fast as `datasets`' own listing.
+
+    Returns:
+        `(path relative to folder, reason)` pairs, sorted by path.
+    """
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    image_extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    skipped = []
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:  # an unreadable folder: datasets' listing reports it itself
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_symlink():
+                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("__"):
+                    pending.append(entry.path)
+                continue
+            relative = os.path.relpath(entry.path, folder)
+            try:
+                is_folder = stat.S_ISDIR(os.stat(entry.path).st_mode)  # follows the link
+            except OSError as error:
+                extension = os.path.splitext(entry.name)[1].lower()
+                if extension and extension not in image_extensions:
+                    continue  # not an image even if its target existed
+                if error.errno == errno.ELOOP:
+                    skipped.append((relative, "a symbolic link loop"))
+                else:
+                    skipped.append(
+                        (relative, f"a dangling link: its target {os.readlink(entry.path)!r} does not exist")
+                    )
+                continue
+            if is_folder:
+                skipped.append((relative, "a link to a folder, which datasets does not follow"))
+    return sorted(skipped)
+
+
+def _warn_about_skipped_links(train_dir: str) -> None:
+    skipped = find_skipped_links(train_dir)
+    if not skipped:
+        return
+    listed = "; ".join(f"{path} ({reason})" for path, reason in skipped[:MAX_LISTED_NAMES])
+    more = f"; and {len(skipped) - MAX_LISTED_NAMES} more" if len(skipped) > MAX_LISTED_NAMES else ""
+    logger.warning(
+        "--train_dir %r: %d symbolic link(s) skipped, their images are not used: %s%s. Fix or remove them (copy a "
+        "linked folder into --train_dir instead of linking it).",
+        train_dir,
+        len(skipped),
+        listed,
+        more,
+    )
+
+
+# Parquet files: checked before `datasets` reads them (a truncated file otherwise fails without its name), and their
+# row counts remembered so that a bad row can be named by its file.
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Keeps `datasets`' info and warnings (e.g. about a missing dataset card) out of a look-ahead that
+    `datasets.load_dataset` repeats right after."""
+    previous = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(previous)
+
+
+def _checked_parquet_files(
+    path: str, kwargs: dict, source: str, cache_dir: str | None, token: str | bool | None
+) -> dict[str, list[tuple[str, int]] | None] | None:
+    """Checks that every local parquet file of a source can be opened; returns `{split: [(file, num_rows), ...]}`
+    (`None` for a split with remote files), or `None` when the source is not parquet.
+
+    Only each file's footer is read. Every split's files are checked, since `datasets` prepares all splits at once.
+
+    Raises:
+        ValueError: naming `source` and the file, for a truncated, damaged or non-parquet file.
+    """
+    try:
+        with _quiet_datasets():
+            builder = datasets.load_dataset_builder(path, **kwargs, cache_dir=cache_dir, token=token)
+    except Exception:  # e.g. no file matches: `datasets.load_dataset` raises its own message right after
+        return None
+    if builder.name != "parquet" or not builder.config.data_files:
+        return None
+    checked: dict[str, list[tuple[str, int]] | None] = {}
+    for split_name, files in builder.config.data_files.items():
+        spans: list[tuple[str, int]] | None = []
+        for file in files:
+            if not os.path.isfile(file):  # a remote file: read by datasets only
+                spans = None
+                continue
+            try:
+                num_rows = pq.read_metadata(file).num_rows
+            except (pa.ArrowException, OSError) as error:
+                raise ValueError(
+                    f"{source}: {file!r} is not a readable parquet file (truncated, damaged or not parquet: "
+                    f"{one_line(error)})"
+                ) from error
+            if spans is not None:
+                spans.append((file, num_rows))
+        checked[str(split_name)] = spans
+    return checked
+
+
+# Row -> parquet file, per prepared Arrow table (keyed by its cache files, which `select`, `shuffle`, `cast` and
+# `train_test_split` keep). Filled by `load_image_dataset`, read by `apply_example_transform` in the same process.
+_ROW_SOURCES: dict[tuple[str, ...], tuple[tuple[str, int], ...]] = {}
+
+
+def _remember_row_sources(dataset: datasets.Dataset, spans: list[tuple[str, int]] | None) -> None:
+    files = tuple(list_table_cache_files(dataset.data))
+    # the Arrow table holds the files' rows in the order of `spans` (datasets reads the files one after the other)
+    if spans and files and sum(num_rows for _, num_rows in spans) == len(dataset.data):
+        _ROW_SOURCES[files] = tuple(spans)
+
+
+def _row_sources(dataset: datasets.Dataset) -> tuple[tuple[str, int], ...] | None:
+    spans = _ROW_SOURCES.get(tuple(list_table_cache_files(dataset.data)))
+    # a table cut down by `select(range(n))` keeps its first rows, the only kind of cut this package makes
+    if spans is None or len(dataset.data) > sum(num_rows for _, num_rows in spans):
+        return None
+    return spans
 
 
 def resolve_image_column(dataset: datasets.Dataset | datasets.IterableDataset, image_column: str | None = None) -> str:
@@ -470,6 +632,7 @@ def decode_image(
     token: str | bool | None = None,
     draft_for: tuple[int, float] | None = None,
     fast_jpeg: bool = False,
+    where: str | None = None,
 ) -> PIL.Image.Image | torch.Tensor:
     """Opens, fully loads and converts one image to 8-bit RGB (see `to_rgb`).
 
@@ -482,6 +645,8 @@ def decode_image(
             (`reduced_decode_size`), which makes decoding several times faster.
         fast_jpeg: Return a JPEG that needs no reduction as a uint8 `(3, H, W)` tensor decoded by torchvision
             (faster); other images are still returned as PIL images. For transforms that accept both.
+        where: Where the value came from (e.g. `"row 7 (0-based) of '/data/train.parquet'"`), named in the error
+            when the value carries no file name.
 
     The pixels are read completely (`Image.load()`), so a truncated file fails here rather than later. The EXIF
     orientation is applied, as `datasets` does when it decodes images itself. Note that PIL decodes truncated files
@@ -491,7 +656,10 @@ def decode_image(
         UnreadableImageError: for empty, truncated or non-image data; the message names the file when known.
     """
     name = _describe_image_value(value)
-    label = repr(name) if name else "(no file name)"
+    if name:
+        label = repr(name)
+    else:
+        label = f"in {where} (no file name)" if where else "(no file name)"
     try:
         if isinstance(value, PIL.Image.Image):
             image = value
@@ -516,7 +684,12 @@ def decode_image(
     except UnreadableImageError:
         raise
     except Exception as err:  # PIL raises many kinds of errors for broken files
-        raise UnreadableImageError(f"Unreadable image {label}: {type(err).__name__}: {err}", path=name) from err
+        # PIL names an in-memory file by its object address, which tells the reader nothing
+        detail = _BYTES_IO_REPR.sub("", str(err))
+        raise UnreadableImageError(f"Unreadable image {label}: {type(err).__name__}: {detail}", path=name) from err
+
+
+_BYTES_IO_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def _read_image_bytes(value: Any, token: str | bool | None) -> bytes:
@@ -705,29 +878,58 @@ class _ExampleTransform:
         self.image_column = image_column
         self.label_column = label_column
         self.draft_for = draft_for
+        self.row_sources = None
         self._warned: set[str] = set()
+
+    @property
+    def row_sources(self) -> tuple[tuple[str, int], ...] | None:
+        """`(parquet file, number of rows)` of the loaded data in row order, when known (set by
+        `apply_example_transform`): a bad row is then named by its file and its row in that file."""
+        return self._row_sources
+
+    @row_sources.setter
+    def row_sources(self, spans: Sequence[tuple[str, int]] | None) -> None:
+        self._row_sources = tuple(spans) if spans else None
+        self._row_starts = [0]
+        for _, num_rows in self._row_sources or ():
+            self._row_starts.append(self._row_starts[-1] + int(num_rows))
 
     def _augment(self, image: PIL.Image.Image) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def __call__(self, examples: dict[str, Any]) -> dict[str, Any]:
         images = examples[self.image_column]
+        rows = examples.get(ROW_INDEX_COLUMN)
         if isinstance(images, list):
-            processed = [self._process(value) for value in images]
+            rows = rows if rows is not None else [None] * len(images)
+            processed = [self._process(value, row) for value, row in zip(images, rows)]
             output = {key: [item[key] for item in processed] for key in (*self.pixel_keys, UNREADABLE_KEY)}
             if self.label_column is not None:
                 output["labels"] = list(examples[self.label_column])
             return output
-        output = self._process(images)
+        output = self._process(images, rows)
         if self.label_column is not None:
             output["labels"] = examples[self.label_column]
         return output
 
-    def _process(self, value: Any) -> dict[str, Any]:
+    def describe_row(self, row: int | None) -> str | None:
+        """`"row R (0-based) of 'FILE'"` when the parquet file of dataset row `row` is known, else
+        `"row R (0-based) of the dataset"`; `None` without a row."""
+        if row is None:
+            return None
+        row = int(row)
+        if self._row_sources:
+            position = bisect.bisect_right(self._row_starts, row) - 1
+            if 0 <= position < len(self._row_sources):
+                return f"row {row - self._row_starts[position]} (0-based) of {self._row_sources[position][0]!r}"
+        return f"row {row} (0-based) of the dataset"
+
+    def _process(self, value: Any, row: int | None = None) -> dict[str, Any]:
+        where = self.describe_row(row)
         try:
-            image = decode_image(value, draft_for=self.draft_for, fast_jpeg=self.fast_jpeg)
+            image = decode_image(value, draft_for=self.draft_for, fast_jpeg=self.fast_jpeg, where=where)
         except UnreadableImageError as err:
-            marker = err.path or str(err)
+            marker = err.path or where or str(err)
             if marker not in self._warned:
                 self._warned.add(marker)
                 logger.warning("Skipping an unreadable image: %s", err)
@@ -800,10 +1002,40 @@ def apply_example_transform(
 
     A map-style `Dataset` gets it with `with_transform` (called on batches, output columns only). A streaming
     `IterableDataset` gets it with `map` (called per example), dropping the input columns when they are known.
+
+    For the package's example transforms on a map-style dataset, a `ROW_INDEX_COLUMN` holding each example's row in
+    the loaded data (before any shuffle or split) is added first, and the transform learns which parquet file each
+    row came from when `load_image_dataset` read parquet files: an unreadable image without a file name is then
+    named by its row and file. The column costs 8 bytes per row of memory, no rewrite of the data.
     """
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.map(example_transform, remove_columns=dataset.column_names)
+    if isinstance(example_transform, _ExampleTransform):
+        example_transform.row_sources = _row_sources(dataset)
+        dataset = with_row_index(dataset)
     return dataset.with_transform(example_transform)
+
+
+def with_row_index(dataset: datasets.Dataset) -> datasets.Dataset:
+    """`dataset` with an int64 `ROW_INDEX_COLUMN`: the row of each example in the underlying Arrow table.
+
+    The column is added beside the (memory-mapped) table and any indices mapping of a `shuffle`, `select` or
+    `train_test_split` is kept, so nothing is rewritten or reordered (`Dataset.add_column` would first write the
+    whole shuffled dataset to a new file). A shuffled example thus keeps the row it had when loaded.
+    """
+    if ROW_INDEX_COLUMN in dataset.column_names:
+        return dataset
+    table = dataset.data
+    rows = InMemoryTable.from_pydict({ROW_INDEX_COLUMN: np.arange(len(table), dtype=np.int64)})
+    info = dataset.info.copy()
+    info.features[ROW_INDEX_COLUMN] = datasets.Value("int64")
+    return datasets.Dataset(
+        concat_tables([table, rows], axis=1),
+        info=info,
+        split=dataset.split,
+        indices_table=dataset._indices,  # no public accessor; the mapping is what keeps the order
+        fingerprint=generate_random_fingerprint(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -989,6 +1221,7 @@ class SkippedImageTracker:
 
 __all__ = [
     "DIGITS_DATASET",
+    "ROW_INDEX_COLUMN",
     "UNREADABLE_KEY",
     "ContrastiveCollator",
     "ContrastiveExampleTransform",
@@ -1003,10 +1236,12 @@ __all__ = [
     "build_pretraining_transform",
     "decode_image",
     "disable_image_decoding",
+    "find_skipped_links",
     "load_digits_dataset",
     "load_image_dataset",
     "resolve_image_column",
     "resolve_label_column",
     "shard_for_process",
     "to_rgb",
+    "with_row_index",
 ]

@@ -467,7 +467,8 @@ def load_classification_splits(
         if candidate == train_split:
             continue
         try:
-            eval_dataset = load_image_dataset(split=candidate, **source)
+            # the train split's load already warned about the folder's skipped links
+            eval_dataset = load_image_dataset(split=candidate, report_skipped_links=False, **source)
         except ValueError:
             if eval_split is not None:
                 raise
@@ -1039,10 +1040,16 @@ def _legend_marker(color, label: str):
     return Line2D([], [], marker="o", linestyle="", markersize=5, color=color, label=label)
 
 
-def results_table(results: Sequence[FrozenFeatureResult | dict]) -> str:
-    """A plain-text / Markdown table of the frozen-feature results."""
+def results_table(
+    results: Sequence[FrozenFeatureResult | dict], knn_k: int = 20, knn_temperature: float = 0.07
+) -> str:
+    """A plain-text / Markdown table of the frozen-feature results; `knn_k` and `knn_temperature` are the k-NN
+    settings the results were measured with (`knn_classify`), named in the k-NN column's header."""
     rows = [result.to_json() if isinstance(result, FrozenFeatureResult) else result for result in results]
-    header = "| model | linear probe top-1 | kNN top-1 (k=20) | feature dim | train / test images |"
+    header = (
+        f"| model | linear probe top-1 | kNN top-1 (k={knn_k}, T={knn_temperature:g}) | feature dim | "
+        "train / test images |"
+    )
     lines = [header, "|---|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Frozen CLS features on digits ({report['models'][0]['num_train_images']} train / "
         f"{report['models'][0]['num_test_images']} test images, {report['num_classes']} classes; chance 10%):"
     )
-    print(results_table(report["models"]))
+    print(results_table(report["models"], knn_k=report["knn"]["k"], knn_temperature=report["knn"]["temperature"]))
     print()
     print(f"Teacher:  {teacher_dir}  (MimCoModel; resumable checkpoints in {teacher_dir}/checkpoints)")
     print(f"Student:  {student_dir}  (MimCoForPreTraining; loads as MimCoModel or MimCoForImageClassification)")

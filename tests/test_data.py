@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import pickle
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from modeling_mimco.data import (
     DIGITS_DATASET,
+    ROW_INDEX_COLUMN,
     UNREADABLE_KEY,
     ContrastiveCollator,
     ContrastiveExampleTransform,
@@ -32,12 +34,14 @@ from modeling_mimco.data import (
     build_pretraining_transform,
     decode_image,
     disable_image_decoding,
+    find_skipped_links,
     load_digits_dataset,
     load_image_dataset,
     resolve_image_column,
     resolve_label_column,
     shard_for_process,
     to_rgb,
+    with_row_index,
 )
 from modeling_mimco.masking import MimCoMaskGenerator
 
@@ -383,6 +387,137 @@ def test_streaming_parquet_with_a_bad_row_is_counted(tmp_path):
     num_rows, num_skipped, labels = _run_loader(dataset, collator, num_workers=0)
     assert (num_rows, num_skipped) == (8, 1)
     assert sorted(labels) == sorted(i % 2 for i in range(9) if i != 4)
+
+
+def _pathless_parquet(path, num_rows: int, bad_rows: tuple[int, ...] = (), first_id: int = 0) -> str:
+    """A parquet file whose image records carry bytes but no path (as many exported datasets do); rows in `bad_rows`
+    hold junk. Several row groups, so that the rows of a file arrive in several Arrow batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [
+        {"bytes": b"junk" if i in bad_rows else _encode(_noise_image(i, size=(12, 10)), "PNG"), "path": None}
+        for i in range(num_rows)
+    ]
+    ids = list(range(first_id, first_id + num_rows))
+    pq.write_table(pa.table({"image": records, "id": ids}), str(path), row_group_size=4)
+    return str(path)
+
+
+def _unreadable_markers(dataset) -> list[str]:
+    return [marker for marker in (dataset[i][UNREADABLE_KEY] for i in range(len(dataset))) if marker is not None]
+
+
+def test_unreadable_row_without_a_path_is_named_by_its_row_and_parquet_file(tmp_path, caplog):
+    first = _pathless_parquet(tmp_path / "a.parquet", 10)
+    second = _pathless_parquet(tmp_path / "b.parquet", 10, bad_rows=(3,), first_id=10)
+    dataset = disable_image_decoding(load_image_dataset(data_files=[first, second]), "image")
+    transform = PretrainingExampleTransform(build_eval_transform(IMAGE_SIZE, MEAN, STD), "image")
+    expected = f"row 3 (0-based) of {second!r}"
+    # shuffled, split and cut to a prefix: each example keeps the row it was loaded at
+    for variant in (
+        dataset.shuffle(seed=0),
+        dataset.train_test_split(test_size=0.5, seed=0)["train"],
+        dataset.select(range(15)),
+    ):
+        with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+            caplog.clear()
+            markers = _unreadable_markers(apply_example_transform(variant, transform))
+        if 13 in variant["id"]:
+            assert markers == [expected]
+            assert f"Unreadable image in {expected} (no file name): UnidentifiedImageError" in caplog.text
+            assert "BytesIO object" not in caplog.text
+        else:
+            assert markers == []
+        transform = PretrainingExampleTransform(build_eval_transform(IMAGE_SIZE, MEAN, STD), "image")
+
+    # without a parquet source, the row of the dataset is named
+    in_memory = datasets.Dataset.from_dict({"image": [_encode(_noise_image(0), "PNG"), b"junk", b""]})
+    markers = _unreadable_markers(apply_example_transform(in_memory, transform))
+    assert markers == ["row 1 (0-based) of the dataset", "row 2 (0-based) of the dataset"]
+
+
+def test_row_index_column_keeps_the_order_and_rewrites_nothing(tmp_path):
+    dataset = load_image_dataset(data_files=_pathless_parquet(tmp_path / "a.parquet", 9)).shuffle(seed=1)
+    indexed = with_row_index(dataset)
+    assert indexed[ROW_INDEX_COLUMN] == dataset["id"]  # the ids are the loaded rows
+    assert indexed["id"] == dataset["id"] and len(indexed) == len(dataset)
+    assert indexed.cache_files == dataset.cache_files  # no flattened copy of the shuffled data was written
+    assert with_row_index(indexed) is indexed
+
+
+def test_truncated_or_non_parquet_data_files_are_named(tmp_path):
+    good = _pathless_parquet(tmp_path / "good.parquet", 4)
+    data = Path(good).read_bytes()
+    broken = {
+        "truncated.parquet": data[: len(data) // 2],
+        "empty.parquet": b"",
+        "text.parquet": b"not parquet at all\n",
+    }
+    for name, content in broken.items():
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        for streaming in (False, True):
+            # the bad file after a good one: datasets reads the first file's schema and fails only on the second
+            with pytest.raises(ValueError, match=rf"--data_files: '.*{name}' is not a readable parquet file"):
+                load_image_dataset(data_files=[good, str(bad)], streaming=streaming, cache_dir=str(tmp_path / "c"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train-00000-of-00001.parquet").write_bytes(data[:100])
+    with pytest.raises(ValueError, match=r"--dataset_name '.*folder': '.*train-00000-of-00001.parquet' is not a"):
+        load_image_dataset(str(folder), cache_dir=str(tmp_path / "c"))
+
+
+def _link_folder(root) -> tuple[str, list[tuple[str, str]]]:
+    """An image folder with 4 good images, a good link, and links that imagefolder drops; returns the folder and the
+    expected `find_skipped_links` result."""
+    for class_name in ("ant", "bee"):
+        (root / "data" / class_name).mkdir(parents=True)
+        for i in range(2):
+            _noise_image(i).save(root / "data" / class_name / f"{i}.png")
+    (root / "elsewhere" / "wasp").mkdir(parents=True)
+    _noise_image(5).save(root / "elsewhere" / "wasp" / "0.png")
+    data = root / "data"
+    os.symlink(root / "missing.png", data / "ant" / "dangling.png")
+    os.symlink("loop_b.jpg", data / "ant" / "loop_a.jpg")
+    os.symlink("loop_a.jpg", data / "ant" / "loop_b.jpg")
+    os.symlink(root / "elsewhere" / "wasp", data / "wasp")
+    os.symlink("0.png", data / "bee" / "good_link.png")  # a link to a file: read as usual
+    os.symlink(root / "missing.txt", data / "bee" / "notes.txt")  # no image even if it existed
+    os.symlink(root / "missing.png", data / "bee" / ".hidden.png")  # datasets ignores hidden files
+    expected = [
+        ("ant/dangling.png", f"a dangling link: its target {str(root / 'missing.png')!r} does not exist"),
+        ("ant/loop_a.jpg", "a symbolic link loop"),
+        ("ant/loop_b.jpg", "a symbolic link loop"),
+        ("wasp", "a link to a folder, which datasets does not follow"),
+    ]
+    return str(data), expected
+
+
+def test_links_that_imagefolder_drops_are_named_and_counted(tmp_path, caplog):
+    folder, expected = _link_folder(tmp_path)
+    assert find_skipped_links(folder) == expected
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+        dataset = load_image_dataset(train_dir=folder, cache_dir=str(tmp_path / "cache"))
+    assert len(dataset) == 5  # the good images and the good link still load
+    warnings = [record.getMessage() for record in caplog.records if "symbolic link" in record.getMessage()]
+    assert len(warnings) == 1
+    assert f"--train_dir {folder!r}: 4 symbolic link(s) skipped" in warnings[0]
+    for path, reason in expected:
+        assert f"{path} ({reason})" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+        load_image_dataset(train_dir=folder, cache_dir=str(tmp_path / "cache"), report_skipped_links=False)
+    assert "symbolic link" not in caplog.text
+
+    # many links: ten are named, the rest counted
+    for i in range(12):
+        os.symlink(tmp_path / "missing.png", os.path.join(folder, "bee", f"gone{i:02d}.png"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+        load_image_dataset(train_dir=folder, cache_dir=str(tmp_path / "cache"))
+    assert "16 symbolic link(s) skipped" in caplog.text and "; and 6 more." in caplog.text
+    assert caplog.text.count("(a dangling link") == 8  # ten named: dangling.png, the two loops, seven gone*.png
 
 
 def test_all_unreadable_batch_has_zero_rows():

@@ -37,6 +37,7 @@ from modeling_mimco.evaluation import (
     load_backbone,
     load_classification_splits,
     pool_features,
+    results_table,
     train_linear_probe,
 )
 
@@ -297,6 +298,55 @@ def test_cifar10_parquet_gives_img_column_and_test_split(tiny_mimco_config):
     backbone = load_backbone(RANDOM_INIT, model_preset="tiny")
     features, labels = extract_features(backbone, data.eval, data.image_column, data.label_column, batch_size=8)
     assert features.shape == (20, 64) and labels.max() < 10
+
+
+def test_results_table_names_the_knn_settings_it_was_measured_with():
+    row = {
+        "name": "m",
+        "linear_probe_top1": 0.5,
+        "knn_top1": 0.25,
+        "feature_dim": 8,
+        "num_train_images": 4,
+        "num_test_images": 2,
+    }
+    assert "| kNN top-1 (k=20, T=0.07) |" in results_table([row])
+    table = results_table([row], knn_k=5, knn_temperature=0.1)
+    assert "| kNN top-1 (k=5, T=0.1) |" in table and "k=20" not in table
+    assert "| m | 50.0% | 25.0% | 8 | 4 / 2 |" in table
+
+
+def test_skipped_links_of_a_train_dir_are_reported_once_for_all_splits(tmp_path, caplog):
+    from test_data import _link_folder
+
+    folder, expected = _link_folder(tmp_path)
+    with caplog.at_level("WARNING", logger="modeling_mimco.data"):
+        data = load_classification_splits(train_dir=folder, cache_dir=str(tmp_path / "cache"), train_val_split=0.4)
+    assert len(data.train) + len(data.eval) == 5
+    warnings = [record.getMessage() for record in caplog.records if "symbolic link" in record.getMessage()]
+    assert len(warnings) == 1 and f"{len(expected)} symbolic link(s) skipped" in warnings[0]
+
+
+def _truncate_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+
+def test_probe_names_a_checkpoint_that_does_not_load(tmp_path, tiny_mimco_config, no_network):
+    script = load_script("run_linear_probe")
+    missing = str(tmp_path / "no_such_folder")
+    with pytest.raises(ValueError) as info:
+        script._load_backbone(missing, script.ModelArguments(model_name_or_path=[missing]), 0, None)
+    assert str(info.value).startswith(f"--model_name_or_path {missing!r}: no such file or folder here")
+    MimCoModel(tiny_mimco_config()).save_pretrained(tmp_path / "damaged")
+    _truncate_weights(tmp_path / "damaged")
+    damaged = str(tmp_path / "damaged")
+    with pytest.raises(ValueError, match=r"--model_name_or_path '.*damaged': a weights file in it is damaged"):
+        script._load_backbone(damaged, script.ModelArguments(model_name_or_path=[damaged]), 0, None)
+    # random-init reads only --random_init_config from disk
+    arguments = script.ModelArguments(model_name_or_path=[RANDOM_INIT], random_init_config=missing)
+    with pytest.raises(ValueError, match=r"^--random_init_config '.*no_such_folder': no such file or folder"):
+        script._load_backbone(RANDOM_INIT, arguments, 0, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -245,6 +245,27 @@ def test_models_load_from_every_kind_of_checkpoint(tmp_path, tiny_mimco_config, 
     assert torch.equal(model.vit.embeddings.cls_token, vit.vit.embeddings.cls_token)
 
 
+def _truncate_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+
+def test_a_checkpoint_that_does_not_load_is_named_with_the_flag(tmp_path, tiny_mimco_config, no_network):
+    id2label = dict(enumerate(CLASS_NAMES))
+    label2id = {name: i for i, name in id2label.items()}
+    missing = tmp_path / "no_such_folder"
+    with pytest.raises(ValueError) as info:
+        finetuning.load_model(_model_args(missing), id2label, label2id)
+    assert str(info.value).startswith(f"--model_name_or_path {str(missing)!r}: no such file or folder here")
+    assert "Hub repository id" in str(info.value)
+
+    MimCoForPreTraining(tiny_mimco_config()).save_pretrained(tmp_path / "damaged")
+    _truncate_weights(tmp_path / "damaged")
+    with pytest.raises(ValueError, match=r"--model_name_or_path '.*damaged': a weights file in it is damaged"):
+        finetuning.load_model(_model_args(tmp_path / "damaged"), id2label, label2id)
+
+
 def test_train_transform_takes_pil_images_and_uint8_tensors():
     data_args = finetuning.DataTrainingArguments(random_erasing=1.0)
     transform = finetuning.build_train_transform(32, [0.5] * 3, [0.5] * 3, data_args)

@@ -46,13 +46,14 @@ from modeling_mimco import (
     MimCoForContrastivePreTraining,
     MimCoForImageClassification,
 )
-from modeling_mimco.commands import run_command
+from modeling_mimco.commands import reports_errors, run_command
 from modeling_mimco.data import (
     MimCoPretrainingCollator,
     PretrainingExampleTransform,
     apply_example_transform,
     build_eval_transform,
 )
+from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.evaluation import (
     ClassificationMetrics,
     FineTuningTrainer,
@@ -169,7 +170,11 @@ def build_train_transform(image_size: int, mean, std, data_args: DataTrainingArg
 
 
 def load_model(model_args: ModelArguments, id2label: dict[int, str], label2id: dict[str, int]):
-    """The classifier to fine-tune, with a fresh head for the dataset's classes."""
+    """The classifier to fine-tune, with a fresh head for the dataset's classes.
+
+    A `--model_name_or_path` that does not load fails with a `ValueError` naming the flag and the path (`errors.
+    describe_load_error`: a missing folder, tried as a Hub id too; a damaged or truncated weights file).
+    """
     labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": label2id}
     path = model_args.model_name_or_path
     if path is None:
@@ -180,7 +185,17 @@ def load_model(model_args: ModelArguments, id2label: dict[int, str], label2id: d
             **labels,
         )
         return MimCoForImageClassification(config)
+    try:
+        return _load_checkpoint(model_args, path, labels)
+    except EXPECTED_ERRORS as error:
+        if str(error).startswith(path):  # our own message about the checkpoint's contents
+            raise
+        raise ValueError(describe_load_error("--model_name_or_path", path, error)) from error
 
+
+def _load_checkpoint(model_args: ModelArguments, path: str, labels: dict):
+    """`load_model` for a checkpoint: a MimCo or stage-1 folder by its `model_type`, anything else through
+    `AutoModelForImageClassification`."""
     hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     config_dict = PreTrainedConfig.get_config_dict(path, **hub)[0]
     model_type = config_dict.get("model_type")
@@ -248,17 +263,15 @@ def _processor_side(image_processor) -> int:
     raise ValueError(f"Cannot read the image size of {type(image_processor).__name__}.")
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FineTuningArguments))
-    try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        if training_args.remove_unused_columns:
-            raise ValueError("--remove_unused_columns must stay False: the image column is decoded on the fly.")
-        if model_args.pooling not in ("cls", "mean"):
-            raise ValueError(f"--pooling must be 'cls' or 'mean', got {model_args.pooling!r}.")
-        data = data_args.load_splits(training_args.seed, cache_dir=model_args.cache_dir, token=model_args.token)
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.remove_unused_columns:
+        raise ValueError("--remove_unused_columns must stay False: the image column is decoded on the fly.")
+    if model_args.pooling not in ("cls", "mean"):
+        raise ValueError(f"--pooling must be 'cls' or 'mean', got {model_args.pooling!r}.")
+    data = data_args.load_splits(training_args.seed, cache_dir=model_args.cache_dir, token=model_args.token)
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())

@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import HfArgumentParser
 
-from modeling_mimco.commands import run_command
+from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.evaluation import (
     FEATURE_POOLINGS,
     RANDOM_INIT,
+    Backbone,
     FrozenFeatureResult,
     LabelledDataArguments,
     LinearProbeConfig,
@@ -96,36 +98,49 @@ def _display_names(paths: list[str], names: list[str] | None) -> list[str]:
     return [s if short.count(s) == 1 else path for s, path in zip(short, paths)]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, EvaluationArguments))
+def _load_backbone(path: str, model_args: ModelArguments, seed: int, cache_dir: str | None) -> Backbone:
+    """`load_backbone` for one `--model_name_or_path` entry; a checkpoint that does not load fails with a message
+    naming the flag and the path (a missing folder, tried as a Hub id too; a damaged weights file)."""
     try:
-        model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
-        if model_args.pooling not in FEATURE_POOLINGS:
-            raise ValueError(f"--pooling must be one of {FEATURE_POOLINGS}, got {model_args.pooling!r}.")
-        names = _display_names(model_args.model_name_or_path, model_args.model_names)
-        probe_config = LinearProbeConfig(
-            epochs=eval_args.probe_epochs,
-            batch_size=eval_args.probe_batch_size,
-            optimizer=eval_args.probe_optimizer,
-            learning_rate=eval_args.probe_learning_rate,
-            weight_decay=eval_args.probe_weight_decay,
-            seed=eval_args.seed,
-        )
-        data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
-
-    device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results: list[FrozenFeatureResult] = []
-    for name, path in zip(names, model_args.model_name_or_path):
-        backbone = load_backbone(
+        return load_backbone(
             path,
             random_init_config=model_args.random_init_config,
             model_preset=model_args.model_preset,
             trust_remote_code=model_args.trust_remote_code,
-            seed=eval_args.seed,
-            cache_dir=data_args.cache_dir,
+            seed=seed,
+            cache_dir=cache_dir,
         )
+    except EXPECTED_ERRORS as error:
+        if path == RANDOM_INIT:  # only --random_init_config is read from disk
+            flag, name = "--random_init_config", model_args.random_init_config
+        else:
+            flag, name = "--model_name_or_path", path
+        if name is None or str(error).startswith(flag):  # nothing was loaded, or the message names it already
+            raise
+        raise ValueError(describe_load_error(flag, name, error)) from error
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, EvaluationArguments))
+    model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.pooling not in FEATURE_POOLINGS:
+        raise ValueError(f"--pooling must be one of {FEATURE_POOLINGS}, got {model_args.pooling!r}.")
+    names = _display_names(model_args.model_name_or_path, model_args.model_names)
+    probe_config = LinearProbeConfig(
+        epochs=eval_args.probe_epochs,
+        batch_size=eval_args.probe_batch_size,
+        optimizer=eval_args.probe_optimizer,
+        learning_rate=eval_args.probe_learning_rate,
+        weight_decay=eval_args.probe_weight_decay,
+        seed=eval_args.seed,
+    )
+    data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
+
+    device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results: list[FrozenFeatureResult] = []
+    for name, path in zip(names, model_args.model_name_or_path):
+        backbone = _load_backbone(path, model_args, eval_args.seed, data_args.cache_dir)
         common = dict(
             pooling=model_args.pooling,
             batch_size=eval_args.batch_size,
@@ -193,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             seed=eval_args.seed,
         )
     print()
-    print(results_table(results))
+    print(results_table(results, knn_k=eval_args.knn_k, knn_temperature=eval_args.knn_temperature))
     print(f"Results: {results_path}" + (f"; t-SNE: {report['plot_file']}" if eval_args.plot else ""))
     return report
 
