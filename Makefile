@@ -8,9 +8,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# After the package: transformers' own common model tests, from the sdist of the installed transformers, into the
+# ignored .venv/transformers-tests. The step never fails the install: without the files (no network),
+# tests/test_transformers_common.py skips and says what is missing.
+$(STAMP): setup.cfg pyproject.toml tests/helpers/fetch_transformers_tests.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python tests/helpers/fetch_transformers_tests.py --output_dir $(VENV)/transformers-tests
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 
 IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
@@ -30,11 +32,35 @@ def _teacher_config_from_dict(teacher_config: dict) -> PreTrainedConfig:
 
     from transformers import CONFIG_MAPPING
 
-    if model_type not in CONFIG_MAPPING:
-        raise ValueError(
-            f"`teacher_config` has model_type {model_type!r}, which this transformers installation does not know."
-        )
-    return CONFIG_MAPPING[model_type](**teacher_config)
+    if model_type in CONFIG_MAPPING:
+        return CONFIG_MAPPING[model_type](**teacher_config)
+    if "auto_map" in teacher_config:
+        # a teacher whose code lives in its own repository: kept as saved, without running that code
+        return MimCoRemoteTeacherConfig(remote_model_type=model_type, **teacher_config)
+    raise ValueError(
+        f"`teacher_config` has model_type {model_type!r}, which this transformers installation does not know."
+    )
+
+
+class MimCoRemoteTeacherConfig(PreTrainedConfig):
+    """The saved config of a teacher whose model code lives in its own repository (an `auto_map`).
+
+    Reading a MimCo checkpoint never runs a teacher's remote code: its config is kept as it was saved (`to_dict`
+    gives it back unchanged, so the checkpoint saves again as it was), which is all the student needs. Only
+    `MimCoForPreTraining.from_teacher(..., trust_remote_code=True)` builds such a teacher.
+    """
+
+    model_type = "mimco_remote_teacher"
+
+    def __init__(self, remote_model_type: str = "", **kwargs):
+        self.remote_model_type = remote_model_type
+        super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output.pop("remote_model_type", None)
+        output["model_type"] = self.remote_model_type
+        return output
 
 
 @strict
@@ -79,12 +105,14 @@ class MimCoConfig(PreTrainedConfig):
         image_temperature (`float`, defaults to 0.2): Temperature of the image InfoNCE loss.
         patch_loss_weight (`float`, defaults to 1.0): Weight of the patch loss in the total; 0 disables it.
         image_loss_weight (`float`, defaults to 1.0): Weight of the image loss in the total; 0 disables it.
-        image_mean (`list[float]`): Per-channel mean with which the student's `pixel_values` were normalised.
+        image_mean (`list[float]`): Per-channel mean with which the student's `pixel_values` were normalised. A
+            single number stands for every channel, as in transformers' image processors.
         image_std (`list[float]`): Per-channel standard deviation with which the student's `pixel_values` were
-            normalised.
+            normalised; a single number stands for every channel.
         teacher_config (`PreTrainedConfig` or `dict`, *optional*): Config of the frozen teacher: a `MimCoConfig` or
             the config of any Hugging Face ViT-like backbone (`ViTConfig`, `Dinov2Config`...). `None` means a teacher
-            with the student's own backbone shape.
+            with the student's own backbone shape, which `MimCoForPreTraining` sets here when it is built. It is a
+            sub-config: attention implementation and dtype set on this config reach it.
         teacher_image_mean (`list[float]`, *optional*): The teacher's pixel normalisation mean; defaults to
             `image_mean`.
         teacher_image_std (`list[float]`, *optional*): The teacher's pixel normalisation std; defaults to
@@ -101,6 +129,10 @@ class MimCoConfig(PreTrainedConfig):
     ```"""
 
     model_type = "mimco"
+    # The teacher may be any ViT-like config. Declared so that the attention-implementation and dtype setters, and
+    # `from_pretrained(attn_implementation=...)`, reach it as they reach any composite model's sub-model; the dict
+    # form is resolved in `__post_init__` (also where `mimco` is not a registered model type, as in remote code).
+    sub_configs = {"teacher_config": AutoConfig}
 
     image_size: int = 224
     patch_size: int = 16
@@ -133,21 +165,20 @@ class MimCoConfig(PreTrainedConfig):
     patch_loss_weight: float | int = 1.0
     image_loss_weight: float | int = 1.0
 
-    image_mean: list[float] | tuple[float, ...] | None = None
-    image_std: list[float] | tuple[float, ...] | None = None
+    image_mean: list[float] | tuple[float, ...] | float | None = None
+    image_std: list[float] | tuple[float, ...] | float | None = None
     teacher_config: dict | PreTrainedConfig | None = None
-    teacher_image_mean: list[float] | tuple[float, ...] | None = None
-    teacher_image_std: list[float] | tuple[float, ...] | None = None
+    teacher_image_mean: list[float] | tuple[float, ...] | float | None = None
+    teacher_image_std: list[float] | tuple[float, ...] | float | None = None
 
     def __post_init__(self, **kwargs):
-        self.image_mean = list(self.image_mean) if self.image_mean is not None else list(IMAGENET_DEFAULT_MEAN)
-        self.image_std = list(self.image_std) if self.image_std is not None else list(IMAGENET_DEFAULT_STD)
-        self.teacher_image_mean = (
-            list(self.teacher_image_mean) if self.teacher_image_mean is not None else list(self.image_mean)
+        channels = self.num_channels
+        self.image_mean = _per_channel("image_mean", self.image_mean, channels, IMAGENET_DEFAULT_MEAN)
+        self.image_std = _per_channel("image_std", self.image_std, channels, IMAGENET_DEFAULT_STD)
+        self.teacher_image_mean = _per_channel(
+            "teacher_image_mean", self.teacher_image_mean, channels, self.image_mean
         )
-        self.teacher_image_std = (
-            list(self.teacher_image_std) if self.teacher_image_std is not None else list(self.image_std)
-        )
+        self.teacher_image_std = _per_channel("teacher_image_std", self.teacher_image_std, channels, self.image_std)
         if isinstance(self.teacher_config, dict):
             self.teacher_config = _teacher_config_from_dict(self.teacher_config)
         super().__post_init__(**kwargs)
@@ -204,13 +235,13 @@ class MimCoConfig(PreTrainedConfig):
         if self.patch_loss_weight == 0 and self.image_loss_weight == 0:
             raise ValueError("`patch_loss_weight` and `image_loss_weight` are both 0: at least one loss must be used.")
         for name in ("image_mean", "image_std", "teacher_image_mean", "teacher_image_std"):
-            value = getattr(self, name)
-            if len(value) != self.num_channels:
+            # a value assigned after construction has not been through `__post_init__`: check its type here too
+            values = _per_channel(name, getattr(self, name), self.num_channels)
+            if len(values) != self.num_channels:
                 raise ValueError(
-                    f"`{name}` has {len(value)} values but `num_channels` is {self.num_channels}: give one per channel."
+                    f"`{name}` has {len(values)} values but `num_channels` is {self.num_channels}: give one per channel."
                 )
-        for name in ("image_std", "teacher_image_std"):
-            if any(v <= 0 for v in getattr(self, name)):
+            if name.endswith("_std") and any(v <= 0 for v in values):
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
         if self.teacher_config is not None:
             for name in ("hidden_size", "patch_size"):
@@ -244,8 +275,28 @@ class MimCoConfig(PreTrainedConfig):
             "position_embedding_type",
             "image_mean",
             "image_std",
+            # never used by a teacher, but validated: the student's values are valid for its shape, the defaults
+            # (32-px mask blocks) are not for every image size
+            "mask_strategy",
+            "mask_ratio",
+            "mask_patch_size",
         )
         return MimCoConfig(**{name: getattr(self, name) for name in backbone_fields})
+
+
+def _per_channel(name: str, value, num_channels: int, default: list[float] | None = None) -> list[float]:
+    """`value` as a list of per-channel floats: a list or tuple of numbers, or one number for every channel (as in
+    transformers' image processors); `None` gives a copy of `default`. Anything else raises a `ValueError` naming
+    `name`."""
+    if value is None and default is not None:
+        return list(default)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return [float(value)] * num_channels
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"`{name}` must be a list of numbers (one per channel) or a single number, got {value!r}.")
+    return [float(v) for v in value]
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -279,6 +330,8 @@ class MimCoContrastiveConfig(PreTrainedConfig):
     """
 
     model_type = "mimco_contrastive"
+    # declared so that the attention-implementation and dtype setters reach the backbone, as in composite models
+    sub_configs = {"backbone_config": MimCoConfig}
 
     backbone_config: dict | PreTrainedConfig | None = None
     projector_hidden_size: int = 4096
@@ -295,6 +348,16 @@ class MimCoContrastiveConfig(PreTrainedConfig):
         elif isinstance(self.backbone_config, dict):
             self.backbone_config = MimCoConfig(**{k: v for k, v in self.backbone_config.items() if k != "model_type"})
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """As `PreTrainedConfig.get_config_dict`; a backbone checkpoint's (`MimCoConfig`) config becomes the
+        `backbone_config` of a stage-1 config, so that `MimCoForContrastivePreTraining.from_pretrained` can start
+        from any MimCo backbone."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == MimCoConfig.model_type:
+            config_dict = {"backbone_config": config_dict}
+        return config_dict, kwargs
 
     def validate_architecture(self):
         """Part of `@strict` validation: every error names the offending field and value."""

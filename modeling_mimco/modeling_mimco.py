@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_mimco import MimCoConfig, MimCoContrastiveConfig
+from .configuration_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoRemoteTeacherConfig
 from .losses import (
     contrastive_infonce_loss,
     feature_regression_loss,
@@ -66,6 +66,18 @@ def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> 
     shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
     keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
     return hidden_states * keep / keep_prob
+
+
+def drop_path_rates(config: MimCoConfig) -> list[float]:
+    """Stochastic depth rate of each block, rising linearly from 0 in the first to `drop_path_rate` in the last.
+
+    Plain floats, not `torch.linspace`: a model built on the meta device (`from_pretrained`, `init_empty_weights`)
+    could not read a tensor's values.
+    """
+    num_layers = config.num_hidden_layers
+    if num_layers == 1:
+        return [0.0]
+    return [config.drop_path_rate * index / (num_layers - 1) for index in range(num_layers)]
 
 
 class MimCoDropPath(nn.Module):
@@ -340,10 +352,15 @@ class MimCoPreTrainedModel(PreTrainedModel):
                 module.position_embeddings.requires_grad_(module.config.position_embedding_type == "learned")
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        model.freeze_untrained_parameters()
-        return model
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        # the loading info tells which weights the checkpoint lacked; it is returned only when asked for, as usual
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model._after_loading(set(loading_info["missing_keys"]))
+        return (model, loading_info) if output_loading_info else model
+
+    def _after_loading(self, missing_keys: set[str]) -> None:
+        """Runs after `from_pretrained` with the names of the weights that the checkpoint did not have."""
+        self.freeze_untrained_parameters()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # List every MimCo class in `auto_map`, so that a checkpoint of any of them loads as remote code into any
@@ -353,6 +370,18 @@ class MimCoPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+def _select_hidden_states(
+    hidden_states: tuple[torch.Tensor, ...] | None, selection: bool | int | list[int] | None
+) -> tuple[torch.Tensor | None, ...] | None:
+    """All `hidden_states` when `output_hidden_states` is a flag; when it is indices, those (negative ones counting
+    from the end) and `None` in the place of the others."""
+    if hidden_states is None or selection is None or isinstance(selection, bool):
+        return hidden_states
+    indices = [selection] if isinstance(selection, int) else list(selection)
+    kept = {index % len(hidden_states) for index in indices if -len(hidden_states) <= index < len(hidden_states)}
+    return tuple(state if index in kept else None for index, state in enumerate(hidden_states))
+
+
 class MimCoModel(MimCoPreTrainedModel):
     """The bare MimCo Vision Transformer, returning the normalised tokens `[CLS, patches]` and a pooled feature."""
 
@@ -360,8 +389,7 @@ class MimCoModel(MimCoPreTrainedModel):
         super().__init__(config)
         self.config = config
         self.embeddings = MimCoEmbeddings(config)
-        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
-        self.layers = nn.ModuleList([MimCoLayer(config, rate) for rate in drop_path_rates])
+        self.layers = nn.ModuleList([MimCoLayer(config, rate) for rate in drop_path_rates(config)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else None
@@ -379,7 +407,7 @@ class MimCoModel(MimCoPreTrainedModel):
         bool_masked_pos: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
@@ -392,6 +420,8 @@ class MimCoModel(MimCoPreTrainedModel):
                 Resample the position embeddings to the input's resolution.
             output_attentions / output_hidden_states (`bool`, *optional*):
                 Also return each layer's attention probabilities / the embeddings and every layer's output.
+                `output_hidden_states` may also be indices into those `num_hidden_layers + 1` hidden states (an `int`
+                or a list, negative ones counting from the end, as in transformers): the others are then `None`.
 
         Returns:
             `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, 1 + num_patches, hidden_size)` after the
@@ -426,7 +456,7 @@ class MimCoModel(MimCoPreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
-            hidden_states=all_hidden_states,
+            hidden_states=_select_hidden_states(all_hidden_states, output_hidden_states),
             attentions=all_attentions,
         )
 
@@ -466,6 +496,16 @@ def build_teacher(teacher_config: PreTrainedConfig) -> PreTrainedModel:
     """An untrained backbone for `teacher_config`; its weights come from a checkpoint afterwards."""
     if isinstance(teacher_config, MimCoConfig):
         return MimCoModel(teacher_config)
+    if isinstance(teacher_config, MimCoRemoteTeacherConfig):
+        raise ValueError(
+            f"The teacher ({teacher_config.remote_model_type!r}, from {teacher_config._name_or_path or 'its own repository'}) "
+            "is a model whose code lives in its own repository, and a saved MimCo checkpoint does not run that code. "
+            "Load the student alone (MimCoModel or MimCoForImageClassification.from_pretrained), or pair a student "
+            "with the teacher again: MimCoForPreTraining.from_teacher(TEACHER, config, trust_remote_code=True)."
+        )
+    if type(teacher_config).__module__.startswith("transformers_modules."):
+        # the teacher's remote code was loaded in this process, with the user's trust_remote_code=True
+        return AutoModel.from_config(teacher_config, trust_remote_code=True)
     return AutoModel.from_config(teacher_config)
 
 
@@ -485,7 +525,13 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
     def __init__(self, config: MimCoConfig):
         super().__init__(config)
         self.mimco = MimCoModel(config)
-        teacher_config = config.get_teacher_config()
+        if config.teacher_config is None:
+            # The student-shaped default teacher is stored as the sub-config, so that what is set on the config
+            # afterwards (`set_attn_implementation`, dtype) reaches the teacher; it starts with the student's kernel.
+            teacher_config = config.get_teacher_config()
+            teacher_config._attn_implementation = config._attn_implementation
+            config.teacher_config = teacher_config
+        teacher_config = config.teacher_config
         self.teacher = build_teacher(teacher_config)
         self.teacher.eval()
         self.teacher_adapter = TeacherInputAdapter(
@@ -556,13 +602,12 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
     def teacher_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's CLS feature `(batch, teacher_dim)` and patch tokens `(batch, num_patches, teacher_dim)`
         for the unmasked images. They carry no gradient."""
-        # inference mode skips autograd bookkeeping entirely; the clone turns the result into an ordinary tensor
-        # that the losses may save for their backward pass
-        with torch.inference_mode():
+        # `no_grad`, not `inference_mode`: inference tensors cannot be saved for the losses' backward, and
+        # `torch.compile` of the whole model cannot trace them ("Cannot set version_counter for inference tensor")
+        with torch.no_grad():
             teacher_inputs = self.teacher_adapter.teacher_inputs(pixel_values)
             last_hidden_state = self.teacher(**teacher_inputs).last_hidden_state
-        image_features, patch_tokens = self.teacher_adapter.split_tokens(last_hidden_state.clone())
-        return image_features, patch_tokens
+        return self.teacher_adapter.split_tokens(last_hidden_state)
 
     @can_return_tuple
     def forward(
@@ -570,7 +615,7 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
         output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         **kwargs,
     ) -> MimCoForPreTrainingOutput:
         r"""
@@ -650,6 +695,12 @@ class MimCoForImageClassification(MimCoPreTrainedModel):
         self.post_init()
         self.freeze_untrained_parameters()
 
+    def freeze_untrained_parameters(self) -> None:
+        super().freeze_untrained_parameters()
+        # A classifier never masks. Its mask token stays, so that every MimCo checkpoint loads into it as it is, but
+        # frozen: a trainable parameter that never gets a gradient stalls DDP without `find_unused_parameters`.
+        self.mimco.embeddings.mask_token.requires_grad_(False)
+
     @can_return_tuple
     def forward(
         self,
@@ -657,7 +708,7 @@ class MimCoForImageClassification(MimCoPreTrainedModel):
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
         r"""
@@ -746,12 +797,13 @@ class MimCoContrastiveOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`): The symmetrised InfoNCE loss of the two views.
         queries (`tuple(torch.FloatTensor)`): The predictor's output for view 1 and view 2,
             each `(batch_size, projection_size)`.
-        keys (`tuple(torch.FloatTensor)`): The momentum branch's output for view 1 and view 2.
+        momentum_keys (`tuple(torch.FloatTensor)`): The momentum branch's output (MoCo's keys) for view 1 and
+            view 2, each `(batch_size, projection_size)`. Not named `keys`, which would hide `ModelOutput.keys()`.
     """
 
     loss: torch.FloatTensor | None = None
     queries: tuple[torch.FloatTensor, torch.FloatTensor] | None = None
-    keys: tuple[torch.FloatTensor, torch.FloatTensor] | None = None
+    momentum_keys: tuple[torch.FloatTensor, torch.FloatTensor] | None = None
 
 
 class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
@@ -791,6 +843,12 @@ class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
             self.base_encoder.embeddings.patch_embeddings.requires_grad_(False)
         self.momentum_encoder.requires_grad_(False)
         self.momentum_projector.requires_grad_(False)
+
+    def _after_loading(self, missing_keys: set[str]) -> None:
+        if any(name.startswith(("momentum_encoder.", "momentum_projector.")) for name in missing_keys):
+            # a backbone checkpoint: MoCo starts with the momentum branch equal to the base branch, not random
+            self.reset_momentum_branch()
+        super()._after_loading(missing_keys)
 
     def reset_momentum_branch(self) -> None:
         """Copies the base encoder and projector into the momentum branch (frozen)."""
@@ -848,7 +906,7 @@ class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
         loss = contrastive_infonce_loss(query_1, key_2, temperature) + contrastive_infonce_loss(
             query_2, key_1, temperature
         )
-        return MimCoContrastiveOutput(loss=loss, queries=(query_1, query_2), keys=(key_1, key_2))
+        return MimCoContrastiveOutput(loss=loss, queries=(query_1, query_2), momentum_keys=(key_1, key_2))
 
     def export_teacher(self, save_directory: str, encoder: str = "momentum", **kwargs) -> MimCoModel:
         """Saves the momentum (default) or base encoder as a plain `MimCoModel` checkpoint, the stage-2 teacher."""

@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_vit_teacher_config
 from transformers import BertConfig, Dinov2Config, ResNetConfig
 
-from modeling_mimco import MimCoConfig, MimCoModel
+from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoModel
 
 
 @pytest.mark.parametrize(
@@ -178,3 +178,57 @@ def test_model_rejects_wrong_image_size_without_interpolation(tiny_mimco_config)
     assert output.last_hidden_state.shape == (1, 1 + 12 * 12, 32)
     with pytest.raises(ValueError, match="divisible by `patch_size`"):
         model(torch.randn(1, 3, 30, 30), interpolate_pos_encoding=True)
+
+
+@pytest.mark.parametrize("field", ["image_mean", "image_std", "teacher_image_mean", "teacher_image_std"])
+@pytest.mark.parametrize("value", ["0.5", [0.5, "0.5", 0.5], {"red": 0.5}, [True, 0.5, 0.5], True])
+def test_pixel_statistics_that_are_not_numbers_raise_value_error_naming_the_field(tiny_mimco_config, field, value):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        tiny_mimco_config(**{field: value})
+    # also when assigned after construction, where `validate()` is the only check
+    config = tiny_mimco_config()
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        config.validate()
+
+
+def test_a_single_pixel_statistic_stands_for_every_channel(tiny_mimco_config):
+    # as in transformers' image processors (`image_std: float | list[float]`)
+    config = tiny_mimco_config(image_mean=0.5, image_std=0.25)
+    assert config.image_mean == [0.5, 0.5, 0.5] and config.image_std == [0.25, 0.25, 0.25]
+    assert config.teacher_image_std == [0.25, 0.25, 0.25]
+    assert tiny_mimco_config(num_channels=1, image_mean=0, image_std=2).image_std == [2.0]
+    with pytest.raises(ValueError, match="`image_std` must be positive"):
+        tiny_mimco_config(image_std=0.0)
+    # a number assigned later (as transformers' tests do to every `*_std` field) saves and loads
+    config.image_std = 1e-10
+    config.validate()
+    assert MimCoConfig.from_dict(config.to_dict()).image_std == [1e-10] * 3
+
+
+def test_teacher_and_backbone_are_declared_sub_configs(tiny_mimco_config):
+    vit = make_tiny_vit_teacher_config()
+    config = tiny_mimco_config(teacher_config=vit)
+    assert set(MimCoConfig.sub_configs) == {"teacher_config"}
+    config._attn_implementation = "eager"
+    assert vit._attn_implementation == "eager"
+
+    contrastive = MimCoContrastiveConfig(backbone_config=tiny_mimco_config())
+    assert MimCoContrastiveConfig.sub_configs == {"backbone_config": MimCoConfig}
+    contrastive._attn_implementation = "eager"
+    assert contrastive.backbone_config._attn_implementation == "eager"
+    contrastive._attn_implementation = {"": "sdpa", "backbone_config": "flex_attention"}
+    assert contrastive.backbone_config._attn_implementation == "flex_attention"
+
+
+def test_default_teacher_config_carries_the_students_masking_fields(tiny_mimco_config):
+    config = tiny_mimco_config(image_size=24, mask_patch_size=8, mask_ratio=0.4, mask_strategy="block")
+    teacher = config.get_teacher_config()
+    assert (teacher.image_size, teacher.mask_patch_size, teacher.mask_ratio) == (24, 8, 0.4)
+    assert teacher.mask_strategy == "block"
+
+
+def test_a_backbone_config_becomes_the_backbone_of_a_stage_1_config(tmp_path, tiny_mimco_config):
+    tiny_mimco_config(hidden_size=48, num_attention_heads=3).save_pretrained(tmp_path)
+    config = MimCoContrastiveConfig.from_pretrained(tmp_path, projection_size=8)
+    assert config.backbone_config.hidden_size == 48 and config.projection_size == 8

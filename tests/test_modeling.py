@@ -1,15 +1,24 @@
 """Backbone and model-class tests: numerical parity with timm, attention kernels, gradient checkpointing,
 save/load round trips and the Auto classes."""
 
+import json
 import math
 
 import pytest
 import timm
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+    PreTrainedModel,
+)
 
 from modeling_mimco import (
     MimCoConfig,
+    MimCoContrastiveConfig,
+    MimCoForContrastivePreTraining,
     MimCoForImageClassification,
     MimCoForPreTraining,
     MimCoModel,
@@ -149,6 +158,18 @@ def test_output_attentions_and_hidden_states(pixel_values):
     as_tuple = model(pixel_values, return_dict=False)
     assert isinstance(as_tuple, tuple)
     assert torch.allclose(as_tuple[0], outputs.last_hidden_state, atol=1e-5)
+
+
+def test_output_hidden_states_may_select_layers_by_index(pixel_values):
+    # as transformers 5 models: indices into the `num_hidden_layers + 1` hidden states, the others `None`
+    model = MimCoForImageClassification(tiny_config(num_labels=2)).eval()
+    with torch.no_grad():
+        everything = model(pixel_values, output_hidden_states=True).hidden_states
+        selected = model(pixel_values, output_hidden_states=[0, -1]).hidden_states
+        single = model(pixel_values, output_hidden_states=1).hidden_states
+    assert len(everything) == len(selected) == len(single) == 3
+    assert selected[1] is None and torch.equal(selected[0], everything[0]) and torch.equal(selected[2], everything[2])
+    assert single[0] is None and single[2] is None and torch.equal(single[1], everything[1])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(pixel_values):
@@ -347,3 +368,206 @@ def test_attention_implementation_can_be_switched_and_flex_agrees(pixel_values):
         assert model.config._attn_implementation == "flex_attention"
         actual = model(pixel_values).last_hidden_state
     assert (actual - expected).abs().max() <= 1e-5
+
+
+# --- defects that transformers' common model tests found (tests/test_transformers_common.py) ---------------------
+
+
+def _contrastive_config(attn_implementation: str | None = None, **backbone_overrides) -> MimCoContrastiveConfig:
+    backbone = tiny_config(position_embedding_type="sincos", **backbone_overrides)
+    return MimCoContrastiveConfig(
+        backbone_config=backbone,
+        projector_hidden_size=32,
+        projection_size=16,
+        attn_implementation=attn_implementation,
+    )
+
+
+def test_from_pretrained_with_output_loading_info_returns_the_model_and_the_info(tmp_path):
+    MimCoForPreTraining(tiny_config(position_embedding_type="sincos")).save_pretrained(tmp_path)
+    model, loading_info = MimCoForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(model, MimCoForPreTraining)
+    assert not loading_info["missing_keys"] and not loading_info["unexpected_keys"]
+    # what is never trained is frozen again after loading, as without `output_loading_info`
+    assert not any(parameter.requires_grad for parameter in model.teacher.parameters())
+    assert not model.mimco.embeddings.position_embeddings.requires_grad
+    assert isinstance(MimCoForPreTraining.from_pretrained(tmp_path), MimCoForPreTraining)
+
+
+@pytest.mark.parametrize("empty_weights", ["torch.device", "init_empty_weights"])
+@pytest.mark.parametrize(
+    "model_class", [MimCoModel, MimCoForPreTraining, MimCoForImageClassification, MimCoForContrastivePreTraining]
+)
+def test_models_can_be_built_on_the_meta_device(model_class, empty_weights):
+    import accelerate
+
+    if model_class is MimCoForContrastivePreTraining:
+        config = _contrastive_config(drop_path_rate=0.3, num_hidden_layers=3)
+    else:
+        config = tiny_config(drop_path_rate=0.3, num_hidden_layers=3)
+    # torch caches its set of factory functions the first time a device context is used; when that happens inside
+    # `from_pretrained`, which swaps `torch.linspace` for a CPU-only wrapper meanwhile, the cache keeps the wrapper
+    # and later `torch.device("meta")` contexts let `torch.linspace` through. Clear it so that this test sees what
+    # a fresh process sees, whatever ran before.
+    torch.utils._device._device_constructors.cache_clear()
+    if empty_weights == "torch.device":
+        context = torch.device("meta")
+    else:
+        context = accelerate.init_empty_weights(include_buffers=True)
+    with context:
+        model = model_class(config)
+    assert all(tensor.is_meta for tensor in model.state_dict().values())
+    # the stochastic depth rates still rise linearly from 0 to `drop_path_rate`
+    assert [layer.drop_path.drop_prob for layer in model.base_model.layers] == pytest.approx([0.0, 0.15, 0.3])
+
+
+def test_default_teacher_accepts_image_sizes_that_32_does_not_divide(pixel_values):
+    # 24 px = 6 patches of 4 px in 8-px mask blocks; the 32-px default blocks of a fresh config would not fit
+    model = MimCoForPreTraining(tiny_config(image_size=24, mask_patch_size=8)).eval()
+    assert model.teacher.config.mask_patch_size == 8
+    with torch.no_grad():
+        outputs = model(pixel_values[:, :, :24, :24], bool_masked_pos=model.mask_generator.batch(2))
+    assert torch.isfinite(outputs.loss)
+
+
+def _attention_implementations(model: torch.nn.Module) -> set[str]:
+    return {module.config._attn_implementation for module in model.modules() if isinstance(module, PreTrainedModel)}
+
+
+@pytest.mark.parametrize("teacher", ["default", "vit"])
+def test_attention_implementation_reaches_the_teacher(tmp_path, tiny_vit_teacher_config, teacher):
+    teacher_config = tiny_vit_teacher_config() if teacher == "vit" else None
+    model = MimCoForPreTraining(tiny_config(attn_implementation="eager", teacher_config=teacher_config))
+    # the teacher's config is the sub-config, so what is set on the config reaches the teacher
+    assert model.teacher.config is model.config.teacher_config
+    assert _attention_implementations(model) == {"eager"}
+    model.set_attn_implementation("sdpa")
+    assert _attention_implementations(model) == {"sdpa"}
+
+    model.save_pretrained(tmp_path)
+    for implementation in ("eager", "sdpa"):
+        loaded = MimCoForPreTraining.from_pretrained(tmp_path, attn_implementation=implementation)
+        assert _attention_implementations(loaded) == {implementation}
+
+    # a checkpoint saved before the default teacher was stored in the config
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    if teacher == "default":
+        config_file.write_text(json.dumps({**saved, "teacher_config": None}))
+        loaded = MimCoForPreTraining.from_pretrained(tmp_path, attn_implementation="eager")
+        assert _attention_implementations(loaded) == {"eager"}
+        assert loaded.teacher.config is loaded.config.teacher_config
+
+
+def _trainable_without_gradient(model: torch.nn.Module) -> list[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad and parameter.grad is None]
+
+
+def test_every_trainable_parameter_gets_a_gradient(tmp_path, pixel_values):
+    # a trainable parameter without a gradient stalls DDP without `find_unused_parameters`
+    classifier = MimCoForImageClassification(tiny_config(num_labels=3))
+    assert not classifier.mimco.embeddings.mask_token.requires_grad  # a classifier never masks
+    classifier(pixel_values, labels=torch.tensor([0, 2])).loss.backward()
+    assert _trainable_without_gradient(classifier) == []
+    classifier.save_pretrained(tmp_path)
+    assert not MimCoForImageClassification.from_pretrained(tmp_path).mimco.embeddings.mask_token.requires_grad
+
+    pretraining = MimCoForPreTraining(tiny_config())  # the student masks: its mask token learns
+    assert pretraining.mimco.embeddings.mask_token.requires_grad
+    pretraining(pixel_values, bool_masked_pos=pretraining.mask_generator.batch(2)).loss.backward()
+    assert _trainable_without_gradient(pretraining) == []
+
+    contrastive = MimCoForContrastivePreTraining(_contrastive_config())
+    contrastive.train()(pixel_values, pixel_values.flip(-1), momentum=0.99).loss.backward()
+    assert _trainable_without_gradient(contrastive) == []
+
+
+def test_pretraining_checkpoint_loads_into_the_classifier_quietly(tmp_path, caplog):
+    torch.manual_seed(0)
+    pretraining = MimCoForPreTraining(tiny_config())
+    randomise_(pretraining)
+    pretraining.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        classifier, info = MimCoForImageClassification.from_pretrained(
+            tmp_path, num_labels=3, output_loading_info=True
+        )
+    assert not info["unexpected_keys"]
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}
+    assert "mask_token" not in caplog.text and "UNEXPECTED" not in caplog.text.upper()
+    student = pretraining.mimco.state_dict()
+    assert set(classifier.mimco.state_dict()) == set(student)
+    for name, tensor in classifier.mimco.state_dict().items():
+        assert torch.equal(tensor, student[name]), name
+
+
+def test_contrastive_output_behaves_as_a_model_output():
+    torch.manual_seed(0)
+    model = MimCoForContrastivePreTraining(_contrastive_config()).eval()
+    views = (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        outputs = model(*views)
+        as_tuple = model(*views, return_dict=False)
+    assert list(outputs.keys()) == ["loss", "queries", "momentum_keys"]
+    assert torch.equal(outputs[0], outputs.loss)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 3
+    assert torch.equal(as_tuple[0], outputs.loss)
+    assert torch.equal(as_tuple[2][1], outputs.momentum_keys[1])
+    assert torch.equal(outputs.to_tuple()[1][0], outputs.queries[0])
+
+    exported = torch.export.export(model, views)
+    assert torch.allclose(exported.module()(*views).loss, outputs.loss, atol=1e-6)
+
+
+def test_attention_implementation_and_dtype_reach_the_contrastive_backbone(tmp_path):
+    model = MimCoForContrastivePreTraining(_contrastive_config(attn_implementation="eager"))
+    assert _attention_implementations(model) == {"eager"}
+    model.save_pretrained(tmp_path)
+    loaded = MimCoForContrastivePreTraining.from_pretrained(tmp_path, attn_implementation="sdpa", dtype=torch.bfloat16)
+    assert _attention_implementations(loaded) == {"sdpa"}
+    assert loaded.config.backbone_config.dtype == torch.bfloat16
+    assert loaded.base_encoder.config is loaded.config.backbone_config
+
+
+def test_a_backbone_checkpoint_starts_stage_1_with_equal_branches(tmp_path):
+    torch.manual_seed(0)
+    backbone = MimCoModel(tiny_config(position_embedding_type="sincos"))
+    randomise_(backbone)
+    backbone.save_pretrained(tmp_path)
+
+    model, info = MimCoForContrastivePreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert model.config.backbone_config.hidden_size == 64
+    assert any(name.startswith("predictor.") for name in info["missing_keys"])  # the heads are new
+    for name, tensor in backbone.state_dict().items():
+        assert torch.equal(model.base_encoder.state_dict()[name], tensor), name
+        assert torch.equal(model.momentum_encoder.state_dict()[name], tensor), name  # MoCo starts from a copy
+    for base, momentum in zip(model.base_projector.parameters(), model.momentum_projector.parameters()):
+        assert torch.equal(base, momentum)
+    assert not any(parameter.requires_grad for parameter in model.momentum_encoder.parameters())
+
+
+def test_the_whole_pretraining_model_compiles_and_trains(pixel_values):
+    torch.manual_seed(0)
+    model = MimCoForPreTraining(tiny_config(num_hidden_layers=1)).train()
+    bool_masked_pos = model.mask_generator.batch(2)
+    expected = model(pixel_values, bool_masked_pos=bool_masked_pos).loss
+    expected.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    # "aot_eager" runs AOTAutograd, where the teacher's inference tensors used to fail; inductor would only add a
+    # C++ build (about 45 s here) on top
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        loss = compiled(pixel_values, bool_masked_pos=bool_masked_pos).loss
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], atol=1e-6), name
+    # the teacher stays frozen and outside the autograd graph
+    assert not any(name.startswith("teacher.") for name in grads)
+    image_features, patch_tokens = model.teacher_features(pixel_values)
+    assert image_features.grad_fn is None and patch_tokens.grad_fn is None

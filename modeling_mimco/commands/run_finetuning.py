@@ -279,9 +279,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # data -> model
     model = load_model(model_args, data.id2label, data.label2id)
-    mask_token = getattr(getattr(getattr(model, "mimco", None), "embeddings", None), "mask_token", None)
-    if mask_token is not None:
-        mask_token.requires_grad_(False)  # never used without masking; a parameter without gradient stalls DDP
     image_processor = load_image_processor(model_args, model)
     image_size = _processor_side(image_processor)
     mean, std = image_processor.image_mean, image_processor.image_std
