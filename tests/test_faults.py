@@ -309,10 +309,19 @@ def test_accumulation_with_cosine_losses_equals_the_big_batch(tmp_path, stage1_d
     _assert_same_tensors(load_file(accumulated / "model.safetensors"), load_file(big / "model.safetensors"), atol=1e-5)
 
 
-def test_accumulation_with_infonce_warns(tmp_path, stage1_digits):
-    args = stage2_args(stage1_digits[0], tmp_path / "run", "--gradient_accumulation_steps", "2", steps=1)
-    completed = subprocess.run(
-        _script_command("run_pretraining", args), env=_subprocess_env(), capture_output=True, text=True, timeout=300
+def test_accumulation_with_infonce_or_in_stage1_warns(tmp_path, stage1_digits):
+    stage2_run = _start(
+        "run_pretraining",
+        stage2_args(stage1_digits[0], tmp_path / "run", "--gradient_accumulation_steps", "2", steps=1),
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "--gradient_accumulation_steps 2 with InfoNCE losses" in completed.stderr
+    stage1_run = _start(
+        "run_contrastive_pretraining",
+        test_training.stage1_args(tmp_path / "stage1", "--gradient_accumulation_steps", "2", steps=1),
+    )
+    for process, expected in (
+        (stage2_run, "--gradient_accumulation_steps 2 with InfoNCE losses"),
+        (stage1_run, "--gradient_accumulation_steps 2 in stage 1"),
+    ):
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        assert expected in stderr
