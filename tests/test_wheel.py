@@ -89,10 +89,23 @@ def test_package_is_imported_from_the_wheel_not_from_the_clone(installed):
     assert installed["bin"].parent in location.parents, location
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_console_command_help(installed, command):
-    completed = _run([installed["bin"] / command, "--help"], cwd=installed["cwd"], env=installed["env"])
-    assert completed.stdout.startswith(f"usage: {command}"), completed.stdout[:200]
+def test_every_console_command_answers_help(installed):
+    # all at once: each start is mostly imports, and two cores run them side by side
+    processes = {
+        command: subprocess.Popen(
+            [installed["bin"] / command, "--help"],
+            cwd=installed["cwd"],
+            env=installed["env"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in COMMANDS
+    }
+    for command, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{command}:\n{stderr[-3000:]}"
+        assert stdout.startswith(f"usage: {command}"), stdout[:200]
 
 
 def test_model_card_from_an_installed_wheel(installed):
