@@ -37,6 +37,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import datasets
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 from transformers import Trainer
+from transformers.modeling_outputs import BaseModelOutput
 
 from .data import (
     MimCoPretrainingCollator,
@@ -66,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 RANDOM_INIT = "random-init"
 """The `--model_name_or_path` value that stands for an untrained `MimCoModel`."""
+PIXELS = "pixels"
+"""The `--model_name_or_path` value that stands for the normalised pixels: the baseline every feature must beat."""
 
 FEATURE_POOLINGS = ("cls", "mean", "pooler")
 
@@ -562,6 +566,7 @@ def load_backbone(
     - Any other checkpoint loads with `AutoModel` (e.g. `ViTModel`, `Dinov2Model`).
     - `"random-init"` builds an untrained `MimCoModel` (seeded with `seed`) from `random_init_config` (a checkpoint
       folder or `config.json` whose MimCo backbone shape is copied) or else from `model_preset`.
+    - `"pixels"` gives the normalised pixels at that shape's image size (`RawPixels`): the baseline.
 
     The input size and pixel normalisation come from the checkpoint's `preprocessor_config.json`, else its config,
     else ImageNet's mean and standard deviation.
@@ -570,31 +575,26 @@ def load_backbone(
 
     from . import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining, MimCoModel
 
-    if name_or_path == RANDOM_INIT:
-        if random_init_config is not None:
-            config_path = random_init_config
-            if os.path.isfile(config_path):
-                config_path = os.path.dirname(os.path.abspath(config_path))
-            config_dict = PreTrainedConfig.get_config_dict(config_path, **hub_kwargs)[0]
-            if config_dict.get("model_type") == MimCoContrastiveConfig.model_type:
-                config = MimCoContrastiveConfig.from_dict(config_dict).backbone_config
-            elif config_dict.get("model_type") == MimCoConfig.model_type:
-                config = MimCoConfig.from_dict(config_dict)
-            else:
-                raise ValueError(
-                    f"--random_init_config {random_init_config!r} is not a MimCo config (model_type "
-                    f"{config_dict.get('model_type')!r})."
-                )
-            config = MimCoConfig.from_dict({**config.to_dict(), "teacher_config": None})
-            description = f"untrained MimCoModel shaped like {random_init_config}"
+    if name_or_path in (RANDOM_INIT, PIXELS):
+        config, description = _untrained_shape(random_init_config, model_preset, **hub_kwargs)
+        if name_or_path == PIXELS:
+            model = RawPixels(config.num_channels * config.image_size**2)
+            description = f"normalised pixels at {config.image_size} px (the shape of {description.split(', ')[-1]})"
+            num_prefix_tokens = 0
         else:
-            config = MimCoConfig(**preset_backbone_kwargs(model_preset))
-            description = f"untrained MimCoModel, preset {model_preset!r}"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = MimCoModel(config)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = MimCoModel(config)
+            num_prefix_tokens = 1
         return _frozen(
-            Backbone(model, config.image_size, list(config.image_mean), list(config.image_std), 1, description)
+            Backbone(
+                model,
+                config.image_size,
+                list(config.image_mean),
+                list(config.image_std),
+                num_prefix_tokens,
+                description,
+            )
         )
 
     config_dict = PreTrainedConfig.get_config_dict(name_or_path, **hub_kwargs)[0]
@@ -629,6 +629,43 @@ def load_backbone(
         std = list(processor.get("image_std") or std)
     num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
     return _frozen(Backbone(model, image_size, mean, std, num_prefix_tokens, source, untrained_weights))
+
+
+def _untrained_shape(random_init_config: str | None, model_preset: str, **hub_kwargs) -> tuple:
+    """The `MimCoConfig` (and a description) of `random-init` and `pixels`: the backbone shape of
+    `random_init_config` (a checkpoint folder or `config.json`), else of `model_preset`."""
+    from transformers import PreTrainedConfig
+
+    from . import MimCoConfig, MimCoContrastiveConfig
+
+    if random_init_config is None:
+        return MimCoConfig(**preset_backbone_kwargs(model_preset)), f"untrained MimCoModel, preset {model_preset!r}"
+    config_path = random_init_config
+    if os.path.isfile(config_path):
+        config_path = os.path.dirname(os.path.abspath(config_path))
+    config_dict = PreTrainedConfig.get_config_dict(config_path, **hub_kwargs)[0]
+    if config_dict.get("model_type") == MimCoContrastiveConfig.model_type:
+        config = MimCoContrastiveConfig.from_dict(config_dict).backbone_config
+    elif config_dict.get("model_type") == MimCoConfig.model_type:
+        config = MimCoConfig.from_dict(config_dict)
+    else:
+        raise ValueError(
+            f"--random_init_config {random_init_config!r} is not a MimCo config (model_type "
+            f"{config_dict.get('model_type')!r})."
+        )
+    config = MimCoConfig.from_dict({**config.to_dict(), "teacher_config": None})
+    return config, f"untrained MimCoModel shaped like {random_init_config}"
+
+
+class RawPixels(nn.Module):
+    """A "backbone" whose feature is the normalised image itself: `last_hidden_state` `(batch, 1, C*H*W)`."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.config = SimpleNamespace(hidden_size=num_features)
+
+    def forward(self, pixel_values: torch.Tensor) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=pixel_values.flatten(1)[:, None, :])
 
 
 def _frozen(backbone: Backbone) -> Backbone:
@@ -1061,7 +1098,9 @@ def results_table(
 
 __all__ = [
     "FEATURE_POOLINGS",
+    "PIXELS",
     "RANDOM_INIT",
+    "RawPixels",
     "Backbone",
     "ClassificationData",
     "ClassificationMetrics",

@@ -3,9 +3,9 @@
 
 1. Stage 1 trains a tiny MoCo v3 teacher.
 2. Stage 2 trains a MimCo student against it.
-3. A linear probe and a weighted k-NN classifier measure the CLS features of an untrained model of the student's
-   shape, the teacher and the student (`run_linear_probe.py`, one command for all three), and a t-SNE picture of
-   their test features is written.
+3. A linear probe and a weighted k-NN classifier measure the normalised pixels (the baseline that learned features
+   must beat) and the CLS features of an untrained model of the student's shape, the teacher and the student
+   (`run_linear_probe.py`, one command for all four), and a t-SNE picture of their test features is written.
 
 The script prints how the losses moved, a table of the accuracies and where the checkpoints and the picture are.
 
@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
             loss_summary("Stage 2 (MimCo student)", stage2.log_history, ("loss", "patch_loss", "image_loss"))
         )
 
-    # Stage 3: frozen features of the three models, one command; "random-init" copies the student's shape.
+    # Stage 3: frozen features of the three models and of the raw pixels (the baseline), one command;
+    # "random-init" and "pixels" copy the student's shape.
     report = run_linear_probe.main(
-        ["--model_name_or_path", "random-init", teacher_dir, student_dir]
-        + ["--model_names", "random init", "teacher (MoCo v3, stage 1)", "student (MimCo, stage 2)"]
+        ["--model_name_or_path", "pixels", "random-init", teacher_dir, student_dir]
+        + ["--model_names", "raw pixels", "random init", "teacher (MoCo v3, stage 1)", "student (MimCo, stage 2)"]
         + ["--random_init_config", student_dir, "--output_dir", evaluation_dir, "--plot"]
     )
 

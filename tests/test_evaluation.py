@@ -23,6 +23,7 @@ from modeling_mimco import (
     MimCoForPreTraining,
     MimCoModel,
 )
+from modeling_mimco.data import build_eval_transform, decode_image
 from modeling_mimco.evaluation import (
     RANDOM_INIT,
     ClassificationMetrics,
@@ -376,3 +377,20 @@ def test_run_linear_probe_compares_two_models_and_writes_json_and_png(tmp_path, 
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     width, height = PIL.Image.open(io.BytesIO(png)).size
     assert width > height  # two panels side by side
+
+
+def test_pixels_baseline_features_are_the_normalised_images():
+    backbone = load_backbone("pixels", model_preset="tiny")
+    assert backbone.num_prefix_tokens == 0 and backbone.feature_dim == 3 * 32 * 32
+    data = load_classification_splits(max_train_samples=12, max_eval_samples=6)
+    features, labels = extract_features(backbone, data.train, data.image_column, data.label_column, batch_size=5)
+    transform = build_eval_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    first = data.train[0]
+    expected = transform(decode_image(first[data.image_column])).flatten()
+    assert features.shape == (12, 3 * 32 * 32)
+    assert torch.allclose(features[0], expected, atol=1e-6)
+    assert labels[0] == first[data.label_column]
+    mean_pooled, _ = extract_features(
+        backbone, data.train, data.image_column, data.label_column, pooling="mean", batch_size=5
+    )
+    assert torch.equal(mean_pooled, features)

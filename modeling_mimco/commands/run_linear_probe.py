@@ -7,8 +7,9 @@ Each model's features (CLS token by default; `--pooling mean` or `pooler`) of th
 extracted once, then (a) a linear probe (MAE's protocol: BatchNorm without affine parameters + Linear, trained on the
 cached features) and (b) a weighted k-NN classifier (DINO's: k=20, T=0.07, cosine similarity) are measured on them.
 `--model_name_or_path` takes MimCo checkpoints (pre-training, classification, `MimCoModel`, a stage-1 output folder),
-any `AutoModel` vision backbone, and `random-init` (an untrained `MimCoModel` shaped like `--random_init_config` or
-`--model_preset`). The results go to `OUTPUT_DIR/linear_probe_results.json`; with `--plot`, a t-SNE of the evaluation
+any `AutoModel` vision backbone, `random-init` (an untrained `MimCoModel` shaped like `--random_init_config` or
+`--model_preset`) and `pixels` (the normalised pixels at that shape's image size: the baseline that learned features
+must beat). The results go to `OUTPUT_DIR/linear_probe_results.json`; with `--plot`, a t-SNE of the evaluation
 features, one panel per model, goes to `OUTPUT_DIR/tsne.png`.
 """
 
@@ -26,6 +27,7 @@ from modeling_mimco.commands import reports_errors, run_command
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.evaluation import (
     FEATURE_POOLINGS,
+    PIXELS,
     RANDOM_INIT,
     Backbone,
     FrozenFeatureResult,
@@ -48,7 +50,7 @@ class ModelArguments:
     """The backbones to compare."""
 
     model_name_or_path: list[str] = field(
-        metadata={"help": "One or more checkpoints (local folders or Hub ids), or 'random-init'."}
+        metadata={"help": "One or more checkpoints (local folders or Hub ids), 'random-init' or 'pixels'."}
     )
     model_names: list[str] | None = field(
         default=None, metadata={"help": "Display names, one per model; default: the folder names."}
@@ -94,7 +96,9 @@ def _display_names(paths: list[str], names: list[str] | None) -> list[str]:
         if len(names) != len(paths):
             raise ValueError(f"--model_names has {len(names)} names for {len(paths)} models.")
         return list(names)
-    short = [path if path == RANDOM_INIT else os.path.basename(os.path.normpath(path)) or path for path in paths]
+    short = [
+        path if path in (RANDOM_INIT, PIXELS) else os.path.basename(os.path.normpath(path)) or path for path in paths
+    ]
     return [s if short.count(s) == 1 else path for s, path in zip(short, paths)]
 
 
@@ -111,7 +115,7 @@ def _load_backbone(path: str, model_args: ModelArguments, seed: int, cache_dir: 
             cache_dir=cache_dir,
         )
     except EXPECTED_ERRORS as error:
-        if path == RANDOM_INIT:  # only --random_init_config is read from disk
+        if path in (RANDOM_INIT, PIXELS):  # only --random_init_config is read from disk
             flag, name = "--random_init_config", model_args.random_init_config
         else:
             flag, name = "--model_name_or_path", path
