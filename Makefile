@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench reproduce clean
+.PHONY: install test lint format demo bench reproduce gpu-check clean
 
 install: $(STAMP)
 
@@ -43,6 +43,15 @@ bench: $(STAMP)
 # the small-scale reproduction on CIFAR-10 (about 90 minutes on 2 CPU cores); results go to docs/results.md
 reproduce: $(STAMP)
 	$(BIN)/python scripts/reproduce.py
+
+# The GPU check on one CUDA GPU, at most 8 minutes: correctness against the CPU, bf16 / torch.compile / SDPA / fused
+# AdamW, ViT-S training throughput and MFU, the loader against the step, a short CIFAR-10 run. Report in
+# outputs/gpu_check/report.{md,json}, to be copied to docs/gpu/. On a machine whose Python already has the
+# dependencies (a lent GPU machine), `make gpu-check GPU_PYTHON=python3` skips building .venv.
+GPU_PYTHON ?=
+gpu-check:
+	$(if $(GPU_PYTHON),,$(MAKE) install)
+	$(if $(GPU_PYTHON),$(GPU_PYTHON),$(BIN)/python) scripts/gpu_check.py --output_dir outputs/gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -17,6 +17,7 @@ POOLING_TYPES = ("cls", "mean")
 MASK_STRATEGIES = ("random", "block")
 LOSS_TYPES = ("infonce", "cosine", "smooth_l1")
 PATCH_NEGATIVES = ("image", "batch")
+TEACHER_AUTOCAST_DTYPES = ("bf16",)
 
 
 def _teacher_config_from_dict(teacher_config: dict) -> PreTrainedConfig:
@@ -117,6 +118,9 @@ class MimCoConfig(PreTrainedConfig):
             `image_mean`.
         teacher_image_std (`list[float]`, *optional*): The teacher's pixel normalisation std; defaults to
             `image_std`.
+        teacher_autocast (`str`, *optional*): `"bf16"` runs the frozen teacher under bfloat16 autocast while the
+            student keeps its own precision (e.g. fp32); its targets are cast back before the losses, which
+            L2-normalise them. `None` (default): the teacher runs in the student's precision.
 
     Example:
 
@@ -170,6 +174,7 @@ class MimCoConfig(PreTrainedConfig):
     teacher_config: dict | PreTrainedConfig | None = None
     teacher_image_mean: list[float] | tuple[float, ...] | float | None = None
     teacher_image_std: list[float] | tuple[float, ...] | float | None = None
+    teacher_autocast: str | None = None
 
     def __post_init__(self, **kwargs):
         channels = self.num_channels
@@ -215,6 +220,8 @@ class MimCoConfig(PreTrainedConfig):
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _check_choice("pooling", self.pooling, POOLING_TYPES)
         _check_choice("mask_strategy", self.mask_strategy, MASK_STRATEGIES)
+        if self.teacher_autocast is not None:
+            _check_choice("teacher_autocast", self.teacher_autocast, TEACHER_AUTOCAST_DTYPES)
         _check_choice("patch_loss_type", self.patch_loss_type, LOSS_TYPES)
         _check_choice("image_loss_type", self.image_loss_type, LOSS_TYPES)
         _check_choice("patch_negatives", self.patch_negatives, PATCH_NEGATIVES)

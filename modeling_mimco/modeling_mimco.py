@@ -605,8 +605,14 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         # `no_grad`, not `inference_mode`: inference tensors cannot be saved for the losses' backward, and
         # `torch.compile` of the whole model cannot trace them ("Cannot set version_counter for inference tensor")
         with torch.no_grad():
-            teacher_inputs = self.teacher_adapter.teacher_inputs(pixel_values)
-            last_hidden_state = self.teacher(**teacher_inputs).last_hidden_state
+            teacher_inputs = self.teacher_adapter.teacher_inputs(pixel_values)  # re-normalised in full precision
+            if self.config.teacher_autocast is None:
+                # not `autocast(enabled=False)`, which would also switch off a bf16 autocast around the whole step
+                last_hidden_state = self.teacher(**teacher_inputs).last_hidden_state
+            else:
+                with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16):
+                    last_hidden_state = self.teacher(**teacher_inputs).last_hidden_state
+                last_hidden_state = last_hidden_state.to(pixel_values.dtype)
         return self.teacher_adapter.split_tokens(last_hidden_state)
 
     @can_return_tuple

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark a MimCo stage-2 training step against its compute floor and a stock-transformers reference.
+"""Benchmark a MimCo stage-2 training step against its compute floor, a stock-transformers reference and the
+machine's own large-GEMM rate.
 
 Everything runs in ONE process, with warm-up, interleaved repeats and medians, so the ratios compare like with like:
 
@@ -9,43 +10,58 @@ Everything runs in ONE process, with warm-up, interleaved repeats and medians, s
 - `reference`: the same step assembled from stock `transformers` as a user would: a `ViTModel` student with
   `use_mask_token=True`, heads on every token, a `ViTModel` teacher under `torch.no_grad()`, the losses written
   plainly, `torch.optim.AdamW` with its defaults; same sizes and precision, same weights;
-- `data`: decoding + stage-2 augmentation + mask collation of 224-px JPEGs in one process, ours against the pipeline
-  of transformers' `run_mim.py` example (PIL + torchvision transforms + a NumPy mask generator).
+- `mimco_teacher_bf16` / `mimco_teacher_autocast` (fp32 runs, `--teacher_bf16`): the student in fp32, the frozen
+  teacher in bf16: its weights and inputs cast to bf16, or its fp32 weights under bf16 autocast; its tokens are cast
+  back to fp32 before the heads and the losses. The loss change against fp32 is measured on the same weights;
+- `mimco_best` / `reference_fp32`: ours at `--best_precision` (and compiled with `--torch_compile`, then beside
+  `mimco_best_eager`, the same precision uncompiled) against the reference in fp32;
+- `gemm_fp32` / `gemm_bf16`: one large matrix product (`--gemm_size` cubed), timed in the same rounds: the
+  machine's limit in each precision. Each variant's FLOPs utilisation is its model FLOPs/s over the GEMM rate of
+  the precision its parts run in (FLOPs counted as in docs/benchmarks.md, `modeling_mimco.benchmarking`);
+- `data`: decoding + stage-2 augmentation + mask collation of generated JPEGs in one process, ours against the
+  pipeline of transformers' `run_mim.py` example (PIL + torchvision transforms + a NumPy mask generator).
 
 Printed and written to JSON: images/s of each, `overhead = mimco_step / floor` (time), `speedup = reference /
-mimco_step` (time, same precision), the best-settings speedup (ours with --best_precision against the reference in
-fp32), data speedup and peak memory. Absolute times are for the record; the ratios are the result.
+mimco_step` (time, same precision), the best-settings speedup, FLOPs utilisation, the bf16-teacher speedup and loss
+change, data speedup and peak memory. Absolute times are for the record; the ratios are the result.
 
-    python scripts/benchmark.py --model_preset vit-small-patch16 --batch_size 16          # CPU, ViT-S/16 at 224
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --model_preset vit-small-patch16 --batch_size 16 --timer cpu
     python scripts/benchmark.py --device cuda --precision bf16 --batch_size 128 --torch_compile
 """
 
 from __future__ import annotations
 
-import copy
-import io
 import json
 import os
-import resource
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from transformers import HfArgumentParser, ViTConfig, ViTModel
+from transformers import HfArgumentParser
 
-from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoMaskGenerator
-from modeling_mimco.data import (
-    MimCoPretrainingCollator,
-    PretrainingExampleTransform,
-    build_pretraining_transform,
+from modeling_mimco import MimCoConfig, MimCoForPreTraining
+from modeling_mimco.benchmarking import (
+    ReferenceMimCo,
+    floor_step_flops,
+    make_floor_step,
+    make_gemm_step,
+    make_jpegs,
+    make_mimco_step,
+    make_reference_step,
+    mimco_pipeline,
+    mimco_step_flops,
+    peak_memory_mb,
+    run_mim_pipeline,
+    same_loss_check,
+    time_interleaved,
+    use_low_precision_teacher,
+    utilisation,
 )
-from modeling_mimco.training import MODEL_PRESETS, build_adamw
+from modeling_mimco.training import MODEL_PRESETS
+
+
+__all__ = ["BenchmarkArguments", "MimCoForPreTraining", "ReferenceMimCo", "main", "mimco_config", "same_loss_check"]
 
 
 @dataclass
@@ -60,6 +76,14 @@ class BenchmarkArguments:
         default=None, metadata={"help": "Precision of ours in the best-settings run; default bf16 where supported."}
     )
     torch_compile: bool = field(default=False, metadata={"help": "Compile student and teacher (ours)."})
+    teacher_bf16: bool = field(
+        default=True,
+        metadata={"help": "In fp32 runs, also time the student in fp32 with the frozen teacher in bf16."},
+    )
+    gemm_size: int | None = field(
+        default=None,
+        metadata={"help": "Side of the GEMM that measures the limit (default 2048 on CPU, 8192 on CUDA)."},
+    )
     warmup: int = field(default=2, metadata={"help": "Untimed steps before measuring each variant."})
     repeats: int = field(default=5, metadata={"help": "Timed rounds; each round runs every variant once."})
     data_images: int = field(default=64, metadata={"help": "JPEGs in the data benchmark (0 skips it)."})
@@ -81,13 +105,14 @@ class BenchmarkArguments:
             raise ValueError(f"--model_preset must be one of {sorted(MODEL_PRESETS)}, got {self.model_preset!r}.")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}.")
+        if self.best_precision not in (None, "fp32", "bf16"):
+            raise ValueError(f"--best_precision must be fp32 or bf16, got {self.best_precision!r}.")
         if self.timer not in ("wall", "cpu"):
             raise ValueError(f"--timer must be wall or cpu, got {self.timer!r}.")
         if self.batch_size <= 0 or self.repeats <= 0 or self.warmup < 0:
             raise ValueError("--batch_size and --repeats must be positive and --warmup non-negative.")
-
-
-# --- models ------------------------------------------------------------------------------------------------------
+        if self.gemm_size is not None and self.gemm_size <= 0:
+            raise ValueError(f"--gemm_size must be positive, got {self.gemm_size}.")
 
 
 def mimco_config(args: BenchmarkArguments) -> MimCoConfig:
@@ -97,244 +122,38 @@ def mimco_config(args: BenchmarkArguments) -> MimCoConfig:
     return MimCoConfig(**backbone, head_hidden_size=args.head_hidden_size, attn_implementation="sdpa")
 
 
-def _vit_config(config: MimCoConfig) -> ViTConfig:
-    return ViTConfig(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        layer_norm_eps=config.layer_norm_eps,
-        qkv_bias=config.qkv_bias,
-        hidden_act=config.hidden_act,
-        attn_implementation="sdpa",
-    )
+# --- the bf16 teacher ---------------------------------------------------------------------------------------------
 
 
-def _copy_backbone_into_vit(source, vit: ViTModel) -> None:
-    """Copies a MimCo backbone into a stock `ViTModel` (splitting the fused qkv), so both compute the same thing."""
-    hidden = source.config.hidden_size
+def teacher_bf16_loss_change(model: MimCoForPreTraining, inputs: tuple, mode: str) -> dict:
+    """Losses of the fp32 model and of a copy with a bf16 teacher (`mode` as in `use_low_precision_teacher`) on the
+    same weights, inputs and mask, and how far the teacher's normalised targets moved."""
+    low = MimCoForPreTraining(model.config).to(inputs[0].device).train()
+    low.load_state_dict(model.state_dict())
+    use_low_precision_teacher(low, mode)
     with torch.no_grad():
-        vit.embeddings.cls_token.copy_(source.embeddings.cls_token)
-        vit.embeddings.position_embeddings.copy_(source.embeddings.position_embeddings)
-        if vit.embeddings.mask_token is not None:
-            vit.embeddings.mask_token.copy_(source.embeddings.mask_token)
-        vit.embeddings.patch_embeddings.projection.load_state_dict(
-            source.embeddings.patch_embeddings.projection.state_dict()
-        )
-        for ours, theirs in zip(source.layers, vit.layers):
-            weight, bias = ours.attention.qkv.weight, ours.attention.qkv.bias
-            for index, projection in enumerate(
-                (theirs.attention.q_proj, theirs.attention.k_proj, theirs.attention.v_proj)
-            ):
-                projection.weight.copy_(weight[index * hidden : (index + 1) * hidden])
-                if bias is not None:
-                    projection.bias.copy_(bias[index * hidden : (index + 1) * hidden])
-            theirs.attention.o_proj.load_state_dict(ours.attention.proj.state_dict())
-            theirs.layernorm_before.load_state_dict(ours.layernorm_before.state_dict())
-            theirs.layernorm_after.load_state_dict(ours.layernorm_after.state_dict())
-            theirs.mlp.fc1.load_state_dict(ours.mlp.fc1.state_dict())
-            theirs.mlp.fc2.load_state_dict(ours.mlp.fc2.state_dict())
-        vit.layernorm.load_state_dict(source.layernorm.state_dict())
-
-
-def _plain_head(head) -> torch.nn.Sequential:
-    """The same MLP as a MimCo head, as an `nn.Sequential` with copied weights."""
-    layers = [copy.deepcopy(head.fc2)]
-    if head.fc1 is not None:
-        layers = [copy.deepcopy(head.fc1), torch.nn.GELU(), copy.deepcopy(head.fc2)]
-    return torch.nn.Sequential(*layers)
-
-
-class ReferenceMimCo(torch.nn.Module):
-    """MimCo written the plain way with stock `transformers` classes; the benchmark's outside reference."""
-
-    def __init__(self, model: MimCoForPreTraining):
-        super().__init__()
-        config = model.config
-        self.config = config
-        self.student = ViTModel(_vit_config(config), add_pooling_layer=False, use_mask_token=True)
-        self.teacher = ViTModel(_vit_config(config.get_teacher_config()), add_pooling_layer=False)
-        _copy_backbone_into_vit(model.mimco, self.student)
-        _copy_backbone_into_vit(model.teacher, self.teacher)
-        self.teacher.requires_grad_(False).eval()
-
-        self.patch_head = _plain_head(model.patch_head)
-        self.image_head = _plain_head(model.image_head)
-
-    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-        tokens = self.student(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state
-        with torch.no_grad():
-            teacher_tokens = self.teacher(pixel_values).last_hidden_state
-        # heads on every token, then the masked rows are picked out
-        patch_predictions = F.normalize(self.patch_head(tokens[:, 1:]), dim=-1)
-        teacher_patches = F.normalize(teacher_tokens[:, 1:], dim=-1)
-        logits = torch.bmm(patch_predictions, teacher_patches.transpose(1, 2)) / self.config.patch_temperature
-        targets = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
-        patch_loss = F.cross_entropy(logits[bool_masked_pos].float(), targets[bool_masked_pos])
-        image_predictions = F.normalize(self.image_head(tokens[:, 0]), dim=-1)
-        teacher_images = F.normalize(teacher_tokens[:, 0], dim=-1)
-        image_logits = image_predictions @ teacher_images.T / self.config.image_temperature
-        image_loss = F.cross_entropy(image_logits.float(), torch.arange(len(image_logits), device=logits.device))
-        return patch_loss + image_loss
-
-
-# --- steps -------------------------------------------------------------------------------------------------------
-
-
-def _autocast(device: str, precision: str):
-    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def make_mimco_step(model: MimCoForPreTraining, device: str, precision: str) -> Callable:
-    optimizer = build_adamw(model, 1e-4, 0.05, (0.9, 0.95))
-
-    def step(pixel_values, bool_masked_pos):
-        with _autocast(device, precision):
-            loss = model(pixel_values, bool_masked_pos=bool_masked_pos).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def make_floor_step(model: MimCoForPreTraining, device: str, precision: str) -> Callable:
-    student = model.mimco
-    optimizer = build_adamw(student, 1e-4, 0.05, (0.9, 0.95))
-
-    def step(pixel_values, bool_masked_pos):
-        with _autocast(device, precision):
-            with torch.inference_mode():
-                model.teacher(**model.teacher_adapter.teacher_inputs(pixel_values))
-            loss = student(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state.float().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def make_reference_step(reference: ReferenceMimCo, device: str, precision: str) -> Callable:
-    optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
-
-    def step(pixel_values, bool_masked_pos):
-        with _autocast(device, precision):
-            loss = reference(pixel_values, bool_masked_pos)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(
-    steps: dict[str, Callable], inputs: tuple, device: str, warmup: int, repeats: int, timer: str = "wall"
-) -> dict:
-    """Median seconds per call of each step; rounds alternate between the steps so drifts hit all of them."""
-    clock = time.process_time if timer == "cpu" else time.perf_counter
-    for step in steps.values():
-        for _ in range(warmup):
-            step(*inputs)
-    _synchronize(device)
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            _synchronize(device)
-            start = clock()
-            step(*inputs)
-            _synchronize(device)
-            times[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def same_loss_check(model: MimCoForPreTraining, reference: ReferenceMimCo, inputs: tuple) -> tuple[float, float]:
-    """Both implementations' losses on the same weights and inputs (the comparison is only fair if they agree)."""
-    with torch.no_grad():
-        ours = model(inputs[0], bool_masked_pos=inputs[1]).loss
-        theirs = reference(*inputs)
-    return float(ours), float(theirs)
-
-
-def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+        exact = model(inputs[0], bool_masked_pos=inputs[1])
+        approx = low(inputs[0], bool_masked_pos=inputs[1])
+        exact_cls, exact_patches = model.teacher_features(inputs[0])
+        approx_cls, approx_patches = low.teacher_features(inputs[0])
+    exact_targets = torch.nn.functional.normalize(torch.cat([exact_cls[:, None], exact_patches], 1), dim=-1)
+    approx_targets = torch.nn.functional.normalize(torch.cat([approx_cls[:, None], approx_patches], 1), dim=-1)
+    cosine = (exact_targets * approx_targets).sum(-1)
+    result = {
+        "loss_fp32": float(exact.loss),
+        "loss_teacher_bf16": float(approx.loss),
+        "loss_abs_difference": abs(float(exact.loss) - float(approx.loss)),
+        "loss_relative_difference": abs(float(exact.loss) - float(approx.loss)) / abs(float(exact.loss)),
+        "target_min_cosine": float(cosine.min()),
+        "target_max_abs_difference": float((exact_targets - approx_targets).abs().max()),
+    }
+    for part in ("patch_loss", "image_loss"):
+        if getattr(exact, part) is not None:
+            result[f"{part}_abs_difference"] = abs(float(getattr(exact, part)) - float(getattr(approx, part)))
+    return result
 
 
 # --- data --------------------------------------------------------------------------------------------------------
-
-
-def make_jpegs(count: int, size: tuple[int, int], seed: int) -> list[bytes]:
-    generator = np.random.default_rng(seed)
-    images = []
-    for _ in range(count):
-        # smooth random colour fields compress like photographs, unlike white noise
-        low = generator.integers(0, 256, (size[1] // 16 + 1, size[0] // 16 + 1, 3), dtype=np.uint8)
-        image = Image.fromarray(low).resize(size, Image.BICUBIC)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
-
-
-def run_mim_pipeline(image_size: int, mask_patch_size: int, patch_size: int, mask_ratio: float) -> Callable:
-    """The data path of transformers' `run_mim.py` example: PIL decode, torchvision transforms, NumPy masks."""
-    from torchvision import transforms as T
-
-    transform = T.Compose(
-        [
-            T.Lambda(lambda image: image.convert("RGB") if image.mode != "RGB" else image),
-            T.RandomResizedCrop(image_size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-        ]
-    )
-    rand_size = image_size // mask_patch_size
-    scale = mask_patch_size // patch_size
-    token_count = rand_size**2
-    mask_count = int(np.ceil(token_count * mask_ratio))
-
-    def mask() -> np.ndarray:
-        indices = np.random.permutation(token_count)[:mask_count]
-        flat = np.zeros(token_count, dtype=int)
-        flat[indices] = 1
-        return flat.reshape((rand_size, rand_size)).repeat(scale, axis=0).repeat(scale, axis=1)
-
-    def process(jpegs: list[bytes]) -> dict:
-        pixel_values = torch.stack([transform(Image.open(io.BytesIO(data))) for data in jpegs])
-        masks = torch.stack([torch.tensor(mask().flatten()) for _ in jpegs])
-        return {"pixel_values": pixel_values, "bool_masked_pos": masks}
-
-    return process
-
-
-def mimco_pipeline(config: MimCoConfig) -> Callable:
-    """The data path of `run_pretraining.py`."""
-    example_transform = PretrainingExampleTransform(
-        build_pretraining_transform(config.image_size, config.image_mean, config.image_std, normalize=False),
-        image_column="image",
-        draft_for=(config.image_size, 0.67),
-    )
-    collator = MimCoPretrainingCollator(
-        MimCoMaskGenerator.from_config(config),
-        image_size=config.image_size,
-        normalize_with=(config.image_mean, config.image_std),
-    )
-
-    def process(jpegs: list[bytes]) -> dict:
-        examples = example_transform({"image": [{"bytes": data, "path": None} for data in jpegs]})
-        rows = [dict(zip(examples, values)) for values in zip(*examples.values())]
-        return collator(rows)
-
-    return process
 
 
 def benchmark_data(args: BenchmarkArguments, config: MimCoConfig) -> dict:
@@ -374,7 +193,8 @@ def _best_precision(args: BenchmarkArguments) -> str:
 
 def _cpu_supports_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -391,53 +211,114 @@ def run_benchmark(args: BenchmarkArguments) -> dict:
     inputs = (pixel_values, bool_masked_pos)
     ours_loss, reference_loss = same_loss_check(model, reference, inputs)
 
+    def copy_of_model() -> MimCoForPreTraining:
+        copy = MimCoForPreTraining(config).to(device).train()
+        copy.load_state_dict(model.state_dict())
+        return copy
+
+    # (student precision, teacher precision) of each variant, for its utilisation
+    precisions = {name: (args.precision, args.precision) for name in ("mimco_step", "floor", "reference")}
     steps = {
         "mimco_step": make_mimco_step(model, device, args.precision),
         "floor": make_floor_step(model, device, args.precision),
         "reference": make_reference_step(reference, device, args.precision),
     }
+    teacher_bf16 = {}
+    if args.teacher_bf16 and args.precision == "fp32":
+        for mode, name in (("cast", "mimco_teacher_bf16"), ("autocast", "mimco_teacher_autocast")):
+            steps[name] = make_mimco_step(use_low_precision_teacher(copy_of_model(), mode), device, "fp32")
+            precisions[name] = ("fp32", "bf16")
+            teacher_bf16[name] = teacher_bf16_loss_change(model, inputs, mode)
     best = _best_precision(args)
-    compiled = None
     if args.torch_compile or best != args.precision:
-        compiled = MimCoForPreTraining(config).to(device).train()
-        compiled.load_state_dict(model.state_dict())
+        compiled = copy_of_model()
         if args.torch_compile:
+            # in place, as run_pretraining.py does, so that parameter names stay those of the eager model
             compiled.mimco.compile()
             compiled.teacher.compile()
+            steps["mimco_best_eager"] = make_mimco_step(copy_of_model(), device, best)
+            precisions["mimco_best_eager"] = (best, best)
         steps["mimco_best"] = make_mimco_step(compiled, device, best)
+        precisions["mimco_best"] = (best, best)
         steps["reference_fp32"] = (
             steps["reference"] if args.precision == "fp32" else make_reference_step(reference, device, "fp32")
         )
+        precisions["reference_fp32"] = ("fp32", "fp32")
+
+    # the machine's limit in each precision used, timed in the same rounds as the steps
+    gemm_size = args.gemm_size or (8192 if device == "cuda" else 2048)
+    gemm_flops = {}
+    for precision in ("fp32", "bf16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        steps[f"gemm_{precision}"], gemm_flops[precision] = make_gemm_step(device, dtype, gemm_size)
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = time_interleaved(steps, inputs, device, args.warmup, args.repeats, args.timer)
+    gemm_rate = {precision: gemm_flops[precision] / seconds.pop(f"gemm_{precision}") for precision in gemm_flops}
 
+    step_flops = {name: mimco_step_flops(config, args.batch_size) for name in seconds}
+    step_flops["floor"] = floor_step_flops(config, args.batch_size)
     result = {
-        "settings": asdict(args) | {"best_precision": best, "torch_version": torch.__version__},
+        "settings": asdict(args)
+        | {"best_precision": best, "gemm_size": gemm_size, "torch_version": torch.__version__},
         "same_weights_loss": {"mimco": ours_loss, "reference": reference_loss},
         "seconds_per_step": seconds,
         "images_per_second": {name: args.batch_size / value for name, value in seconds.items()},
         "overhead": seconds["mimco_step"] / seconds["floor"],
         "speedup": seconds["reference"] / seconds["mimco_step"],
+        "gemm_flops_per_second": gemm_rate,
+        "model_flops_per_step": {name: flops.total for name, flops in step_flops.items()},
+        "model_flops_per_second": {name: step_flops[name].total / value for name, value in seconds.items()},
+        "flops_utilisation": {
+            name: utilisation(step_flops[name], value, gemm_rate[precisions[name][0]], gemm_rate[precisions[name][1]])
+            for name, value in seconds.items()
+        },
+        "variant_precision": {name: {"student": s, "teacher": t} for name, (s, t) in precisions.items()},
         "peak_memory_mb": peak_memory_mb(device),
     }
     if "mimco_best" in seconds:
         result["best_settings_speedup"] = seconds["reference_fp32"] / seconds["mimco_best"]
+    if "mimco_best_eager" in seconds:
+        result["compile_speedup"] = seconds["mimco_best_eager"] / seconds["mimco_best"]
+    if teacher_bf16:
+        for name, change in teacher_bf16.items():
+            change["speedup"] = seconds["mimco_step"] / seconds[name]
+        result["teacher_bf16"] = teacher_bf16
     if args.data_images > 0:
         result["data"] = benchmark_data(args, config)
     return result
 
 
 def format_report(result: dict) -> str:
-    lines = [f"{'variant':<16}{'images/s':>12}{'s/step':>10}   ({result['settings']['timer']} time)"]
+    settings = result["settings"]
+    lines = [
+        f"{'variant':<24}{'images/s':>10}{'s/step':>10}{'GFLOP/s':>10}{'util.':>8}   ({settings['timer']} time; "
+        "util. = model FLOPs/s over the measured GEMM rate of its precision)"
+    ]
     for name, value in result["images_per_second"].items():
-        lines.append(f"{name:<16}{value:>12.1f}{result['seconds_per_step'][name]:>10.4f}")
+        lines.append(
+            f"{name:<24}{value:>10.1f}{result['seconds_per_step'][name]:>10.4f}"
+            f"{result['model_flops_per_second'][name] / 1e9:>10.1f}{result['flops_utilisation'][name]:>8.3f}"
+        )
+    rates = ", ".join(
+        f"{precision} {rate / 1e9:.1f} GFLOP/s" for precision, rate in result["gemm_flops_per_second"].items()
+    )
+    lines.append(f"large GEMM ({settings['gemm_size']}^3), same rounds: {rates}")
     lines.append(f"overhead (mimco_step / floor, lower is better): {result['overhead']:.3f}")
     lines.append(f"speedup (reference / mimco_step, same precision): {result['speedup']:.3f}")
     if "best_settings_speedup" in result:
         lines.append(
-            f"best-settings speedup (reference fp32 / ours {result['settings']['best_precision']}"
-            f"{' + compile' if result['settings']['torch_compile'] else ''}): {result['best_settings_speedup']:.3f}"
+            f"best-settings speedup (reference fp32 / ours {settings['best_precision']}"
+            f"{' + compile' if settings['torch_compile'] else ''}): {result['best_settings_speedup']:.3f}"
+        )
+    if "compile_speedup" in result:
+        lines.append(f"torch.compile speedup (mimco_best_eager / mimco_best): {result['compile_speedup']:.3f}")
+    for name, change in result.get("teacher_bf16", {}).items():
+        lines.append(
+            f"{name}: speedup over mimco_step {change['speedup']:.3f}, loss {change['loss_teacher_bf16']:.6f} vs "
+            f"{change['loss_fp32']:.6f} fp32 (relative difference {change['loss_relative_difference']:.2e}), "
+            f"normalised targets min cosine {change['target_min_cosine']:.6f}"
         )
     for source_size, data in result.get("data", {}).items():
         lines.append(
@@ -460,7 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError("--device cuda was asked for, but no CUDA device is available.")
     except ValueError as error:
         parser.error(str(error))
+    started = time.perf_counter()
     result = run_benchmark(args)
+    result["wall_seconds"] = time.perf_counter() - started
     print(format_report(result))
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)

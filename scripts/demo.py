@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
         "much faster than on two when the CPU is shared with other work.",
     )
     parser.add_argument("--skip_pretraining", action="store_true", help="Evaluate the checkpoints already there.")
+    parser.add_argument(
+        "--teacher_autocast", choices=["bf16"], default=None, help="Run stage 2's frozen teacher under bf16 autocast."
+    )
     args = parser.parse_args(argv)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             ["--teacher_name_or_path", teacher_dir, "--output_dir", student_dir, "--max_train_steps"]
             + [str(args.stage2_steps), "--head_hidden_size", "256", "--checkpointing_steps", "100"]
             + ["--learning_rate", "1.5e-3", "--image_temperature", "0.05"]
+            + (["--teacher_autocast", args.teacher_autocast] if args.teacher_autocast else [])
             + common
         )
         summaries.append(loss_summary("Stage 1 (MoCo v3 teacher)", stage1.log_history, ("loss",)))

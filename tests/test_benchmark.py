@@ -56,13 +56,29 @@ def test_harness_writes_every_figure(tmp_path):
         "--data_images", "4",
         "--data_source_sizes", "48x40",
         "--best_precision", "bf16",
+        "--gemm_size", "128",
         "--output_json", str(output),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(output.read_text())
-    for name in ("mimco_step", "floor", "reference", "mimco_best", "reference_fp32"):
+    names = ("mimco_step", "floor", "reference", "mimco_teacher_bf16", "mimco_teacher_autocast", "mimco_best")
+    for name in (*names, "reference_fp32"):
         assert result["images_per_second"][name] > 0
+        # utilisation = model FLOPs/s over the GEMM rate measured in the same run, so a ratio to the machine's limit
+        assert result["flops_utilisation"][name] > 0
+    assert set(result["gemm_flops_per_second"]) == {"fp32", "bf16"}
+    flops = result["model_flops_per_step"]
+    assert flops["floor"] < flops["mimco_step"] == flops["reference"]  # model FLOPs: the method's, not the code's
+    assert result["flops_utilisation"]["mimco_step"] == pytest.approx(
+        flops["mimco_step"] / result["seconds_per_step"]["mimco_step"] / result["gemm_flops_per_second"]["fp32"]
+    )
+    # the bf16 teacher: timed, and its loss stays close to the fp32 one on the same weights
+    for name in ("mimco_teacher_bf16", "mimco_teacher_autocast"):
+        change = result["teacher_bf16"][name]
+        assert change["speedup"] > 0
+        assert change["loss_relative_difference"] < 1e-2
+        assert change["target_min_cosine"] > 0.99
     assert result["overhead"] == pytest.approx(
         result["seconds_per_step"]["mimco_step"] / result["seconds_per_step"]["floor"]
     )
@@ -74,4 +90,33 @@ def test_harness_writes_every_figure(tmp_path):
     data = result["data"]["48x40"]
     assert data["mimco_images_per_second"] > 0 and data["run_mim_images_per_second"] > 0
     assert result["same_weights_loss"]["mimco"] == pytest.approx(result["same_weights_loss"]["reference"], abs=1e-5)
-    assert "overhead" in completed.stdout and "speedup" in completed.stdout
+    assert "overhead" in completed.stdout and "speedup" in completed.stdout and "large GEMM" in completed.stdout
+
+
+def test_flops_are_counted_as_the_docs_count_them():
+    """ViT-S/16 at 224 is 4.6 GMAC = 9.2 GFLOP per image forward; a stage-2 step of batch 16 adds the teacher's
+    forward and the heads on the 120 masked patches of each image (docs/benchmarks.md)."""
+    from modeling_mimco.benchmarking import floor_step_flops, mimco_step_flops, vit_forward_flops
+
+    config = benchmark.mimco_config(benchmark.BenchmarkArguments(model_preset="vit-small-patch16"))
+    assert vit_forward_flops(config, 1) == pytest.approx(9.197e9, rel=1e-3)
+    floor = floor_step_flops(config, 16)
+    assert floor.student == pytest.approx(3 * 16 * 9.197e9, rel=1e-3)
+    assert floor.teacher == pytest.approx(16 * 9.197e9, rel=1e-3)
+    heads = mimco_step_flops(config, 16).total - floor.total
+    patch_head = 3 * 16 * 120 * 2 * (384 * 2048 + 2048 * 384)
+    assert patch_head < heads < 1.1 * patch_head
+
+
+def test_gpu_peak_table_matches_device_names():
+    from modeling_mimco.benchmarking import lookup_gpu_peak
+
+    assert lookup_gpu_peak("NVIDIA H200").bf16 == pytest.approx(989.4)
+    assert lookup_gpu_peak("NVIDIA H100 80GB HBM3").part == "H100 SXM"
+    assert lookup_gpu_peak("NVIDIA H100 PCIe").bf16 == pytest.approx(756.5)
+    assert lookup_gpu_peak("NVIDIA A100-SXM4-40GB").fp32 == pytest.approx(19.5)
+    assert lookup_gpu_peak("NVIDIA L4").part == "L4"  # not L40 / L40S
+    assert lookup_gpu_peak("NVIDIA L40S").part == "L40S"
+    assert lookup_gpu_peak("NVIDIA A10G").part == "A10G"
+    assert lookup_gpu_peak("Tesla T4").bf16 is None
+    assert lookup_gpu_peak("Some Future GPU") is None

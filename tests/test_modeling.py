@@ -571,3 +571,29 @@ def test_the_whole_pretraining_model_compiles_and_trains(pixel_values):
     assert not any(name.startswith("teacher.") for name in grads)
     image_features, patch_tokens = model.teacher_features(pixel_values)
     assert image_features.grad_fn is None and patch_tokens.grad_fn is None
+
+
+def test_teacher_autocast_runs_the_teacher_in_bf16_and_keeps_its_weights(tiny_mimco_config):
+    torch.manual_seed(0)
+    model = MimCoForPreTraining(tiny_mimco_config(head_hidden_size=0)).eval()
+    autocast_model = MimCoForPreTraining(tiny_mimco_config(head_hidden_size=0, teacher_autocast="bf16")).eval()
+    autocast_model.load_state_dict(model.state_dict())
+    dtypes = []  # of the teachers' first linear layer (the final LayerNorm gives float32 under CPU autocast anyway)
+    for teacher in (model.teacher, autocast_model.teacher):
+        linear = next(module for module in teacher.modules() if isinstance(module, torch.nn.Linear))
+        linear.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    pixel_values = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = model.mask_generator.batch(4)
+    with torch.no_grad():
+        loss = model(pixel_values, bool_masked_pos=mask).loss
+        autocast_loss = autocast_model(pixel_values, bool_masked_pos=mask).loss
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert autocast_loss.dtype == torch.float32 and autocast_loss != loss  # the targets really came from bf16
+    assert abs(autocast_loss - loss) / abs(loss) < 1e-2
+    assert all(parameter.dtype == torch.float32 for parameter in autocast_model.teacher.parameters())
+    # without the option, an autocast around the whole step still reaches the teacher
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(pixel_values, bool_masked_pos=mask)
+    assert dtypes[-1] == torch.bfloat16
+    with pytest.raises(ValueError, match="teacher_autocast"):
+        tiny_mimco_config(teacher_autocast="fp8")

@@ -73,6 +73,10 @@ class ModelArguments:
     patch_loss_weight: float = field(default=1.0)
     image_loss_weight: float = field(default=1.0)
     crop_min_scale: float = field(default=0.67, metadata={"help": "Smallest area of the random resized crop."})
+    teacher_autocast: str | None = field(
+        default=None,
+        metadata={"help": "'bf16': the frozen teacher runs under bf16 autocast while the student trains in fp32."},
+    )
 
     def __post_init__(self):
         # the objective's numbers are checked by the model config, which names the same fields
@@ -124,6 +128,7 @@ def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
         image_temperature=model_args.image_temperature,
         patch_loss_weight=model_args.patch_loss_weight,
         image_loss_weight=model_args.image_loss_weight,
+        teacher_autocast=model_args.teacher_autocast,
     )
     try:
         model = MimCoForPreTraining.from_teacher(
