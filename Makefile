@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench reproduce gpu-check clean
+.PHONY: install test lint format demo bench reproduce gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -52,6 +52,14 @@ GPU_PYTHON ?=
 gpu-check:
 	$(if $(GPU_PYTHON),,$(MAKE) install)
 	$(if $(GPU_PYTHON),$(GPU_PYTHON),$(BIN)/python) scripts/gpu_check.py --output_dir outputs/gpu_check
+
+# Wheels of the packages that the lent GPU machines' image (Python 3.12) lacks, into the ignored .whl/, to travel with
+# the device run (docs/gpu/README.md has the command).
+GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 evaluate==0.4.6
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
