@@ -48,7 +48,7 @@ class MimCoRemoteTeacherConfig(PreTrainedConfig):
 
     Reading a MimCo checkpoint never runs a teacher's remote code: its config is kept as it was saved (`to_dict`
     gives it back unchanged, so the checkpoint saves again as it was), which is all the student needs. Only
-    `MimCoForPreTraining.from_teacher(..., trust_remote_code=True)` builds such a teacher.
+    `MimCoForPreTraining.from_teacher` with `trust_remote_code` enabled builds such a teacher.
     """
 
     model_type = "mimco_remote_teacher"

@@ -493,19 +493,24 @@ class MimCoForPreTrainingOutput(ModelOutput):
 
 
 def build_teacher(teacher_config: PreTrainedConfig) -> PreTrainedModel:
-    """An untrained backbone for `teacher_config`; its weights come from a checkpoint afterwards."""
+    """An untrained backbone for `teacher_config`; its weights come from a checkpoint afterwards.
+
+    A teacher whose model code lives in its own repository is never built from a config here (that would run its
+    code without the user's word): `MimCoForPreTraining.from_teacher` with `trust_remote_code` enabled passes it in.
+    """
     if isinstance(teacher_config, MimCoConfig):
         return MimCoModel(teacher_config)
-    if isinstance(teacher_config, MimCoRemoteTeacherConfig):
+    if isinstance(teacher_config, MimCoRemoteTeacherConfig) or type(teacher_config).__module__.startswith(
+        "transformers_modules."
+    ):
+        model_type = getattr(teacher_config, "remote_model_type", None) or teacher_config.model_type
+        source = teacher_config._name_or_path or "its own repository"
         raise ValueError(
-            f"The teacher ({teacher_config.remote_model_type!r}, from {teacher_config._name_or_path or 'its own repository'}) "
-            "is a model whose code lives in its own repository, and a saved MimCo checkpoint does not run that code. "
-            "Load the student alone (MimCoModel or MimCoForImageClassification.from_pretrained), or pair a student "
-            "with the teacher again: MimCoForPreTraining.from_teacher(TEACHER, config, trust_remote_code=True)."
+            f"The teacher ({model_type!r}, from {source}) is a model whose code lives in its own repository, and a "
+            "saved MimCo checkpoint does not run that code. Load the student alone (MimCoModel or "
+            "MimCoForImageClassification.from_pretrained), or pair a student with the teacher again: "
+            "MimCoForPreTraining.from_teacher(TEACHER, config) with trust_remote_code enabled."
         )
-    if type(teacher_config).__module__.startswith("transformers_modules."):
-        # the teacher's remote code was loaded in this process, with the user's trust_remote_code=True
-        return AutoModel.from_config(teacher_config, trust_remote_code=True)
     return AutoModel.from_config(teacher_config)
 
 
@@ -522,7 +527,7 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
     (`from_pretrained`), which holds the teacher too.
     """
 
-    def __init__(self, config: MimCoConfig):
+    def __init__(self, config: MimCoConfig, teacher: PreTrainedModel | None = None):
         super().__init__(config)
         self.mimco = MimCoModel(config)
         if config.teacher_config is None:
@@ -532,7 +537,8 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
             teacher_config._attn_implementation = config._attn_implementation
             config.teacher_config = teacher_config
         teacher_config = config.teacher_config
-        self.teacher = build_teacher(teacher_config)
+        # `teacher`: an already built teacher (one with remote code, from `from_teacher`); else one from its config
+        self.teacher = teacher if teacher is not None else build_teacher(teacher_config)
         self.teacher.eval()
         self.teacher_adapter = TeacherInputAdapter(
             self.teacher,
@@ -590,8 +596,11 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         if teacher_mean is not None:
             config.teacher_image_mean, config.teacher_image_std = teacher_mean, teacher_std
         config.validate()
-        model = cls(config)
-        model.teacher.load_state_dict(teacher.state_dict())
+        teacher_state = {name: value.detach().clone() for name, value in teacher.state_dict().items()}
+        has_remote_code = type(teacher.config).__module__.startswith("transformers_modules.")
+        # a teacher with remote code was built by the user's own `trust_remote_code`; it is used as it is
+        model = cls(config, teacher=teacher if has_remote_code else None)
+        model.teacher.load_state_dict(teacher_state)
         return model
 
     def train(self, mode: bool = True) -> MimCoForPreTraining:

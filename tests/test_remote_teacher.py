@@ -91,5 +91,5 @@ def test_remote_code_teacher_trains_with_trust_remote_code(tmp_path, remote_code
     again = json.loads((tmp_path / "again" / "config.json").read_text())
     assert again["teacher_config"]["model_type"] == "toy_vit"
     # rebuilding the whole pre-training model would run the teacher's code: refused with what to do instead
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
+    with pytest.raises(ValueError, match="with trust_remote_code enabled"):
         MimCoForPreTraining.from_pretrained(output_dir)
