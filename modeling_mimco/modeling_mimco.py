@@ -498,7 +498,8 @@ def build_teacher(teacher_config: PreTrainedConfig) -> PreTrainedModel:
     A teacher whose model code lives in its own repository is never built from a config here (that would run its
     code without the user's word): `MimCoForPreTraining.from_teacher` with `trust_remote_code` enabled passes it in.
     """
-    if isinstance(teacher_config, MimCoConfig):
+    # by model type: where this file runs as remote code, a MimCo teacher's config class is a copy of MimCoConfig
+    if isinstance(teacher_config, MimCoConfig) or teacher_config.model_type == MimCoConfig.model_type:
         return MimCoModel(teacher_config)
     if isinstance(teacher_config, MimCoRemoteTeacherConfig) or type(teacher_config).__module__.startswith(
         "transformers_modules."
