@@ -487,6 +487,16 @@ GPU_PEAKS: tuple[tuple[tuple[str, ...], GpuPeak], ...] = (
 )
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def lookup_gpu_peak(device_name: str) -> GpuPeak | None:
     """The datasheet peak of a GPU named like `torch.cuda.get_device_name()`, or None for a part not listed."""
     words = device_name.replace("-", " ").split()
@@ -571,6 +581,7 @@ def mimco_pipeline(config: MimCoConfig) -> Callable:
 
 
 __all__ = [
+    "cpu_supports_bf16",
     "GPU_PEAKS",
     "GpuPeak",
     "ReferenceMimCo",

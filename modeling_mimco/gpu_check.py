@@ -62,6 +62,7 @@ from .benchmarking import (
     StepFlops,
     autocast,
     contrastive_step_flops,
+    cpu_supports_bf16,
     lookup_gpu_peak,
     make_contrastive_step,
     make_jpegs,
@@ -329,7 +330,7 @@ def check_environment(args: GpuCheckArguments, context: dict, budget: Budget) ->
         if peak is None:
             result["datasheet_peak_reason"] = f"{properties.name!r} is not in the table of known GPUs"
     else:
-        result["bf16_supported"] = _cpu_supports_bf16()
+        result["bf16_supported"] = cpu_supports_bf16()
         result["datasheet_peak_tflops"] = None
         result["datasheet_peak_reason"] = "skipped: no CUDA (datasheet peaks are listed for GPUs only)"
     context["peak"] = peak
@@ -373,15 +374,6 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
-
-
-def _cpu_supports_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --- correctness --------------------------------------------------------------------------------------------------

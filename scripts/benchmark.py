@@ -43,6 +43,7 @@ from transformers import HfArgumentParser
 from modeling_mimco import MimCoConfig, MimCoForPreTraining
 from modeling_mimco.benchmarking import (
     ReferenceMimCo,
+    cpu_supports_bf16,
     floor_step_flops,
     make_floor_step,
     make_gemm_step,
@@ -188,16 +189,7 @@ def _best_precision(args: BenchmarkArguments) -> str:
         return args.best_precision
     if args.device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_supports_bf16() else "fp32"
-
-
-def _cpu_supports_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "bf16" if cpu_supports_bf16() else "fp32"
 
 
 def run_benchmark(args: BenchmarkArguments) -> dict:
