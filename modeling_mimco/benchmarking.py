@@ -30,7 +30,7 @@ from transformers import ViTConfig, ViTModel
 
 from .configuration_mimco import MimCoConfig, MimCoContrastiveConfig
 from .modeling_mimco import MimCoForContrastivePreTraining, MimCoForPreTraining
-from .training import build_adamw
+from .optimization import build_adamw
 
 
 # --- the stock-transformers reference -----------------------------------------------------------------------------

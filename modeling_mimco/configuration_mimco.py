@@ -410,3 +410,49 @@ _raise_value_errors(MimCoContrastiveConfig)
 
 
 __all__ = ["MimCoConfig", "MimCoContrastiveConfig"]
+
+
+# Backbone shapes selectable with --model_preset; "tiny" is for the demo and tests on 32-px images.
+MODEL_PRESETS = {
+    "tiny": dict(
+        image_size=32,
+        patch_size=4,
+        mask_patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+    ),
+    "vit-small-patch16": dict(
+        image_size=224,
+        patch_size=16,
+        mask_patch_size=32,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+    ),
+    "vit-base-patch16": dict(
+        image_size=224,
+        patch_size=16,
+        mask_patch_size=32,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+    ),
+}
+
+
+# The `MimCoConfig` fields that make up a backbone's shape (what a preset sets).
+BACKBONE_FIELDS = tuple(MODEL_PRESETS["tiny"])
+
+
+def preset_backbone_kwargs(model_preset: str, image_size: int | None = None) -> dict:
+    """The `MimCoConfig` backbone fields of a preset, optionally at another image size."""
+    if model_preset not in MODEL_PRESETS:
+        raise ValueError(f"--model_preset must be one of {sorted(MODEL_PRESETS)}, got {model_preset!r}.")
+    kwargs = dict(MODEL_PRESETS[model_preset])
+    if image_size is not None:
+        kwargs["image_size"] = image_size
+    return kwargs

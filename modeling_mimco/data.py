@@ -44,39 +44,30 @@ Example (stage 2, map-style):
 from __future__ import annotations
 
 import bisect
-import contextlib
-import errno
 import io
 import logging
 import math
 import os
 import re
-import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import datasets
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import generate_random_fingerprint
-from datasets.table import InMemoryTable, concat_tables, list_table_cache_files
+from datasets.table import InMemoryTable, concat_tables
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tensor
 from torchvision.transforms import v2
 
-from .errors import MimCoError, one_line
+from .sources import _row_sources
 
 
 logger = logging.getLogger(__name__)
 
-DIGITS_DATASET = "digits"
-DIGITS_TEST_FRACTION = 0.15
-DIGITS_SPLIT_SEED = 0
 
 UNREADABLE_KEY = "unreadable_image"
 """Key of the per-example marker: `None` for a readable image, else the file name (or a description) of the bad one."""
@@ -85,7 +76,6 @@ ROW_INDEX_COLUMN = "__mimco_row_index__"
 """Column that `apply_example_transform` adds to a map-style dataset: each example's row in the loaded data, so that
 an unreadable image without a file name can be named by its row."""
 
-MAX_LISTED_NAMES = 10
 """How many names a warning about skipped files lists before it only counts the rest."""
 
 
@@ -105,430 +95,16 @@ class UnreadableImageError(OSError):
         self.path = path
 
 
-class TooManyUnreadableImagesError(MimCoError):
-    """Raised by `SkippedImageTracker` when the fraction of unreadable images exceeds `--max_skipped_fraction`."""
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # loading
-
-
-def load_digits_dataset(
-    split: str = "train",
-    image_size: int = 32,
-    test_fraction: float = DIGITS_TEST_FRACTION,
-    seed: int = DIGITS_SPLIT_SEED,
-) -> datasets.Dataset:
-    """scikit-learn's bundled 8x8 digits (1,797 images, no network) as an RGB image-classification dataset.
-
-    Each 8x8 image (ink intensity 0..16) is scaled to 0..255 (bright ink on a dark background), upscaled to
-    `image_size` x `image_size` with bilinear resampling and stored as a 3-channel RGB PIL image.
-
-    The split is a seeded shuffle of all images: `"train"` holds the first `1 - test_fraction` (about 85 %, 1,527
-    images with the defaults), `"test"` (alias `"validation"`) the rest. The same arguments always give the same split
-    and the two splits are disjoint.
-
-    Returns:
-        A `datasets.Dataset` with columns `"image"` (`datasets.Image`) and `"label"` (`ClassLabel`, names "0".."9").
-    """
-    from sklearn.datasets import load_digits
-
-    if split not in ("train", "test", "validation"):
-        raise ValueError(
-            f"Unknown split {split!r} for the {DIGITS_DATASET!r} dataset; available splits: ['train', 'test', "
-            "'validation'] ('validation' is the same images as 'test')."
-        )
-    if image_size <= 0:
-        raise ValueError(f"`image_size` must be a positive integer, got {image_size}.")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"`test_fraction` must lie strictly between 0 and 1, got {test_fraction}.")
-
-    digits = load_digits()
-    num_images = len(digits.target)
-    order = np.random.RandomState(seed).permutation(num_images)
-    num_train = int(round(num_images * (1.0 - test_fraction)))
-    indices = order[:num_train] if split == "train" else order[num_train:]
-
-    images = []
-    for index in indices:
-        pixels = np.clip(np.round(digits.images[index] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        image = PIL.Image.fromarray(pixels).resize((image_size, image_size), PIL.Image.Resampling.BILINEAR)
-        images.append(image.convert("RGB"))
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "label": datasets.ClassLabel(names=[str(digit) for digit in range(10)]),
-        }
-    )
-    return datasets.Dataset.from_dict(
-        {"image": images, "label": [int(digits.target[index]) for index in indices]}, features=features
-    )
-
-
-def load_image_dataset(
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    split: str = "train",
-    train_dir: str | None = None,
-    data_files: str | list[str] | dict[str, str | list[str]] | None = None,
-    streaming: bool = False,
-    cache_dir: str | None = None,
-    token: str | bool | None = None,
-    digits_image_size: int = 32,
-    report_skipped_links: bool = True,
-) -> datasets.Dataset | datasets.IterableDataset:
-    """Loads one split of an image dataset from exactly one source.
-
-    Sources (give at most one):
-
-    - `dataset_name`: a Hub dataset (`"ILSVRC/imagenet-1k"`, gated: `token`, or the environment / cached login) or a
-      local dataset folder (e.g. a parquet folder in the Hub layout), read with `datasets.load_dataset`;
-      `dataset_config_name` picks a configuration. `"digits"` is reserved for the built-in demo dataset.
-    - `train_dir`: a local folder of class sub-folders (`train_dir/<class>/<image>`), read with the `"imagefolder"`
-      builder; class names become a `ClassLabel` `"label"` column. Sub-folders named after splits
-      (`train_dir/train/<class>/...`, `train_dir/validation/<class>/...`) give several splits.
-    - `data_files`: parquet file(s) or glob(s), read with the `"parquet"` builder. A list or a string gives the single
-      split `"train"`; a dict maps split names to files.
-    - none of them, or `dataset_name="digits"`: `load_digits_dataset(split, digits_image_size)`.
-
-    Args:
-        split: The split to load; an unknown split raises `ValueError` listing the available ones.
-        streaming: Return a `datasets.IterableDataset` that reads lazily (the digits demo is converted with
-            `to_iterable_dataset`).
-        cache_dir: Where `datasets` caches downloads and prepared Arrow files.
-        token: Hub token for gated or private datasets; `None` uses the cached login / `HF_TOKEN`.
-        digits_image_size: Side of the digits images, when the digits demo is the source.
-        report_skipped_links: With `train_dir`, warn about the symbolic links that `"imagefolder"` drops without a
-            word (dangling links, link loops, links to folders), naming up to 10 of them and counting all
-            (`find_skipped_links`). Loading further splits of a folder already reported can turn this off.
-
-    Local parquet files (`data_files`, or the files of a local dataset folder) are checked first: one that is
-    truncated or not parquet raises `ValueError` naming it, and `datasets` failing to prepare a source raises
-    `ValueError` naming the source. The row counts of the files are remembered, so that an unreadable image without
-    a file name is reported by its row and parquet file (see `apply_example_transform`).
-
-    Returns:
-        A `datasets.Dataset`, or a `datasets.IterableDataset` when `streaming=True`.
-    """
-    given = [
-        flag
-        for flag, value in (("--dataset_name", dataset_name), ("--train_dir", train_dir), ("--data_files", data_files))
-        if value is not None
-    ]
-    if len(given) > 1:
-        raise ValueError(
-            f"Give exactly one data source, got {len(given)}: {', '.join(given)}. Use --dataset_name for a Hub dataset "
-            "or local dataset folder, --train_dir for a folder of class sub-folders, or --data_files for parquet files."
-        )
-
-    if (dataset_name is None and train_dir is None and data_files is None) or dataset_name == DIGITS_DATASET:
-        dataset = load_digits_dataset(split=split, image_size=digits_image_size)
-        return dataset.to_iterable_dataset(num_shards=_digits_num_shards(len(dataset))) if streaming else dataset
-
-    common = {"split": split, "streaming": streaming, "cache_dir": cache_dir, "token": token}
-    parquet_files = None
-    if dataset_name is not None:
-        path, kwargs, source = dataset_name, {"name": dataset_config_name}, f"--dataset_name {dataset_name!r}"
-        if os.path.isdir(dataset_name):  # a local dataset folder; a Hub dataset is not looked into here
-            parquet_files = _checked_parquet_files(path, kwargs, source, cache_dir=cache_dir, token=token)
-    elif train_dir is not None:
-        if not os.path.isdir(train_dir):
-            raise ValueError(f"--train_dir {train_dir!r} is not a directory.")
-        path, kwargs, source = "imagefolder", {"data_dir": train_dir}, f"--train_dir {train_dir!r}"
-        if report_skipped_links:
-            _warn_about_skipped_links(train_dir)
-    else:
-        path, kwargs, source = "parquet", {"data_files": data_files}, f"--data_files {data_files!r}"
-        parquet_files = _checked_parquet_files(path, kwargs, "--data_files", cache_dir=cache_dir, token=token)
-
-    try:
-        dataset = datasets.load_dataset(path, **kwargs, **common)
-    except DatasetGenerationError as err:
-        # e.g. a parquet file whose footer is intact but whose pages are damaged; the cause says what failed
-        raise ValueError(f"{source}: datasets could not read the data: {one_line(err.__cause__ or err)}") from err
-    except ValueError as err:
-        if "split" not in str(err).lower():
-            raise
-        available = _available_splits(path, kwargs, cache_dir=cache_dir, token=token)
-        if available is None or _split_base_names(split) <= set(available):
-            raise
-        raise ValueError(f"Split {split!r} does not exist in {source}; available splits: {available}.") from err
-    if parquet_files is not None and isinstance(dataset, datasets.Dataset):
-        _remember_row_sources(dataset, parquet_files.get(str(split)))
-    return dataset
-
-
-def _digits_num_shards(num_rows: int) -> int:
-    # several shards, so that streaming can be split between processes and DataLoader workers by shard
-    return max(1, min(8, num_rows))
-
-
-def _split_base_names(split: str) -> set[str]:
-    """`"train[:10%]+test"` -> `{"train", "test"}`."""
-    return {part.split("[", 1)[0].strip() for part in str(split).split("+")}
-
-
-def _available_splits(path: str, kwargs: dict, cache_dir: str | None, token: str | bool | None) -> list[str] | None:
-    """Best-effort list of the split names of a source, without preparing it; `None` when unknown."""
-    try:
-        builder = datasets.load_dataset_builder(path, **kwargs, cache_dir=cache_dir, token=token)
-    except Exception:  # only used to improve an error message
-        return None
-    # split keys may be `datasets.NamedSplit` objects (e.g. before the source was ever prepared); name them as strings
-    if builder.info.splits:
-        return [str(name) for name in builder.info.splits]
-    data_files = getattr(builder.config, "data_files", None)
-    if data_files:
-        return [str(name) for name in data_files]
-    return None
 
 
 # Symbolic links that `datasets`' file listing drops: it neither follows links to folders nor keeps links whose
 # target is missing or loops, and it says nothing about either.
 
 
-def find_skipped_links(folder: str) -> list[tuple[str, str]]:
-    """The symbolic links under `folder` whose images the `"imagefolder"` builder silently leaves out.
-
-    These are dangling links and link loops whose name could be an image (an image extension, or no extension: it
-    may have been a class folder), and links to folders (`datasets` does not follow them). Hidden entries and
-    `__*` folders are passed over, as `datasets` ignores them too. Only links cost a `stat`, so the walk is about as
-    fast as `datasets`' own listing.
-
-    Returns:
-        `(path relative to folder, reason)` pairs, sorted by path.
-    """
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
-    image_extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
-    skipped = []
-    pending = [folder]
-    while pending:
-        directory = pending.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:  # an unreadable folder: datasets' listing reports it itself
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if not entry.is_symlink():
-                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("__"):
-                    pending.append(entry.path)
-                continue
-            relative = os.path.relpath(entry.path, folder)
-            try:
-                is_folder = stat.S_ISDIR(os.stat(entry.path).st_mode)  # follows the link
-            except OSError as error:
-                extension = os.path.splitext(entry.name)[1].lower()
-                if extension and extension not in image_extensions:
-                    continue  # not an image even if its target existed
-                if error.errno == errno.ELOOP:
-                    skipped.append((relative, "a symbolic link loop"))
-                else:
-                    skipped.append(
-                        (relative, f"a dangling link: its target {os.readlink(entry.path)!r} does not exist")
-                    )
-                continue
-            if is_folder:
-                skipped.append((relative, "a link to a folder, which datasets does not follow"))
-    return sorted(skipped)
-
-
-def _warn_about_skipped_links(train_dir: str) -> None:
-    skipped = find_skipped_links(train_dir)
-    if not skipped:
-        return
-    listed = "; ".join(f"{path} ({reason})" for path, reason in skipped[:MAX_LISTED_NAMES])
-    more = f"; and {len(skipped) - MAX_LISTED_NAMES} more" if len(skipped) > MAX_LISTED_NAMES else ""
-    logger.warning(
-        "--train_dir %r: %d symbolic link(s) skipped, their images are not used: %s%s. Fix or remove them (copy a "
-        "linked folder into --train_dir instead of linking it).",
-        train_dir,
-        len(skipped),
-        listed,
-        more,
-    )
-
-
 # Parquet files: checked before `datasets` reads them (a truncated file otherwise fails without its name), and their
 # row counts remembered so that a bad row can be named by its file.
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Keeps `datasets`' info and warnings (e.g. about a missing dataset card) out of a look-ahead that
-    `datasets.load_dataset` repeats right after."""
-    previous = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        datasets.logging.set_verbosity(previous)
-
-
-def _checked_parquet_files(
-    path: str, kwargs: dict, source: str, cache_dir: str | None, token: str | bool | None
-) -> dict[str, list[tuple[str, int]] | None] | None:
-    """Checks that every local parquet file of a source can be opened; returns `{split: [(file, num_rows), ...]}`
-    (`None` for a split with remote files), or `None` when the source is not parquet.
-
-    Only each file's footer is read. Every split's files are checked, since `datasets` prepares all splits at once.
-
-    Raises:
-        ValueError: naming `source` and the file, for a truncated, damaged or non-parquet file.
-    """
-    try:
-        with _quiet_datasets():
-            builder = datasets.load_dataset_builder(path, **kwargs, cache_dir=cache_dir, token=token)
-    except Exception:  # e.g. no file matches: `datasets.load_dataset` raises its own message right after
-        return None
-    if builder.name != "parquet" or not builder.config.data_files:
-        return None
-    checked: dict[str, list[tuple[str, int]] | None] = {}
-    for split_name, files in builder.config.data_files.items():
-        spans: list[tuple[str, int]] | None = []
-        for file in files:
-            if not os.path.isfile(file):  # a remote file: read by datasets only
-                spans = None
-                continue
-            try:
-                num_rows = pq.read_metadata(file).num_rows
-            except (pa.ArrowException, OSError) as error:
-                raise ValueError(
-                    f"{source}: {file!r} is not a readable parquet file (truncated, damaged or not parquet: "
-                    f"{one_line(error)})"
-                ) from error
-            if spans is not None:
-                spans.append((file, num_rows))
-        checked[str(split_name)] = spans
-    return checked
-
-
-# Row -> parquet file, per prepared Arrow table (keyed by its cache files, which `select`, `shuffle`, `cast` and
-# `train_test_split` keep). Filled by `load_image_dataset`, read by `apply_example_transform` in the same process.
-_ROW_SOURCES: dict[tuple[str, ...], tuple[tuple[str, int], ...]] = {}
-
-
-def _remember_row_sources(dataset: datasets.Dataset, spans: list[tuple[str, int]] | None) -> None:
-    files = tuple(list_table_cache_files(dataset.data))
-    # the Arrow table holds the files' rows in the order of `spans` (datasets reads the files one after the other)
-    if spans and files and sum(num_rows for _, num_rows in spans) == len(dataset.data):
-        _ROW_SOURCES[files] = tuple(spans)
-
-
-def _row_sources(dataset: datasets.Dataset) -> tuple[tuple[str, int], ...] | None:
-    spans = _ROW_SOURCES.get(tuple(list_table_cache_files(dataset.data)))
-    # a table cut down by `select(range(n))` keeps its first rows, the only kind of cut this package makes
-    if spans is None or len(dataset.data) > sum(num_rows for _, num_rows in spans):
-        return None
-    return spans
-
-
-def resolve_image_column(dataset: datasets.Dataset | datasets.IterableDataset, image_column: str | None = None) -> str:
-    """Name of the image column: `image_column` if given (it must exist), else `"image"`, `"img"`, or the first column
-    whose feature is `datasets.Image`.
-
-    Raises:
-        ValueError: naming `--image_column` and the existing columns when the column is missing or none is found.
-    """
-    columns, features = _columns_and_features(dataset)
-    if image_column is not None:
-        if columns is not None and image_column not in columns:
-            raise ValueError(
-                f"--image_column {image_column!r} is not a column of the dataset; its columns are {columns}."
-            )
-        return image_column
-    for candidate in ("image", "img"):
-        if candidate in columns:
-            return candidate
-    for name, feature in (features or {}).items():
-        if isinstance(feature, datasets.Image):
-            return name
-    raise ValueError(
-        f"Could not find an image column (tried 'image', 'img' and any datasets.Image column) among {columns}; "
-        "name it with --image_column."
-    )
-
-
-def resolve_label_column(
-    dataset: datasets.Dataset | datasets.IterableDataset, label_column: str | None = None
-) -> str | None:
-    """Name of the label column: `label_column` if given (it must exist), else `"label"`, `"labels"`, or the first
-    `ClassLabel` column; `None` when the dataset has no labels.
-
-    Raises:
-        ValueError: naming `--label_column` and the existing columns when a named column is missing.
-    """
-    columns, features = _columns_and_features(dataset)
-    if label_column is not None:
-        if columns is not None and label_column not in columns:
-            raise ValueError(
-                f"--label_column {label_column!r} is not a column of the dataset; its columns are {columns}."
-            )
-        return label_column
-    for candidate in ("label", "labels"):
-        if candidate in columns:
-            return candidate
-    for name, feature in (features or {}).items():
-        if isinstance(feature, datasets.ClassLabel):
-            return name
-    return None
-
-
-def _columns_and_features(dataset) -> tuple[list[str] | None, dict | None]:
-    features = dataset.features
-    if features is not None:
-        return list(features), dict(features)
-    if isinstance(dataset, datasets.IterableDataset):
-        # a streaming dataset of unknown features: look at the first example
-        first = next(iter(dataset.take(1)), None)
-        return (list(first) if first is not None else []), None
-    return list(dataset.column_names or []), None
-
-
-def disable_image_decoding(
-    dataset: datasets.Dataset | datasets.IterableDataset, image_column: str
-) -> datasets.Dataset | datasets.IterableDataset:
-    """Casts `image_column` to `datasets.Image(decode=False)`, so that examples carry `{"bytes", "path"}` records.
-
-    Decoding then happens in the example transforms (`decode_image`), where an unreadable file is caught and skipped,
-    instead of inside `datasets`, where it would crash the iterator. A column that is not a `datasets.Image` feature
-    (raw bytes, paths, or a streaming dataset whose features are unknown) is left as it is: `decode_image` accepts
-    those values too.
-    """
-    features = dataset.features
-    if features is None or image_column not in features:
-        return dataset
-    feature = features[image_column]
-    if not isinstance(feature, datasets.Image) or not feature.decode:
-        return dataset
-    return dataset.cast_column(image_column, datasets.Image(decode=False))
-
-
-def shard_for_process(
-    dataset: datasets.Dataset | datasets.IterableDataset, process_index: int, num_processes: int
-) -> datasets.Dataset | datasets.IterableDataset:
-    """The part of `dataset` that process `process_index` of `num_processes` reads.
-
-    A streaming `IterableDataset` is split with `datasets.distributed.split_dataset_by_node` (whole shards when their
-    number is divisible by `num_processes`, else every `num_processes`-th example). A map-style `Dataset` is returned
-    unchanged: the distributed sampler of the accelerate-prepared DataLoader shards it.
-
-    Do not let accelerate shard a dataset that this function already split: prepare its DataLoader with
-    `DataLoaderConfiguration(dispatch_batches=False)` and `split_batches=False` *and* skip accelerate's own sharding
-    (e.g. leave such a DataLoader out of `accelerator.prepare`, moving batches to the device yourself), or else skip
-    this function and let accelerate shard the stream.
-    """
-    if num_processes < 1:
-        raise ValueError(f"`num_processes` must be >= 1, got {num_processes}.")
-    if not 0 <= process_index < num_processes:
-        raise ValueError(f"`process_index` must lie in [0, {num_processes}), got {process_index}.")
-    if isinstance(dataset, datasets.IterableDataset) and num_processes > 1:
-        from datasets.distributed import split_dataset_by_node
-
-        return split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
-    return dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1156,92 +732,19 @@ class ContrastiveCollator:
 # skip accounting
 
 
-class SkippedImageTracker:
-    """Counts unreadable images over a run and stops it when there are too many.
-
-    Args:
-        max_skipped_fraction: Largest tolerated fraction of unreadable images (`--max_skipped_fraction`); 1.0 never
-            stops.
-        min_seen: The check starts once this many images were seen, so that a few bad files at the start do not stop
-            a run.
-
-    `update(num_seen, num_skipped)` adds one batch: `num_seen` counts every example drawn (readable and unreadable,
-    i.e. `len(pixel_values) + num_skipped`), `num_skipped` the unreadable ones. In a multi-process run, sum the counts
-    over processes first (or keep one tracker per process). The counts are saved by `state_dict()` and restored by
-    `load_state_dict()` (so `accelerator.register_for_checkpointing(tracker)` carries them across a resume); the
-    thresholds come from the current run's flags.
-    """
-
-    def __init__(self, max_skipped_fraction: float = 0.05, min_seen: int = 100):
-        if not 0.0 <= max_skipped_fraction <= 1.0:
-            raise ValueError(f"`max_skipped_fraction` must lie in [0, 1], got {max_skipped_fraction}.")
-        if min_seen < 0:
-            raise ValueError(f"`min_seen` must be >= 0, got {min_seen}.")
-        self.max_skipped_fraction = float(max_skipped_fraction)
-        self.min_seen = int(min_seen)
-        self.num_seen = 0
-        self.num_skipped = 0
-
-    @property
-    def skipped_fraction(self) -> float:
-        return self.num_skipped / self.num_seen if self.num_seen else 0.0
-
-    def update(self, num_seen: int, num_skipped: int) -> None:
-        """Adds the counts of one batch and raises `TooManyUnreadableImagesError` when the fraction is too high."""
-        num_seen, num_skipped = int(num_seen), int(num_skipped)
-        if num_seen < 0 or num_skipped < 0 or num_skipped > num_seen:
-            raise ValueError(
-                f"Counts must satisfy 0 <= num_skipped <= num_seen, got num_seen={num_seen}, num_skipped={num_skipped}."
-            )
-        self.num_seen += num_seen
-        self.num_skipped += num_skipped
-        if self.num_seen >= self.min_seen and self.skipped_fraction > self.max_skipped_fraction:
-            raise TooManyUnreadableImagesError(
-                f"{self.num_skipped} of {self.num_seen} images ({self.skipped_fraction:.2%}) could not be read, more "
-                f"than the allowed {self.max_skipped_fraction:.2%} set by --max_skipped_fraction. Check the dataset "
-                "(the warnings above name the unreadable files) or raise --max_skipped_fraction."
-            )
-
-    def summary(self) -> str:
-        return (
-            f"{self.num_skipped} of {self.num_seen} images skipped as unreadable ({self.skipped_fraction:.2%}; "
-            f"limit {self.max_skipped_fraction:.2%}, --max_skipped_fraction)"
-        )
-
-    def state_dict(self) -> dict[str, int]:
-        return {"num_seen": self.num_seen, "num_skipped": self.num_skipped}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.num_seen = int(state_dict["num_seen"])
-        self.num_skipped = int(state_dict["num_skipped"])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.summary()})"
-
-
 __all__ = [
-    "DIGITS_DATASET",
     "ROW_INDEX_COLUMN",
     "UNREADABLE_KEY",
     "ContrastiveCollator",
     "ContrastiveExampleTransform",
     "MimCoPretrainingCollator",
     "PretrainingExampleTransform",
-    "SkippedImageTracker",
-    "TooManyUnreadableImagesError",
     "UnreadableImageError",
     "apply_example_transform",
     "build_contrastive_transforms",
     "build_eval_transform",
     "build_pretraining_transform",
     "decode_image",
-    "disable_image_decoding",
-    "find_skipped_links",
-    "load_digits_dataset",
-    "load_image_dataset",
-    "resolve_image_column",
-    "resolve_label_column",
-    "shard_for_process",
     "to_rgb",
     "with_row_index",
 ]

@@ -76,7 +76,7 @@ from .benchmarking import (
     utilisation,
 )
 from .commands import reports_errors
-from .configuration_mimco import MimCoConfig, MimCoContrastiveConfig
+from .configuration_mimco import MODEL_PRESETS, MimCoConfig, MimCoContrastiveConfig
 from .masking import MimCoMaskGenerator
 from .modeling_mimco import (
     MimCoForContrastivePreTraining,
@@ -84,7 +84,7 @@ from .modeling_mimco import (
     MimCoForPreTraining,
     MimCoModel,
 )
-from .training import MODEL_PRESETS, build_adamw, skip_update_if
+from .optimization import build_adamw, skip_update_if
 
 
 PARTS = ("environment", "correctness", "throughput", "data", "reproduce")

@@ -7,22 +7,16 @@ processes, precision, checkpoints and logging lives here.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import itertools
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import signal
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import filelock
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -33,31 +27,26 @@ from accelerate.utils import (
     parse_flag_from_env,
     set_seed,
 )
-from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
-from .data import (
-    SkippedImageTracker,
-    disable_image_decoding,
-    load_image_dataset,
-    resolve_image_column,
-    shard_for_process,
+from .checkpointing import (
+    CheckpointError,
+    OutputDirInUseError,
+    OutputDirLock,
+    _write_json_atomically,
+    check_output_dir,
+    resume,
+    save_checkpoint,
+    save_final_atomically,
+    verify_checkpoint,
 )
-from .errors import MimCoError, one_line
+from .errors import MimCoError
+from .optimization import build_adamw, skip_update_if
 
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-MANIFEST_NAME = "checkpoint_manifest.json"
-TRAINER_STATE_NAME = "trainer_state.json"
-LOCK_NAME = ".mimco-run.lock"
-LOCK_HOLDER_NAME = ".mimco-run.json"
-
-# Parameters that AdamW must not decay: norms and biases (1-D) and the learned tokens and position embeddings.
-NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "position_embeddings")
 
 
 @dataclass
@@ -230,224 +219,11 @@ def _only_batch(batches: list[dict]) -> dict:
     return batches[0]
 
 
-class CheckpointError(MimCoError):
-    """A checkpoint folder that is incomplete or damaged."""
-
-
 class TrainingDivergedError(MimCoError):
     """Too many consecutive steps had a NaN/Inf loss or gradient."""
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Splits the trainable parameters into a decayed and a non-decayed AdamW group."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if parameter.ndim <= 1 or any(token in name for token in NO_WEIGHT_DECAY_NAMES):
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_adamw(
-    model: torch.nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float]
-) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, fused into one kernel per device where PyTorch offers it."""
-    groups = parameter_groups(model, weight_decay)
-    try:
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)
-
-
-def skip_update_if(optimizer, bad: torch.Tensor, accelerator: Accelerator) -> None:
-    """Makes the coming `optimizer.step()` a no-op when `bad` (a 0-dim bool tensor) is true.
-
-    The fused AdamW kernel reads a `found_inf` flag on the device, so the decision costs no host-device sync. With
-    fp16 loss scaling, Accelerate's gradient scaler already skips non-finite steps; an unfused optimizer needs one
-    synchronising check.
-    """
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if accelerator.scaler is not None:
-        return
-    if inner.defaults.get("fused"):
-        inner.found_inf = bad.float()
-    elif bool(bad):
-        optimizer.zero_grad(set_to_none=True)
-
-
 # --- checkpoints -------------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
-    """The SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_manifest(folder: str) -> None:
-    """Records every file's size and SHA-256, so that damage of any kind (truncation, bytes overwritten in place)
-    is found before a resume trusts the checkpoint."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, folder)] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
-    _write_json_atomically(os.path.join(folder, MANIFEST_NAME), {"files": files})
-
-
-def _write_json_atomically(path: str, payload: dict) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def verify_checkpoint(folder: str) -> None:
-    """Raises `CheckpointError` naming the problem unless every file of `folder` is present, complete and unchanged
-    (size and SHA-256 as the manifest recorded them; manifests of older versions hold sizes only)."""
-    manifest_path = os.path.join(folder, MANIFEST_NAME)
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"Checkpoint {folder} has no {MANIFEST_NAME}: it was not completely written.")
-    try:
-        with open(manifest_path) as handle:
-            files = json.load(handle)["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"Checkpoint {folder}: {MANIFEST_NAME} is unreadable ({error}).") from error
-    for name, recorded in files.items():
-        path = os.path.join(folder, name)
-        size, sha256 = (recorded, None) if isinstance(recorded, int) else (recorded["size"], recorded["sha256"])
-        if not os.path.isfile(path):
-            raise CheckpointError(f"Checkpoint {folder} is missing {name}.")
-        if os.path.getsize(path) != size:
-            raise CheckpointError(
-                f"Checkpoint {folder}: {name} has {os.path.getsize(path)} bytes, {size} were written (truncated?)."
-            )
-        if sha256 is not None and file_sha256(path) != sha256:
-            raise CheckpointError(f"Checkpoint {folder}: {name} changed after it was written (checksum mismatch).")
-
-
-def read_trainer_state(folder: str) -> dict:
-    """The loop's counters and log of a checkpoint (`trainer_state.json`); `CheckpointError` if it is unreadable."""
-    try:
-        with open(os.path.join(folder, TRAINER_STATE_NAME)) as handle:
-            state = json.load(handle)
-        for key in ("global_step", "epoch", "batches_done_in_epoch", "bad_steps", "log_history"):
-            state[key]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"Checkpoint {folder}: {TRAINER_STATE_NAME} is unreadable ({error}).") from error
-    return state
-
-
-def list_checkpoints(checkpoint_root: str) -> list[str]:
-    """Checkpoint folders under `checkpoint_root`, oldest step first."""
-    if not os.path.isdir(checkpoint_root):
-        return []
-    steps = []
-    for name in os.listdir(checkpoint_root):
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
-            steps.append(int(name[len(CHECKPOINT_PREFIX) :]))
-    return [os.path.join(checkpoint_root, f"{CHECKPOINT_PREFIX}{step}") for step in sorted(steps)]
-
-
-def find_resume_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
-    """Resolves `--resume_from_checkpoint`: `latest` picks the newest checkpoint that verifies (skipping damaged
-    ones with a warning) or `None` when there is none; a path must verify."""
-    return next(iter(resume_candidates(output_dir, resume_from_checkpoint)), None)
-
-
-def resume_candidates(output_dir: str, resume_from_checkpoint: str) -> Iterator[str]:
-    """The checkpoints to try, best first, each verified just before it is offered: for `latest`, every verified
-    checkpoint newest first (a damaged one is skipped with a warning); for a path, that path only."""
-    if resume_from_checkpoint != "latest":
-        verify_checkpoint(resume_from_checkpoint)
-        yield resume_from_checkpoint
-        return
-    for folder in reversed(list_checkpoints(os.path.join(output_dir, "checkpoints"))):
-        try:
-            verify_checkpoint(folder)
-        except CheckpointError as error:
-            logger.warning(f"Skipping damaged checkpoint: {error}")
-            continue
-        yield folder
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state: dict, keep: int | None) -> str:
-    """Writes `checkpoint-{step}` atomically: into a temporary folder, completed by a manifest, then renamed."""
-    checkpoint_root = os.path.join(output_dir, "checkpoints")
-    final = os.path.join(checkpoint_root, f"{CHECKPOINT_PREFIX}{step}")
-    temporary = os.path.join(checkpoint_root, f".tmp-{CHECKPOINT_PREFIX}{step}")
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-        os.makedirs(temporary, exist_ok=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(temporary, safe_serialization=True)
-    except RuntimeError as error:
-        # torch.save reports a full disk as "basic_ios::clear: iostream error"; say what happened
-        if "iostream" not in str(error) and shutil.disk_usage(checkpoint_root).free > 1 << 20:
-            raise
-        raise OSError(
-            errno.ENOSPC,
-            f"No space left on the device while writing checkpoint {final} ({one_line(error)}); the previous "
-            "checkpoint is intact. Free some space (or lower --checkpoints_total_limit) and resume.",
-        ) from None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(temporary, TRAINER_STATE_NAME), "w") as handle:
-            json.dump(state, handle, indent=2)
-        _write_manifest(temporary)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        if keep is not None:
-            for old in list_checkpoints(checkpoint_root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def save_final_atomically(save_final: Callable[[torch.nn.Module, str], None], model, output_dir: str) -> None:
-    """Runs `save_final` into a temporary folder inside `output_dir`, then renames each entry into place, so that
-    an interruption never leaves a final folder with a config but no weights."""
-    temporary = os.path.join(output_dir, ".tmp-final")
-    shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(temporary)
-    save_final(model, temporary)
-    for name in sorted(os.listdir(temporary)):
-        target = os.path.join(output_dir, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(temporary, name), target)
-    os.rmdir(temporary)
-
-
-def resume(accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str) -> dict | None:
-    """Loads the newest usable checkpoint into the prepared objects and returns its trainer state.
-
-    With `latest`, a checkpoint that fails to verify or to load is skipped with a warning and the previous one is
-    tried; `None` when none is usable (the run starts from scratch). A checkpoint given by path must load.
-    """
-    for checkpoint in resume_candidates(output_dir, resume_from_checkpoint):
-        try:
-            state = read_trainer_state(checkpoint)
-            accelerator.load_state(checkpoint)
-        except (CheckpointError, SafetensorError, RuntimeError, OSError, ValueError, EOFError) as error:
-            message = f"Checkpoint {checkpoint} could not be loaded ({one_line(error)})"
-            if resume_from_checkpoint != "latest":
-                raise CheckpointError(message) from error
-            logger.warning(f"{message}; trying the previous one.")
-            continue
-        accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']} (epoch {state['epoch']}).")
-        return state
-    logger.warning(f"No usable checkpoint in {output_dir}/checkpoints: starting from scratch.")
-    return None
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
@@ -491,70 +267,6 @@ def _batch_size(batch: dict) -> int:
         if isinstance(value, torch.Tensor) and value.ndim >= 4:
             return value.shape[0]
     return 0
-
-
-class OutputDirInUseError(MimCoError):
-    """Another run holds the lock of the output folder."""
-
-
-def check_output_dir(output_dir: str, process_index: int = 0) -> None:
-    """Creates `--output_dir` if needed and proves that it is writable (a probe file is written and removed), so
-    that a run never trains to the end and then fails at the final save."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"--output_dir {output_dir!r} exists and is not a folder.")
-    probe = os.path.join(output_dir, f".write-test-{process_index}-{os.getpid()}")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise OSError(error.errno, f"--output_dir {output_dir!r} is not writable: {error.strerror}") from None
-
-
-class OutputDirLock:
-    """An exclusive lock on the output folder for the whole run, so that two runs never write into one folder.
-
-    The lock is an OS file lock (`filelock`) on `OUTPUT/.mimco-run.lock`: the kernel releases it when its holder
-    dies, so a killed run leaves no lock that blocks the next one. `OUTPUT/.mimco-run.json` names the holder (host,
-    pid, start time) for the message a second run gets; one left behind by a dead run is replaced.
-    """
-
-    def __init__(self, output_dir: str):
-        self.output_dir = output_dir
-        self.lock = filelock.FileLock(os.path.join(output_dir, LOCK_NAME))
-        self.holder_path = os.path.join(output_dir, LOCK_HOLDER_NAME)
-
-    def acquire(self) -> str | None:
-        """Takes the lock; returns `None`, or a message naming the run that holds it."""
-        try:
-            self.lock.acquire(timeout=0)
-        except filelock.Timeout:
-            return (
-                f"--output_dir {self.output_dir!r} is in use by another run ({self._holder()}): wait for it to "
-                "finish, or choose another --output_dir."
-            )
-        if os.path.exists(self.holder_path):
-            logger.info(f"Replacing the stale lock of a run that ended without releasing it ({self._holder()}).")
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _write_json_atomically(self.holder_path, holder)
-        return None
-
-    def _holder(self) -> str:
-        try:
-            with open(self.holder_path) as handle:
-                holder = json.load(handle)
-            return f"pid {holder['pid']} on {holder['host']}, since {holder['started']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "holder unknown"
-
-    def release(self) -> None:
-        if self.lock.is_locked:
-            try:
-                os.remove(self.holder_path)
-            except FileNotFoundError:
-                pass
-            self.lock.release()
 
 
 class LogWindow:
@@ -1008,131 +720,76 @@ def _flat_config(config: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
 
 
-# Backbone shapes selectable with --model_preset; "tiny" is for the demo and tests on 32-px images.
-MODEL_PRESETS = {
-    "tiny": dict(
-        image_size=32,
-        patch_size=4,
-        mask_patch_size=8,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=256,
-    ),
-    "vit-small-patch16": dict(
-        image_size=224,
-        patch_size=16,
-        mask_patch_size=32,
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        intermediate_size=1536,
-    ),
-    "vit-base-patch16": dict(
-        image_size=224,
-        patch_size=16,
-        mask_patch_size=32,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-    ),
-}
-
-
-# The `MimCoConfig` fields that make up a backbone's shape (what a preset sets).
-BACKBONE_FIELDS = tuple(MODEL_PRESETS["tiny"])
-
-
-def preset_backbone_kwargs(model_preset: str, image_size: int | None = None) -> dict:
-    """The `MimCoConfig` backbone fields of a preset, optionally at another image size."""
-    if model_preset not in MODEL_PRESETS:
-        raise ValueError(f"--model_preset must be one of {sorted(MODEL_PRESETS)}, got {model_preset!r}.")
-    kwargs = dict(MODEL_PRESETS[model_preset])
-    if image_size is not None:
-        kwargs["image_size"] = image_size
-    return kwargs
-
-
-@dataclass
-class DataArguments:
-    """Where the training images come from. Without any source, the built-in digits data is used."""
-
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, or 'digits'."}
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files with an image column."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column; found automatically if unset."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of preparing it locally."})
-    max_train_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": "Use a subset of N images, drawn with --seed (as the probe does: a folder sorted by class still "
-            "gives every class); with --streaming, the first N of the stream."
-        },
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
-
-    def __post_init__(self):
-        if self.max_train_samples is not None and not self.max_train_samples > 0:
-            raise ValueError(f"--max_train_samples must be positive, got {self.max_train_samples}.")
-
-
-def load_training_images(
-    data_args: DataArguments, image_size: int, process_index: int = 0, num_processes: int = 1, seed: int = 42
-):
-    """Loads the training split of `data_args` with undecoded images; returns `(dataset, image_column)`.
-
-    `seed` draws the `--max_train_samples` subset."""
-    dataset = load_image_dataset(
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        split=data_args.train_split,
-        train_dir=data_args.train_dir,
-        data_files=data_args.data_files,
-        streaming=data_args.streaming,
-        cache_dir=data_args.cache_dir,
-        digits_image_size=image_size,
-    )
-    image_column = resolve_image_column(dataset, data_args.image_column)
-    if data_args.max_train_samples is not None:
-        if data_args.streaming:
-            dataset = dataset.take(data_args.max_train_samples)
-        else:
-            subset = np.random.default_rng(seed).permutation(len(dataset))[: data_args.max_train_samples]
-            dataset = dataset.select(np.sort(subset))
-    dataset = disable_image_decoding(dataset, image_column)
-    dataset = shard_for_process(dataset, process_index, num_processes)
-    return dataset, image_column
-
-
-def save_image_processor(output_dir: str, image_size: int, image_mean: list[float], image_std: list[float]) -> None:
-    """Writes the `preprocessor_config.json` that turns images into this model's `pixel_values`."""
-    from transformers import ViTImageProcessor
-
-    ViTImageProcessor(
-        size={"height": image_size, "width": image_size}, image_mean=image_mean, image_std=image_std
-    ).save_pretrained(output_dir)
-
-
 __all__ = [
-    "BACKBONE_FIELDS",
-    "MODEL_PRESETS",
     "create_accelerator",
-    "CheckpointError",
-    "DataArguments",
-    "load_training_images",
-    "preset_backbone_kwargs",
-    "save_image_processor",
     "PreTrainingArguments",
     "TrainingResult",
-    "build_adamw",
-    "find_resume_checkpoint",
-    "parameter_groups",
-    "save_checkpoint",
     "train",
-    "verify_checkpoint",
 ]
+
+
+class TooManyUnreadableImagesError(MimCoError):
+    """Raised by `SkippedImageTracker` when the fraction of unreadable images exceeds `--max_skipped_fraction`."""
+
+
+class SkippedImageTracker:
+    """Counts unreadable images over a run and stops it when there are too many.
+
+    Args:
+        max_skipped_fraction: Largest tolerated fraction of unreadable images (`--max_skipped_fraction`); 1.0 never
+            stops.
+        min_seen: The check starts once this many images were seen, so that a few bad files at the start do not stop
+            a run.
+
+    `update(num_seen, num_skipped)` adds one batch: `num_seen` counts every example drawn (readable and unreadable,
+    i.e. `len(pixel_values) + num_skipped`), `num_skipped` the unreadable ones. In a multi-process run, sum the counts
+    over processes first (or keep one tracker per process). The counts are saved by `state_dict()` and restored by
+    `load_state_dict()` (so `accelerator.register_for_checkpointing(tracker)` carries them across a resume); the
+    thresholds come from the current run's flags.
+    """
+
+    def __init__(self, max_skipped_fraction: float = 0.05, min_seen: int = 100):
+        if not 0.0 <= max_skipped_fraction <= 1.0:
+            raise ValueError(f"`max_skipped_fraction` must lie in [0, 1], got {max_skipped_fraction}.")
+        if min_seen < 0:
+            raise ValueError(f"`min_seen` must be >= 0, got {min_seen}.")
+        self.max_skipped_fraction = float(max_skipped_fraction)
+        self.min_seen = int(min_seen)
+        self.num_seen = 0
+        self.num_skipped = 0
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.num_skipped / self.num_seen if self.num_seen else 0.0
+
+    def update(self, num_seen: int, num_skipped: int) -> None:
+        """Adds the counts of one batch and raises `TooManyUnreadableImagesError` when the fraction is too high."""
+        num_seen, num_skipped = int(num_seen), int(num_skipped)
+        if num_seen < 0 or num_skipped < 0 or num_skipped > num_seen:
+            raise ValueError(
+                f"Counts must satisfy 0 <= num_skipped <= num_seen, got num_seen={num_seen}, num_skipped={num_skipped}."
+            )
+        self.num_seen += num_seen
+        self.num_skipped += num_skipped
+        if self.num_seen >= self.min_seen and self.skipped_fraction > self.max_skipped_fraction:
+            raise TooManyUnreadableImagesError(
+                f"{self.num_skipped} of {self.num_seen} images ({self.skipped_fraction:.2%}) could not be read, more "
+                f"than the allowed {self.max_skipped_fraction:.2%} set by --max_skipped_fraction. Check the dataset "
+                "(the warnings above name the unreadable files) or raise --max_skipped_fraction."
+            )
+
+    def summary(self) -> str:
+        return (
+            f"{self.num_skipped} of {self.num_seen} images skipped as unreadable ({self.skipped_fraction:.2%}; "
+            f"limit {self.max_skipped_fraction:.2%}, --max_skipped_fraction)"
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"num_seen": self.num_seen, "num_skipped": self.num_skipped}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.num_seen = int(state_dict["num_seen"])
+        self.num_skipped = int(state_dict["num_skipped"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.summary()})"

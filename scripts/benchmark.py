@@ -59,7 +59,7 @@ from modeling_mimco.benchmarking import (
     use_low_precision_teacher,
     utilisation,
 )
-from modeling_mimco.training import MODEL_PRESETS
+from modeling_mimco.configuration_mimco import MODEL_PRESETS
 
 
 __all__ = ["BenchmarkArguments", "MimCoForPreTraining", "ReferenceMimCo", "main", "mimco_config", "same_loss_check"]

@@ -130,7 +130,7 @@ def log(message: str) -> None:
 
 
 def backbone_kwargs(args) -> dict:
-    from modeling_mimco.training import preset_backbone_kwargs
+    from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 
     return preset_backbone_kwargs(args.model_preset)
 
@@ -301,7 +301,8 @@ def pretrain_simmim(args, steps: int, output_dir: str, teacher_dir: str):
         apply_example_transform,
         build_pretraining_transform,
     )
-    from modeling_mimco.training import DataArguments, PreTrainingArguments, load_training_images, train
+    from modeling_mimco.sources import DataArguments, load_training_images
+    from modeling_mimco.training import PreTrainingArguments, train
 
     parser = HfArgumentParser((run_pretraining.ModelArguments, DataArguments, PreTrainingArguments))
     parser.set_defaults(per_device_train_batch_size=256, num_train_epochs=100)
@@ -339,7 +340,7 @@ def pretrain_simmim(args, steps: int, output_dir: str, teacher_dir: str):
         return outputs.loss, {}
 
     def save_final(unwrapped_model, final_dir: str) -> None:
-        from modeling_mimco.training import save_image_processor
+        from modeling_mimco.model_folders import save_image_processor
 
         unwrapped_model.save_pretrained(final_dir)
         save_image_processor(final_dir, student_config.image_size, student_config.image_mean, student_config.image_std)
@@ -362,7 +363,7 @@ def save_random_init(args, output_dir: str) -> None:
     import torch
 
     from modeling_mimco import MimCoConfig, MimCoModel
-    from modeling_mimco.training import save_image_processor
+    from modeling_mimco.model_folders import save_image_processor
 
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         return
@@ -388,7 +389,8 @@ def frozen_feature_scores(args, data, checkpoint: str, key: str, features_dir: s
     """Linear probe and k-NN top-1 with CLS and mean-patch features; the test features are saved for the t-SNE."""
     import torch
 
-    from modeling_mimco.evaluation import LinearProbeConfig, evaluate_frozen_features, extract_features, load_backbone
+    from modeling_mimco.evaluation import LinearProbeConfig, evaluate_frozen_features, extract_features
+    from modeling_mimco.model_folders import load_backbone
 
     backbone = load_backbone(checkpoint, seed=args.seed)
     probe = LinearProbeConfig(epochs=args.probe_epochs, seed=args.seed)
@@ -433,7 +435,7 @@ def finetune_top1(args, checkpoint: str, output_dir: str) -> float:
 
 
 def settings_of(args, plan: dict) -> dict:
-    from modeling_mimco.training import MODEL_PRESETS
+    from modeling_mimco.configuration_mimco import MODEL_PRESETS
 
     return {
         "version": RESULTS_VERSION,
@@ -596,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from modeling_mimco.evaluation import load_classification_splits
+    from modeling_mimco.sources import load_classification_splits
 
     start, started, ran = time.perf_counter(), datetime.now(timezone.utc).isoformat(), []
     results_path = os.path.join(args.results_dir, "reproduce_results.json")

@@ -28,7 +28,7 @@ from test_training import (
 )
 
 from modeling_mimco import MimCoConfig, MimCoModel
-from modeling_mimco.training import preset_backbone_kwargs
+from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 
 
 pytestmark = pytest.mark.slow

@@ -18,21 +18,24 @@ import torch
 from torch.utils.data import DataLoader
 
 from modeling_mimco.data import (
-    DIGITS_DATASET,
     ROW_INDEX_COLUMN,
     UNREADABLE_KEY,
     ContrastiveCollator,
     ContrastiveExampleTransform,
     MimCoPretrainingCollator,
     PretrainingExampleTransform,
-    SkippedImageTracker,
-    TooManyUnreadableImagesError,
     UnreadableImageError,
     apply_example_transform,
     build_contrastive_transforms,
     build_eval_transform,
     build_pretraining_transform,
     decode_image,
+    to_rgb,
+    with_row_index,
+)
+from modeling_mimco.masking import MimCoMaskGenerator
+from modeling_mimco.sources import (
+    DIGITS_DATASET,
     disable_image_decoding,
     find_skipped_links,
     load_digits_dataset,
@@ -40,10 +43,8 @@ from modeling_mimco.data import (
     resolve_image_column,
     resolve_label_column,
     shard_for_process,
-    to_rgb,
-    with_row_index,
 )
-from modeling_mimco.masking import MimCoMaskGenerator
+from modeling_mimco.training import SkippedImageTracker, TooManyUnreadableImagesError
 
 
 MEAN = [0.485, 0.456, 0.406]

@@ -25,22 +25,19 @@ from modeling_mimco import (
 )
 from modeling_mimco.data import build_eval_transform, decode_image
 from modeling_mimco.evaluation import (
-    RANDOM_INIT,
-    ClassificationMetrics,
     LinearProbeConfig,
-    TopKAccuracy,
     build_linear_probe,
     classifier_accuracy,
     extract_features,
     knn_accuracy,
     knn_classify,
-    load_accuracy_metric,
-    load_backbone,
-    load_classification_splits,
     pool_features,
     results_table,
     train_linear_probe,
 )
+from modeling_mimco.metrics import ClassificationMetrics, TopKAccuracy, load_accuracy_metric
+from modeling_mimco.model_folders import RANDOM_INIT, load_backbone
+from modeling_mimco.sources import load_classification_splits
 
 
 REPO = Path(__file__).resolve().parents[1]

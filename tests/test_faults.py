@@ -30,16 +30,15 @@ from test_training import (
     stage2_args,
 )
 
-from modeling_mimco.training import (
+from modeling_mimco.checkpointing import (
     LOCK_HOLDER_NAME,
     OutputDirLock,
-    PreTrainingArguments,
     _write_manifest,
     find_resume_checkpoint,
     list_checkpoints,
-    train,
     verify_checkpoint,
 )
+from modeling_mimco.training import PreTrainingArguments, train
 
 
 pytestmark = pytest.mark.slow

@@ -25,12 +25,8 @@ from modeling_mimco import (
     MimCoForImageClassification,
     MimCoForPreTraining,
 )
-from modeling_mimco.evaluation import (
-    FineTuningTrainer,
-    SoftTargetCrossEntropy,
-    build_batch_mixer,
-    layer_decay_parameter_groups,
-)
+from modeling_mimco.finetuning import FineTuningTrainer, SoftTargetCrossEntropy, build_batch_mixer
+from modeling_mimco.optimization import layer_decay_parameter_groups
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from transformers import ViTImageProcessor
 from transformers.dynamic_module_utils import get_relative_imports
 
 from modeling_mimco import MimCoForPreTraining, MimCoModel, hub
-from modeling_mimco.training import save_image_processor
+from modeling_mimco.model_folders import save_image_processor
 
 
 ROOT = Path(__file__).resolve().parents[1]

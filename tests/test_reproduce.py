@@ -101,7 +101,7 @@ def test_smoke_model_card_is_generated_from_the_results(smoke_run):
 def test_pixel_mim_encoder_is_evaluated_through_load_backbone(smoke_run):
     from transformers import ViTForMaskedImageModeling
 
-    from modeling_mimco.evaluation import load_backbone
+    from modeling_mimco.model_folders import load_backbone
 
     root, _, _, _ = smoke_run
     folder = root / "out" / "pixel_mim"

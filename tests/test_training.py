@@ -28,18 +28,16 @@ from helpers.scripts import load_script
 from safetensors.torch import load_file, save_file
 
 from modeling_mimco import MimCoModel
-from modeling_mimco.data import TooManyUnreadableImagesError
-from modeling_mimco.errors import MimCoError
-from modeling_mimco.training import (
+from modeling_mimco.checkpointing import (
     MANIFEST_NAME,
     TRAINER_STATE_NAME,
     CheckpointError,
-    PreTrainingArguments,
     find_resume_checkpoint,
     list_checkpoints,
-    train,
     verify_checkpoint,
 )
+from modeling_mimco.errors import MimCoError
+from modeling_mimco.training import PreTrainingArguments, TooManyUnreadableImagesError, train
 
 
 REPO = Path(__file__).resolve().parents[1]

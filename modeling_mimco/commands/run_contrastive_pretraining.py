@@ -18,21 +18,16 @@ from transformers import HfArgumentParser, set_seed
 
 from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining
 from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 from modeling_mimco.data import (
     ContrastiveCollator,
     ContrastiveExampleTransform,
     apply_example_transform,
     build_contrastive_transforms,
 )
-from modeling_mimco.training import (
-    DataArguments,
-    PreTrainingArguments,
-    create_accelerator,
-    load_training_images,
-    preset_backbone_kwargs,
-    save_image_processor,
-    train,
-)
+from modeling_mimco.model_folders import save_image_processor
+from modeling_mimco.sources import DataArguments, load_training_images
+from modeling_mimco.training import PreTrainingArguments, create_accelerator, train
 
 
 logger = logging.getLogger(__name__)

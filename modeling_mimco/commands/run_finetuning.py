@@ -47,6 +47,7 @@ from modeling_mimco import (
     MimCoForImageClassification,
 )
 from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 from modeling_mimco.data import (
     MimCoPretrainingCollator,
     PretrainingExampleTransform,
@@ -54,16 +55,9 @@ from modeling_mimco.data import (
     build_eval_transform,
 )
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.evaluation import (
-    ClassificationMetrics,
-    FineTuningTrainer,
-    LabelledDataArguments,
-    SoftTargetCrossEntropy,
-    build_batch_mixer,
-    reported_top_k,
-    top_k_predictions,
-)
-from modeling_mimco.training import preset_backbone_kwargs
+from modeling_mimco.finetuning import FineTuningTrainer, SoftTargetCrossEntropy, build_batch_mixer
+from modeling_mimco.metrics import ClassificationMetrics, reported_top_k, top_k_predictions
+from modeling_mimco.sources import LabelledDataArguments
 
 
 logger = logging.getLogger(__name__)

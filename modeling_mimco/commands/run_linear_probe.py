@@ -27,18 +27,15 @@ from modeling_mimco.commands import reports_errors, run_command
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.evaluation import (
     FEATURE_POOLINGS,
-    PIXELS,
-    RANDOM_INIT,
-    Backbone,
     FrozenFeatureResult,
-    LabelledDataArguments,
     LinearProbeConfig,
     evaluate_frozen_features,
     extract_features,
-    load_backbone,
     plot_tsne,
     results_table,
 )
+from modeling_mimco.model_folders import PIXELS, RANDOM_INIT, Backbone, load_backbone
+from modeling_mimco.sources import LabelledDataArguments
 
 
 RESULTS_NAME = "linear_probe_results.json"

@@ -18,6 +18,7 @@ from transformers import HfArgumentParser, set_seed
 
 from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoMaskGenerator, MimCoModel
 from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.configuration_mimco import BACKBONE_FIELDS, preset_backbone_kwargs
 from modeling_mimco.data import (
     MimCoPretrainingCollator,
     PretrainingExampleTransform,
@@ -25,16 +26,9 @@ from modeling_mimco.data import (
     build_pretraining_transform,
 )
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.training import (
-    BACKBONE_FIELDS,
-    DataArguments,
-    PreTrainingArguments,
-    create_accelerator,
-    load_training_images,
-    preset_backbone_kwargs,
-    save_image_processor,
-    train,
-)
+from modeling_mimco.model_folders import save_image_processor
+from modeling_mimco.sources import DataArguments, load_training_images
+from modeling_mimco.training import PreTrainingArguments, create_accelerator, train
 
 
 logger = logging.getLogger(__name__)
