@@ -14,13 +14,13 @@ from transformers import (
 from .configuration_mimco import MimCoConfig, MimCoContrastiveConfig
 from .masking import MimCoMaskGenerator
 from .modeling_mimco import (
-    MimCoForContrastivePreTraining,
     MimCoForImageClassification,
     MimCoForPreTraining,
     MimCoForPreTrainingOutput,
     MimCoModel,
     MimCoPreTrainedModel,
 )
+from .modeling_mimco_contrastive import MimCoForContrastivePreTraining
 
 
 __version__ = "0.1.0"

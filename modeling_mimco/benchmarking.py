@@ -1,9 +1,9 @@
 """Measuring MimCo's training steps: the stock-transformers reference, step builders, timers, FLOP counts, the
-machine's large-GEMM rate and a table of GPU peaks.
+machine's large-GEMM rate and the data pipelines of the data benchmark.
 
-Shared by `scripts/benchmark.py` (the CPU benchmark) and `modeling_mimco.gpu_check` (the GPU check kit). Nothing
-here is imported by the model files; it needs only torch, transformers, torchvision, NumPy and PIL (all
-dependencies of the package).
+Shared by `scripts/benchmark.py` (the CPU benchmark) and `modeling_mimco.gpu_check` (the GPU check kit, which keeps
+the GPUs' datasheet peaks). Nothing here is imported by the model files; it needs only torch, transformers,
+torchvision, NumPy and PIL (all dependencies of the package).
 
 FLOPs are counted as in docs/benchmarks.md: matrix products only (a multiply-add is 2 FLOPs), a backward pass costs
 twice its forward (so a trained module costs 3x its forward), LayerNorm, softmax, activations and the optimizer are
@@ -20,7 +20,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from PIL import Image
 from transformers import ViTConfig, ViTModel
 
 from .configuration_mimco import MimCoConfig, MimCoContrastiveConfig
-from .modeling_mimco import MimCoForContrastivePreTraining, MimCoForPreTraining
+from .modeling_mimco import MimCoForPreTraining
+from .modeling_mimco_contrastive import MimCoForContrastivePreTraining
 from .optimization import build_adamw
 
 
@@ -324,9 +325,6 @@ class StepFlops:
     def total(self) -> float:
         return self.student + self.teacher
 
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self) | {"total": self.total}
-
 
 def mimco_step_flops(config: MimCoConfig, batch_size: int, num_masked: int | None = None) -> StepFlops:
     """Model FLOPs of one stage-2 step: student forward+backward, heads on the masked patches and the CLS tokens,
@@ -445,48 +443,6 @@ def make_gemm_step(device: str, dtype: torch.dtype, size: int) -> tuple[Callable
     return step, 2.0 * size**3
 
 
-@dataclass(frozen=True)
-class GpuPeak:
-    """A GPU's datasheet rates in TFLOP/s, dense (without structured sparsity). `fp32` is the CUDA cores' rate
-    (no TF32); `bf16` and `tf32` are tensor-core rates; `bf16` is None where the GPU has no bf16 tensor cores."""
-
-    part: str
-    bf16: float | None
-    fp32: float
-    tf32: float | None = None
-    note: str | None = None
-
-
-# Matched against `torch.cuda.get_device_name()` in order: the first entry whose words all occur in the name.
-# The vendor's datasheets list tensor rates "with sparsity"; the dense rates here are half of those.
-GPU_PEAKS: tuple[tuple[tuple[str, ...], GpuPeak], ...] = (
-    (("GH200",), GpuPeak("GH200", bf16=989.4, fp32=66.9, tf32=494.7)),
-    (("H200", "NVL"), GpuPeak("H200 NVL", bf16=835.5, fp32=60.0, tf32=417.5)),
-    (("H200",), GpuPeak("H200 SXM", bf16=989.4, fp32=66.9, tf32=494.7)),
-    (("H100", "PCIe"), GpuPeak("H100 PCIe", bf16=756.5, fp32=51.2, tf32=378.0)),
-    (("H100", "NVL"), GpuPeak("H100 NVL", bf16=835.5, fp32=60.0, tf32=417.5)),
-    (("H100",), GpuPeak("H100 SXM", bf16=989.4, fp32=66.9, tf32=494.7)),
-    (("A100",), GpuPeak("A100 (40 or 80 GB, SXM or PCIe)", bf16=312.0, fp32=19.5, tf32=156.0)),
-    (("L40S",), GpuPeak("L40S", bf16=362.05, fp32=91.6, tf32=183.0)),
-    (("L40",), GpuPeak("L40", bf16=181.05, fp32=90.5, tf32=90.5)),
-    (("L4",), GpuPeak("L4", bf16=121.0, fp32=30.3, tf32=60.0)),
-    (
-        ("A10G",),
-        GpuPeak(
-            "A10G",
-            bf16=70.0,
-            fp32=31.2,
-            tf32=35.0,
-            note="no vendor datasheet exists for the A10G; these are the commonly reported rates, so read the "
-            "measured GEMM rate as its limit",
-        ),
-    ),
-    (("A10",), GpuPeak("A10", bf16=125.0, fp32=31.2, tf32=62.5)),
-    (("V100",), GpuPeak("V100", bf16=None, fp32=15.7, note="no bf16 tensor cores (fp16 only)")),
-    (("T4",), GpuPeak("T4", bf16=None, fp32=8.1, note="no bf16 tensor cores (fp16 only)")),
-)
-
-
 def cpu_supports_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX), read from /proc/cpuinfo."""
     try:
@@ -495,16 +451,6 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def lookup_gpu_peak(device_name: str) -> GpuPeak | None:
-    """The datasheet peak of a GPU named like `torch.cuda.get_device_name()`, or None for a part not listed."""
-    words = device_name.replace("-", " ").split()
-    for required, peak in GPU_PEAKS:
-        # whole words, so that "L4" does not match "L40S" ("A100-SXM4-80GB" was split on "-" above)
-        if all(word in words for word in required):
-            return peak
-    return None
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -558,19 +504,10 @@ def run_mim_pipeline(image_size: int, mask_patch_size: int, patch_size: int, mas
 
 def mimco_pipeline(config: MimCoConfig) -> Callable:
     """The data path of `run_pretraining.py` in one process: example transform, then the collator."""
-    from .data import MimCoPretrainingCollator, PretrainingExampleTransform, build_pretraining_transform
-    from .masking import MimCoMaskGenerator
+    from .data import pretraining_collator, pretraining_example_transform
 
-    example_transform = PretrainingExampleTransform(
-        build_pretraining_transform(config.image_size, config.image_mean, config.image_std, normalize=False),
-        image_column="image",
-        draft_for=(config.image_size, 0.67),
-    )
-    collator = MimCoPretrainingCollator(
-        MimCoMaskGenerator.from_config(config),
-        image_size=config.image_size,
-        normalize_with=(config.image_mean, config.image_std),
-    )
+    example_transform = pretraining_example_transform("image", config)
+    collator = pretraining_collator(config)
 
     def process(jpegs: Sequence[bytes]) -> dict:
         examples = example_transform({"image": [{"bytes": data, "path": None} for data in jpegs]})
@@ -582,15 +519,11 @@ def mimco_pipeline(config: MimCoConfig) -> Callable:
 
 __all__ = [
     "cpu_supports_bf16",
-    "GPU_PEAKS",
-    "GpuPeak",
     "ReferenceMimCo",
     "StepFlops",
     "autocast",
     "contrastive_step_flops",
-    "copy_backbone_into_vit",
     "floor_step_flops",
-    "lookup_gpu_peak",
     "make_contrastive_step",
     "make_floor_step",
     "make_gemm_step",
@@ -607,6 +540,5 @@ __all__ = [
     "time_interleaved",
     "use_low_precision_teacher",
     "utilisation",
-    "vit_config_like",
     "vit_forward_flops",
 ]

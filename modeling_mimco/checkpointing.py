@@ -1,4 +1,12 @@
-"""TODO docstring."""
+"""Checkpoints of the pre-training loop and the output folder they are written to.
+
+A checkpoint `OUTPUT/checkpoints/checkpoint-N` is Accelerate's saved state plus `trainer_state.json` (the loop's
+counters and log), written into a temporary folder, completed by a manifest of every file's size and SHA-256, then
+renamed, so that an interrupted save never looks complete; only the last K are kept. A resume verifies the manifest
+before it trusts a checkpoint and, for `latest`, falls back to the previous one. The final model is written
+atomically too. The output folder gets a write probe before training and an OS lock for the whole run. It imports
+only `errors`, torch, Accelerate, filelock and safetensors; `training` and `training_args` import it.
+"""
 
 from __future__ import annotations
 
@@ -24,17 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
 MANIFEST_NAME = "checkpoint_manifest.json"
-
-
 TRAINER_STATE_NAME = "trainer_state.json"
-
-
 LOCK_NAME = ".mimco-run.lock"
-
-
 LOCK_HOLDER_NAME = ".mimco-run.json"
 
 
@@ -51,6 +51,16 @@ def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def write_json_atomically(path: str, payload: dict) -> None:
+    """Writes `payload` as JSON to `path` through a temporary file, flushed to disk, then renamed into place."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 def _write_manifest(folder: str) -> None:
     """Records every file's size and SHA-256, so that damage of any kind (truncation, bytes overwritten in place)
     is found before a resume trusts the checkpoint."""
@@ -59,16 +69,7 @@ def _write_manifest(folder: str) -> None:
         for name in names:
             path = os.path.join(root, name)
             files[os.path.relpath(path, folder)] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
-    _write_json_atomically(os.path.join(folder, MANIFEST_NAME), {"files": files})
-
-
-def _write_json_atomically(path: str, payload: dict) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_json_atomically(os.path.join(folder, MANIFEST_NAME), {"files": files})
 
 
 def verify_checkpoint(folder: str) -> None:
@@ -255,7 +256,7 @@ class OutputDirLock:
         if os.path.exists(self.holder_path):
             logger.info(f"Replacing the stale lock of a run that ended without releasing it ({self._holder()}).")
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _write_json_atomically(self.holder_path, holder)
+        write_json_atomically(self.holder_path, holder)
         return None
 
     def _holder(self) -> str:
@@ -273,3 +274,21 @@ class OutputDirLock:
             except FileNotFoundError:
                 pass
             self.lock.release()
+
+
+__all__ = [
+    "LOCK_HOLDER_NAME",
+    "MANIFEST_NAME",
+    "TRAINER_STATE_NAME",
+    "CheckpointError",
+    "OutputDirInUseError",
+    "OutputDirLock",
+    "check_output_dir",
+    "find_resume_checkpoint",
+    "list_checkpoints",
+    "resume",
+    "save_checkpoint",
+    "save_final_atomically",
+    "verify_checkpoint",
+    "write_json_atomically",
+]

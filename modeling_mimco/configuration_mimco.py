@@ -409,9 +409,6 @@ _raise_value_errors(MimCoConfig)
 _raise_value_errors(MimCoContrastiveConfig)
 
 
-__all__ = ["MimCoConfig", "MimCoContrastiveConfig"]
-
-
 # Backbone shapes selectable with --model_preset; "tiny" is for the demo and tests on 32-px images.
 MODEL_PRESETS = {
     "tiny": dict(
@@ -456,3 +453,12 @@ def preset_backbone_kwargs(model_preset: str, image_size: int | None = None) -> 
     if image_size is not None:
         kwargs["image_size"] = image_size
     return kwargs
+
+
+__all__ = [
+    "BACKBONE_FIELDS",
+    "MODEL_PRESETS",
+    "MimCoConfig",
+    "MimCoContrastiveConfig",
+    "preset_backbone_kwargs",
+]

@@ -1,40 +1,32 @@
-"""Data layer shared by the MimCo training scripts: loading, decoding, augmentation, collation, skip accounting.
+"""What happens to an image between the loaded dataset and the batch: decode, augment, example transforms, collate.
 
-Used by stage 1 (contrastive teacher), stage 2 (MimCo) and the fine-tuning / linear-probe scripts. The model files
-never import this module (it needs `datasets` and `torchvision`, which a checkpoint loaded as remote code must not).
+`sources.py` loads the data (undecoded `{"bytes", "path"}` records); this module turns its rows into batches for
+the training and evaluation commands:
 
-The pipeline, from a source to a batch:
+- `build_pretraining_transform` (stage 2), `build_contrastive_transforms` (stage 1, two views) and
+  `build_eval_transform`: the augmentations.
+- `PretrainingExampleTransform` / `ContrastiveExampleTransform`, attached lazily with `apply_example_transform`:
+  decode and augment each example. An unreadable image does not raise: its pixel entries are `None` and
+  `"unreadable_image"` names the file, or for a record without a file name its row (and parquet file).
+- `MimCoPretrainingCollator` / `ContrastiveCollator`: drop the unreadable examples, stack the rest (stage 2: with one
+  mask per image) and report how many were dropped as `"num_skipped"`, which the training loop counts.
+- `build_pretraining_pipeline`: stage 2's whole input pipeline, the one every stage-2 run uses.
 
-1. `load_image_dataset(...)` returns a `datasets.Dataset` (or an `IterableDataset` with `streaming=True`) from a
-   Hub name or local dataset folder, a folder of class sub-folders, parquet files, or the built-in `"digits"` demo.
-   It warns about the symbolic links of a class folder that `datasets` drops silently (`find_skipped_links`) and
-   refuses a truncated or non-parquet file by name.
-2. `resolve_image_column` / `resolve_label_column` find the columns; `disable_image_decoding` casts the image column
-   to `datasets.Image(decode=False)` so that `datasets` hands over raw `{"bytes", "path"}` records and never decodes a
-   file itself (a broken file would otherwise crash the iterator).
-3. `shard_for_process` splits a streaming dataset between processes.
-4. An example transform (`PretrainingExampleTransform` or `ContrastiveExampleTransform`) attached with
-   `apply_example_transform` decodes each image with `decode_image` and augments it. An unreadable image does not
-   raise: its pixel entries are `None` and `"unreadable_image"` names the file, or for a record without a file name
-   its row (and parquet file) (a warning is logged once per file or row).
-5. A collator (`MimCoPretrainingCollator` or `ContrastiveCollator`) drops the unreadable examples, stacks the rest
-   and reports how many it dropped as `"num_skipped"` inside the batch, so the count survives DataLoader workers.
-6. The training loop feeds the counts to a `SkippedImageTracker`, which stops the run with
-   `TooManyUnreadableImagesError` when too large a fraction of the data is unreadable.
+Imports `decoding` (one image value to RGB, `decoding.decode_image`), `sources` (row provenance) and the model files' `masking` and `configuration_mimco`; the model files never
+import this module (it needs `datasets` and `torchvision`, which a checkpoint loaded as remote code must not).
 
 Example (stage 2, map-style):
 
 ```python
 >>> from torch.utils.data import DataLoader
->>> from modeling_mimco import MimCoMaskGenerator
->>> from modeling_mimco.data import (MimCoPretrainingCollator, PretrainingExampleTransform, apply_example_transform,
-...     build_pretraining_transform, disable_image_decoding, load_image_dataset, resolve_image_column)
->>> dataset = load_image_dataset("digits")
+>>> from modeling_mimco import MimCoConfig
+>>> from modeling_mimco.data import build_pretraining_pipeline
+>>> from modeling_mimco.sources import disable_image_decoding, load_image_dataset, resolve_image_column
+>>> dataset = load_image_dataset("digits", digits_image_size=32)
 >>> image_column = resolve_image_column(dataset)
 >>> dataset = disable_image_decoding(dataset, image_column)
->>> transform = build_pretraining_transform(32, [0.5] * 3, [0.5] * 3)
->>> dataset = apply_example_transform(dataset, PretrainingExampleTransform(transform, image_column))
->>> collator = MimCoPretrainingCollator(MimCoMaskGenerator(32, 4, mask_patch_size=8), image_size=32)
+>>> config = MimCoConfig(image_size=32, patch_size=4, mask_patch_size=8)
+>>> dataset, collator = build_pretraining_pipeline(dataset, image_column, config)
 >>> batch = next(iter(DataLoader(dataset, batch_size=8, collate_fn=collator)))
 >>> batch["pixel_values"].shape, batch["bool_masked_pos"].shape, int(batch["num_skipped"])
 (torch.Size([8, 3, 32, 32]), torch.Size([8, 64]), 0)
@@ -44,11 +36,8 @@ Example (stage 2, map-style):
 from __future__ import annotations
 
 import bisect
-import io
 import logging
 import math
-import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,11 +48,12 @@ import PIL.ImageOps
 import torch
 from datasets.fingerprint import generate_random_fingerprint
 from datasets.table import InMemoryTable, concat_tables
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as decode_image_tensor
 from torchvision.transforms import v2
 
-from .sources import _row_sources
+from .configuration_mimco import MimCoConfig
+from .decoding import UnreadableImageError, decode_image
+from .masking import MimCoMaskGenerator
+from .sources import row_sources
 
 
 logger = logging.getLogger(__name__)
@@ -75,229 +65,6 @@ UNREADABLE_KEY = "unreadable_image"
 ROW_INDEX_COLUMN = "__mimco_row_index__"
 """Column that `apply_example_transform` adds to a map-style dataset: each example's row in the loaded data, so that
 an unreadable image without a file name can be named by its row."""
-
-"""How many names a warning about skipped files lists before it only counts the rest."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# errors
-
-
-class UnreadableImageError(OSError):
-    """An image that cannot be decoded: empty, truncated, not an image, or of an unsupported kind.
-
-    Attributes:
-        path: The file path or name of the image when known, else `None`.
-    """
-
-    def __init__(self, description: str, path: str | None = None):
-        super().__init__(description)
-        self.path = path
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# loading
-
-
-# Symbolic links that `datasets`' file listing drops: it neither follows links to folders nor keeps links whose
-# target is missing or loops, and it says nothing about either.
-
-
-# Parquet files: checked before `datasets` reads them (a truncated file otherwise fails without its name), and their
-# row counts remembered so that a bad row can be named by its file.
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# decoding
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Converts any PIL image to 8-bit RGB of the same size.
-
-    - `RGB` is returned as is; `1`, `L`, `P`, `CMYK`, `YCbCr`, `HSV`, `RGBX` are converted by PIL.
-    - Transparency (`RGBA`, `RGBa`, `LA`, `La`, `PA`, and `P`/`L`/`RGB` images with a `transparency` entry) is
-      **composited on a white background**: fully transparent pixels become white, not whatever colour happens to
-      lie under zero alpha (often black or noise), which is what an image viewer shows.
-    - 16-bit integers (`I;16`, `I;16B`, `I;16L`, `I;16N`) are scaled from 0..65535 to 0..255 (not clipped).
-    - 32-bit integers (`I`): values within 0..255 are kept, within 0..65535 scaled as 16-bit, anything else
-      (negative or larger) min-max normalised.
-    - 32-bit floats (`F`): values within 0..1 are multiplied by 255, within 0..255 kept, anything else min-max
-      normalised; NaNs become 0.
-    """
-    mode = image.mode
-    if mode == "RGB" and "transparency" not in image.info:
-        return image
-    if mode.startswith("I;16"):
-        return _array_to_rgb(np.asarray(image).astype(np.float64) * (255.0 / 65535.0))
-    if mode == "I":
-        values = np.asarray(image).astype(np.float64)
-        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
-        if low >= 0 and high <= 255:
-            return _array_to_rgb(values)
-        if low >= 0 and high <= 65535:
-            return _array_to_rgb(values * (255.0 / 65535.0))
-        return _array_to_rgb(_min_max(values))
-    if mode == "F":
-        values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
-        if low >= 0 and high <= 1:
-            return _array_to_rgb(values * 255.0)
-        if low >= 0 and high <= 255:
-            return _array_to_rgb(values)
-        return _array_to_rgb(_min_max(values))
-    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
-    if has_alpha:
-        if mode == "La":  # premultiplied; PIL converts it to RGBA only through LA
-            image = image.convert("LA")
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _min_max(values: np.ndarray) -> np.ndarray:
-    low, high = values.min(), values.max()
-    if high <= low:
-        return np.zeros_like(values)
-    return (values - low) * (255.0 / (high - low))
-
-
-def _array_to_rgb(values: np.ndarray) -> PIL.Image.Image:
-    pixels = np.clip(np.round(values), 0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(pixels).convert("RGB")
-
-
-def _describe_image_value(value: Any) -> str | None:
-    """The file path or name behind an image value, when it has one."""
-    if isinstance(value, dict):
-        path = value.get("path")
-        return str(path) if path else None
-    if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value)
-    if isinstance(value, PIL.Image.Image):
-        return getattr(value, "filename", None) or None
-    return None
-
-
-def reduced_decode_size(width: int, height: int, image_size: int, min_crop_scale: float) -> tuple[int, int] | None:
-    """The smallest size a JPEG may be decoded at so that even the smallest random crop (area fraction
-    `min_crop_scale`, aspect ratio down to 3/4) still covers `image_size` pixels on its short side; `None` when
-    decoding at full size is needed."""
-    factor = image_size / math.sqrt(min_crop_scale * width * height * 0.75)
-    if factor >= 0.5:  # libjpeg reduces by 1/2, 1/4 or 1/8 only
-        return None
-    return max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))
-
-
-def _decode_jpeg_to_tensor(data: bytes) -> torch.Tensor | None:
-    """libjpeg-turbo through torchvision, straight into a uint8 `(3, H, W)` tensor, about twice as fast as PIL
-    followed by a conversion; `None` for anything but a complete JPEG, or when it fails (PIL then decodes, and reports
-    a broken file the usual way)."""
-    if not (data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"):
-        return None
-    try:
-        return decode_image_tensor(
-            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True
-        )
-    except RuntimeError:
-        return None
-
-
-def decode_image(
-    value: Any,
-    token: str | bool | None = None,
-    draft_for: tuple[int, float] | None = None,
-    fast_jpeg: bool = False,
-    where: str | None = None,
-) -> PIL.Image.Image | torch.Tensor:
-    """Opens, fully loads and converts one image to 8-bit RGB (see `to_rgb`).
-
-    Args:
-        value: What a `datasets.Image(decode=False)` column holds (`{"bytes": ..., "path": ...}`; `bytes` may be
-            `None`, then the local or remote `path` is read), a PIL image, raw encoded `bytes`, or a file path.
-        token: Hub token used to read a remote `path` (streamed Hub datasets without embedded bytes).
-        draft_for: `(image_size, min_crop_scale)` of the random crop that follows. A large JPEG is then decoded by
-            libjpeg at 1/2, 1/4 or 1/8 of its size when even the smallest crop keeps `image_size` pixels
-            (`reduced_decode_size`), which makes decoding several times faster.
-        fast_jpeg: Return a JPEG that needs no reduction as a uint8 `(3, H, W)` tensor decoded by torchvision
-            (faster); other images are still returned as PIL images. For transforms that accept both.
-        where: Where the value came from (e.g. `"row 7 (0-based) of '/data/train.parquet'"`), named in the error
-            when the value carries no file name.
-
-    The pixels are read completely (`Image.load()`), so a truncated file fails here rather than later. The EXIF
-    orientation is applied, as `datasets` does when it decodes images itself. Note that PIL decodes truncated files
-    without error if some code sets `PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`.
-
-    Raises:
-        UnreadableImageError: for empty, truncated or non-image data; the message names the file when known.
-    """
-    name = _describe_image_value(value)
-    if name:
-        label = repr(name)
-    else:
-        label = f"in {where} (no file name)" if where else "(no file name)"
-    try:
-        if isinstance(value, PIL.Image.Image):
-            image = value
-            image.load()
-        else:
-            data = _read_image_bytes(value, token)
-            if len(data) == 0:
-                raise UnreadableImageError(f"Unreadable image {label}: the file is empty (0 bytes).", path=name)
-            image = PIL.Image.open(io.BytesIO(data))
-            reduced = None
-            if draft_for is not None and image.format == "JPEG":
-                reduced = reduced_decode_size(*image.size, *draft_for)
-                if reduced is not None:
-                    image.draft("RGB", reduced)
-            if fast_jpeg and reduced is None:
-                tensor = _decode_jpeg_to_tensor(data)
-                if tensor is not None:
-                    return tensor
-            image.load()
-        image = _apply_exif_orientation(image)
-        return to_rgb(image)
-    except UnreadableImageError:
-        raise
-    except Exception as err:  # PIL raises many kinds of errors for broken files
-        # PIL names an in-memory file by its object address, which tells the reader nothing
-        detail = _BYTES_IO_REPR.sub("", str(err))
-        raise UnreadableImageError(f"Unreadable image {label}: {type(err).__name__}: {detail}", path=name) from err
-
-
-_BYTES_IO_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
-
-
-def _read_image_bytes(value: Any, token: str | bool | None) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, (str, os.PathLike)):
-        value = {"bytes": None, "path": os.fspath(value)}
-    if not isinstance(value, dict):
-        raise TypeError(f"expected an image record, PIL image, bytes or path, got {type(value).__name__}")
-    if value.get("bytes") is not None:
-        return bytes(value["bytes"])
-    path = value.get("path")
-    if not path:
-        raise ValueError("the image record has neither bytes nor a path")
-    if "://" in path or "::" in path:
-        from datasets import DownloadConfig
-        from datasets.utils.file_utils import xopen
-
-        with xopen(path, "rb", download_config=DownloadConfig(token=token)) as file:
-            return file.read()
-    with open(path, "rb") as file:
-        return file.read()
-
-
-def _apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
-    try:
-        orientation = image.getexif().get(PIL.Image.ExifTags.Base.Orientation)
-    except Exception:  # a broken EXIF block does not make the pixels unreadable
-        return image
-    if orientation is None or orientation == 1:
-        return image
-    return PIL.ImageOps.exif_transpose(image)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -587,7 +354,7 @@ def apply_example_transform(
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.map(example_transform, remove_columns=dataset.column_names)
     if isinstance(example_transform, _ExampleTransform):
-        example_transform.row_sources = _row_sources(dataset)
+        example_transform.row_sources = row_sources(dataset)
         dataset = with_row_index(dataset)
     return dataset.with_transform(example_transform)
 
@@ -729,7 +496,50 @@ class ContrastiveCollator:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# skip accounting
+# pipelines
+
+
+def build_pretraining_pipeline(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    image_column: str,
+    config: MimCoConfig,
+    crop_min_scale: float = 0.67,
+) -> tuple[datasets.Dataset | datasets.IterableDataset, MimCoPretrainingCollator]:
+    """Stage 2's input pipeline over a dataset of undecoded images (`sources.load_training_images`).
+
+    Each example is decoded (large JPEGs at a reduced size when the crop allows it) and augmented by
+    `build_pretraining_transform` with crop areas from `crop_min_scale` to 1, kept as uint8; the collator draws one
+    `MimCoMaskGenerator.from_config(config)` mask per image and normalises the whole batch with the config's mean
+    and std. `config` is the student's (image size, patch grid, masking, mean and std).
+
+    Returns:
+        `(dataset, collator)`: the dataset with its example transform attached (`apply_example_transform`) and the
+        `MimCoPretrainingCollator` that batches it.
+    """
+    dataset = apply_example_transform(dataset, pretraining_example_transform(image_column, config, crop_min_scale))
+    collator = pretraining_collator(config)
+    return dataset, collator
+
+
+def pretraining_example_transform(
+    image_column: str, config: MimCoConfig, crop_min_scale: float = 0.67
+) -> PretrainingExampleTransform:
+    """Stage 2's per-example step: decode (large JPEGs at a reduced size when the crop allows it) and augment with
+    crop areas from `crop_min_scale` to 1, kept as uint8 (the collator normalises whole batches)."""
+    transform = build_pretraining_transform(
+        config.image_size, config.image_mean, config.image_std, crop_scale=(crop_min_scale, 1.0), normalize=False
+    )
+    return PretrainingExampleTransform(transform, image_column, draft_for=(config.image_size, crop_min_scale))
+
+
+def pretraining_collator(config: MimCoConfig) -> MimCoPretrainingCollator:
+    """Stage 2's batching step: one `MimCoMaskGenerator.from_config(config)` mask per image, batch normalised with
+    the config's mean and std."""
+    return MimCoPretrainingCollator(
+        MimCoMaskGenerator.from_config(config),
+        image_size=config.image_size,
+        normalize_with=(config.image_mean, config.image_std),
+    )
 
 
 __all__ = [
@@ -743,8 +553,10 @@ __all__ = [
     "apply_example_transform",
     "build_contrastive_transforms",
     "build_eval_transform",
+    "build_pretraining_pipeline",
+    "pretraining_collator",
+    "pretraining_example_transform",
     "build_pretraining_transform",
     "decode_image",
-    "to_rgb",
     "with_row_index",
 ]

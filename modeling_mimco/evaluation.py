@@ -1,31 +1,20 @@
-"""Measuring a pre-trained backbone: the pieces of the fine-tuning recipe and the frozen-feature evaluation.
+"""Frozen-feature evaluation of a pre-trained backbone: features, linear probe, weighted k-NN, t-SNE, results table.
 
-Used by `scripts/run_finetuning.py`, `scripts/run_linear_probe.py` and `scripts/demo.py`; the model files never import
-this module.
+This module owns how a frozen backbone is measured, for `mimco-probe` (`commands/run_linear_probe.py`),
+`scripts/demo.py` and `scripts/reproduce.py`:
 
-Fine-tuning (with `transformers.Trainer`):
+- `extract_features`: CLS, mean-pooled or pooler features (`pool_features`) of a whole split, batched, under
+  `torch.inference_mode`, through the evaluation transform at the backbone's own size and normalisation.
+- `train_linear_probe` (MAE's protocol: `BatchNorm1d` without affine parameters, then `Linear`, trained on the cached
+  features) and `knn_classify` (DINO's weighted k-NN: cosine similarity, the `k` nearest training images vote with
+  weight `exp(sim / T)`); `evaluate_frozen_features` measures both on one set of features, `evaluate_backbone` on a
+  backbone and a labelled train / eval split (`FrozenFeatureResult`).
+- `plot_tsne`: a t-SNE of the test features, one panel per model; `results_table`: the Markdown table of results.
 
-- `layer_decay_parameter_groups`: AdamW parameter groups with layer-wise learning-rate decay (BEiT / MAE): block `i`
-  (counted from 1) of `L` gets `learning_rate * layer_decay ** (L + 1 - i)`, the embeddings (layer 0) the lowest rate,
-  everything after the last block (final norm, pooler norm, classifier) the full rate. Norms, biases, the CLS / mask /
-  register tokens and the position embeddings get no weight decay.
-- `FineTuningTrainer`: a `Trainer` whose optimizer hook (`create_optimizer`) uses those groups and whose
-  `training_step` applies MixUp / CutMix (`build_batch_mixer`) to the training batches only.
-- `SoftTargetCrossEntropy`: the loss for `compute_loss_func`: cross-entropy against hard or mixed (soft) targets with
-  label smoothing.
-- `TopKAccuracy`: an `evaluate.Metric` for top-1 / top-k accuracy, defined here so that no metric script has to be
-  fetched from the Hub (`evaluate.load("accuracy")` needs the network or a cached copy); `ClassificationMetrics` wraps it
-  as the Trainer's `compute_metrics`, `top_k_predictions` as its `preprocess_logits_for_metrics`.
-
-Frozen features:
-
-- `load_classification_splits`: a labelled train split and an evaluation split (`validation`, else `test`, else a
-  seeded stratified split of train).
-- `load_backbone`: any MimCo checkpoint, a stage-1 output, any `AutoModel` vision backbone, or `"random-init"`.
-- `extract_features`: CLS, mean-pooled or pooler features of a whole split, batched, under `torch.inference_mode`.
-- `train_linear_probe` (MAE's protocol: `BatchNorm1d` without affine parameters, then `Linear`) and `knn_classify`
-  (DINO's weighted k-NN: cosine similarity, the `k` nearest training images vote with weight `exp(sim / T)`).
-- `plot_tsne`: a t-SNE of the test features, one panel per model.
+Backbones are loaded by `modeling_mimco.model_folders.load_backbone`, accuracies computed with
+`modeling_mimco.metrics`; the fine-tuning recipe is in `modeling_mimco.finetuning`. It imports torch, datasets and
+tqdm (and, where they are used, transformers' scheduler, threadpoolctl, scikit-learn and matplotlib), and `data`,
+`metrics` and `model_folders` of this package; the model files never import it.
 """
 
 from __future__ import annotations
@@ -36,7 +25,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -50,28 +39,17 @@ from .metrics import load_accuracy_metric
 from .model_folders import Backbone
 
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .sources import ClassificationData
 
-"""The `--model_name_or_path` value that stands for an untrained `MimCoModel`."""
-"""The `--model_name_or_path` value that stands for the normalised pixels: the baseline every feature must beat."""
+
+logger = logging.getLogger(__name__)
 
 FEATURE_POOLINGS = ("cls", "mean", "pooler")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# metric
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# fine-tuning recipe
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# labelled data
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# backbones and features
+# features
 
 
 def pool_features(outputs, pooling: str, num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -370,6 +348,56 @@ def evaluate_frozen_features(
     }
 
 
+def evaluate_backbone(
+    backbone: Backbone,
+    data: ClassificationData,
+    name: str,
+    model_name_or_path: str,
+    pooling: str = "cls",
+    probe_config: LinearProbeConfig | None = None,
+    knn_k: int = 20,
+    knn_temperature: float = 0.07,
+    batch_size: int = 128,
+    crop_pct: float = 0.875,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> FrozenFeatureResult:
+    """The frozen-feature results of one backbone: features of both splits of `data` (`extract_features`), then the
+    linear probe and the k-NN on them (`evaluate_frozen_features`). The backbone is moved back to the CPU before the
+    probe trains; the result keeps the test features and labels for the t-SNE."""
+    common = dict(pooling=pooling, batch_size=batch_size, crop_pct=crop_pct, num_workers=num_workers, device=device)
+    train_features, train_labels = extract_features(
+        backbone, data.train, data.image_column, data.label_column, desc=f"{name}: train features", **common
+    )
+    test_features, test_labels = extract_features(
+        backbone, data.eval, data.image_column, data.label_column, desc=f"{name}: eval features", **common
+    )
+    backbone.model.cpu()
+    scores = evaluate_frozen_features(
+        train_features,
+        train_labels,
+        test_features,
+        test_labels,
+        data.num_labels,
+        probe_config,
+        knn_k=knn_k,
+        knn_temperature=knn_temperature,
+        device=device,
+    )
+    return FrozenFeatureResult(
+        name=name,
+        model_name_or_path=model_name_or_path,
+        source=backbone.source,
+        feature_dim=int(train_features.shape[1]),
+        pooling=pooling,
+        num_train_images=int(train_features.shape[0]),
+        num_test_images=int(test_features.shape[0]),
+        test_features=test_features,
+        test_labels=test_labels,
+        **scores,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # t-SNE picture
 
@@ -402,7 +430,7 @@ def plot_tsne(
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError as error:  # matplotlib is a development extra
+    except ImportError as error:  # a runtime dependency, but an environment may still lack it
         raise ImportError("--plot needs matplotlib: pip install matplotlib") from error
 
     if not panels:
@@ -480,6 +508,7 @@ __all__ = [
     "LinearProbeConfig",
     "build_linear_probe",
     "classifier_accuracy",
+    "evaluate_backbone",
     "evaluate_frozen_features",
     "extract_features",
     "knn_accuracy",

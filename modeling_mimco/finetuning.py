@@ -1,8 +1,15 @@
-"""TODO docstring."""
+"""The fine-tuning recipe for image classification with `transformers.Trainer` (BEiT / MAE style).
+
+This module owns the parts of the recipe that the `Trainer` does not have: `SoftTargetCrossEntropy` (the loss for
+`compute_loss_func`: cross-entropy against hard or MixUp / CutMix soft targets, with label smoothing),
+`build_batch_mixer` (MixUp / CutMix of a training batch) and `FineTuningTrainer` (a `Trainer` whose optimizer uses
+the layer-wise learning-rate decay groups of `optimization.layer_decay_parameter_groups` and whose training steps,
+never its evaluation steps, mix their batches). `mimco-finetune` (`commands/run_finetuning.py`) puts them together.
+It imports torch, torchvision, transformers and `optimization` of this package.
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
@@ -11,9 +18,6 @@ from torchvision.transforms import v2
 from transformers import Trainer
 
 from .optimization import layer_decay_parameter_groups
-
-
-logger = logging.getLogger(__name__)
 
 
 class SoftTargetCrossEntropy:
@@ -124,3 +128,6 @@ class FineTuningTrainer(Trainer):
             inputs = dict(inputs)
             inputs["pixel_values"], inputs["labels"] = self.batch_mixer(inputs["pixel_values"], inputs["labels"])
         return super().training_step(model, inputs, num_items_in_batch)
+
+
+__all__ = ["FineTuningTrainer", "SoftTargetCrossEntropy", "build_batch_mixer"]

@@ -1,93 +1,26 @@
-"""Model cards and Hub uploads for MimCo checkpoints: the logic behind `mimco-card` and `mimco-push`
-(`modeling_mimco/commands/make_model_card.py`, `push_to_hub.py`) and the pre-training loop's `--push_to_hub`.
+"""The Hub upload of a MimCo checkpoint folder: the one push path of the package, behind `mimco-push`
+(`commands/push_to_hub.py`) and the `--push_to_hub` of pre-training and fine-tuning.
 
-Results file
-------------
-A card is filled from a checkpoint folder's `config.json` and, optionally, a results JSON. `load_results` reads
-three kinds of file and turns each into the card's own schema:
-
-1. The card's schema (every entry optional):
-
-```json
-{
-  "model_name": "mimco-vit-small-patch16-224",
-  "dataset": {"id": "ILSVRC/imagenet-1k", "name": "ImageNet-1k", "split": "validation", "config": null},
-  "results": {
-    "linear_probe_top1": 70.1, "linear_probe_top5": 89.9,
-    "knn_top1": 64.2, "knn_top5": 84.0,
-    "finetune_top1": 82.5, "finetune_top5": 96.1
-  },
-  "pretraining": {"teacher": "MoCo v3 ViT-S/16", "dataset": "ILSVRC/imagenet-1k", "epochs": 100, "...": "..."},
-  "license": "apache-2.0",
-  "base_model": "org/teacher-model"
-}
-```
-
-* `dataset` is the evaluation dataset: a Hub id string, or an object with `id` (Hub id or any identifier), `name`
-  (display name, defaults to the id), `split` and `config`.
-* `results` holds accuracies **in percent**, under the keys of `RESULT_METRICS`. A number that is absent or `null`
-  is simply left out of the card; an unknown key is an error (a typo would otherwise vanish silently), and so is an
-  unknown top-level key.
-* `pretraining` is free-form `{name: value}`: it is listed, after the fields read from `config.json`, in the card's
-  training recipe.
-
-2. `linear_probe_results.json` of `mimco-probe` (`run_linear_probe.py`): `dataset`, `eval_split` and a `models` list
-   whose entries hold `name`, `model_name_or_path` and the fractions `linear_probe_top1` and `knn_top1`. The entry
-   of the checkpoint is the one whose `model_name_or_path` is the checkpoint folder (or, when that path cannot be
-   checked from here, whose name is the folder's name); `model=` (`--results_model`) picks one by name instead.
-3. The `eval_results.json` (or `all_results.json`) that the `Trainer` of `mimco-finetune` writes: the fractions
-   `eval_accuracy` and `eval_top5_accuracy`. It does not name its data, so the dataset must be given
-   (`dataset=`, `--dataset`).
-
-Fractions are turned into percent. Any other file is refused with a message naming it.
+This module owns which files of a folder are uploaded (`collect_upload_files`: config, weights, the remote-code
+files, the image processor, the card), the check that none holds an access token (`check_no_secrets`), the dry-run
+plan (`plan_upload`) and the one-commit upload (`push_to_hub`). A folder without a `README.md` gets its card from
+`modeling_mimco.model_card`. It imports the standard library, `huggingface_hub`, `transformers`' reader of relative
+imports, and `model_card` of this package.
 """
 
 from __future__ import annotations
 
 import json
-import numbers
-import os
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
 
+from .model_card import build_model_card
 
-# Read through importlib.resources, so that the template is found in an installed wheel, an editable install or a
-# zip import alike (a `Path(__file__)` expression only works when the package is a plain folder).
-DEFAULT_TEMPLATE = package_files("modeling_mimco") / "templates" / "model_card.md"
-
-# results key -> (evaluation protocol, shown as, top-k)
-RESULT_METRICS = {
-    "linear_probe_top1": ("Linear probe", 1),
-    "linear_probe_top5": ("Linear probe", 5),
-    "knn_top1": ("k-NN", 1),
-    "knn_top5": ("k-NN", 5),
-    "finetune_top1": ("Fine-tuning", 1),
-    "finetune_top5": ("Fine-tuning", 5),
-}
-# The top-level keys of the card's results schema.
-RESULTS_KEYS = ("model_name", "dataset", "results", "pretraining", "license", "base_model")
-LINEAR_PROBE_RESULTS_NAME = "linear_probe_results.json"
-# Trainer metric (fraction) -> results key (percent)
-FINETUNE_METRICS = {"eval_accuracy": "finetune_top1", "eval_top5_accuracy": "finetune_top5"}
-# linear-probe entry field (fraction) -> results key (percent)
-LINEAR_PROBE_METRICS = {"linear_probe_top1": "linear_probe_top1", "knn_top1": "knn_top1"}
-
-MIMCO_CITATION = """@inproceedings{zhou2022mimco,
-  title     = {MimCo: Masked Image Modeling Pre-training with Contrastive Teacher},
-  author    = {Zhou, Qiang and Yu, Chaohui and Luo, Hao and Wang, Zhibin and Li, Hao},
-  booktitle = {Proceedings of the 30th ACM International Conference on Multimedia (ACM MM)},
-  year      = {2022},
-  eprint    = {2209.03063},
-  archivePrefix = {arXiv}
-}"""
-
-CARD_TAGS = ["mimco", "vision", "vit", "self-supervised-learning", "masked-image-modeling"]
 
 # Files that are uploaded besides the weights and the code files that `auto_map` needs.
 REQUIRED_FILES = {
@@ -98,418 +31,6 @@ REQUIRED_FILES = {
 DEFAULT_COMMIT_MESSAGE = "Upload MimCo model"
 # A Hugging Face user access token, wherever it might have been pasted.
 _HF_TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{30,}")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class EvaluationDataset:
-    id: str
-    name: str
-    split: str | None = None
-    config: str | None = None
-
-
-def load_results(
-    path: str | Path,
-    *,
-    checkpoint_dir: str | Path | None = None,
-    model: str | None = None,
-    dataset: str | None = None,
-    dataset_split: str | None = None,
-) -> dict[str, Any]:
-    """Reads a results JSON of any of the kinds in this module's docstring and returns it in the card's schema,
-    validated. Raises `ValueError` naming the file and the entry that is wrong.
-
-    `checkpoint_dir` and `model` choose the entry of a linear-probe file; `dataset` (a Hub id or any identifier) and
-    `dataset_split` set or replace the evaluation dataset (a fine-tuning eval file needs them).
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such results file.") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}).") from None
-    source = str(path)
-    kind = results_kind(data, source)
-    if kind == "linear_probe":
-        results = _from_linear_probe(data, source, checkpoint_dir, model)
-    elif kind == "finetune":
-        results = _from_finetune(data, source, dataset)
-    else:
-        results = dict(data)
-        if model is not None:
-            raise ValueError(f"{source}: `model` (--results_model) only applies to a {LINEAR_PROBE_RESULTS_NAME}.")
-    if dataset is not None or dataset_split is not None:
-        results["dataset"] = _override_dataset(results.get("dataset"), dataset, dataset_split, source)
-    validate_results(results, source)
-    return results
-
-
-def results_kind(data: Any, source: str = "results") -> str:
-    """`"card"`, `"linear_probe"` or `"finetune"`: which of the schemas in this module's docstring `data` follows.
-    Raises `ValueError` (one line, naming `source`) for anything else."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: the top level must be a JSON object, got {type(data).__name__}.")
-    if isinstance(data.get("models"), list):
-        return "linear_probe"
-    if "eval_accuracy" in data:
-        return "finetune"
-    unknown = sorted(set(data) - set(RESULTS_KEYS))
-    if not unknown:
-        return "card"
-    raise ValueError(
-        f"{source}: unknown results schema (unexpected keys: {', '.join(unknown)}); expected the model-card results "
-        f"schema (keys {', '.join(RESULTS_KEYS)}), a linear probe's {LINEAR_PROBE_RESULTS_NAME} (a `models` list) "
-        "or a fine-tuning eval_results.json / all_results.json (with `eval_accuracy`)."
-    )
-
-
-def _percent(value: Any, where: str) -> float | None:
-    """A fraction in [0, 1] as percent; `None` stays `None`."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{where} must be an accuracy between 0 and 1 (a fraction), got {value!r}.")
-    # rounded so that float noise (71.23000000000001) does not reach the card's metadata
-    return round(100.0 * float(value), 4)
-
-
-def _same_checkpoint(entry: dict[str, Any], checkpoint_dir: Path) -> bool:
-    """Whether a linear-probe entry measured `checkpoint_dir`: the same folder when its path can be checked from
-    here, else the same folder name (the probe may have run from another working directory)."""
-    path = entry.get("model_name_or_path")
-    if isinstance(path, str) and Path(path).exists() and checkpoint_dir.exists():
-        return os.path.samefile(path, checkpoint_dir)
-    folder_name = checkpoint_dir.resolve().name
-    names = {entry.get("name")}
-    if isinstance(path, str):
-        names.add(Path(path).name)
-    return folder_name in names
-
-
-def select_linear_probe_entry(
-    models: list[Any], source: str, checkpoint_dir: str | Path | None = None, model: str | None = None
-) -> dict[str, Any]:
-    """The entry of a linear-probe results file for `model` (a `name` or `model_name_or_path`) or, without it, for
-    `checkpoint_dir`. Raises `ValueError` listing the names the file holds when there is not exactly one."""
-    entries = [entry for entry in models if isinstance(entry, dict)]
-    if len(entries) != len(models):
-        raise ValueError(f"{source}: every entry of `models` must be an object.")
-    listing = ", ".join(repr(str(entry.get("name"))) for entry in entries) or "none"
-    if model is not None:
-        hits = [entry for entry in entries if entry.get("name") == model]
-        hits = hits or [entry for entry in entries if entry.get("model_name_or_path") == model]
-        if not hits:
-            raise ValueError(f"{source}: no model named {model!r}; the file holds: {listing}.")
-        return hits[0]
-    hits = (
-        [] if checkpoint_dir is None else [entry for entry in entries if _same_checkpoint(entry, Path(checkpoint_dir))]
-    )
-    if len(hits) == 1:
-        return hits[0]
-    which = "several" if hits else "none"
-    raise ValueError(
-        f"{source}: holds linear-probe results for {len(entries)} model(s) ({listing}), {which} of which is the "
-        f"checkpoint {checkpoint_dir}; choose one with --results_model NAME."
-    )
-
-
-def _from_linear_probe(
-    report: dict[str, Any], source: str, checkpoint_dir: str | Path | None, model: str | None
-) -> dict[str, Any]:
-    entry = select_linear_probe_entry(report["models"], source, checkpoint_dir, model)
-    name = entry.get("name")
-    metrics = {
-        key: _percent(entry.get(field_name), f"{source}: models[{name!r}].{field_name}")
-        for field_name, key in LINEAR_PROBE_METRICS.items()
-    }
-    if all(value is None for value in metrics.values()):
-        raise ValueError(f"{source}: models[{name!r}] holds neither linear_probe_top1 nor knn_top1.")
-    results: dict[str, Any] = {"results": metrics}
-    dataset = report.get("dataset")
-    if isinstance(dataset, list):  # --data_files
-        dataset = ", ".join(str(item) for item in dataset)
-    if dataset:
-        results["dataset"] = {"id": str(dataset), "split": report.get("eval_split")}
-    return results
-
-
-def _from_finetune(metrics: dict[str, Any], source: str, dataset: str | None) -> dict[str, Any]:
-    if dataset is None:
-        raise ValueError(
-            f"{source}: a fine-tuning eval file does not name its evaluation data; pass the dataset (--dataset)."
-        )
-    return {
-        "results": {key: _percent(metrics.get(name), f"{source}: {name}") for name, key in FINETUNE_METRICS.items()}
-    }
-
-
-def _override_dataset(current: Any, dataset: str | None, split: str | None, source: str) -> dict[str, Any]:
-    if dataset is None:
-        if current is None:
-            raise ValueError(f"{source}: names no dataset to set the split {split!r} of; pass the dataset too.")
-        current = {"id": current} if isinstance(current, str) else dict(current)
-        return {**current, "split": split}
-    keep_split = current.get("split") if isinstance(current, dict) else None
-    return {"id": dataset, "split": split if split is not None else keep_split}
-
-
-def validate_results(results: Any, source: str = "results") -> None:
-    """Checks a results dict in the card's schema; raises `ValueError` naming `source` and the wrong entry."""
-    if not isinstance(results, dict):
-        raise ValueError(f"{source}: the top level must be a JSON object, got {type(results).__name__}.")
-    unknown = sorted(set(results) - set(RESULTS_KEYS))
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(RESULTS_KEYS)}.")
-    metrics = results.get("results") or {}
-    if not isinstance(metrics, dict):
-        raise ValueError(f"{source}: `results` must be an object of {{metric: accuracy in percent}}.")
-    for key, value in metrics.items():
-        if key not in RESULT_METRICS:
-            raise ValueError(f"{source}: unknown metric `results.{key}`; known metrics: {sorted(RESULT_METRICS)}.")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise ValueError(f"{source}: `results.{key}` must be a number (percent) or null, got {value!r}.")
-    pretraining = results.get("pretraining") or {}
-    if not isinstance(pretraining, dict):
-        raise ValueError(f"{source}: `pretraining` must be an object of {{name: value}}.")
-    dataset = results.get("dataset")
-    if dataset is not None and not isinstance(dataset, (str, dict)):
-        raise ValueError(f"{source}: `dataset` must be a Hub id string or an object with `id`.")
-    if isinstance(dataset, dict) and not dataset.get("id"):
-        raise ValueError(f"{source}: `dataset.id` is missing.")
-    if metrics and any(value is not None for value in metrics.values()) and dataset is None:
-        raise ValueError(f"{source}: `dataset` is required when `results` holds numbers (which data were they on?).")
-
-
-def evaluation_dataset(results: dict[str, Any]) -> EvaluationDataset | None:
-    dataset = results.get("dataset")
-    if dataset is None:
-        return None
-    if isinstance(dataset, str):
-        return EvaluationDataset(id=dataset, name=dataset)
-    return EvaluationDataset(
-        id=str(dataset["id"]),
-        name=str(dataset.get("name") or dataset["id"]),
-        split=dataset.get("split"),
-        config=dataset.get("config"),
-    )
-
-
-def measured_metrics(results: dict[str, Any]) -> list[tuple[str, str, int, float]]:
-    """`(key, protocol, k, value)` for each number present in `results["results"]`, in `RESULT_METRICS` order."""
-    metrics = results.get("results") or {}
-    return [
-        (key, protocol, k, float(metrics[key]))
-        for key, (protocol, k) in RESULT_METRICS.items()
-        if metrics.get(key) is not None
-    ]
-
-
-def format_accuracy(value: float) -> str:
-    """How an accuracy (percent) is written in the card's table: two decimals."""
-    return f"{value:.2f}"
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Model card
-
-
-def _architecture(config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "image_size": config.get("image_size"),
-        "patch_size": config.get("patch_size"),
-        "hidden_size": config.get("hidden_size"),
-        "num_hidden_layers": config.get("num_hidden_layers"),
-        "num_attention_heads": config.get("num_attention_heads"),
-        "intermediate_size": config.get("intermediate_size"),
-        "pooling": config.get("pooling", "cls"),
-        "position_embedding_type": config.get("position_embedding_type", "learned"),
-    }
-
-
-def count_parameters(checkpoint_dir: str | Path) -> int | None:
-    """Parameters of the backbone (and classifier) stored in the folder's safetensors files, read from their headers
-    only; a pre-training checkpoint's teacher and heads are not counted. `None` without safetensors files."""
-    from safetensors import safe_open
-
-    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if name.startswith(("teacher.", "patch_head.", "image_head.")):
-                    continue
-                count = 1
-                for size in handle.get_slice(name).get_shape():
-                    count *= size
-                total += count
-    return total
-
-
-def _training_recipe(config: dict[str, Any], pretraining: dict[str, Any]) -> list[tuple[str, str]]:
-    recipe = []
-    teacher = config.get("teacher_config")
-    if isinstance(teacher, dict):
-        teacher_desc = (
-            f"{teacher.get('model_type', '?')}, width {teacher.get('hidden_size')}, "
-            f"{teacher.get('num_hidden_layers')} layers, patch {teacher.get('patch_size')}"
-        )
-        recipe.append(("Teacher (frozen)", teacher_desc))
-    fields = [
-        ("Masking", "mask_strategy"),
-        ("Mask ratio", "mask_ratio"),
-        ("Mask block size (px)", "mask_patch_size"),
-        ("Patch loss", "patch_loss_type"),
-        ("Patch loss negatives", "patch_negatives"),
-        ("Patch loss temperature / weight", ("patch_temperature", "patch_loss_weight")),
-        ("Image loss", "image_loss_type"),
-        ("Image loss temperature / weight", ("image_temperature", "image_loss_weight")),
-        ("Head hidden size", "head_hidden_size"),
-        ("Stochastic depth", "drop_path_rate"),
-    ]
-    for label, names in fields:
-        if isinstance(names, tuple):
-            if all(name in config for name in names):
-                recipe.append((label, " / ".join(str(config[name]) for name in names)))
-        elif names in config:
-            recipe.append((label, str(config[names])))
-    for name, value in pretraining.items():
-        recipe.append((str(name).replace("_", " ").capitalize(), str(value)))
-    return recipe
-
-
-def read_template(template_path: str | Path | None = None) -> str:
-    """The text of a Jinja2 model-card template: `template_path`, or the one shipped in the package."""
-    if template_path is None:
-        try:
-            return DEFAULT_TEMPLATE.read_text(encoding="utf-8")
-        except OSError:
-            raise OSError(
-                f"{DEFAULT_TEMPLATE}: the model-card template shipped with modeling_mimco is missing; reinstall the "
-                "package, or pass a template with `--template`."
-            ) from None
-    path = Path(template_path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such model-card template; pass one with `--template`.")
-    return path.read_text(encoding="utf-8")
-
-
-def build_model_card(
-    checkpoint_dir: str | Path,
-    results: dict[str, Any] | None = None,
-    repo_id: str | None = None,
-    template_path: str | Path | None = None,
-    card_license: str | None = None,
-) -> ModelCard:
-    """Fills the model-card template from a checkpoint folder's `config.json` and a results dict.
-
-    The metadata gets `library_name: transformers`, the MimCo tags, the pipeline tag (`image-classification` for a
-    `MimCoForImageClassification` checkpoint, `image-feature-extraction` otherwise), the datasets, and a
-    `model-index` with one `accuracy` metric per measured number. The card is parsed back with
-    `huggingface_hub.ModelCard` before it is returned, so a card that the Hub would misread raises `ValueError`.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    config_file = checkpoint_dir / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{checkpoint_dir}: no config.json; a saved MimCo checkpoint folder was expected.")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    results = dict(results or {})
-    validate_results(results)
-    template = read_template(template_path)
-
-    repo_id = repo_id or checkpoint_dir.resolve().name
-    model_name = results.get("model_name") or repo_id.split("/")[-1]
-    architectures = config.get("architectures") or ["MimCoModel"]
-    is_classifier = "MimCoForImageClassification" in architectures
-    pipeline_tag = "image-classification" if is_classifier else "image-feature-extraction"
-    # a pre-training checkpoint is used for its student: `AutoModel` loads it as a `MimCoModel`, teacher skipped
-    auto_class = "AutoModelForImageClassification" if is_classifier else "AutoModel"
-
-    dataset = evaluation_dataset(results)
-    metrics = measured_metrics(results)
-    pretraining = results.get("pretraining") or {}
-    datasets = []
-    pretraining_dataset = pretraining.get("dataset")
-    if isinstance(pretraining_dataset, str):
-        datasets.append(pretraining_dataset)
-    if dataset is not None and dataset.id not in datasets:
-        datasets.append(dataset.id)
-
-    eval_results = [
-        EvalResult(
-            task_type="image-classification",
-            task_name="Image Classification",
-            dataset_type=dataset.id,
-            dataset_name=dataset.name,
-            dataset_split=dataset.split,
-            dataset_config=dataset.config,
-            metric_type="accuracy",
-            metric_name=f"{protocol} top-{k} accuracy",
-            metric_value=value,
-        )
-        for _, protocol, k, value in metrics
-    ]
-    card_data = ModelCardData(
-        model_name=model_name,
-        license=card_license or results.get("license") or "apache-2.0",
-        library_name="transformers",
-        pipeline_tag=pipeline_tag,
-        tags=CARD_TAGS + [pipeline_tag],
-        datasets=datasets or None,
-        metrics=["accuracy"] if eval_results else None,
-        base_model=results.get("base_model"),
-        eval_results=eval_results or None,
-    )
-
-    protocols = {}
-    for _, protocol, k, value in metrics:
-        protocols.setdefault(protocol, {})[k] = format_accuracy(value)
-    evaluation_rows = [
-        {"protocol": protocol, "top1": values.get(1, "–"), "top5": values.get(5, "–")}
-        for protocol, values in protocols.items()
-    ]
-    parameters = count_parameters(checkpoint_dir)
-    card = ModelCard.from_template(
-        card_data,
-        template_str=template,
-        repo_id=repo_id,
-        model_name=model_name,
-        architecture=_architecture(config),
-        architectures=architectures,
-        auto_class=auto_class,
-        is_classifier=is_classifier,
-        num_labels=len(config.get("id2label") or {}),
-        num_parameters=f"{parameters / 1e6:.1f}M" if parameters else None,
-        recipe=_training_recipe(config, pretraining),
-        evaluation_rows=evaluation_rows,
-        evaluation_dataset=dataset,
-        citation=MIMCO_CITATION,
-    )
-    return validate_model_card(str(card), expect_eval_results=bool(eval_results))
-
-
-def validate_model_card(content: str, expect_eval_results: bool = False) -> ModelCard:
-    """Parses card text with `huggingface_hub.ModelCard`; raises `ValueError` if the metadata does not parse or the
-    `model-index` gives no evaluation results when some were expected."""
-    try:
-        card = ModelCard(content, ignore_metadata_errors=False)
-    except Exception as error:  # huggingface_hub raises ValueError or yaml errors
-        raise ValueError(f"The model card's metadata does not parse: {error}") from None
-    if card.data.library_name != "transformers":
-        raise ValueError("The model card's metadata lacks `library_name: transformers`.")
-    if expect_eval_results and not card.data.eval_results:
-        raise ValueError("The model card's `model-index` does not parse into evaluation results.")
-    return card
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Upload
 
 
 def _auto_map_modules(auto_map: dict[str, Any]) -> list[str]:
@@ -530,6 +51,23 @@ def _relative_imports(module_file: Path) -> list[str]:
     from transformers.dynamic_module_utils import get_relative_imports
 
     return sorted(get_relative_imports(str(module_file)))
+
+
+def _remote_code_files(folder: Path, auto_map: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The code files that loading with `trust_remote_code` needs: the modules `auto_map` names and, transitively,
+    the modules they import relatively. Returns those present in `folder` and a note for each one missing."""
+    pending = [module.replace(".", "/") + ".py" for module in _auto_map_modules(auto_map)]
+    code_files, missing = [], []
+    while pending:
+        name = pending.pop(0)
+        if name in code_files:
+            continue
+        code_files.append(name)
+        if not (folder / name).is_file():
+            missing.append(f"{name} (code named by auto_map or imported by it)")
+            continue
+        pending += [module.replace(".", "/") + ".py" for module in _relative_imports(folder / name)]
+    return [name for name in code_files if (folder / name).is_file()], missing
 
 
 def collect_upload_files(checkpoint_dir: str | Path, pending: Collection[str] = ()) -> tuple[list[str], list[str]]:
@@ -570,18 +108,9 @@ def collect_upload_files(checkpoint_dir: str | Path, pending: Collection[str] = 
                 "remote code)"
             )
         else:
-            pending = [module.replace(".", "/") + ".py" for module in _auto_map_modules(auto_map)]
-            code_files = []
-            while pending:
-                name = pending.pop(0)
-                if name in code_files:
-                    continue
-                code_files.append(name)
-                if not (folder / name).is_file():
-                    missing.append(f"{name} (code named by auto_map or imported by it)")
-                    continue
-                pending += [module.replace(".", "/") + ".py" for module in _relative_imports(folder / name)]
-            files += [name for name in code_files if (folder / name).is_file()]
+            code_files, missing_code = _remote_code_files(folder, auto_map)
+            files += code_files
+            missing += missing_code
 
     if missing:
         raise ValueError(f"{folder} is not ready to upload; missing: " + "; ".join(missing) + ".")
@@ -667,64 +196,38 @@ def _summarize_paths(paths: list[str]) -> str:
     )
 
 
-def push_to_hub(
-    checkpoint_dir: str | Path,
-    hub_model_id: str,
-    *,
-    token: str | None = None,
-    private: bool = False,
-    commit_message: str = DEFAULT_COMMIT_MESSAGE,
-    revision: str | None = None,
-    results: dict[str, Any] | None = None,
-    dry_run: bool = False,
-    api: HfApi | None = None,
-    log: Callable[[str], None] = print,
-) -> CommitInfo | None:
-    """Uploads a checkpoint folder to `hub_model_id` in one commit: the one upload path of the package (`mimco-push`
-    and the pre-training loop's `--push_to_hub` both call it).
-
-    1. `plan_upload`: writes nothing yet; builds the model card when the folder has no `README.md` (from
-       `config.json` and `results`, a dict in the card's schema, see `load_results`; `results` is not used when
-       a card exists), collects the files (`collect_upload_files`) and refuses files that hold `token` or anything
-       shaped like an access token.
-    2. Logs (through `log`) the files to upload and those left out. With `dry_run`, stops there: returns `None`,
-       nothing is written or sent.
-    3. Creates the repository if needed (`private` applies to a new one), writes the generated card as
-       `README.md`, and commits every file in one commit on `revision` (default: main); logs the commit URL.
-
-    The token is `token`, else `HF_TOKEN` or the cached login (`hf auth login`); it is checked against the files,
-    sent in the request headers only, and never logged. The Hub address is huggingface_hub's (`HF_ENDPOINT`).
-    Returns the `CommitInfo`. Raises `ValueError` for a folder that is not ready or a missing token; network errors
-    are huggingface_hub's (`OSError`s).
-    """
-    token = token or get_token()  # an empty `--hub_token` means "not given"
-    if token is None and not dry_run:
-        raise ValueError("No Hugging Face token: set HF_TOKEN or log in with `hf auth login`.")
-    if _holds_token(commit_message.encode(), token):
-        raise ValueError("The commit message contains a Hugging Face access token.")
-    plan = plan_upload(checkpoint_dir, hub_model_id, token=token, results=results)
-    folder = plan.folder
-
+def _log_plan(plan: UploadPlan, private: bool, dry_run: bool, log: Callable[[str], None]) -> None:
+    """Logs the files that `plan` uploads (or, for a dry run, would upload) and those it leaves out."""
     verb = "Would upload" if dry_run else "Uploading"
     visibility = "private" if private else "public"  # applies to a repository that does not exist yet
-    log(f"{verb} {len(plan.files)} files from {folder} to {hub_model_id} ({visibility} if created):")
+    log(f"{verb} {len(plan.files)} files from {plan.folder} to {plan.repo_id} ({visibility} if created):")
     for name in plan.files:
         note = " (model card generated from config.json)" if name == "README.md" and plan.generated_card else ""
         log(f"  {name}{note}")
     if plan.left_out:
         log(f"Left out ({len(plan.left_out)} files, kept local): {_summarize_paths(plan.left_out)}")
-    if dry_run:
-        log("Dry run: nothing was uploaded" + (" and no README.md written." if plan.generated_card else "."))
-        return None
 
-    api = api if api is not None else HfApi(token=token)
+
+def _commit_plan(
+    api: HfApi,
+    plan: UploadPlan,
+    *,
+    token: str,
+    private: bool,
+    commit_message: str,
+    revision: str | None,
+    log: Callable[[str], None],
+) -> CommitInfo:
+    """Creates the repository if needed, writes the generated card, and commits the plan's files in one commit.
+    A failed transfer raises an `OSError` whose message never holds the token."""
+    folder, hub_model_id = plan.folder, plan.repo_id
     try:
         api.create_repo(repo_id=hub_model_id, repo_type="model", private=private, exist_ok=True, token=token)
         if plan.generated_card is not None:  # written once the Hub has accepted the token
             plan.generated_card.save(folder / "README.md")
             log(f"Wrote the model card {folder / 'README.md'}.")
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in plan.files]
-        commit = api.create_commit(
+        return api.create_commit(
             repo_id=hub_model_id,
             repo_type="model",
             operations=operations,
@@ -746,32 +249,61 @@ def push_to_hub(
             f"Upload of {folder} to {hub_model_id} at {getattr(api, 'endpoint', 'the Hub')} failed: {error}"
             + (f" ({type(cause).__name__}: {cause})" if cause is not error else "")
         ) from error
+
+
+def push_to_hub(
+    checkpoint_dir: str | Path,
+    hub_model_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    revision: str | None = None,
+    results: dict[str, Any] | None = None,
+    dry_run: bool = False,
+    api: HfApi | None = None,
+    log: Callable[[str], None] = print,
+) -> CommitInfo | None:
+    """Uploads a checkpoint folder to `hub_model_id` in one commit: the one upload path of the package (`mimco-push`
+    and the `--push_to_hub` of pre-training and fine-tuning all call it).
+
+    1. `plan_upload`: writes nothing yet; builds the model card when the folder has no `README.md` (from
+       `config.json` and `results`, a dict in the card's schema, see `model_card.load_results`; `results` is not
+       used when a card exists), collects the files (`collect_upload_files`) and refuses files that hold `token` or
+       anything shaped like an access token.
+    2. Logs (through `log`) the files to upload and those left out. With `dry_run`, stops there: returns `None`,
+       nothing is written or sent.
+    3. Creates the repository if needed (`private` applies to a new one), writes the generated card as
+       `README.md`, and commits every file in one commit on `revision` (default: main); logs the commit URL.
+
+    The token is `token`, else `HF_TOKEN` or the cached login (`hf auth login`); it is checked against the files,
+    sent in the request headers only, and never logged. The Hub address is huggingface_hub's (`HF_ENDPOINT`).
+    Returns the `CommitInfo`. Raises `ValueError` for a folder that is not ready or a missing token; network errors
+    are huggingface_hub's (`OSError`s).
+    """
+    token = token or get_token()  # an empty `--hub_token` means "not given"
+    if token is None and not dry_run:
+        raise ValueError("No Hugging Face token: set HF_TOKEN or log in with `hf auth login`.")
+    if _holds_token(commit_message.encode(), token):
+        raise ValueError("The commit message contains a Hugging Face access token.")
+    plan = plan_upload(checkpoint_dir, hub_model_id, token=token, results=results)
+    _log_plan(plan, private, dry_run, log)
+    if dry_run:
+        log("Dry run: nothing was uploaded" + (" and no README.md written." if plan.generated_card else "."))
+        return None
+    api = api if api is not None else HfApi(token=token)
+    commit = _commit_plan(
+        api, plan, token=token, private=private, commit_message=commit_message, revision=revision, log=log
+    )
     log(f"Committed {len(plan.files)} files to {hub_model_id}: {commit.commit_url}")
     return commit
 
 
 __all__ = [
     "DEFAULT_COMMIT_MESSAGE",
-    "DEFAULT_TEMPLATE",
-    "FINETUNE_METRICS",
-    "LINEAR_PROBE_METRICS",
-    "MIMCO_CITATION",
-    "RESULTS_KEYS",
-    "RESULT_METRICS",
     "UploadPlan",
-    "build_model_card",
     "check_no_secrets",
     "collect_upload_files",
-    "count_parameters",
-    "evaluation_dataset",
-    "format_accuracy",
-    "load_results",
-    "measured_metrics",
     "plan_upload",
     "push_to_hub",
-    "read_template",
-    "results_kind",
-    "select_linear_probe_entry",
-    "validate_model_card",
-    "validate_results",
 ]

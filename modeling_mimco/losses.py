@@ -1,6 +1,8 @@
 """The MimCo reconstruction losses: the student's predictions against the frozen teacher's features.
 
 Every function takes plain tensors, so each can be checked on its own against a slow reference.
+`compute_patch_loss` and `compute_image_loss` are where a config's loss type picks its function. Only torch is
+imported: the file is loaded as Hub remote code next to the model.
 """
 
 from __future__ import annotations
@@ -118,23 +120,62 @@ def contrastive_infonce_loss(queries: torch.Tensor, keys: torch.Tensor, temperat
     return F.cross_entropy(logits.float() / temperature, labels) * (2 * temperature)
 
 
-def feature_regression_loss(predictions: torch.Tensor, targets: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """Non-contrastive alternatives to InfoNCE, row by row: `"cosine"` (1 - cosine similarity) or `"smooth_l1"`.
+def cosine_distance_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean `1 - cosine similarity` of matching rows."""
+    return (1.0 - F.cosine_similarity(predictions, targets, dim=-1)).mean()
 
-    For `"smooth_l1"` the targets are standardised per token (LayerNorm without affine), as feature-regression MIM
-    methods do, so the scale of the teacher's features does not set the scale of the loss.
-    """
-    predictions = predictions.float()
-    targets = targets.float()
-    if loss_type == "cosine":
-        return (1.0 - F.cosine_similarity(predictions, targets, dim=-1)).mean()
-    if loss_type == "smooth_l1":
-        targets = F.layer_norm(targets, targets.shape[-1:])
-        return F.smooth_l1_loss(predictions, targets)
-    raise ValueError(f"`loss_type` must be 'cosine' or 'smooth_l1' here, got {loss_type!r}.")
+
+def standardised_smooth_l1_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 against the targets standardised per token (LayerNorm without affine), as feature-regression MIM
+    methods do, so the scale of the teacher's features does not set the scale of the loss."""
+    targets = F.layer_norm(targets, targets.shape[-1:])
+    return F.smooth_l1_loss(predictions, targets)
+
+
+# The non-contrastive loss types, by the name a config gives them.
+FEATURE_REGRESSION_LOSSES = {"cosine": cosine_distance_loss, "smooth_l1": standardised_smooth_l1_loss}
+
+
+def feature_regression_loss(predictions: torch.Tensor, targets: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Non-contrastive alternatives to InfoNCE, row by row, computed in float32: `"cosine"`
+    (`cosine_distance_loss`) or `"smooth_l1"` (`standardised_smooth_l1_loss`)."""
+    if loss_type not in FEATURE_REGRESSION_LOSSES:
+        choices = " or ".join(map(repr, FEATURE_REGRESSION_LOSSES))
+        raise ValueError(f"`loss_type` must be {choices} here, got {loss_type!r}.")
+    return FEATURE_REGRESSION_LOSSES[loss_type](predictions.float(), targets.float())
+
+
+def compute_patch_loss(
+    patch_predictions: torch.Tensor,
+    teacher_patch_tokens: torch.Tensor,
+    bool_masked_pos: torch.BoolTensor,
+    loss_type: str,
+    temperature: float,
+    negatives: str = "image",
+) -> torch.Tensor:
+    """The patch loss that `loss_type` (a config's `patch_loss_type`) names: `patch_infonce_loss` for `"infonce"`,
+    else `feature_regression_loss` against the teacher's tokens at the masked positions. Arguments as in
+    `patch_infonce_loss`; `temperature` and `negatives` only matter to InfoNCE."""
+    if loss_type == "infonce":
+        return patch_infonce_loss(
+            patch_predictions, teacher_patch_tokens, bool_masked_pos, temperature=temperature, negatives=negatives
+        )
+    return feature_regression_loss(patch_predictions, teacher_patch_tokens[bool_masked_pos], loss_type)
+
+
+def compute_image_loss(
+    image_predictions: torch.Tensor, teacher_image_features: torch.Tensor, loss_type: str, temperature: float
+) -> torch.Tensor:
+    """The image loss that `loss_type` (a config's `image_loss_type`) names: `image_infonce_loss` for `"infonce"`,
+    else `feature_regression_loss`. Arguments as in `image_infonce_loss`; `temperature` only matters to InfoNCE."""
+    if loss_type == "infonce":
+        return image_infonce_loss(image_predictions, teacher_image_features, temperature=temperature)
+    return feature_regression_loss(image_predictions, teacher_image_features, loss_type)
 
 
 __all__ = [
+    "compute_image_loss",
+    "compute_patch_loss",
     "contrastive_infonce_loss",
     "feature_regression_loss",
     "gather_across_processes",

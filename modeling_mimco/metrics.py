@@ -1,17 +1,20 @@
-"""TODO docstring."""
+"""Top-k classification accuracy that needs no network: the metric of fine-tuning and of frozen-feature evaluation.
+
+This module owns `TopKAccuracy`, an `evaluate.Metric` defined here so that no metric script is fetched from the Hub
+(`evaluate.load("accuracy")` needs the network or a cached copy), `load_accuracy_metric` (one kept in memory),
+and the `Trainer` hooks built on it: `top_k_predictions` (`preprocess_logits_for_metrics`: keep the `k` best classes)
+and `ClassificationMetrics` (`compute_metrics`: top-1, and top-5 with at least 5 classes, `reported_top_k`). It
+imports numpy, torch, datasets and evaluate, nothing else of the package.
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import datasets
 import evaluate
 import numpy as np
 import torch
-
-
-logger = logging.getLogger(__name__)
 
 
 class TopKAccuracy(evaluate.Metric):
@@ -96,3 +99,6 @@ class ClassificationMetrics:
         if predictions.dtype.kind == "f":  # logits: rank them here
             predictions = np.argsort(-predictions, axis=-1)[:, : max(self.top_k)]
         return self.metric.compute(predictions=predictions, references=references, top_k=self.top_k)
+
+
+__all__ = ["ClassificationMetrics", "TopKAccuracy", "load_accuracy_metric", "reported_top_k", "top_k_predictions"]

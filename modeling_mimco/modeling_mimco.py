@@ -1,19 +1,19 @@
 """PyTorch MimCo models: a ViT backbone, the masked-image student with its frozen contrastive teacher, and the
-image classifier.
+image classifier. The stage-1 contrastive model that trains the teacher is in `modeling_mimco_contrastive.py`.
 
-The backbone's weights map one-to-one onto timm's `VisionTransformer` (see `convert.py`): `embeddings.cls_token`
-is `cls_token`, `layers.{i}.attention.qkv` is `blocks.{i}.attn.qkv`, and so on.
+The backbone's weights map one-to-one onto timm's `VisionTransformer` (see `vit_checkpoints.py`):
+`embeddings.cls_token` is `cls_token`, `layers.{i}.attention.qkv` is `blocks.{i}.attn.qkv`, and so on. This file
+is loaded as Hub remote code: it imports only the other model files, torch and transformers.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -24,13 +24,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoRemoteTeacherConfig
-from .losses import (
-    contrastive_infonce_loss,
-    feature_regression_loss,
-    image_infonce_loss,
-    patch_infonce_loss,
-)
+from .configuration_mimco import MimCoConfig, MimCoRemoteTeacherConfig
+from .losses import compute_image_loss, compute_patch_loss
 from .masking import MimCoMaskGenerator
 from .teacher import TeacherInputAdapter
 
@@ -56,6 +51,28 @@ def get_2d_sincos_position_embeddings(hidden_size: int, grid_size: int) -> torch
     patch_embeddings = torch.cat([out_rows.sin(), out_rows.cos(), out_cols.sin(), out_cols.cos()], dim=1)
     cls_embedding = torch.zeros(1, hidden_size, dtype=torch.float64)
     return torch.cat([cls_embedding, patch_embeddings]).unsqueeze(0).float()
+
+
+def resample_position_embeddings(position_embeddings: torch.Tensor, grid_height: int, grid_width: int) -> torch.Tensor:
+    """Resamples `(1, 1 + g*g, D)` position embeddings to a `grid_height` x `grid_width` patch grid.
+
+    The CLS position is kept; the patch positions are resized bicubically with antialiasing, in float32, as timm's
+    `resample_abs_pos_embed` does. Embeddings already on that grid are returned as they are. Used at run time by
+    `MimCoEmbeddings.interpolate_pos_encoding` and, to convert checkpoints to another resolution, by `convert.py`.
+    """
+    class_position, patch_positions = position_embeddings[:, :1], position_embeddings[:, 1:]
+    old_grid = math.isqrt(patch_positions.shape[1])
+    if old_grid * old_grid != patch_positions.shape[1]:
+        raise ValueError(f"Position embeddings of shape {tuple(position_embeddings.shape)} are not 1 + a square grid.")
+    if grid_height == old_grid and grid_width == old_grid:
+        return position_embeddings
+    dim = patch_positions.shape[-1]
+    patch_positions = patch_positions.float().reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)
+    patch_positions = nn.functional.interpolate(
+        patch_positions, size=(grid_height, grid_width), mode="bicubic", align_corners=False, antialias=True
+    )
+    patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
+    return torch.cat([class_position, patch_positions.to(class_position.dtype)], dim=1)
 
 
 def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -128,17 +145,9 @@ class MimCoEmbeddings(nn.Module):
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings for a `height` x `width` input, resampled bicubically from the trained grid."""
-        new_height, new_width = height // self.patch_size, width // self.patch_size
-        if new_height == self.grid_size and new_width == self.grid_size:
-            return self.position_embeddings
-        class_position, patch_positions = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
-        dim = patch_positions.shape[-1]
-        patch_positions = patch_positions.float().reshape(1, self.grid_size, self.grid_size, dim).permute(0, 3, 1, 2)
-        patch_positions = nn.functional.interpolate(
-            patch_positions, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True
+        return resample_position_embeddings(
+            self.position_embeddings, height // self.patch_size, width // self.patch_size
         )
-        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, new_height * new_width, dim)
-        return torch.cat([class_position, patch_positions.to(class_position.dtype)], dim=1)
 
     def forward(
         self,
@@ -300,6 +309,11 @@ class MimCoPredictionHead(nn.Module):
         return self.fc2(hidden_states)
 
 
+# The weights that only a `MimCoForPreTraining` checkpoint holds besides its student (`mimco.*`): the teacher and the
+# two heads. Loading into a backbone or classifier, converting and publishing skip them.
+PRETRAINING_ONLY_PREFIXES = ("teacher.", "patch_head.", "image_head.")
+
+
 class MimCoPreTrainedModel(PreTrainedModel):
     config_class = MimCoConfig
     config: MimCoConfig
@@ -313,7 +327,7 @@ class MimCoPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     # A pre-training checkpoint also holds the teacher and the heads; the backbone and classifier skip them quietly.
-    _keys_to_ignore_on_load_unexpected = [r"^teacher\.", r"^patch_head\.", r"^image_head\."]
+    _keys_to_ignore_on_load_unexpected = [f"^{re.escape(prefix)}" for prefix in PRETRAINING_ONLY_PREFIXES]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -625,6 +639,40 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
                 last_hidden_state = last_hidden_state.to(pixel_values.dtype)
         return self.teacher_adapter.split_tokens(last_hidden_state)
 
+    def _patch_loss(
+        self, student_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor, bool_masked_pos: torch.BoolTensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The patch loss and the patch head's predictions for the masked patches; `(None, None)` without a head."""
+        if self.patch_head is None:
+            return None, None
+        # Only masked patches are predicted, so the head never runs on the visible ones.
+        patch_predictions = self.patch_head(student_tokens[:, 1:][bool_masked_pos])
+        config = self.config
+        patch_loss = compute_patch_loss(
+            patch_predictions,
+            teacher_patch_tokens,
+            bool_masked_pos,
+            config.patch_loss_type,
+            temperature=config.patch_temperature,
+            negatives=config.patch_negatives,
+        )
+        return patch_loss, patch_predictions
+
+    def _image_loss(
+        self, student_tokens: torch.Tensor, teacher_image_features: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The image loss and the image head's predictions from the CLS token; `(None, None)` without a head."""
+        if self.image_head is None:
+            return None, None
+        image_predictions = self.image_head(student_tokens[:, 0])
+        image_loss = compute_image_loss(
+            image_predictions,
+            teacher_image_features,
+            self.config.image_loss_type,
+            temperature=self.config.image_temperature,
+        )
+        return image_loss, image_predictions
+
     @can_return_tuple
     def forward(
         self,
@@ -656,36 +704,14 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         )
         student_tokens = student_outputs.last_hidden_state
         teacher_image_features, teacher_patch_tokens = self.teacher_features(pixel_values)
+        patch_loss, patch_predictions = self._patch_loss(student_tokens, teacher_patch_tokens, bool_masked_pos)
+        image_loss, image_predictions = self._image_loss(student_tokens, teacher_image_features)
 
-        config = self.config
         loss = 0.0
-        patch_loss = image_loss = patch_predictions = image_predictions = None
-        if self.patch_head is not None:
-            # Only masked patches are predicted, so the head never runs on the visible ones.
-            patch_predictions = self.patch_head(student_tokens[:, 1:][bool_masked_pos])
-            if config.patch_loss_type == "infonce":
-                patch_loss = patch_infonce_loss(
-                    patch_predictions,
-                    teacher_patch_tokens,
-                    bool_masked_pos,
-                    temperature=config.patch_temperature,
-                    negatives=config.patch_negatives,
-                )
-            else:
-                patch_loss = feature_regression_loss(
-                    patch_predictions, teacher_patch_tokens[bool_masked_pos], config.patch_loss_type
-                )
-            loss = loss + config.patch_loss_weight * patch_loss
-        if self.image_head is not None:
-            image_predictions = self.image_head(student_tokens[:, 0])
-            if config.image_loss_type == "infonce":
-                image_loss = image_infonce_loss(
-                    image_predictions, teacher_image_features, temperature=config.image_temperature
-                )
-            else:
-                image_loss = feature_regression_loss(image_predictions, teacher_image_features, config.image_loss_type)
-            loss = loss + config.image_loss_weight * image_loss
-
+        if patch_loss is not None:
+            loss = loss + self.config.patch_loss_weight * patch_loss
+        if image_loss is not None:
+            loss = loss + self.config.image_loss_weight * image_loss
         return MimCoForPreTrainingOutput(
             loss=loss,
             patch_loss=patch_loss,
@@ -747,194 +773,6 @@ class MimCoForImageClassification(MimCoPreTrainedModel):
         )
 
 
-class MimCoBatchNorm1d(nn.BatchNorm1d):
-    """`BatchNorm1d` whose training statistics cover the global batch of all processes.
-
-    `nn.SyncBatchNorm` only runs on accelerators; this one also synchronises gloo processes on CPUs. The statistics
-    are reduced with an autograd-aware all-reduce, so N processes with batch B give the same outputs and gradients
-    as one process with batch N*B. The same formula is used on a single process, so both agree to rounding.
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(input)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            import torch.distributed.nn.functional as dist_functional
-
-            all_reduce = dist_functional.all_reduce
-        else:
-
-            def all_reduce(tensor):
-                return tensor
-
-        # Statistics in at least float32 and in two passes (mean, then squared deviations): E[x^2] - E[x]^2 cancels badly
-        # in low precision or when the mean is large against the spread.
-        values = input.to(torch.promote_types(input.dtype, torch.float32))
-        count = values.new_full((1,), values.shape[0])
-        sums = all_reduce(torch.cat([values.sum(dim=0), count]))
-        total = sums[-1]
-        mean = sums[:-1] / total
-        variance = all_reduce(((values - mean) ** 2).sum(dim=0)) / total
-        if self.track_running_stats:
-            with torch.no_grad():
-                unbiased = variance * total / (total - 1).clamp_min(1.0)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
-                self.num_batches_tracked.add_(1)
-        output = (values - mean) * torch.rsqrt(variance + self.eps)
-        if self.affine:
-            output = output * self.weight + self.bias
-        return output.to(input.dtype)
-
-
-def build_mlp(
-    num_layers: int, input_size: int, hidden_size: int, output_size: int, last_batch_norm: bool = True
-) -> nn.Sequential:
-    """MoCo v3's MLP: `Linear -> BN -> ReLU` blocks, a last `Linear`, then a BatchNorm without affine parameters."""
-    layers = []
-    for index in range(num_layers):
-        in_features = input_size if index == 0 else hidden_size
-        out_features = output_size if index == num_layers - 1 else hidden_size
-        layers.append(nn.Linear(in_features, out_features, bias=False))
-        if index < num_layers - 1:
-            layers.extend([MimCoBatchNorm1d(out_features), nn.ReLU(inplace=True)])
-        elif last_batch_norm:
-            layers.append(MimCoBatchNorm1d(out_features, affine=False))
-    return nn.Sequential(*layers)
-
-
-@dataclass
-class MimCoContrastiveOutput(ModelOutput):
-    r"""
-    Output of `MimCoForContrastivePreTraining`.
-
-    Args:
-        loss (`torch.FloatTensor` of shape `()`): The symmetrised InfoNCE loss of the two views.
-        queries (`tuple(torch.FloatTensor)`): The predictor's output for view 1 and view 2,
-            each `(batch_size, projection_size)`.
-        momentum_keys (`tuple(torch.FloatTensor)`): The momentum branch's output (MoCo's keys) for view 1 and
-            view 2, each `(batch_size, projection_size)`. Not named `keys`, which would hide `ModelOutput.keys()`.
-    """
-
-    loss: torch.FloatTensor | None = None
-    queries: tuple[torch.FloatTensor, torch.FloatTensor] | None = None
-    momentum_keys: tuple[torch.FloatTensor, torch.FloatTensor] | None = None
-
-
-class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
-    """Stage 1: a MoCo v3 contrastive ViT that becomes the MimCo teacher.
-
-    The base encoder (a `MimCoModel`) and its projector and predictor are trained on the queries; a momentum copy of
-    encoder and projector, updated by EMA, provides the keys. The keys of both views are gathered from every process,
-    so negatives span the global batch. `export_teacher` writes the momentum (or base) encoder as a plain
-    `MimCoModel` checkpoint for stage 2.
-    """
-
-    config_class = MimCoContrastiveConfig
-    config: MimCoContrastiveConfig
-    base_model_prefix = "base_encoder"
-    main_input_name = "pixel_values_1"
-    _keys_to_ignore_on_load_unexpected = None
-
-    def __init__(self, config: MimCoContrastiveConfig):
-        super().__init__(config)
-        backbone_config = config.backbone_config
-        hidden_size = backbone_config.hidden_size
-        self.base_encoder = MimCoModel(backbone_config)
-        self.base_projector = build_mlp(3, hidden_size, config.projector_hidden_size, config.projection_size)
-        self.predictor = build_mlp(2, config.projection_size, config.projector_hidden_size, config.projection_size)
-        self.momentum_encoder = MimCoModel(backbone_config)
-        self.momentum_projector = build_mlp(3, hidden_size, config.projector_hidden_size, config.projection_size)
-        self.post_init()
-        self.reset_momentum_branch()
-
-    def freeze_untrained_parameters(self) -> None:
-        """Freezes the momentum branch, the unused mask token, fixed positions and, if configured, the patch
-        projection. Called at construction and after `from_pretrained` (which makes every loaded weight trainable)."""
-        self.base_encoder.freeze_untrained_parameters()
-        # stage 1 never masks, and a parameter without gradient would stall DDP's reducer
-        self.base_encoder.embeddings.mask_token.requires_grad_(False)
-        if self.config.freeze_patch_embeddings:
-            self.base_encoder.embeddings.patch_embeddings.requires_grad_(False)
-        self.momentum_encoder.requires_grad_(False)
-        self.momentum_projector.requires_grad_(False)
-
-    def _after_loading(self, missing_keys: set[str]) -> None:
-        if any(name.startswith(("momentum_encoder.", "momentum_projector.")) for name in missing_keys):
-            # a backbone checkpoint: MoCo starts with the momentum branch equal to the base branch, not random
-            self.reset_momentum_branch()
-        super()._after_loading(missing_keys)
-
-    def reset_momentum_branch(self) -> None:
-        """Copies the base encoder and projector into the momentum branch (frozen)."""
-        with torch.no_grad():
-            for base, momentum in self._momentum_pairs():
-                momentum.copy_(base)
-        self.freeze_untrained_parameters()
-
-    def _momentum_pairs(self):
-        base = list(self.base_encoder.parameters()) + list(self.base_projector.parameters())
-        momentum = list(self.momentum_encoder.parameters()) + list(self.momentum_projector.parameters())
-        return zip(base, momentum)
-
-    @torch.no_grad()
-    def update_momentum_branch(self, momentum: float) -> None:
-        """EMA step: `momentum_param = momentum * momentum_param + (1 - momentum) * base_param`."""
-        base_params, momentum_params = zip(*self._momentum_pairs())
-        torch._foreach_lerp_(list(momentum_params), list(base_params), 1.0 - momentum)
-
-    def momentum_at(self, progress: float) -> float:
-        """The cosine momentum schedule: `momentum` at `progress` 0, rising to `momentum_final` at 1."""
-        progress = min(max(progress, 0.0), 1.0)
-        start, end = self.config.momentum, self.config.momentum_final
-        return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def _query(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.predictor(self.base_projector(self.base_encoder(pixel_values).pooler_output))
-
-    @torch.no_grad()
-    def _key(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.momentum_projector(self.momentum_encoder(pixel_values).pooler_output)
-
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values_1: torch.Tensor | None = None,
-        pixel_values_2: torch.Tensor | None = None,
-        momentum: float | None = None,
-        **kwargs,
-    ) -> MimCoContrastiveOutput:
-        r"""
-        Args:
-            pixel_values_1, pixel_values_2 (`torch.FloatTensor` of shape `(batch_size, channels, height, width)`):
-                Two augmented views of the same images.
-            momentum (`float`, *optional*): When given (in training), the momentum branch takes one EMA step
-                towards the base branch before computing the keys, as in MoCo v3.
-        """
-        if pixel_values_1 is None or pixel_values_2 is None:
-            raise ValueError("You have to specify both `pixel_values_1` and `pixel_values_2`.")
-        query_1, query_2 = self._query(pixel_values_1), self._query(pixel_values_2)
-        if momentum is not None:
-            self.update_momentum_branch(momentum)
-        key_1, key_2 = self._key(pixel_values_1), self._key(pixel_values_2)
-        temperature = self.config.temperature
-        loss = contrastive_infonce_loss(query_1, key_2, temperature) + contrastive_infonce_loss(
-            query_2, key_1, temperature
-        )
-        return MimCoContrastiveOutput(loss=loss, queries=(query_1, query_2), momentum_keys=(key_1, key_2))
-
-    def export_teacher(self, save_directory: str, encoder: str = "momentum", **kwargs) -> MimCoModel:
-        """Saves the momentum (default) or base encoder as a plain `MimCoModel` checkpoint, the stage-2 teacher."""
-        if encoder not in ("momentum", "base"):
-            raise ValueError(f"`encoder` must be 'momentum' or 'base', got {encoder!r}.")
-        source = self.momentum_encoder if encoder == "momentum" else self.base_encoder
-        teacher = MimCoModel(copy.deepcopy(self.config.backbone_config))
-        teacher.load_state_dict(source.state_dict())
-        teacher.save_pretrained(save_directory, **kwargs)
-        return teacher
-
-
 def _load_pixel_normalisation(name_or_path: str, **kwargs) -> tuple[list[float] | None, list[float] | None]:
     """The `image_mean`/`image_std` of a checkpoint's `preprocessor_config.json`, or `(None, None)` without one."""
     from transformers.image_processing_base import ImageProcessingMixin
@@ -956,15 +794,17 @@ MIMCO_AUTO_MAP = {
     "AutoModelForImageClassification": "modeling_mimco.MimCoForImageClassification",
 }
 
+# Stage 1 lives in `modeling_mimco_contrastive.py`. Until every module imports it from there, its names still resolve
+# here; the module is looked up by name rather than by a `from .` import line, which would make `save_pretrained`
+# copy stage 1 into every stage-2 folder.
 __all__ = [
-    "MimCoBatchNorm1d",
-    "MimCoContrastiveOutput",
-    "MimCoForContrastivePreTraining",
     "MimCoForImageClassification",
     "MimCoForPreTraining",
     "MimCoForPreTrainingOutput",
     "MimCoModel",
     "MimCoPreTrainedModel",
+    "PRETRAINING_ONLY_PREFIXES",
     "build_teacher",
     "get_2d_sincos_position_embeddings",
+    "resample_position_embeddings",
 ]

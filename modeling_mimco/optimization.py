@@ -1,17 +1,20 @@
-"""TODO docstring."""
+"""AdamW and its parameter groups, for pre-training and for fine-tuning.
+
+This module owns which parameters get weight decay (not norms, biases, the learned tokens and the position
+embeddings), the fused AdamW of the pre-training loops (`build_adamw`) and their device-side skip of a bad update
+(`skip_update_if`), and the fine-tuning recipe's layer-wise learning-rate decay (`layer_decay_parameter_groups`:
+block `i` of `L` gets `learning_rate * layer_decay ** (L - i)`, the embeddings the lowest rate, the head the full
+one). It imports torch and accelerate, nothing else of the package.
+"""
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import nn
-
-
-logger = logging.getLogger(__name__)
 
 
 # Parameters that AdamW must not decay: norms and biases (1-D) and the learned tokens and position embeddings.
@@ -139,3 +142,6 @@ def layer_decay_parameter_groups(
         groups[key]["params"].append(parameter)
         groups[key]["param_names"].append(name)
     return [groups[key] for key in sorted(groups)]
+
+
+__all__ = ["build_adamw", "layer_decay_parameter_groups", "parameter_groups", "skip_update_if"]

@@ -1,4 +1,18 @@
-"""TODO docstring."""
+"""Where images come from: the one place that knows the data sources the scripts accept.
+
+- `ImageSourceArguments`: the source flags every script shares (`--dataset_name`, `--train_dir`, `--data_files`,
+  `--train_split`, `--image_column`, `--max_train_samples`); `DataArguments` (pre-training) and
+  `LabelledDataArguments` (fine-tuning, frozen-feature evaluation) extend it.
+- `load_image_dataset`: one split from a Hub dataset or local dataset folder, a folder of class sub-folders, parquet
+  files, or the built-in digits (`digits.load_digits_dataset`), optionally streaming. It checks local parquet files by name,
+  warns about the symbolic links a class folder drops silently (`find_skipped_links`), and remembers which parquet
+  file each row came from, so that `data.apply_example_transform` can name an unreadable image by its row.
+- `resolve_image_column` / `resolve_label_column`, `disable_image_decoding` (images stay `{"bytes", "path"}` records
+  until `decoding.decode_image`), `shard_for_process` (a stream split between processes).
+- `load_training_images` (pre-training) and `load_classification_splits` (a labelled train and evaluation split).
+
+Imports only `digits` and `errors`; the augmentations and collators that consume these datasets are in `data.py`.
+"""
 
 from __future__ import annotations
 
@@ -12,78 +26,245 @@ from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
-import PIL.Image
-import PIL.ImageOps
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 from datasets.table import list_table_cache_files
 
+from .digits import DIGITS_DATASET, load_digits_dataset
 from .errors import one_line
 
 
 logger = logging.getLogger(__name__)
 
 
-DIGITS_DATASET = "digits"
+MAX_LISTED_NAMES = 10
+"""How many names a warning about skipped files lists before it only counts the rest."""
 
 
-DIGITS_TEST_FRACTION = 0.15
+@dataclass
+class ImageSourceArguments:
+    """Where a script's images come from: a Hub dataset or local dataset folder (`--dataset_name`), a folder with one
+    sub-folder per class (`--train_dir`), parquet files (`--data_files`), or, without any of those, the built-in
+    digits data. Every script's data arguments extend this class, so a new kind of source is added here once."""
 
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, or 'digits'."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files with an image column."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column; found automatically if unset."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use a subset of N training images, drawn with --seed (a folder sorted by class still gives every "
+            "class); with --streaming, the first N of the stream."
+        },
+    )
 
-DIGITS_SPLIT_SEED = 0
+    def __post_init__(self):
+        if self.max_train_samples is not None and not self.max_train_samples > 0:
+            raise ValueError(f"--max_train_samples must be positive, got {self.max_train_samples}.")
 
-
-def load_digits_dataset(
-    split: str = "train",
-    image_size: int = 32,
-    test_fraction: float = DIGITS_TEST_FRACTION,
-    seed: int = DIGITS_SPLIT_SEED,
-) -> datasets.Dataset:
-    """scikit-learn's bundled 8x8 digits (1,797 images, no network) as an RGB image-classification dataset.
-
-    Each 8x8 image (ink intensity 0..16) is scaled to 0..255 (bright ink on a dark background), upscaled to
-    `image_size` x `image_size` with bilinear resampling and stored as a 3-channel RGB PIL image.
-
-    The split is a seeded shuffle of all images: `"train"` holds the first `1 - test_fraction` (about 85 %, 1,527
-    images with the defaults), `"test"` (alias `"validation"`) the rest. The same arguments always give the same split
-    and the two splits are disjoint.
-
-    Returns:
-        A `datasets.Dataset` with columns `"image"` (`datasets.Image`) and `"label"` (`ClassLabel`, names "0".."9").
-    """
-    from sklearn.datasets import load_digits
-
-    if split not in ("train", "test", "validation"):
-        raise ValueError(
-            f"Unknown split {split!r} for the {DIGITS_DATASET!r} dataset; available splits: ['train', 'test', "
-            "'validation'] ('validation' is the same images as 'test')."
-        )
-    if image_size <= 0:
-        raise ValueError(f"`image_size` must be a positive integer, got {image_size}.")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"`test_fraction` must lie strictly between 0 and 1, got {test_fraction}.")
-
-    digits = load_digits()
-    num_images = len(digits.target)
-    order = np.random.RandomState(seed).permutation(num_images)
-    num_train = int(round(num_images * (1.0 - test_fraction)))
-    indices = order[:num_train] if split == "train" else order[num_train:]
-
-    images = []
-    for index in indices:
-        pixels = np.clip(np.round(digits.images[index] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        image = PIL.Image.fromarray(pixels).resize((image_size, image_size), PIL.Image.Resampling.BILINEAR)
-        images.append(image.convert("RGB"))
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "label": datasets.ClassLabel(names=[str(digit) for digit in range(10)]),
+    def source_kwargs(self) -> dict:
+        """The `load_image_dataset` arguments that name the source (all but the split)."""
+        return {
+            "dataset_name": self.dataset_name,
+            "dataset_config_name": self.dataset_config_name,
+            "train_dir": self.train_dir,
+            "data_files": self.data_files,
         }
+
+
+@dataclass
+class DataArguments(ImageSourceArguments):
+    """The images of the two pre-training stages (unlabelled; a label column is ignored)."""
+
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of preparing it locally."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
+
+
+@dataclass
+class LabelledDataArguments(ImageSourceArguments):
+    """The labelled images of fine-tuning and frozen-feature evaluation: a training split and an evaluation split."""
+
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
     )
-    return datasets.Dataset.from_dict(
-        {"image": images, "label": [int(digits.target[index]) for index in indices]}, features=features
+    train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
+    label_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N eval images."})
+
+    def load_splits(
+        self, seed: int, cache_dir: str | None = None, token: str | bool | None = None
+    ) -> ClassificationData:
+        """The training and evaluation splits these arguments describe (`load_classification_splits`)."""
+        return load_classification_splits(
+            **self.source_kwargs(),
+            train_split=self.train_split,
+            eval_split=self.eval_split,
+            train_val_split=self.train_val_split,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            max_train_samples=self.max_train_samples,
+            max_eval_samples=self.max_eval_samples,
+            cache_dir=cache_dir,
+            token=token,
+            seed=seed,
+        )
+
+
+def load_training_images(
+    data_args: DataArguments, image_size: int, process_index: int = 0, num_processes: int = 1, seed: int = 42
+):
+    """Loads the training split of `data_args` with undecoded images; returns `(dataset, image_column)`.
+
+    `seed` draws the `--max_train_samples` subset."""
+    dataset = load_image_dataset(
+        **data_args.source_kwargs(),
+        split=data_args.train_split,
+        streaming=data_args.streaming,
+        cache_dir=data_args.cache_dir,
+        digits_image_size=image_size,
     )
+    image_column = resolve_image_column(dataset, data_args.image_column)
+    if data_args.max_train_samples is not None:
+        if data_args.streaming:
+            dataset = dataset.take(data_args.max_train_samples)
+        else:
+            subset = np.random.default_rng(seed).permutation(len(dataset))[: data_args.max_train_samples]
+            dataset = dataset.select(np.sort(subset))
+    dataset = disable_image_decoding(dataset, image_column)
+    dataset = shard_for_process(dataset, process_index, num_processes)
+    return dataset, image_column
+
+
+@dataclass
+class ClassificationData:
+    """A labelled train split and evaluation split, images left undecoded (see `disable_image_decoding`)."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    image_column: str
+    label_column: str
+    class_names: list[str]
+    eval_split: str
+    """Where the evaluation images came from: a split name, or `"train[split off N%]"`."""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.class_names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.class_names)}
+
+
+def load_classification_splits(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    data_files: str | list[str] | dict | None = None,
+    train_split: str = "train",
+    eval_split: str | None = None,
+    train_val_split: float = 0.15,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    seed: int = 42,
+    digits_image_size: int = 32,
+) -> ClassificationData:
+    """Loads a labelled image dataset (any source of `load_image_dataset`) as a train and an evaluation split.
+
+    The evaluation split is `eval_split` when given; otherwise `"validation"`, else `"test"`, else a seeded split of
+    `train_val_split` of the training images (stratified by class when the labels are a `ClassLabel`). Labels must be
+    a `ClassLabel`, integers (class `i` is named `str(i)`) or strings (classes sorted by name).
+    """
+    source = dict(
+        dataset_name=dataset_name,
+        dataset_config_name=dataset_config_name,
+        train_dir=train_dir,
+        data_files=data_files,
+        cache_dir=cache_dir,
+        token=token,
+        digits_image_size=digits_image_size,
+    )
+    train = load_image_dataset(split=train_split, **source)
+    image_column = resolve_image_column(train, image_column)
+    label_column = resolve_label_column(train, label_column)
+    if label_column is None:
+        raise ValueError(
+            f"The dataset has no label column (tried 'label', 'labels' and any ClassLabel column) among "
+            f"{train.column_names}; name it with --label_column."
+        )
+    train = disable_image_decoding(train, image_column)
+
+    eval_dataset, eval_name = None, None
+    for candidate in [eval_split] if eval_split is not None else ["validation", "test"]:
+        if candidate == train_split:
+            continue
+        try:
+            # the train split's load already warned about the folder's skipped links
+            eval_dataset = load_image_dataset(split=candidate, report_skipped_links=False, **source)
+        except ValueError:
+            if eval_split is not None:
+                raise
+            continue
+        eval_name = candidate
+        break
+    if eval_dataset is None:
+        if not 0.0 < train_val_split < 1.0:
+            raise ValueError(
+                f"The dataset has no 'validation' or 'test' split; set --train_val_split in (0, 1) to split one off "
+                f"the training images (got {train_val_split})."
+            )
+        train, _, class_names = _encode_labels(train, None, label_column)
+        try:
+            parts = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column=label_column)
+        except ValueError:  # a class too small to stratify
+            parts = train.train_test_split(test_size=train_val_split, seed=seed)
+        train, eval_dataset = parts["train"], parts["test"]
+        eval_name = f"{train_split}[split off {train_val_split:.0%}]"
+    else:
+        eval_dataset = disable_image_decoding(eval_dataset, image_column)
+        train, eval_dataset, class_names = _encode_labels(train, eval_dataset, label_column)
+    if max_train_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
+    if max_eval_samples is not None:
+        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(min(max_eval_samples, len(eval_dataset))))
+    return ClassificationData(train, eval_dataset, image_column, label_column, class_names, eval_name)
+
+
+def _encode_labels(
+    train: datasets.Dataset, eval_dataset: datasets.Dataset | None, label_column: str
+) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+    """Casts the label column of both splits to one `ClassLabel` (integers keep their values, strings are numbered in
+    sorted order) and returns the class names."""
+    feature = train.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return train, eval_dataset, list(feature.names)
+    values = set(train[label_column]) | (set(eval_dataset[label_column]) if eval_dataset is not None else set())
+    if values and all(isinstance(value, (int, np.integer)) for value in values):
+        if min(values) < 0:
+            raise ValueError(f"Integer labels must be >= 0, found {min(values)} in column {label_column!r}.")
+        class_label = datasets.ClassLabel(names=[str(index) for index in range(max(values) + 1)])
+    elif values and all(isinstance(value, str) for value in values):
+        class_label = datasets.ClassLabel(names=sorted(values))
+    else:
+        raise ValueError(f"Labels in column {label_column!r} must be a ClassLabel, integers or strings.")
+    train = train.cast_column(label_column, class_label)
+    if eval_dataset is not None:
+        eval_dataset = eval_dataset.cast_column(label_column, class_label)
+    return train, eval_dataset, list(class_label.names)
 
 
 def load_image_dataset(
@@ -131,6 +312,39 @@ def load_image_dataset(
     Returns:
         A `datasets.Dataset`, or a `datasets.IterableDataset` when `streaming=True`.
     """
+    _check_one_source(dataset_name, train_dir, data_files)
+    if (dataset_name is None and train_dir is None and data_files is None) or dataset_name == DIGITS_DATASET:
+        dataset = load_digits_dataset(split=split, image_size=digits_image_size)
+        return dataset.to_iterable_dataset(num_shards=_digits_num_shards(len(dataset))) if streaming else dataset
+
+    hub_kwargs = {"cache_dir": cache_dir, "token": token}
+    path, kwargs, source = _builder_for_source(dataset_name, dataset_config_name, train_dir, data_files)
+    parquet_files = None
+    if dataset_name is not None and os.path.isdir(dataset_name):  # a local dataset folder; the Hub is not looked into
+        parquet_files = _checked_parquet_files(path, kwargs, source, **hub_kwargs)
+    elif data_files is not None:
+        parquet_files = _checked_parquet_files(path, kwargs, "--data_files", **hub_kwargs)
+    elif train_dir is not None and report_skipped_links:
+        _warn_about_skipped_links(train_dir)
+
+    try:
+        dataset = datasets.load_dataset(path, **kwargs, split=split, streaming=streaming, **hub_kwargs)
+    except DatasetGenerationError as err:
+        # e.g. a parquet file whose footer is intact but whose pages are damaged; the cause says what failed
+        raise ValueError(f"{source}: datasets could not read the data: {one_line(err.__cause__ or err)}") from err
+    except ValueError as err:
+        if "split" not in str(err).lower():
+            raise
+        available = _available_splits(path, kwargs, **hub_kwargs)
+        if available is None or _split_base_names(split) <= set(available):
+            raise
+        raise ValueError(f"Split {split!r} does not exist in {source}; available splits: {available}.") from err
+    if parquet_files is not None and isinstance(dataset, datasets.Dataset):
+        _remember_row_sources(dataset, parquet_files.get(str(split)))
+    return dataset
+
+
+def _check_one_source(dataset_name: str | None, train_dir: str | None, data_files) -> None:
     given = [
         flag
         for flag, value in (("--dataset_name", dataset_name), ("--train_dir", train_dir), ("--data_files", data_files))
@@ -142,41 +356,18 @@ def load_image_dataset(
             "or local dataset folder, --train_dir for a folder of class sub-folders, or --data_files for parquet files."
         )
 
-    if (dataset_name is None and train_dir is None and data_files is None) or dataset_name == DIGITS_DATASET:
-        dataset = load_digits_dataset(split=split, image_size=digits_image_size)
-        return dataset.to_iterable_dataset(num_shards=_digits_num_shards(len(dataset))) if streaming else dataset
 
-    common = {"split": split, "streaming": streaming, "cache_dir": cache_dir, "token": token}
-    parquet_files = None
+def _builder_for_source(
+    dataset_name: str | None, dataset_config_name: str | None, train_dir: str | None, data_files
+) -> tuple[str, dict, str]:
+    """The `datasets.load_dataset` path and keyword arguments of one (non-digits) source, and the flag naming it."""
     if dataset_name is not None:
-        path, kwargs, source = dataset_name, {"name": dataset_config_name}, f"--dataset_name {dataset_name!r}"
-        if os.path.isdir(dataset_name):  # a local dataset folder; a Hub dataset is not looked into here
-            parquet_files = _checked_parquet_files(path, kwargs, source, cache_dir=cache_dir, token=token)
-    elif train_dir is not None:
+        return dataset_name, {"name": dataset_config_name}, f"--dataset_name {dataset_name!r}"
+    if train_dir is not None:
         if not os.path.isdir(train_dir):
             raise ValueError(f"--train_dir {train_dir!r} is not a directory.")
-        path, kwargs, source = "imagefolder", {"data_dir": train_dir}, f"--train_dir {train_dir!r}"
-        if report_skipped_links:
-            _warn_about_skipped_links(train_dir)
-    else:
-        path, kwargs, source = "parquet", {"data_files": data_files}, f"--data_files {data_files!r}"
-        parquet_files = _checked_parquet_files(path, kwargs, "--data_files", cache_dir=cache_dir, token=token)
-
-    try:
-        dataset = datasets.load_dataset(path, **kwargs, **common)
-    except DatasetGenerationError as err:
-        # e.g. a parquet file whose footer is intact but whose pages are damaged; the cause says what failed
-        raise ValueError(f"{source}: datasets could not read the data: {one_line(err.__cause__ or err)}") from err
-    except ValueError as err:
-        if "split" not in str(err).lower():
-            raise
-        available = _available_splits(path, kwargs, cache_dir=cache_dir, token=token)
-        if available is None or _split_base_names(split) <= set(available):
-            raise
-        raise ValueError(f"Split {split!r} does not exist in {source}; available splits: {available}.") from err
-    if parquet_files is not None and isinstance(dataset, datasets.Dataset):
-        _remember_row_sources(dataset, parquet_files.get(str(split)))
-    return dataset
+        return "imagefolder", {"data_dir": train_dir}, f"--train_dir {train_dir!r}"
+    return "parquet", {"data_files": data_files}, f"--data_files {data_files!r}"
 
 
 def _digits_num_shards(num_rows: int) -> int:
@@ -330,7 +521,7 @@ def _remember_row_sources(dataset: datasets.Dataset, spans: list[tuple[str, int]
         _ROW_SOURCES[files] = tuple(spans)
 
 
-def _row_sources(dataset: datasets.Dataset) -> tuple[tuple[str, int], ...] | None:
+def row_sources(dataset: datasets.Dataset) -> tuple[tuple[str, int], ...] | None:
     spans = _ROW_SOURCES.get(tuple(list_table_cache_files(dataset.data)))
     # a table cut down by `select(range(n))` keeps its first rows, the only kind of cut this package makes
     if spans is None or len(dataset.data) > sum(num_rows for _, num_rows in spans):
@@ -442,231 +633,3 @@ def shard_for_process(
 
         return split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
     return dataset
-
-
-@dataclass
-class ImageSourceArguments:
-    """Where a script's images come from: a Hub dataset or local dataset folder (`--dataset_name`), a folder with one
-    sub-folder per class (`--train_dir`), parquet files (`--data_files`), or, without any of those, the built-in
-    digits data. Every script's data arguments extend this class, so a new kind of source is added here once."""
-
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, or 'digits'."}
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
-    train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files with an image column."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column; found automatically if unset."})
-    max_train_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": "Use a subset of N training images, drawn with --seed (a folder sorted by class still gives every "
-            "class); with --streaming, the first N of the stream."
-        },
-    )
-
-    def __post_init__(self):
-        if self.max_train_samples is not None and not self.max_train_samples > 0:
-            raise ValueError(f"--max_train_samples must be positive, got {self.max_train_samples}.")
-
-    def source_kwargs(self) -> dict:
-        """The `load_image_dataset` arguments that name the source (all but the split)."""
-        return {
-            "dataset_name": self.dataset_name,
-            "dataset_config_name": self.dataset_config_name,
-            "train_dir": self.train_dir,
-            "data_files": self.data_files,
-        }
-
-
-@dataclass
-class DataArguments(ImageSourceArguments):
-    """The images of the two pre-training stages (unlabelled; a label column is ignored)."""
-
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of preparing it locally."})
-    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
-
-
-def load_training_images(
-    data_args: DataArguments, image_size: int, process_index: int = 0, num_processes: int = 1, seed: int = 42
-):
-    """Loads the training split of `data_args` with undecoded images; returns `(dataset, image_column)`.
-
-    `seed` draws the `--max_train_samples` subset."""
-    dataset = load_image_dataset(
-        **data_args.source_kwargs(),
-        split=data_args.train_split,
-        streaming=data_args.streaming,
-        cache_dir=data_args.cache_dir,
-        digits_image_size=image_size,
-    )
-    image_column = resolve_image_column(dataset, data_args.image_column)
-    if data_args.max_train_samples is not None:
-        if data_args.streaming:
-            dataset = dataset.take(data_args.max_train_samples)
-        else:
-            subset = np.random.default_rng(seed).permutation(len(dataset))[: data_args.max_train_samples]
-            dataset = dataset.select(np.sort(subset))
-    dataset = disable_image_decoding(dataset, image_column)
-    dataset = shard_for_process(dataset, process_index, num_processes)
-    return dataset, image_column
-
-
-@dataclass
-class LabelledDataArguments(ImageSourceArguments):
-    """The labelled images of fine-tuning and frozen-feature evaluation: a training split and an evaluation split."""
-
-    eval_split: str | None = field(
-        default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
-    )
-    train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
-    label_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N eval images."})
-
-    def load_splits(
-        self, seed: int, cache_dir: str | None = None, token: str | bool | None = None
-    ) -> ClassificationData:
-        """The training and evaluation splits these arguments describe (`load_classification_splits`)."""
-        return load_classification_splits(
-            **self.source_kwargs(),
-            train_split=self.train_split,
-            eval_split=self.eval_split,
-            train_val_split=self.train_val_split,
-            image_column=self.image_column,
-            label_column=self.label_column,
-            max_train_samples=self.max_train_samples,
-            max_eval_samples=self.max_eval_samples,
-            cache_dir=cache_dir,
-            token=token,
-            seed=seed,
-        )
-
-
-@dataclass
-class ClassificationData:
-    """A labelled train split and evaluation split, images left undecoded (see `data.disable_image_decoding`)."""
-
-    train: datasets.Dataset
-    eval: datasets.Dataset
-    image_column: str
-    label_column: str
-    class_names: list[str]
-    eval_split: str
-    """Where the evaluation images came from: a split name, or `"train[split off N%]"`."""
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.class_names))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: index for index, name in enumerate(self.class_names)}
-
-
-def load_classification_splits(
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    train_dir: str | None = None,
-    data_files: str | list[str] | dict | None = None,
-    train_split: str = "train",
-    eval_split: str | None = None,
-    train_val_split: float = 0.15,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    cache_dir: str | None = None,
-    token: str | bool | None = None,
-    seed: int = 42,
-    digits_image_size: int = 32,
-) -> ClassificationData:
-    """Loads a labelled image dataset (any source of `data.load_image_dataset`) as a train and an evaluation split.
-
-    The evaluation split is `eval_split` when given; otherwise `"validation"`, else `"test"`, else a seeded split of
-    `train_val_split` of the training images (stratified by class when the labels are a `ClassLabel`). Labels must be
-    a `ClassLabel`, integers (class `i` is named `str(i)`) or strings (classes sorted by name).
-    """
-    source = dict(
-        dataset_name=dataset_name,
-        dataset_config_name=dataset_config_name,
-        train_dir=train_dir,
-        data_files=data_files,
-        cache_dir=cache_dir,
-        token=token,
-        digits_image_size=digits_image_size,
-    )
-    train = load_image_dataset(split=train_split, **source)
-    image_column = resolve_image_column(train, image_column)
-    label_column = resolve_label_column(train, label_column)
-    if label_column is None:
-        raise ValueError(
-            f"The dataset has no label column (tried 'label', 'labels' and any ClassLabel column) among "
-            f"{train.column_names}; name it with --label_column."
-        )
-    train = disable_image_decoding(train, image_column)
-
-    eval_dataset, eval_name = None, None
-    for candidate in [eval_split] if eval_split is not None else ["validation", "test"]:
-        if candidate == train_split:
-            continue
-        try:
-            # the train split's load already warned about the folder's skipped links
-            eval_dataset = load_image_dataset(split=candidate, report_skipped_links=False, **source)
-        except ValueError:
-            if eval_split is not None:
-                raise
-            continue
-        eval_name = candidate
-        break
-    if eval_dataset is None:
-        if not 0.0 < train_val_split < 1.0:
-            raise ValueError(
-                f"The dataset has no 'validation' or 'test' split; set --train_val_split in (0, 1) to split one off "
-                f"the training images (got {train_val_split})."
-            )
-        train, _, class_names = _encode_labels(train, None, label_column)
-        try:
-            parts = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column=label_column)
-        except ValueError:  # a class too small to stratify
-            parts = train.train_test_split(test_size=train_val_split, seed=seed)
-        train, eval_dataset = parts["train"], parts["test"]
-        eval_name = f"{train_split}[split off {train_val_split:.0%}]"
-    else:
-        eval_dataset = disable_image_decoding(eval_dataset, image_column)
-        train, eval_dataset, class_names = _encode_labels(train, eval_dataset, label_column)
-    if max_train_samples is not None:
-        train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
-    if max_eval_samples is not None:
-        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(min(max_eval_samples, len(eval_dataset))))
-    return ClassificationData(train, eval_dataset, image_column, label_column, class_names, eval_name)
-
-
-def _encode_labels(
-    train: datasets.Dataset, eval_dataset: datasets.Dataset | None, label_column: str
-) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
-    """Casts the label column of both splits to one `ClassLabel` (integers keep their values, strings are numbered in
-    sorted order) and returns the class names."""
-    feature = train.features[label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        return train, eval_dataset, list(feature.names)
-    values = set(train[label_column]) | (set(eval_dataset[label_column]) if eval_dataset is not None else set())
-    if values and all(isinstance(value, (int, np.integer)) for value in values):
-        if min(values) < 0:
-            raise ValueError(f"Integer labels must be >= 0, found {min(values)} in column {label_column!r}.")
-        class_label = datasets.ClassLabel(names=[str(index) for index in range(max(values) + 1)])
-    elif values and all(isinstance(value, str) for value in values):
-        class_label = datasets.ClassLabel(names=sorted(values))
-    else:
-        raise ValueError(f"Labels in column {label_column!r} must be a ClassLabel, integers or strings.")
-    train = train.cast_column(label_column, class_label)
-    if eval_dataset is not None:
-        eval_dataset = eval_dataset.cast_column(label_column, class_label)
-    return train, eval_dataset, list(class_label.names)
-
-
-MAX_LISTED_NAMES = 10

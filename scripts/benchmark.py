@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -192,7 +193,70 @@ def _best_precision(args: BenchmarkArguments) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+@dataclass
+class Variants:
+    """The timed steps by name, the (student, teacher) precision of each for its utilisation, and the loss changes
+    of the bf16-teacher variants."""
+
+    steps: dict[str, Callable] = field(default_factory=dict)
+    precisions: dict[str, tuple[str, str]] = field(default_factory=dict)
+    teacher_bf16: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, name: str, step: Callable, student: str, teacher: str | None = None) -> None:
+        self.steps[name] = step
+        self.precisions[name] = (student, teacher or student)
+
+
+def copy_of(model: MimCoForPreTraining, device: str) -> MimCoForPreTraining:
+    """A new model with `model`'s weights, in training mode on `device`."""
+    copy = MimCoForPreTraining(model.config).to(device).train()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def build_variants(
+    args: BenchmarkArguments, model: MimCoForPreTraining, reference: ReferenceMimCo, inputs: tuple, best: str
+) -> Variants:
+    """Ours, the floor and the reference at `--precision`; with `--teacher_bf16` in fp32 the bf16-teacher variants;
+    and the best-settings variants when `best` differs from `--precision` or with `--torch_compile`."""
+    device, precision = args.device, args.precision
+    variants = Variants()
+    variants.add("mimco_step", make_mimco_step(model, device, precision), precision)
+    variants.add("floor", make_floor_step(model, device, precision), precision)
+    variants.add("reference", make_reference_step(reference, device, precision), precision)
+    if args.teacher_bf16 and precision == "fp32":
+        for mode, name in (("cast", "mimco_teacher_bf16"), ("autocast", "mimco_teacher_autocast")):
+            low = use_low_precision_teacher(copy_of(model, device), mode)
+            variants.add(name, make_mimco_step(low, device, "fp32"), "fp32", "bf16")
+            variants.teacher_bf16[name] = teacher_bf16_loss_change(model, inputs, mode)
+    if args.torch_compile or best != precision:
+        compiled = copy_of(model, device)
+        if args.torch_compile:
+            # in place, as run_pretraining.py does, so that parameter names stay those of the eager model
+            compiled.mimco.compile()
+            compiled.teacher.compile()
+            variants.add("mimco_best_eager", make_mimco_step(copy_of(model, device), device, best), best)
+        variants.add("mimco_best", make_mimco_step(compiled, device, best), best)
+        fp32_reference = (
+            variants.steps["reference"] if precision == "fp32" else make_reference_step(reference, device, "fp32")
+        )
+        variants.add("reference_fp32", fp32_reference, "fp32")
+    return variants
+
+
+def add_gemm_steps(steps: dict[str, Callable], device: str, gemm_size: int) -> dict[str, float]:
+    """Adds `gemm_fp32` and `gemm_bf16`, the machine's limit in each precision, timed in the same rounds as the
+    steps; returns the FLOPs of one call of each."""
+    gemm_flops = {}
+    for precision in ("fp32", "bf16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        steps[f"gemm_{precision}"], gemm_flops[precision] = make_gemm_step(device, dtype, gemm_size)
+    return gemm_flops
+
+
 def run_benchmark(args: BenchmarkArguments) -> dict:
+    """Builds the model, the reference and the variants, times them in one interleaved run and returns every
+    figure (and the data benchmark's, unless `--data_images 0`)."""
     torch.manual_seed(args.seed)
     device = args.device
     config = mimco_config(args)
@@ -201,60 +265,37 @@ def run_benchmark(args: BenchmarkArguments) -> dict:
     pixel_values = torch.randn(args.batch_size, 3, config.image_size, config.image_size, device=device)
     bool_masked_pos = model.mask_generator.batch(args.batch_size).to(device)
     inputs = (pixel_values, bool_masked_pos)
-    ours_loss, reference_loss = same_loss_check(model, reference, inputs)
-
-    def copy_of_model() -> MimCoForPreTraining:
-        copy = MimCoForPreTraining(config).to(device).train()
-        copy.load_state_dict(model.state_dict())
-        return copy
-
-    # (student precision, teacher precision) of each variant, for its utilisation
-    precisions = {name: (args.precision, args.precision) for name in ("mimco_step", "floor", "reference")}
-    steps = {
-        "mimco_step": make_mimco_step(model, device, args.precision),
-        "floor": make_floor_step(model, device, args.precision),
-        "reference": make_reference_step(reference, device, args.precision),
-    }
-    teacher_bf16 = {}
-    if args.teacher_bf16 and args.precision == "fp32":
-        for mode, name in (("cast", "mimco_teacher_bf16"), ("autocast", "mimco_teacher_autocast")):
-            steps[name] = make_mimco_step(use_low_precision_teacher(copy_of_model(), mode), device, "fp32")
-            precisions[name] = ("fp32", "bf16")
-            teacher_bf16[name] = teacher_bf16_loss_change(model, inputs, mode)
+    losses = same_loss_check(model, reference, inputs)
     best = _best_precision(args)
-    if args.torch_compile or best != args.precision:
-        compiled = copy_of_model()
-        if args.torch_compile:
-            # in place, as run_pretraining.py does, so that parameter names stay those of the eager model
-            compiled.mimco.compile()
-            compiled.teacher.compile()
-            steps["mimco_best_eager"] = make_mimco_step(copy_of_model(), device, best)
-            precisions["mimco_best_eager"] = (best, best)
-        steps["mimco_best"] = make_mimco_step(compiled, device, best)
-        precisions["mimco_best"] = (best, best)
-        steps["reference_fp32"] = (
-            steps["reference"] if args.precision == "fp32" else make_reference_step(reference, device, "fp32")
-        )
-        precisions["reference_fp32"] = ("fp32", "fp32")
-
-    # the machine's limit in each precision used, timed in the same rounds as the steps
+    variants = build_variants(args, model, reference, inputs, best)
     gemm_size = args.gemm_size or (8192 if device == "cuda" else 2048)
-    gemm_flops = {}
-    for precision in ("fp32", "bf16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        steps[f"gemm_{precision}"], gemm_flops[precision] = make_gemm_step(device, dtype, gemm_size)
-
+    gemm_flops = add_gemm_steps(variants.steps, device, gemm_size)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = time_interleaved(steps, inputs, device, args.warmup, args.repeats, args.timer)
+    seconds = time_interleaved(variants.steps, inputs, device, args.warmup, args.repeats, args.timer)
     gemm_rate = {precision: gemm_flops[precision] / seconds.pop(f"gemm_{precision}") for precision in gemm_flops}
+    settings = asdict(args) | {"best_precision": best, "gemm_size": gemm_size, "torch_version": torch.__version__}
+    result = {"settings": settings} | summarise(args, config, variants, seconds, gemm_rate, losses)
+    if args.data_images > 0:
+        result["data"] = benchmark_data(args, config)
+    return result
 
+
+def summarise(
+    args: BenchmarkArguments,
+    config: MimCoConfig,
+    variants: Variants,
+    seconds: dict[str, float],
+    gemm_rate: dict[str, float],
+    losses: tuple[float, float],
+) -> dict:
+    """The figures of the timed steps: images/s, the ratios, model FLOPs, their utilisation of the GEMM rate of
+    each variant's precisions, peak memory, and the best-settings, compile and bf16-teacher speedups."""
     step_flops = {name: mimco_step_flops(config, args.batch_size) for name in seconds}
     step_flops["floor"] = floor_step_flops(config, args.batch_size)
+    precisions = variants.precisions
     result = {
-        "settings": asdict(args)
-        | {"best_precision": best, "gemm_size": gemm_size, "torch_version": torch.__version__},
-        "same_weights_loss": {"mimco": ours_loss, "reference": reference_loss},
+        "same_weights_loss": {"mimco": losses[0], "reference": losses[1]},
         "seconds_per_step": seconds,
         "images_per_second": {name: args.batch_size / value for name, value in seconds.items()},
         "overhead": seconds["mimco_step"] / seconds["floor"],
@@ -267,18 +308,16 @@ def run_benchmark(args: BenchmarkArguments) -> dict:
             for name, value in seconds.items()
         },
         "variant_precision": {name: {"student": s, "teacher": t} for name, (s, t) in precisions.items()},
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(args.device),
     }
     if "mimco_best" in seconds:
         result["best_settings_speedup"] = seconds["reference_fp32"] / seconds["mimco_best"]
     if "mimco_best_eager" in seconds:
         result["compile_speedup"] = seconds["mimco_best_eager"] / seconds["mimco_best"]
-    if teacher_bf16:
-        for name, change in teacher_bf16.items():
+    if variants.teacher_bf16:
+        for name, change in variants.teacher_bf16.items():
             change["speedup"] = seconds["mimco_step"] / seconds[name]
-        result["teacher_bf16"] = teacher_bf16
-    if args.data_images > 0:
-        result["data"] = benchmark_data(args, config)
+        result["teacher_bf16"] = variants.teacher_bf16
     return result
 
 

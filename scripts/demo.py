@@ -5,7 +5,7 @@
 2. Stage 2 trains a MimCo student against it.
 3. A linear probe and a weighted k-NN classifier measure the normalised pixels (the baseline that learned features
    must beat) and the CLS features of an untrained model of the student's shape, the teacher and the student
-   (`run_linear_probe.py`, one command for all four), and a t-SNE picture of their test features is written.
+   (one `run_linear_probe` run for all four), and a t-SNE picture of their test features is written.
 
 The script prints how the losses moved, a table of the accuracies and where the checkpoints and the picture are.
 
@@ -19,25 +19,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
-from modeling_mimco.commands import run_contrastive_pretraining, run_linear_probe, run_pretraining
+from modeling_mimco.commands import (
+    reports_errors,
+    run_command,
+    run_contrastive_pretraining,
+    run_linear_probe,
+    run_pretraining,
+)
 from modeling_mimco.evaluation import results_table
+from modeling_mimco.sources import DataArguments
+from modeling_mimco.training import TrainingResult
 
 
-def loss_summary(name: str, log_history: list[dict], keys: tuple[str, ...]) -> str:
-    first, last = log_history[0], log_history[-1]
-    lines = [f"{name}: {last['step']} steps, {last['images_per_second']:.0f} images/s at the end"]
-    for key in keys:
-        if key in first:
-            lines.append(
-                f"  {key:<11} {first[key]:.4f} (step {first['step']}) -> {last[key]:.4f} (step {last['step']})"
-            )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--stage1_steps", type=int, default=300)
@@ -54,43 +52,81 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--teacher_autocast", choices=["bf16"], default=None, help="Run stage 2's frozen teacher under bf16 autocast."
     )
-    args = parser.parse_args(argv)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
+    return parser.parse_args(argv)
 
-    teacher_dir = os.path.join(args.output_dir, "teacher")
-    student_dir = os.path.join(args.output_dir, "student")
-    evaluation_dir = os.path.join(args.output_dir, "evaluation")
-    common = ["--model_preset", "tiny", "--per_device_train_batch_size", str(args.batch_size), "--logging_steps", "25"]
-    common += ["--report_to", "none", "--warmup_ratio", "0.05"]
 
-    summaries = []
-    if not args.skip_pretraining:
-        stage1 = run_contrastive_pretraining.main(
-            ["--output_dir", teacher_dir, "--max_train_steps", str(args.stage1_steps), "--projector_hidden_size"]
-            + ["512", "--projection_size", "128", "--checkpointing_steps", "100", "--learning_rate", "5e-3"]
-            + common
-        )
-        stage2 = run_pretraining.main(
-            ["--teacher_name_or_path", teacher_dir, "--output_dir", student_dir, "--max_train_steps"]
-            + [str(args.stage2_steps), "--head_hidden_size", "256", "--checkpointing_steps", "100"]
-            + ["--learning_rate", "1.5e-3", "--image_temperature", "0.05"]
-            + (["--teacher_autocast", args.teacher_autocast] if args.teacher_autocast else [])
-            + common
-        )
-        summaries.append(loss_summary("Stage 1 (MoCo v3 teacher)", stage1.log_history, ("loss",)))
-        summaries.append(
-            loss_summary("Stage 2 (MimCo student)", stage2.log_history, ("loss", "patch_loss", "image_loss"))
-        )
-
-    # Stage 3: frozen features of the three models and of the raw pixels (the baseline), one command;
-    # "random-init" and "pixels" copy the student's shape.
-    report = run_linear_probe.main(
-        ["--model_name_or_path", "pixels", "random-init", teacher_dir, student_dir]
-        + ["--model_names", "raw pixels", "random init", "teacher (MoCo v3, stage 1)", "student (MimCo, stage 2)"]
-        + ["--random_init_config", student_dir, "--output_dir", evaluation_dir, "--plot"]
+def demo_training_arguments(arguments_class: type, args: argparse.Namespace, output_dir: str, **settings):
+    """The loop settings both stages share in the demo (`arguments_class` is a stage's subclass of
+    `training.PreTrainingArguments`), plus the stage's own `settings`."""
+    return arguments_class(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        logging_steps=25,
+        report_to="none",
+        warmup_ratio=0.05,
+        checkpointing_steps=100,
+        **settings,
     )
 
+
+def train_teacher(args: argparse.Namespace, teacher_dir: str) -> TrainingResult:
+    """Stage 1: a tiny MoCo v3 teacher with narrow projector and predictor."""
+    model_args = run_contrastive_pretraining.ModelArguments(
+        model_preset="tiny", projector_hidden_size=512, projection_size=128
+    )
+    training_args = demo_training_arguments(
+        run_contrastive_pretraining.ContrastivePreTrainingArguments,
+        args,
+        teacher_dir,
+        max_train_steps=args.stage1_steps,
+        learning_rate=5e-3,
+    )
+    return run_contrastive_pretraining.run_contrastive_pretraining(model_args, DataArguments(), training_args)
+
+
+def train_student(args: argparse.Namespace, teacher_dir: str, student_dir: str) -> TrainingResult:
+    """Stage 2: a tiny MimCo student against that teacher (image-level temperature 0.05, see above)."""
+    model_args = run_pretraining.ModelArguments(
+        teacher_name_or_path=teacher_dir,
+        model_preset="tiny",
+        head_hidden_size=256,
+        image_temperature=0.05,
+        teacher_autocast=args.teacher_autocast,
+    )
+    training_args = demo_training_arguments(
+        run_pretraining.MimCoPreTrainingArguments,
+        args,
+        student_dir,
+        max_train_steps=args.stage2_steps,
+        learning_rate=1.5e-3,
+    )
+    return run_pretraining.run_pretraining(model_args, DataArguments(), training_args)
+
+
+def evaluate(teacher_dir: str, student_dir: str, evaluation_dir: str) -> dict:
+    """Stage 3: frozen features of the three models and of the raw pixels (the baseline), in one probe run;
+    "random-init" and "pixels" copy the student's shape."""
+    model_args = run_linear_probe.ModelArguments(
+        model_name_or_path=["pixels", "random-init", teacher_dir, student_dir],
+        model_names=["raw pixels", "random init", "teacher (MoCo v3, stage 1)", "student (MimCo, stage 2)"],
+        random_init_config=student_dir,
+    )
+    eval_args = run_linear_probe.EvaluationArguments(output_dir=evaluation_dir, plot=True)
+    return run_linear_probe.run_linear_probe(model_args, run_linear_probe.DataArguments(), eval_args)
+
+
+def loss_summary(name: str, log_history: list[dict], keys: tuple[str, ...]) -> str:
+    first, last = log_history[0], log_history[-1]
+    lines = [f"{name}: {last['step']} steps, {last['images_per_second']:.0f} images/s at the end"]
+    for key in keys:
+        if key in first:
+            lines.append(
+                f"  {key:<11} {first[key]:.4f} (step {first['step']}) -> {last[key]:.4f} (step {last['step']})"
+            )
+    return "\n".join(lines)
+
+
+def print_report(summaries: list[str], report: dict, teacher_dir: str, student_dir: str) -> None:
     print()
     for summary in summaries:
         print(summary)
@@ -105,8 +141,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Student:  {student_dir}  (MimCoForPreTraining; loads as MimCoModel or MimCoForImageClassification)")
     print(f"Results:  {report['results_file']}")
     print(f"t-SNE:    {report['plot_file']}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    teacher_dir = os.path.join(args.output_dir, "teacher")
+    student_dir = os.path.join(args.output_dir, "student")
+
+    summaries = []
+    if not args.skip_pretraining:
+        stage1 = train_teacher(args, teacher_dir)
+        stage2 = train_student(args, teacher_dir, student_dir)
+        summaries.append(loss_summary("Stage 1 (MoCo v3 teacher)", stage1.log_history, ("loss",)))
+        summaries.append(
+            loss_summary("Stage 2 (MimCo student)", stage2.log_history, ("loss", "patch_loss", "image_loss"))
+        )
+    report = evaluate(teacher_dir, student_dir, os.path.join(args.output_dir, "evaluation"))
+    print_report(summaries, report, teacher_dir, student_dir)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(reports_errors(main)))

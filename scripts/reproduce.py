@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -47,14 +48,14 @@ LOCAL_CIFAR10 = os.path.join(REPO_ROOT, "..", "shared", "datasets", "cifar10")
 HUB_CIFAR10 = "uoft-cs/cifar10"
 RESULTS_VERSION = 1
 
-# (key, display name, kind, stage-2 overrides). The order is the order of the table.
+# (key, display name, kind, stage-2 `ModelArguments` overrides). The order is the order of the table.
 ROWS = [
     ("random_init", "random initialisation", "random", {}),
     ("teacher", "MoCo v3 teacher (stage 1)", "contrastive", {}),
     ("pixel_mim", "pixel MIM (ViTForMaskedImageModeling, SimMIM)", "simmim", {}),
     ("mimco", "MimCo student (patch + image InfoNCE)", "mimco", {}),
-    ("mimco_patch_only", "MimCo, patch loss only", "mimco", {"image_loss_weight": "0"}),
-    ("mimco_image_only", "MimCo, image loss only", "mimco", {"patch_loss_weight": "0"}),
+    ("mimco_patch_only", "MimCo, patch loss only", "mimco", {"image_loss_weight": 0.0}),
+    ("mimco_image_only", "MimCo, image loss only", "mimco", {"patch_loss_weight": 0.0}),
     (
         "mimco_smooth_l1",
         "MimCo, smooth-L1 regression",
@@ -65,6 +66,8 @@ ROWS = [
 # Rows run in this order, so that an interrupted run has the main comparison first.
 RUN_ORDER = ["teacher", "mimco", "pixel_mim", "random_init", "mimco_patch_only", "mimco_image_only", "mimco_smooth_l1"]
 TSNE_ROWS = ["teacher", "pixel_mim", "mimco"]
+# key -> (display name, kind, overrides)
+ROW_KINDS = {key: (name, kind, overrides) for key, name, kind, overrides in ROWS}
 POOLINGS = ("cls", "mean")
 
 
@@ -72,7 +75,7 @@ def default_dataset() -> str:
     return os.path.relpath(LOCAL_CIFAR10) if os.path.isdir(LOCAL_CIFAR10) else HUB_CIFAR10
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget_minutes", type=float, default=90.0, help="Wall-time budget of the whole run.")
     parser.add_argument("--smoke", action="store_true", help="Every row on a few hundred images, a few steps.")
@@ -94,22 +97,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores).")
     parser.add_argument("--num_workers", type=int, default=1, help="Data-loading worker processes.")
     parser.add_argument("--rows", nargs="+", default=None, help="Only these rows (keys); default all.")
+    return parser
+
+
+def apply_smoke_limits(args: argparse.Namespace) -> None:
+    """`--smoke`: every row on a few hundred images for a few steps, on CIFAR-10 if present, else the digits."""
+    args.dataset_name = args.dataset_name or (
+        os.path.relpath(LOCAL_CIFAR10) if os.path.isdir(LOCAL_CIFAR10) else "digits"
+    )
+    args.output_dir = args.output_dir or os.path.join("outputs", "reproduce-smoke")
+    args.results_dir = args.results_dir or os.path.join(args.output_dir, "results")
+    args.pretrain_steps = args.pretrain_steps or 3
+    args.batch_size = min(args.batch_size, 32)
+    args.probe_train_samples = min(args.probe_train_samples, 200)
+    args.eval_samples = min(args.eval_samples, 100)
+    args.probe_epochs = min(args.probe_epochs, 5)
+    args.finetune_samples = min(args.finetune_samples, 64)
+    args.finetune_epochs = min(args.finetune_epochs, 1.0)
+    args.tsne_points = min(args.tsne_points, 100)
+    args.num_workers = 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.smoke:
-        args.dataset_name = args.dataset_name or (
-            os.path.relpath(LOCAL_CIFAR10) if os.path.isdir(LOCAL_CIFAR10) else "digits"
-        )
-        args.output_dir = args.output_dir or os.path.join("outputs", "reproduce-smoke")
-        args.results_dir = args.results_dir or os.path.join(args.output_dir, "results")
-        args.pretrain_steps = args.pretrain_steps or 3
-        args.batch_size = min(args.batch_size, 32)
-        args.probe_train_samples = min(args.probe_train_samples, 200)
-        args.eval_samples = min(args.eval_samples, 100)
-        args.probe_epochs = min(args.probe_epochs, 5)
-        args.finetune_samples = min(args.finetune_samples, 64)
-        args.finetune_epochs = min(args.finetune_epochs, 1.0)
-        args.tsne_points = min(args.tsne_points, 100)
-        args.num_workers = 0
+        apply_smoke_limits(args)
     args.dataset_name = args.dataset_name or default_dataset()
     args.output_dir = args.output_dir or os.path.join("outputs", "reproduce")
     args.results_dir = args.results_dir or os.path.join("docs", "results")
@@ -119,6 +132,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.budget_minutes <= 0:
         parser.error("--budget_minutes must be positive.")
     return args
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """torch's CPU threads as `--num_threads` asks (0: leave them); the commands and their libraries may change them."""
+    import torch
+
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
 
 
 def log(message: str) -> None:
@@ -209,26 +230,25 @@ def time_pretraining_steps(args, repeats: int = 3) -> dict[str, float]:
 
 
 # Seconds set aside per row for evaluation at the default sizes, and once for startup, t-SNE and the card. Measured on
-# Measured on this machine (2 cores, 1,370-step rows): a row's frozen-feature evaluation took ~20 s and its fine-tune
-# (4 epochs on 20,000 images) ~130 s; the t-SNE, the card and loading the data take a minute or two in all.
+# 2 CPU cores with 1,370-step rows: a row's frozen-feature evaluation took ~20 s and its fine-tune (4 epochs on 20,000
+# images) ~130 s; the t-SNE, the card and loading the data take a minute or two in all.
 EVAL_SECONDS_PER_ROW = 160.0
 FIXED_SECONDS = 180.0
-# Real steps also decode and augment images, but one loader worker on the second core hides that: the real steps took
-# 0.9-0.95x the synthetic timing (which includes warm-up), so no extra factor is applied.
-DATA_OVERHEAD = 1.0
 
 
 def plan_steps(args, step_seconds: dict[str, float]) -> dict:
-    """Derives the pre-training step count (the same for every pre-trained row) from the budget."""
+    """Derives the pre-training step count (the same for every pre-trained row) from the budget.
+
+    The synthetic step timings are used as they are: real steps also decode and augment images, but one loader worker
+    on the second core hides that (real steps took 0.9-0.95x the synthetic timing, which includes warm-up)."""
     selected = [kind for key, _, kind, _ in ROWS if args.rows is None or key in args.rows]
-    per_step = DATA_OVERHEAD * sum(step_seconds[kind] for kind in selected if kind != "random")
+    per_step = sum(step_seconds[kind] for kind in selected if kind != "random")
     reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * len(selected)
     available = max(args.budget_minutes * 60.0 - reserve, 0.0)
     steps = max(int(available / per_step) // 10 * 10, 20) if per_step > 0 else 20
     return {
         "pretrain_steps": steps,
         "measured_seconds_per_step": {k: round(v, 4) for k, v in step_seconds.items()},
-        "data_overhead_factor": DATA_OVERHEAD,
         "seconds_reserved_for_evaluation": reserve,
         "estimated_pretraining_minutes": round(steps * per_step / 60.0, 1),
     }
@@ -242,17 +262,31 @@ PRETRAINING_TIME_NAME = "reproduce_pretraining_time.json"
 # --- pre-training ------------------------------------------------------------------------------------------------
 
 
-def common_pretraining_flags(args, steps: int, output_dir: str) -> list[str]:
-    flags = ["--output_dir", output_dir, "--dataset_name", args.dataset_name, "--model_preset", args.model_preset]
-    flags += ["--seed", str(args.seed), "--per_device_train_batch_size", str(args.batch_size)]
-    flags += ["--max_train_steps", str(steps), "--learning_rate", str(args.learning_rate), "--warmup_ratio", "0.05"]
-    flags += ["--dataloader_num_workers", str(args.num_workers), "--report_to", "none", "--mixed_precision", "no"]
-    flags += ["--logging_steps", str(max(min(50, steps // 5), 1))]
-    flags += ["--checkpointing_steps", str(max(steps // 4, 1)), "--checkpoints_total_limit", "1"]
-    flags += ["--resume_from_checkpoint", "latest"]
-    if args.smoke:
-        flags += ["--max_train_samples", "256"]
-    return flags
+def pretraining_arguments(arguments_class: type, args, steps: int, output_dir: str, weight_decay: float):
+    """The pre-training loop's settings of every pre-trained row (`arguments_class` is a stage's subclass of
+    `training.PreTrainingArguments`)."""
+    return arguments_class(
+        output_dir=output_dir,
+        seed=args.seed,
+        per_device_train_batch_size=args.batch_size,
+        max_train_steps=steps,
+        learning_rate=args.learning_rate,
+        warmup_ratio=0.05,
+        weight_decay=weight_decay,
+        dataloader_num_workers=args.num_workers,
+        report_to="none",
+        mixed_precision="no",
+        logging_steps=max(min(50, steps // 5), 1),
+        checkpointing_steps=max(steps // 4, 1),
+        checkpoints_total_limit=1,
+        resume_from_checkpoint="latest",
+    )
+
+
+def pretraining_data(args):
+    from modeling_mimco.sources import DataArguments
+
+    return DataArguments(dataset_name=args.dataset_name, max_train_samples=256 if args.smoke else None)
 
 
 def finished(output_dir: str, steps: int) -> bool:
@@ -265,50 +299,56 @@ def finished(output_dir: str, steps: int) -> bool:
 
 
 def pretrain_contrastive(args, steps: int, output_dir: str):
-    from modeling_mimco.commands import run_contrastive_pretraining
+    from modeling_mimco.commands import run_contrastive_pretraining as stage1
 
-    flags = common_pretraining_flags(args, steps, output_dir)
-    flags += ["--projector_hidden_size", str(PROJECTOR_HIDDEN_SIZE), "--projection_size", str(PROJECTION_SIZE)]
-    return run_contrastive_pretraining.main(flags + ["--weight_decay", "0.1"])
+    model_args = stage1.ModelArguments(
+        model_preset=args.model_preset, projector_hidden_size=PROJECTOR_HIDDEN_SIZE, projection_size=PROJECTION_SIZE
+    )
+    training_args = pretraining_arguments(
+        stage1.ContrastivePreTrainingArguments, args, steps, output_dir, weight_decay=0.1
+    )
+    return stage1.run_contrastive_pretraining(model_args, pretraining_data(args), training_args)
 
 
-def mimco_flags(args, steps: int, output_dir: str, teacher_dir: str, overrides: dict) -> list[str]:
-    flags = common_pretraining_flags(args, steps, output_dir) + ["--teacher_name_or_path", teacher_dir]
-    flags += ["--head_hidden_size", str(HEAD_HIDDEN_SIZE), "--weight_decay", "0.05"]
-    for name, value in overrides.items():
-        flags += [f"--{name}", value]
-    return flags
+def mimco_arguments(args, steps: int, output_dir: str, teacher_dir: str, overrides: dict) -> tuple:
+    """`run_pretraining`'s arguments for a MimCo row: the shared settings, the small heads and the row's overrides."""
+    from modeling_mimco.commands import run_pretraining as stage2
+
+    model_args = stage2.ModelArguments(
+        teacher_name_or_path=teacher_dir,
+        model_preset=args.model_preset,
+        head_hidden_size=HEAD_HIDDEN_SIZE,
+        **overrides,
+    )
+    training_args = pretraining_arguments(stage2.MimCoPreTrainingArguments, args, steps, output_dir, weight_decay=0.05)
+    return model_args, pretraining_data(args), training_args
 
 
 def pretrain_mimco(args, steps: int, output_dir: str, teacher_dir: str, overrides: dict):
     from modeling_mimco.commands import run_pretraining
 
-    return run_pretraining.main(mimco_flags(args, steps, output_dir, teacher_dir, overrides))
+    return run_pretraining.run_pretraining(*mimco_arguments(args, steps, output_dir, teacher_dir, overrides))
+
+
+def pixel_mim_loss(wrapped_model, batch: dict, progress: float):
+    outputs = wrapped_model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
+    return outputs.loss, {}
 
 
 def pretrain_simmim(args, steps: int, output_dir: str, teacher_dir: str):
     """Pixel MIM with transformers' `ViTForMaskedImageModeling`, trained exactly like the MimCo student: the stage-2
-    script's arguments (parsed by its own parser, so defaults cannot drift), its data pipeline and collator (same
-    augmentation, same `MimCoMaskGenerator` masks), and the shared `training.train` loop (same AdamW groups, lr
-    scaling, cosine schedule, clipping, checkpoints and resume)."""
-    from transformers import HfArgumentParser, ViTForMaskedImageModeling, set_seed
+    command's arguments (the dataclasses of `run_pretraining`, so defaults cannot drift), its input pipeline
+    (`data.build_pretraining_pipeline`: same augmentation, same `MimCoMaskGenerator` masks), and the shared
+    `training.train` loop (same AdamW groups, lr scaling, cosine schedule, clipping, checkpoints and resume)."""
+    from transformers import ViTForMaskedImageModeling, set_seed
 
-    from modeling_mimco import MimCoConfig, MimCoMaskGenerator
-    from modeling_mimco.commands import run_pretraining
-    from modeling_mimco.data import (
-        MimCoPretrainingCollator,
-        PretrainingExampleTransform,
-        apply_example_transform,
-        build_pretraining_transform,
-    )
-    from modeling_mimco.sources import DataArguments, load_training_images
-    from modeling_mimco.training import PreTrainingArguments, train
+    from modeling_mimco import MimCoConfig
+    from modeling_mimco.data import build_pretraining_pipeline
+    from modeling_mimco.model_folders import save_image_processor
+    from modeling_mimco.sources import load_training_images
+    from modeling_mimco.training import train
 
-    parser = HfArgumentParser((run_pretraining.ModelArguments, DataArguments, PreTrainingArguments))
-    parser.set_defaults(per_device_train_batch_size=256, num_train_epochs=100)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=mimco_flags(args, steps, output_dir, teacher_dir, {})
-    )
+    model_args, data_args, training_args = mimco_arguments(args, steps, output_dir, teacher_dir, {})
     # the student's masking settings, from the same config fields the MimCo rows use
     student_config = MimCoConfig(
         **backbone_kwargs(args), mask_strategy=model_args.mask_strategy, mask_ratio=model_args.mask_ratio
@@ -316,32 +356,9 @@ def pretrain_simmim(args, steps: int, output_dir: str, teacher_dir: str):
     set_seed(training_args.seed)
     model = ViTForMaskedImageModeling(simmim_config(args))
     dataset, image_column = load_training_images(data_args, student_config.image_size, seed=training_args.seed)
-    transform = build_pretraining_transform(
-        student_config.image_size,
-        student_config.image_mean,
-        student_config.image_std,
-        crop_scale=(model_args.crop_min_scale, 1.0),
-        normalize=False,
-    )
-    dataset = apply_example_transform(
-        dataset,
-        PretrainingExampleTransform(
-            transform, image_column, draft_for=(student_config.image_size, model_args.crop_min_scale)
-        ),
-    )
-    collator = MimCoPretrainingCollator(
-        MimCoMaskGenerator.from_config(student_config),
-        image_size=student_config.image_size,
-        normalize_with=(student_config.image_mean, student_config.image_std),
-    )
-
-    def compute_loss(wrapped_model, batch: dict, progress: float):
-        outputs = wrapped_model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
-        return outputs.loss, {}
+    dataset, collator = build_pretraining_pipeline(dataset, image_column, student_config, model_args.crop_min_scale)
 
     def save_final(unwrapped_model, final_dir: str) -> None:
-        from modeling_mimco.model_folders import save_image_processor
-
         unwrapped_model.save_pretrained(final_dir)
         save_image_processor(final_dir, student_config.image_size, student_config.image_mean, student_config.image_std)
 
@@ -350,7 +367,7 @@ def pretrain_simmim(args, steps: int, output_dir: str, teacher_dir: str):
         model,
         dataset,
         collator,
-        compute_loss,
+        pixel_mim_loss,
         save_final,
         project_name="pixel-mim",
         run_config={**vars(model_args), **vars(data_args), **vars(training_args)},
@@ -409,25 +426,49 @@ def frozen_feature_scores(args, data, checkpoint: str, key: str, features_dir: s
     return scores
 
 
-def finetune_flags(args, checkpoint: str, output_dir: str) -> list[str]:
-    flags = ["--model_name_or_path", checkpoint, "--dataset_name", args.dataset_name, "--output_dir", output_dir]
-    flags += ["--max_train_samples", str(args.finetune_samples), "--max_eval_samples", str(args.eval_samples)]
-    flags += ["--num_train_epochs", str(args.finetune_epochs), "--per_device_train_batch_size", "128"]
-    flags += ["--per_device_eval_batch_size", "256", "--learning_rate", str(args.finetune_learning_rate)]
-    flags += ["--layer_decay", "0.75", "--drop_path_rate", "0.0", "--pooling", "cls", "--warmup_steps", "0.1"]
+def finetune_arguments(args, checkpoint: str, output_dir: str) -> tuple:
+    """`run_finetuning`'s arguments: the same short recipe for every row."""
+    from modeling_mimco.commands import run_finetuning
+
+    model_args = run_finetuning.ModelArguments(
+        model_name_or_path=checkpoint, layer_decay=0.75, drop_path_rate=0.0, pooling="cls"
+    )
     # a short schedule: light augmentation (crop + flip), no MixUp / CutMix / erasing, which need long runs
-    flags += ["--rand_augment_num_ops", "0", "--random_erasing", "0", "--mixup", "0", "--cutmix", "0"]
-    flags += ["--crop_min_scale", "0.35", "--label_smoothing_factor", "0.1", "--weight_decay", "0.05"]
-    flags += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed)]
-    flags += ["--dataloader_num_workers", str(args.num_workers), "--logging_steps", "20", "--use_cpu"]
-    flags += ["--disable_tqdm", "true"]
-    return flags
+    data_args = run_finetuning.DataTrainingArguments(
+        dataset_name=args.dataset_name,
+        max_train_samples=args.finetune_samples,
+        max_eval_samples=args.eval_samples,
+        rand_augment_num_ops=0,
+        random_erasing=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+        crop_min_scale=0.35,
+    )
+    training_args = run_finetuning.FineTuningArguments(
+        output_dir=output_dir,
+        num_train_epochs=args.finetune_epochs,
+        per_device_train_batch_size=128,
+        per_device_eval_batch_size=256,
+        learning_rate=args.finetune_learning_rate,
+        warmup_steps=0.1,
+        label_smoothing_factor=0.1,
+        weight_decay=0.05,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        dataloader_num_workers=args.num_workers,
+        logging_steps=20,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return model_args, data_args, training_args
 
 
 def finetune_top1(args, checkpoint: str, output_dir: str) -> float:
     from modeling_mimco.commands import run_finetuning
 
-    metrics = run_finetuning.main(finetune_flags(args, checkpoint, output_dir))
+    metrics = run_finetuning.run_finetuning(*finetune_arguments(args, checkpoint, output_dir))
     return float(metrics["eval_accuracy"])
 
 
@@ -547,15 +588,11 @@ def write_tsne(args, state: dict, data, features_dir: str, path: str) -> str | N
     return plot_tsne(panels, path, class_names=data.class_names, max_points=args.tsne_points, seed=args.seed)
 
 
-def write_model_card(args, state: dict, student_dir: str, results_dir: str) -> str | None:
-    """The MimCo student's card, from a results file in the schema of `modeling_mimco.hub` (percent)."""
-    from modeling_mimco.commands import make_model_card
-
-    row = state["rows"].get("mimco")
-    if row is None:
-        return None
+def card_results(args, state: dict, row: dict) -> dict:
+    """The MimCo student's results in the schema of `modeling_mimco.model_card` (percent)."""
     dataset_id = HUB_CIFAR10 if "cifar10" in args.dataset_name else args.dataset_name
-    card_results = {
+    steps = state["settings"]["pretrain_steps"]
+    return {
         "model_name": f"mimco-{args.model_preset}-cifar10-reproduction",
         "dataset": {"id": dataset_id, "name": "CIFAR-10" if "cifar10" in args.dataset_name else dataset_id},
         "results": {
@@ -564,9 +601,9 @@ def write_model_card(args, state: dict, student_dir: str, results_dir: str) -> s
             "finetune_top1": None if row.get("finetune_top1") is None else round(100 * row["finetune_top1"], 2),
         },
         "pretraining": {
-            "teacher": f"MoCo v3 {args.model_preset} ViT trained by stage 1 of this run ({state['settings']['pretrain_steps']} steps)",
+            "teacher": f"MoCo v3 {args.model_preset} ViT trained by stage 1 of this run ({steps} steps)",
             "dataset": dataset_id,
-            "steps": state["settings"]["pretrain_steps"],
+            "steps": steps,
             "batch size": args.batch_size,
             "evaluation": (
                 f"test subset of {row['num_test_images']} images; linear probe / k-NN trained on "
@@ -577,33 +614,33 @@ def write_model_card(args, state: dict, student_dir: str, results_dir: str) -> s
         },
         "license": "apache-2.0",
     }
+
+
+def write_model_card(args, state: dict, student_dir: str, results_dir: str) -> str | None:
+    """The MimCo student's card, from a results file in the schema of `modeling_mimco.model_card` (percent)."""
+    from modeling_mimco.commands.make_model_card import ModelCardArguments, ResultsArguments, make_model_card
+
+    row = state["rows"].get("mimco")
+    if row is None:
+        return None
+    results = card_results(args, state, row)
     results_file = os.path.join(results_dir, "mimco_student_card_results.json")
-    write_json(results_file, card_results)
-    output_file = os.path.join(results_dir, "mimco_student_model_card.md")
-    return str(
-        make_model_card.main(
-            ["--checkpoint_dir", student_dir, "--results_file", results_file, "--output_file", output_file]
-            + ["--hub_model_id", f"your-namespace/{card_results['model_name']}", "--overwrite_output", "true"]
-        )
+    write_json(results_file, results)
+    card_args = ModelCardArguments(
+        checkpoint_dir=student_dir,
+        output_file=os.path.join(results_dir, "mimco_student_model_card.md"),
+        hub_model_id=f"your-namespace/{results['model_name']}",
+        overwrite_output=True,
     )
+    return str(make_model_card(card_args, ResultsArguments(results_file=results_file)))
 
 
 # --- main --------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    import torch
-
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from modeling_mimco.sources import load_classification_splits
-
-    start, started, ran = time.perf_counter(), datetime.now(timezone.utc).isoformat(), []
-    results_path = os.path.join(args.results_dir, "reproduce_results.json")
+def start_results(args, results_path: str) -> tuple[dict, dict]:
+    """The results state to continue (or a fresh one when the settings changed) and the step plan; both written."""
     state = load_state(results_path)
-
     # the plan: reuse a stored one for the same budget, so that a rerun trains the same number of steps
     plan = None
     if state is not None and state.get("settings", {}).get("budget_minutes") == args.budget_minutes:
@@ -614,7 +651,6 @@ def main(argv: list[str] | None = None) -> dict:
         log("Timing a few pre-training steps of each objective to size the run ...")
         plan = plan_steps(args, time_pretraining_steps(args))
         plan["source"] = f"--budget_minutes {args.budget_minutes:g}"
-    steps = plan["pretrain_steps"]
     settings = settings_of(args, plan)
     if state is not None and state.get("settings") != settings:
         backup = results_path + ".previous"
@@ -624,76 +660,77 @@ def main(argv: list[str] | None = None) -> dict:
     if state is None:
         state = {"settings": settings, "plan": plan, "rows": {}}
     write_json(results_path, state)
-    log(f"Plan: {steps} pre-training steps per row, batch {args.batch_size}, dataset {args.dataset_name}; {plan}")
+    return state, plan
 
-    check_pretraining_settings(args.output_dir, settings)
-    data = load_classification_splits(
-        dataset_name=args.dataset_name,
-        eval_split="test",
-        max_train_samples=args.probe_train_samples,
-        max_eval_samples=args.eval_samples,
-        seed=args.seed,
-    )
-    features_dir = os.path.join(args.output_dir, "features")
+
+def pretrain_row(args, key: str, steps: int) -> tuple[float | None, bool]:
+    """Pre-trains one row into `OUTPUT_DIR/<key>` unless its final model is there; returns the pre-training's wall
+    time (kept beside the checkpoints, so a rerun still knows it) and whether it resumed from a checkpoint."""
+    name, kind, overrides = ROW_KINDS[key]
+    row_dir = os.path.join(args.output_dir, key)
     teacher_dir = os.path.join(args.output_dir, "teacher")
-    wanted = [key for key in RUN_ORDER if args.rows is None or key in args.rows]
-    kinds = {key: (name, kind, overrides) for key, name, kind, overrides in ROWS}
-    for key in wanted:
-        name, kind, overrides = kinds[key]
-        if key in state["rows"]:
-            log(f"{name}: already in {results_path}, skipped.")
-            continue
-        row_dir = os.path.join(args.output_dir, key)
-        log(f"{name}: pre-training ({kind}) ...")
-        row_start = time.perf_counter()
-        resumed = False
-        timing_file = os.path.join(row_dir, PRETRAINING_TIME_NAME)
-        if kind == "random":
-            save_random_init(args, row_dir)
-        elif finished(row_dir, steps):
-            log(f"{name}: the final model of {steps} steps is already in {row_dir}.")
+    row_start = time.perf_counter()
+    resumed = False
+    timing_file = os.path.join(row_dir, PRETRAINING_TIME_NAME)
+    if kind == "random":
+        save_random_init(args, row_dir)
+    elif finished(row_dir, steps):
+        log(f"{name}: the final model of {steps} steps is already in {row_dir}.")
+    else:
+        resumed = os.path.isdir(os.path.join(row_dir, "checkpoints"))
+        if kind == "mimco" and not finished(teacher_dir, steps):
+            raise RuntimeError(f"{name} needs the teacher: run the 'teacher' row first.")
+        if kind == "contrastive":
+            pretrain_contrastive(args, steps, row_dir)
+        elif kind == "simmim":
+            pretrain_simmim(args, steps, row_dir, teacher_dir)
         else:
-            resumed = os.path.isdir(os.path.join(row_dir, "checkpoints"))
-            if kind == "mimco" and not finished(teacher_dir, steps):
-                raise RuntimeError(f"{name} needs the teacher: run the 'teacher' row first.")
-            if kind == "contrastive":
-                pretrain_contrastive(args, steps, row_dir)
-            elif kind == "simmim":
-                pretrain_simmim(args, steps, row_dir, teacher_dir)
-            else:
-                pretrain_mimco(args, steps, row_dir, teacher_dir, overrides)
-            if args.num_threads > 0:  # the scripts and their libraries may have changed it
-                torch.set_num_threads(args.num_threads)
-            write_json(timing_file, {"seconds": time.perf_counter() - row_start, "resumed": resumed})
-        timing = load_state(timing_file) or {}
-        pretraining_seconds = timing.get("seconds")
-        resumed = timing.get("resumed", resumed)
-        log(f"{name}: frozen-feature evaluation ...")
-        eval_start = time.perf_counter()
-        row = {"name": name, "kind": kind, "checkpoint": row_dir, "overrides": overrides}
-        row.update(frozen_feature_scores(args, data, row_dir, key, features_dir))
-        log(f"{name}: fine-tuning ...")
-        row["finetune_top1"] = finetune_top1(args, row_dir, os.path.join(args.output_dir, "finetune", key))
-        if args.num_threads > 0:
-            torch.set_num_threads(args.num_threads)
-        row.update(
-            pretraining_steps=0 if kind == "random" else steps,
-            pretraining_seconds=pretraining_seconds,
-            pretraining_resumed=resumed,
-            final_losses=final_losses(row_dir),
-            evaluation_seconds=time.perf_counter() - eval_start,
-        )
-        state["rows"][key] = row
-        ran.append(key)
-        write_json(results_path, state)
-        log(
-            f"{name}: linear probe CLS {percent(row['linear_probe_top1_cls'])}% / mean "
-            f"{percent(row['linear_probe_top1_mean'])}%, kNN CLS {percent(row['knn_top1_cls'])}%, fine-tune "
-            f"{percent(row['finetune_top1'])}%; elapsed {(time.perf_counter() - start) / 60:.1f} min"
-        )
+            pretrain_mimco(args, steps, row_dir, teacher_dir, overrides)
+        set_threads(args)
+        write_json(timing_file, {"seconds": time.perf_counter() - row_start, "resumed": resumed})
+    timing = load_state(timing_file) or {}
+    return timing.get("seconds"), timing.get("resumed", resumed)
 
+
+def run_row(args, key: str, state: dict, data, results_path: str, start: float) -> bool:
+    """Pre-trains and evaluates one row and writes it to the results; `False` when the results already hold it."""
+    name, kind, overrides = ROW_KINDS[key]
+    if key in state["rows"]:
+        log(f"{name}: already in {results_path}, skipped.")
+        return False
+    steps = state["settings"]["pretrain_steps"]
+    row_dir = os.path.join(args.output_dir, key)
+    log(f"{name}: pre-training ({kind}) ...")
+    pretraining_seconds, resumed = pretrain_row(args, key, steps)
+    log(f"{name}: frozen-feature evaluation ...")
+    eval_start = time.perf_counter()
+    row = {"name": name, "kind": kind, "checkpoint": row_dir, "overrides": overrides}
+    row.update(frozen_feature_scores(args, data, row_dir, key, os.path.join(args.output_dir, "features")))
+    log(f"{name}: fine-tuning ...")
+    row["finetune_top1"] = finetune_top1(args, row_dir, os.path.join(args.output_dir, "finetune", key))
+    set_threads(args)
+    row.update(
+        pretraining_steps=0 if kind == "random" else steps,
+        pretraining_seconds=pretraining_seconds,
+        pretraining_resumed=resumed,
+        final_losses=final_losses(row_dir),
+        evaluation_seconds=time.perf_counter() - eval_start,
+    )
+    state["rows"][key] = row
+    write_json(results_path, state)
+    log(
+        f"{name}: linear probe CLS {percent(row['linear_probe_top1_cls'])}% / mean "
+        f"{percent(row['linear_probe_top1_mean'])}%, kNN CLS {percent(row['knn_top1_cls'])}%, fine-tune "
+        f"{percent(row['finetune_top1'])}%; elapsed {(time.perf_counter() - start) / 60:.1f} min"
+    )
+    return True
+
+
+def finish(args, state: dict, data, results_path: str, start: float, started: str, ran: list[str]) -> None:
+    """The table, the t-SNE figure, the model card and this invocation's record, written and printed."""
     table = markdown_table(state)
     state["table_markdown"] = table
+    features_dir = os.path.join(args.output_dir, "features")
     state["tsne_file"] = write_tsne(args, state, data, features_dir, os.path.join(args.results_dir, "tsne.png"))
     state["model_card_file"] = write_model_card(args, state, os.path.join(args.output_dir, "mimco"), args.results_dir)
     minutes = round((time.perf_counter() - start) / 60.0, 2)
@@ -707,9 +744,36 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     log(f"Results: {results_path}; t-SNE: {state['tsne_file']}; model card: {state['model_card_file']}")
     log(f"This invocation took {minutes:.1f} min.")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    set_threads(args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from modeling_mimco.sources import load_classification_splits
+
+    start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat()
+    results_path = os.path.join(args.results_dir, "reproduce_results.json")
+    state, plan = start_results(args, results_path)
+    steps = plan["pretrain_steps"]
+    log(f"Plan: {steps} pre-training steps per row, batch {args.batch_size}, dataset {args.dataset_name}; {plan}")
+
+    check_pretraining_settings(args.output_dir, state["settings"])
+    data = load_classification_splits(
+        dataset_name=args.dataset_name,
+        eval_split="test",
+        max_train_samples=args.probe_train_samples,
+        max_eval_samples=args.eval_samples,
+        seed=args.seed,
+    )
+    wanted = [key for key in RUN_ORDER if args.rows is None or key in args.rows]
+    ran = [key for key in wanted if run_row(args, key, state, data, results_path, start)]
+    finish(args, state, data, results_path, start, started, ran)
     state["results_file"] = results_path
     return state
 
 
 if __name__ == "__main__":
-    main()
+    from modeling_mimco.commands import reports_errors, run_command
+
+    sys.exit(run_command(reports_errors(main)))

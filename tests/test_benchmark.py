@@ -109,7 +109,7 @@ def test_flops_are_counted_as_the_docs_count_them():
 
 
 def test_gpu_peak_table_matches_device_names():
-    from modeling_mimco.benchmarking import lookup_gpu_peak
+    from modeling_mimco.gpu_check.peaks import lookup_gpu_peak
 
     assert lookup_gpu_peak("NVIDIA H200").bf16 == pytest.approx(989.4)
     assert lookup_gpu_peak("NVIDIA H100 80GB HBM3").part == "H100 SXM"

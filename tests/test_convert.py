@@ -16,7 +16,14 @@ import torch
 from helpers.scripts import load_script
 from safetensors.torch import load_file, save_file
 
-from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel, convert
+from modeling_mimco import (
+    MimCoConfig,
+    MimCoForImageClassification,
+    MimCoForPreTraining,
+    MimCoModel,
+    convert,
+    vit_checkpoints,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,15 +268,15 @@ def test_attention_heads_change_the_result(images, tmp_path):
 
 
 def test_num_attention_heads_inference_rules():
-    assert convert.infer_num_attention_heads(384, ["vit_small"], "mocov3")[0] == 12
-    assert convert.infer_num_attention_heads(768, [None], "mocov3")[0] == 12
-    assert convert.infer_num_attention_heads(384, ["vit_small_patch16_224"], "timm")[0] == 6
-    assert convert.infer_num_attention_heads(1280, ["vit_huge_patch14_224"], "timm")[0] == 16
-    assert convert.infer_num_attention_heads(1280, [], "timm")[0] == 20
+    assert vit_checkpoints.infer_num_attention_heads(384, ["vit_small"], "mocov3")[0] == 12
+    assert vit_checkpoints.infer_num_attention_heads(768, [None], "mocov3")[0] == 12
+    assert vit_checkpoints.infer_num_attention_heads(384, ["vit_small_patch16_224"], "timm")[0] == 6
+    assert vit_checkpoints.infer_num_attention_heads(1280, ["vit_huge_patch14_224"], "timm")[0] == 16
+    assert vit_checkpoints.infer_num_attention_heads(1280, [], "timm")[0] == 20
     # A family word whose width does not match is ignored.
-    assert convert.infer_num_attention_heads(768, ["vit_small"], "timm")[0] == 12
+    assert vit_checkpoints.infer_num_attention_heads(768, ["vit_small"], "timm")[0] == 12
     with pytest.raises(ValueError, match="num_attention_heads"):
-        convert.infer_num_attention_heads(100, [], "timm")
+        vit_checkpoints.infer_num_attention_heads(100, [], "timm")
 
 
 def test_image_size_resamples_position_embeddings(images, tmp_path):
@@ -333,7 +340,7 @@ def test_round_trip_mimco_timm_mimco_is_exact(script, images, tmp_path, model_cl
     restored = back.state_dict()
     assert set(restored) == set(original_backbone)
     # timm's ViT has no mask token: it is the one tensor the timm file cannot carry.
-    not_in_timm = {name for name in original_backbone if convert._rename(name, convert._MIMCO_TO_TIMM) is None}
+    not_in_timm = {name for name in original_backbone if vit_checkpoints.timm_name_for(name) is None}
     assert not_in_timm == {"embeddings.mask_token"}
     for name in set(original_backbone) - not_in_timm:
         assert torch.equal(restored[name], original_backbone[name]), name

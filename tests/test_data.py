@@ -24,27 +24,24 @@ from modeling_mimco.data import (
     ContrastiveExampleTransform,
     MimCoPretrainingCollator,
     PretrainingExampleTransform,
-    UnreadableImageError,
     apply_example_transform,
     build_contrastive_transforms,
     build_eval_transform,
     build_pretraining_transform,
-    decode_image,
-    to_rgb,
     with_row_index,
 )
+from modeling_mimco.decoding import UnreadableImageError, decode_image, to_rgb
+from modeling_mimco.digits import DIGITS_DATASET, load_digits_dataset
 from modeling_mimco.masking import MimCoMaskGenerator
 from modeling_mimco.sources import (
-    DIGITS_DATASET,
     disable_image_decoding,
     find_skipped_links,
-    load_digits_dataset,
     load_image_dataset,
     resolve_image_column,
     resolve_label_column,
     shard_for_process,
 )
-from modeling_mimco.training import SkippedImageTracker, TooManyUnreadableImagesError
+from modeling_mimco.training_log import SkippedImageTracker, TooManyUnreadableImagesError
 
 
 MEAN = [0.485, 0.456, 0.406]
@@ -674,7 +671,7 @@ def test_pretraining_collator_masks_the_configured_count_per_row(strategy):
 
 
 def test_large_jpegs_are_decoded_at_a_reduced_size_only_when_the_crop_allows_it():
-    from modeling_mimco.data import reduced_decode_size
+    from modeling_mimco.decoding import reduced_decode_size
 
     def jpeg(width, height):
         buffer = io.BytesIO()

@@ -23,7 +23,8 @@ from modeling_mimco import (
     MimCoForPreTraining,
     MimCoModel,
 )
-from modeling_mimco.data import build_eval_transform, decode_image
+from modeling_mimco.data import build_eval_transform
+from modeling_mimco.decoding import decode_image
 from modeling_mimco.evaluation import (
     LinearProbeConfig,
     build_linear_probe,

@@ -38,7 +38,8 @@ from modeling_mimco.checkpointing import (
     list_checkpoints,
     verify_checkpoint,
 )
-from modeling_mimco.training import PreTrainingArguments, train
+from modeling_mimco.training import train
+from modeling_mimco.training_args import PreTrainingArguments
 
 
 pytestmark = pytest.mark.slow

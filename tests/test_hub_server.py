@@ -222,3 +222,40 @@ def test_the_fake_hub_is_bounded_in_requests_and_time():
     assert fake.closed and time.monotonic() - start < 5
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{fake.endpoint}/api/nothing", timeout=2)
+
+
+@pytest.mark.slow
+def test_finetuning_push_to_hub_commits_once_through_the_checked_path(tmp_path, tiny_mimco_config):
+    """`run_finetuning.py --push_to_hub` uploads the fine-tuned folder once, at the end, with the package's push
+    (model card with the measured accuracy, code files, no token outside the header), not the Trainer's."""
+    MimCoForPreTraining(tiny_mimco_config(num_hidden_layers=1)).save_pretrained(tmp_path / "pretrained")
+    output_dir = tmp_path / "finetuned"
+    command = [sys.executable, str(ROOT / "scripts" / "run_finetuning.py")]
+    command += ["--model_name_or_path", str(tmp_path / "pretrained"), "--output_dir", str(output_dir)]
+    command += ["--max_train_samples", "32", "--max_eval_samples", "16", "--max_steps", "2"]
+    command += ["--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none", "--use_cpu"]
+    command += ["--dataloader_pin_memory", "false", "--push_to_hub", "--hub_model_id", "me/mimco-finetuned"]
+    with FakeHub(token=FAKE_TOKEN, max_requests=40, timeout_s=SUBPROCESS_TIMEOUT_S + 30) as fake:
+        process = subprocess.run(
+            command,
+            env=subprocess_env(fake, FAKE_TOKEN, tmp_path),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT_S,
+        )
+    output = process.stdout + process.stderr
+    assert process.returncode == 0, output[-3000:]
+    assert fake.unexpected == []
+    assert len(fake.commits) == 1
+    commit = fake.commits[0]
+    assert commit.repo_id == "me/mimco-finetuned"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(commit.files)
+    code_files_with_their_imports(commit.files, output_dir)
+    card = ModelCard(commit.files["README.md"].decode())
+    metrics = json.loads((output_dir / "eval_results.json").read_text())
+    card_values = sorted(result.metric_value for result in card.data.eval_results)
+    expected = sorted(100 * metrics[key] for key in ("eval_accuracy", "eval_top5_accuracy"))
+    assert card_values == pytest.approx(expected, abs=0.05)
+    assert FAKE_TOKEN not in output
+    assert_token_only_in_authorization(fake, FAKE_TOKEN)

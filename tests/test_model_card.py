@@ -13,7 +13,7 @@ from helpers.scripts import load_script
 from huggingface_hub import ModelCard
 from transformers import ViTImageProcessor
 
-from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel, hub
+from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel, model_card
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_card_from_results_parses_and_holds_the_numbers(script, tmp_path):
         assert result.metric_type == "accuracy"
     assert sorted(result.metric_value for result in data.eval_results) == sorted(measured.values())
     for value in measured.values():
-        assert hub.format_accuracy(value) in card.text
+        assert model_card.format_accuracy(value) in card.text
     # The missing fine-tuning number is left out, not written as an empty or zero entry.
     assert "Fine-tuning top-1" not in str(card)
     assert "| Fine-tuning |" not in card.text
@@ -101,7 +101,7 @@ def test_card_from_results_parses_and_holds_the_numbers(script, tmp_path):
 
 def test_classifier_card_uses_image_classification(tmp_path):
     folder = save_checkpoint(tmp_path / "ckpt", MimCoForImageClassification)
-    card = hub.build_model_card(folder, {"dataset": "uoft-cs/cifar10", "results": {"finetune_top1": 90.0}})
+    card = model_card.build_model_card(folder, {"dataset": "uoft-cs/cifar10", "results": {"finetune_top1": 90.0}})
     assert card.data.pipeline_tag == "image-classification"
     assert "AutoModelForImageClassification.from_pretrained" in card.text
     assert [result.metric_value for result in card.data.eval_results] == [90.0]
@@ -146,12 +146,12 @@ def test_existing_card_is_kept_without_overwrite(script, tmp_path):
 
 def test_validate_model_card_rejects_broken_metadata():
     with pytest.raises(ValueError, match="library_name"):
-        hub.validate_model_card("---\nlicense: mit\n---\n# card\n")
+        model_card.validate_model_card("---\nlicense: mit\n---\n# card\n")
     broken_index = "---\nlibrary_name: transformers\nmodel-index:\n- name: x\n  results: 3\n---\n# card\n"
     with pytest.raises(ValueError, match="model.index"):
-        hub.validate_model_card(broken_index, expect_eval_results=True)
+        model_card.validate_model_card(broken_index, expect_eval_results=True)
     with pytest.raises(ValueError, match="model-index"):
-        hub.validate_model_card("---\nlibrary_name: transformers\n---\n# card\n", expect_eval_results=True)
+        model_card.validate_model_card("---\nlibrary_name: transformers\n---\n# card\n", expect_eval_results=True)
 
 
 @pytest.mark.parametrize("model_class", [MimCoForPreTraining, MimCoForImageClassification])
@@ -162,7 +162,7 @@ def test_the_cards_remote_code_example_runs(tmp_path, monkeypatch, model_class):
     folder = save_checkpoint(tmp_path / "checkpoint", model_class=model_class)
     results = tmp_path / "results.json"
     results.write_text(json.dumps(RESULTS))
-    content = str(hub.build_model_card(folder, hub.load_results(results), repo_id="me/mimco-tiny"))
+    content = str(model_card.build_model_card(folder, model_card.load_results(results), repo_id="me/mimco-tiny"))
     snippet = re.findall(r"```python\n(.*?)```", content, re.DOTALL)[1]
     snippet = snippet.replace('"me/mimco-tiny"', repr(str(folder))).replace(
         'Image.open("image.jpg")', "Image.new('RGB', (40, 30))"
@@ -219,7 +219,7 @@ def test_card_from_the_linear_probe_results_of_run_linear_probe(script, tmp_path
         + ["--probe_epochs", "3", "--batch_size", "50"]
     )
     results_file = Path(report["results_file"])
-    assert results_file.name == hub.LINEAR_PROBE_RESULTS_NAME
+    assert results_file.name == model_card.LINEAR_PROBE_RESULTS_NAME
     entry = next(model for model in json.loads(results_file.read_text())["models"] if model["name"] == "ckpt")
 
     path = script.main(["--checkpoint_dir", str(folder), "--results_file", str(results_file)])
@@ -232,10 +232,10 @@ def test_card_from_the_linear_probe_results_of_run_linear_probe(script, tmp_path
     }
     assert {result.dataset_type for result in card.data.eval_results} == {report["dataset"]}
     assert {result.dataset_split for result in card.data.eval_results} == {report["eval_split"]}
-    assert hub.format_accuracy(100 * entry["knn_top1"]) in card.text
+    assert model_card.format_accuracy(100 * entry["knn_top1"]) in card.text
 
     # --results_model picks another entry of the same file
-    other = hub.load_results(results_file, checkpoint_dir=folder, model="random-init")
+    other = model_card.load_results(results_file, checkpoint_dir=folder, model="random-init")
     random_entry = next(model for model in report["models"] if model["name"] == "random-init")
     assert other["results"]["knn_top1"] == pytest.approx(100 * random_entry["knn_top1"])
 
@@ -254,7 +254,7 @@ def test_linear_probe_entry_is_matched_by_path_then_by_folder_name(tmp_path):
             )
         )
     )
-    assert hub.load_results(results_file, checkpoint_dir=folder)["results"] == {
+    assert model_card.load_results(results_file, checkpoint_dir=folder)["results"] == {
         "linear_probe_top1": 61.0,
         "knn_top1": 52.0,
     }
@@ -266,7 +266,7 @@ def test_linear_probe_entry_is_matched_by_path_then_by_folder_name(tmp_path):
             )
         )
     )
-    results = hub.load_results(results_file, checkpoint_dir=folder, dataset_split="validation")
+    results = model_card.load_results(results_file, checkpoint_dir=folder, dataset_split="validation")
     assert results["results"] == {"linear_probe_top1": 70.0, "knn_top1": None}
     assert results["dataset"] == {"id": "uoft-cs/cifar10", "split": "validation"}
 
@@ -398,8 +398,9 @@ def test_the_template_is_read_from_the_built_wheel(tmp_path):
 
     folder = save_checkpoint(tmp_path / "ckpt")
     program = (
-        "import sys; import modeling_mimco.hub as hub; print(hub.__file__); print(hub.DEFAULT_TEMPLATE.name); "
-        "hub.build_model_card(sys.argv[1], repo_id='me/mimco-wheel').save(sys.argv[2])"
+        "import sys; import modeling_mimco.model_card as model_card; print(model_card.__file__); "
+        "print(model_card.DEFAULT_TEMPLATE.name); "
+        "model_card.build_model_card(sys.argv[1], repo_id='me/mimco-wheel').save(sys.argv[2])"
     )
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
@@ -413,7 +414,7 @@ def test_the_template_is_read_from_the_built_wheel(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     module_file, template_name = run.stdout.splitlines()[-2:]
-    assert module_file == str(wheel / "modeling_mimco" / "hub.py")  # imported from inside the wheel
+    assert module_file == str(wheel / "modeling_mimco" / "model_card.py")  # imported from inside the wheel
     assert template_name == "model_card.md"
     card = ModelCard.load(tmp_path / "card.md")
     assert card.data.library_name == "transformers"

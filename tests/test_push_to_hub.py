@@ -11,7 +11,7 @@ from helpers.scripts import load_script
 from huggingface_hub import CommitInfo, ModelCard
 from transformers import ViTImageProcessor
 
-from modeling_mimco import MimCoConfig, MimCoModel, hub
+from modeling_mimco import MimCoConfig, MimCoModel, hub, model_card
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def saved_model(tmp_path_factory):
     )
     MimCoModel(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    hub.build_model_card(folder, repo_id="me/mimco-tiny").save(folder / "README.md")
+    model_card.build_model_card(folder, repo_id="me/mimco-tiny").save(folder / "README.md")
     return folder
 
 

@@ -86,7 +86,7 @@ def test_smoke_writes_every_row_and_a_well_formed_table(smoke_run):
 
 @pytest.mark.slow
 def test_smoke_model_card_is_generated_from_the_results(smoke_run):
-    from modeling_mimco.hub import validate_model_card
+    from modeling_mimco.model_card import validate_model_card
 
     root, _, _, _ = smoke_run
     state = json.loads((root / "results" / "reproduce_results.json").read_text())
@@ -182,13 +182,13 @@ def test_step_plan_follows_the_budget():
     small = module.plan_steps(module.parse_args(["--budget_minutes", "60"]), seconds)["pretrain_steps"]
     large = module.plan_steps(module.parse_args(["--budget_minutes", "120"]), seconds)["pretrain_steps"]
     assert small % 10 == 0 and large % 10 == 0 and 20 <= small < large
-    per_step = module.DATA_OVERHEAD * (1.0 + 0.3 + 4 * 0.5)
+    per_step = 1.0 + 0.3 + 4 * 0.5
     reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW * len(module.ROWS)
     assert small == int((60 * 60 - reserve) / per_step) // 10 * 10
     # fewer pre-training rows leave more steps to each; a budget below the evaluation reserve still trains a little
     only_mimco = module.plan_steps(module.parse_args(["--budget_minutes", "60", "--rows", "mimco"]), seconds)
     reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW
-    assert only_mimco["pretrain_steps"] == int((60 * 60 - reserve) / (module.DATA_OVERHEAD * 0.5)) // 10 * 10
+    assert only_mimco["pretrain_steps"] == int((60 * 60 - reserve) / 0.5) // 10 * 10
     assert module.plan_steps(module.parse_args(["--budget_minutes", "1"]), seconds)["pretrain_steps"] == 20
 
 

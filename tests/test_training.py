@@ -37,7 +37,9 @@ from modeling_mimco.checkpointing import (
     verify_checkpoint,
 )
 from modeling_mimco.errors import MimCoError
-from modeling_mimco.training import PreTrainingArguments, TooManyUnreadableImagesError, train
+from modeling_mimco.training import train
+from modeling_mimco.training_args import PreTrainingArguments
+from modeling_mimco.training_log import TooManyUnreadableImagesError
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,11 @@
 | `mimco-card`        | `make_model_card`              | the model card (README.md) of a checkpoint folder   |
 | `mimco-push`        | `push_to_hub`                  | upload a checkpoint folder to the Hub               |
 
-Each module has `main(argv)`, which returns what it produced (for tests and for `scripts/demo.py`), and `cli()`,
-the console entry point, which returns the exit code. `scripts/<module>.py` runs the same `cli()` from a clone.
+Each module has a library function that takes the argument dataclasses in the parser's order and returns what the
+command produced (e.g. `run_pretraining.run_pretraining(model_args, data_args, training_args)`), for callers in
+Python such as `scripts/demo.py`, `scripts/reproduce.py` and the tests; the dataclasses' defaults are the command
+line's. `main(argv)` parses a command line into those dataclasses and calls it; `cli()`, the console entry point,
+runs `main` and returns the exit code. `scripts/<module>.py` runs the same `cli()` from a clone.
 
 Exit codes: 0 done; 1 an expected error (`modeling_mimco.errors`), shown as one `PROGRAM: error: MESSAGE` line on
 stderr; 2 a command line that argparse could not parse (with the usage); 143 stopped by SIGTERM after writing a
@@ -20,10 +23,12 @@ checkpoint (pre-training).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from modeling_mimco.errors import EXPECTED_ERRORS, one_line
 
@@ -58,3 +63,13 @@ def run_command(main: Callable[[list[str] | None], object], argv: list[str] | No
     """
     main(sys.argv[1:] if argv is None else argv)
     return 0
+
+
+def recipe_default(arguments: type, name: str, default: Any) -> Any:
+    """The field of a subclass of the dataclass `arguments` that changes only the default of its field `name`.
+
+    A command whose recipe differs from the shared defaults (a stage's batch size, say) subclasses the shared
+    arguments with such fields: the flag keeps its help and its place in `--help`, and a caller who builds the
+    dataclass in Python gets the same default as the command line.
+    """
+    return dataclasses.field(default=default, metadata=arguments.__dataclass_fields__[name].metadata)

@@ -164,14 +164,20 @@ def convert_to_timm(args: ConversionArguments):
     return model_name, kwargs, overlay
 
 
+def convert_checkpoint(args: ConversionArguments):
+    """Converts as the command does: a folder input to timm (`convert_to_timm`), a file input to MimCo
+    (`convert_to_mimco`); returns what that conversion returns."""
+    if Path(args.input_path).is_dir():
+        return convert_to_timm(args)
+    return convert_to_mimco(args)
+
+
 @reports_errors
 def main(argv: list[str] | None = None):
     """Parses the arguments and converts. Errors end the program with a one-paragraph message (no traceback)."""
     parser = HfArgumentParser(ConversionArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if Path(args.input_path).is_dir():
-        return convert_to_timm(args)
-    return convert_to_mimco(args)
+    return convert_checkpoint(args)
 
 
 def cli() -> int:

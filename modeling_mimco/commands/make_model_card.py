@@ -32,7 +32,7 @@ written.
 
 `dataset` may also be a plain Hub id string. `pretraining` is free-form and listed in the training recipe after the
 settings read from `config.json`. Any other file is refused. `--dataset` / `--dataset_split` set or replace the
-evaluation dataset of any of them. See `modeling_mimco/hub.py` for the full description.
+evaluation dataset of any of them. See `modeling_mimco/model_card.py` for the full description.
 
 Example:
 
@@ -52,6 +52,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.model_card import build_model_card, load_results
 
 
 @dataclass
@@ -77,8 +78,6 @@ class ResultsArguments:
 
     def load(self, checkpoint_dir: str | Path) -> dict[str, Any] | None:
         """The results in the card's schema, or `None` without `--results_file`."""
-        from modeling_mimco.hub import load_results
-
         if self.results_file is None:
             if self.results_model or self.dataset or self.dataset_split:
                 raise ValueError("--results_model, --dataset and --dataset_split need --results_file.")
@@ -114,10 +113,9 @@ class ModelCardArguments:
     overwrite_output: bool = field(default=False, metadata={"help": "Replace an existing card."})
 
 
-def make_card(args: ModelCardArguments, results_args: ResultsArguments | None = None) -> Path:
-    """Renders, validates and writes the card; returns its path."""
-    from modeling_mimco.hub import build_model_card
-
+def make_model_card(args: ModelCardArguments, results_args: ResultsArguments | None = None) -> Path:
+    """What `mimco-card` does with its parsed arguments: renders, validates and writes the card (refusing to
+    replace one without `overwrite_output`); returns its path."""
     results_args = results_args or ResultsArguments()
     output_file = Path(args.output_file) if args.output_file else Path(args.checkpoint_dir) / "README.md"
     if output_file.exists() and not args.overwrite_output:
@@ -149,7 +147,7 @@ def make_card(args: ModelCardArguments, results_args: ResultsArguments | None = 
 def main(argv: list[str] | None = None) -> Path:
     parser = HfArgumentParser((ModelCardArguments, ResultsArguments))
     args, results_args = parser.parse_args_into_dataclasses(args=argv)
-    return make_card(args, results_args)
+    return make_model_card(args, results_args)
 
 
 def cli() -> int:

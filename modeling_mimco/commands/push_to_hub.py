@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from huggingface_hub import CommitInfo
 from transformers import HfArgumentParser
 
+from modeling_mimco import hub
 from modeling_mimco.commands import reports_errors, run_command
 from modeling_mimco.commands.make_model_card import ResultsArguments
 
@@ -45,16 +46,14 @@ class PushArguments:
     checkpoint_dir: str = field(metadata={"help": "The checkpoint folder to upload."})
     hub_model_id: str = field(metadata={"help": "The repository to create or update, `namespace/name`."})
     private: bool = field(default=False, metadata={"help": "Create the repository as private."})
-    commit_message: str = field(default="Upload MimCo model", metadata={"help": "Message of the commit."})
+    commit_message: str = field(default=hub.DEFAULT_COMMIT_MESSAGE, metadata={"help": "Message of the commit."})
     revision: str | None = field(default=None, metadata={"help": "Branch to commit to (default: main)."})
     dry_run: bool = field(default=False, metadata={"help": "List the files that would be uploaded; upload nothing."})
 
 
 def push(args: PushArguments, results_args: ResultsArguments | None = None) -> CommitInfo | None:
-    """Checks the folder, then uploads it (or, with `dry_run`, only lists it). Returns the `CommitInfo` (`None` for
-    a dry run)."""
-    from modeling_mimco import hub
-
+    """What `mimco-push` does with its parsed arguments: checks the folder, then uploads it (or, with `dry_run`,
+    only lists it). Returns the `CommitInfo` (`None` for a dry run)."""
     results = (results_args or ResultsArguments()).load(args.checkpoint_dir)
     return hub.push_to_hub(
         args.checkpoint_dir,

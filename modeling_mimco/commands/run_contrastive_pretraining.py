@@ -14,10 +14,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import datasets
+from accelerate import Accelerator
 from transformers import HfArgumentParser, set_seed
 
 from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining
-from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.commands import recipe_default, reports_errors, run_command
 from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 from modeling_mimco.data import (
     ContrastiveCollator,
@@ -27,7 +29,8 @@ from modeling_mimco.data import (
 )
 from modeling_mimco.model_folders import save_image_processor
 from modeling_mimco.sources import DataArguments, load_training_images
-from modeling_mimco.training import PreTrainingArguments, create_accelerator, train
+from modeling_mimco.training import TrainingResult, create_accelerator, train
+from modeling_mimco.training_args import PreTrainingArguments
 
 
 logger = logging.getLogger(__name__)
@@ -57,19 +60,26 @@ class ModelArguments:
             raise ValueError(f"--crop_min_scale must lie in (0, 1], got {self.crop_min_scale}.")
 
 
-@reports_errors
-def main(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
-    # the paper-scale ImageNet recipe (per-device batch for 8 GPUs); small runs override these flags
-    parser.set_defaults(per_device_train_batch_size=512, num_train_epochs=300, weight_decay=0.1, warmup_ratio=0.133)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+@dataclass
+class ContrastivePreTrainingArguments(PreTrainingArguments):
+    """`PreTrainingArguments` with stage 1's paper-scale ImageNet recipe (MoCo v3) as defaults (the per-device batch
+    is for 8 GPUs); small runs override these flags."""
+
+    per_device_train_batch_size: int = recipe_default(PreTrainingArguments, "per_device_train_batch_size", 512)
+    weight_decay: float = recipe_default(PreTrainingArguments, "weight_decay", 0.1)
+    num_train_epochs: float = recipe_default(PreTrainingArguments, "num_train_epochs", 300)
+    warmup_ratio: float = recipe_default(PreTrainingArguments, "warmup_ratio", 0.133)
+
+
+def build_config(model_args: ModelArguments) -> MimCoContrastiveConfig:
+    """The contrastive model of `model_args`: a sin-cos ViT of the preset's shape, its projector and predictor."""
     if model_args.export_encoder not in ("momentum", "base"):
         raise ValueError(f"--export_encoder must be 'momentum' or 'base', got {model_args.export_encoder!r}.")
     backbone = MimCoConfig(
         **preset_backbone_kwargs(model_args.model_preset, model_args.image_size),
         position_embedding_type="sincos",
     )
-    config = MimCoContrastiveConfig(
+    return MimCoContrastiveConfig(
         backbone_config=backbone,
         projector_hidden_size=model_args.projector_hidden_size,
         projection_size=model_args.projection_size,
@@ -77,18 +87,26 @@ def main(argv: list[str] | None = None):
         momentum=model_args.momentum,
         freeze_patch_embeddings=model_args.freeze_patch_embeddings,
     )
-    accelerator = create_accelerator(training_args)
+
+
+def build_data(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: ContrastivePreTrainingArguments,
+    backbone: MimCoConfig,
+    accelerator: Accelerator,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """This process's share of the training images, each turned into two augmented views."""
     dataset, image_column = load_training_images(
         data_args, backbone.image_size, accelerator.process_index, accelerator.num_processes, training_args.seed
     )
-
-    set_seed(training_args.seed)  # --seed also fixes the initialisation
-    model = MimCoForContrastivePreTraining(config)
     transform_1, transform_2 = build_contrastive_transforms(
         backbone.image_size, backbone.image_mean, backbone.image_std, crop_scale=(model_args.crop_min_scale, 1.0)
     )
-    dataset = apply_example_transform(dataset, ContrastiveExampleTransform(transform_1, transform_2, image_column))
+    return apply_example_transform(dataset, ContrastiveExampleTransform(transform_1, transform_2, image_column))
 
+
+def warn_about_accumulation(training_args: ContrastivePreTrainingArguments) -> None:
     if training_args.gradient_accumulation_steps > 1:
         logger.warning(
             "--gradient_accumulation_steps %d in stage 1: the InfoNCE negatives and the BatchNorm statistics come "
@@ -97,6 +115,19 @@ def main(argv: list[str] | None = None):
             "bigger --per_device_train_batch_size.",
             training_args.gradient_accumulation_steps,
         )
+
+
+def run_contrastive_pretraining(
+    model_args: ModelArguments, data_args: DataArguments, training_args: ContrastivePreTrainingArguments
+) -> TrainingResult:
+    """Pre-trains the teacher as `mimco-contrastive` does and exports it to `--output_dir`; returns the run's result."""
+    config = build_config(model_args)
+    backbone = config.backbone_config
+    accelerator = create_accelerator(training_args)
+    dataset = build_data(model_args, data_args, training_args, backbone, accelerator)
+    set_seed(training_args.seed)  # --seed also fixes the initialisation
+    model = MimCoForContrastivePreTraining(config)
+    warn_about_accumulation(training_args)
     if training_args.torch_compile:
         # in place, so parameter names (and checkpoints) stay those of the uncompiled model
         model.base_encoder.compile()
@@ -128,6 +159,12 @@ def main(argv: list[str] | None = None):
     )
     accelerator.print(f"Contrastive teacher ({model_args.export_encoder} encoder) saved to {result.output_dir}.")
     return result
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> TrainingResult:
+    parser = HfArgumentParser((ModelArguments, DataArguments, ContrastivePreTrainingArguments))
+    return run_contrastive_pretraining(*parser.parse_args_into_dataclasses(args=argv))
 
 
 def cli() -> int:

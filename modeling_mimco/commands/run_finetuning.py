@@ -13,15 +13,18 @@ learning-rate decay (`--layer_decay 0.65`), stochastic depth (`--drop_path_rate 
 mean`), RandAugment (`--rand_augment_num_ops 2 --rand_augment_magnitude 9`), random erasing (`--random_erasing 0.25`),
 MixUp (`--mixup 0.8`) and CutMix (`--cutmix 1.0`), label smoothing (`--label_smoothing_factor 0.1`), AdamW with
 weight decay 0.05 and a cosine schedule with warmup. Top-1 (and top-5 with at least 5 classes) accuracy is computed
-with the `evaluate` library and no network (`modeling_mimco.evaluation.TopKAccuracy`).
+with the `evaluate` library and no network (`modeling_mimco.metrics.TopKAccuracy`).
 
 The output folder holds the model with `id2label` / `label2id` and its `preprocessor_config.json`, ready for
 `pipeline("image-classification", model=OUTPUT_DIR)` (passing `trust_remote_code` where this package is not
-installed); `--push_to_hub` uploads it.
+installed). `--push_to_hub --hub_model_id ORG/NAME` uploads it once, at the end, through the package's checked upload
+(`modeling_mimco.hub.push_to_hub`, as `mimco-push` does: a model card with the eval accuracy, only the model's
+files, no access token); the `Trainer` itself never creates a repository or pushes.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -30,24 +33,10 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from torchvision.transforms import v2
-from transformers import (
-    AutoImageProcessor,
-    AutoModelForImageClassification,
-    HfArgumentParser,
-    PreTrainedConfig,
-    TrainingArguments,
-    ViTImageProcessor,
-    set_seed,
-)
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from modeling_mimco import (
-    MimCoConfig,
-    MimCoContrastiveConfig,
-    MimCoForContrastivePreTraining,
-    MimCoForImageClassification,
-)
+from modeling_mimco import MimCoForImageClassification
 from modeling_mimco.commands import reports_errors, run_command
-from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 from modeling_mimco.data import (
     MimCoPretrainingCollator,
     PretrainingExampleTransform,
@@ -57,7 +46,8 @@ from modeling_mimco.data import (
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.finetuning import FineTuningTrainer, SoftTargetCrossEntropy, build_batch_mixer
 from modeling_mimco.metrics import ClassificationMetrics, reported_top_k, top_k_predictions
-from modeling_mimco.sources import LabelledDataArguments
+from modeling_mimco.model_folders import load_classifier, load_image_processor, processor_side
+from modeling_mimco.sources import ClassificationData, LabelledDataArguments
 
 
 logger = logging.getLogger(__name__)
@@ -152,7 +142,7 @@ def build_train_transform(image_size: int, mean, std, data_args: DataTrainingArg
             v2.RandAugment(
                 num_ops=data_args.rand_augment_num_ops,
                 magnitude=data_args.rand_augment_magnitude,
-                # JPEGs arrive as uint8 tensors (`data.decode_image(fast_jpeg=True)`), whose geometric operations
+                # JPEGs arrive as uint8 tensors (`decoding.decode_image(fast_jpeg=True)`), whose geometric operations
                 # support nearest and bilinear only
                 interpolation=v2.InterpolationMode.BILINEAR,
             )
@@ -163,118 +153,49 @@ def build_train_transform(image_size: int, mean, std, data_args: DataTrainingArg
     return v2.Compose(steps)
 
 
-def load_model(model_args: ModelArguments, id2label: dict[int, str], label2id: dict[str, int]):
-    """The classifier to fine-tune, with a fresh head for the dataset's classes.
-
-    A `--model_name_or_path` that does not load fails with a `ValueError` naming the flag and the path (`errors.
-    describe_load_error`: a missing folder, tried as a Hub id too; a damaged or truncated weights file).
-    """
-    labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": label2id}
-    path = model_args.model_name_or_path
-    if path is None:
-        config = MimCoConfig(
-            **preset_backbone_kwargs(model_args.model_preset, model_args.image_size),
-            pooling=model_args.pooling,
-            drop_path_rate=model_args.drop_path_rate,
-            **labels,
-        )
-        return MimCoForImageClassification(config)
-    try:
-        return _load_checkpoint(model_args, path, labels)
-    except EXPECTED_ERRORS as error:
-        if str(error).startswith(path):  # our own message about the checkpoint's contents
-            raise
-        raise ValueError(describe_load_error("--model_name_or_path", path, error)) from error
-
-
-def _load_checkpoint(model_args: ModelArguments, path: str, labels: dict):
-    """`load_model` for a checkpoint: a MimCo or stage-1 folder by its `model_type`, anything else through
-    `AutoModelForImageClassification`."""
-    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
-    config_dict = PreTrainedConfig.get_config_dict(path, **hub)[0]
-    model_type = config_dict.get("model_type")
-    if model_type == MimCoConfig.model_type:
-        return MimCoForImageClassification.from_pretrained(
-            path,
-            pooling=model_args.pooling,
-            drop_path_rate=model_args.drop_path_rate,
-            ignore_mismatched_sizes=True,
-            **labels,
-            **hub,
-        )
-    if model_type == MimCoContrastiveConfig.model_type:
-        contrastive = MimCoForContrastivePreTraining.from_pretrained(path, **hub)
-        backbone = contrastive.config.backbone_config.to_dict()
-        backbone.update(pooling=model_args.pooling, drop_path_rate=model_args.drop_path_rate, **labels)
-        model = MimCoForImageClassification(MimCoConfig.from_dict(backbone))
-        missing, unexpected = model.mimco.load_state_dict(contrastive.momentum_encoder.state_dict(), strict=False)
-        if unexpected or any(not key.startswith("pooler_norm.") for key in missing):
-            raise ValueError(f"{path}: encoder weights do not fit (missing {missing}, unexpected {unexpected}).")
-        return model
-
-    extra = {}
-    for name in ("drop_path_rate",):
-        if name in config_dict:
-            extra[name] = getattr(model_args, name)
-        else:
-            logger.warning(f"{config_dict.get('model_type')} models have no `{name}`; --{name} is ignored.")
-    return AutoModelForImageClassification.from_pretrained(
-        path, ignore_mismatched_sizes=True, trust_remote_code=model_args.trust_remote_code, **labels, **extra, **hub
-    )
-
-
-def load_image_processor(model_args: ModelArguments, model) -> ViTImageProcessor:
-    """The checkpoint's image processor if it has one, else a `ViTImageProcessor` for the model's config."""
-    if model_args.model_name_or_path is not None:
-        try:
-            return AutoImageProcessor.from_pretrained(
-                model_args.model_name_or_path,
-                cache_dir=model_args.cache_dir,
-                revision=model_args.model_revision,
-                token=model_args.token,
-                trust_remote_code=model_args.trust_remote_code,
-            )
-        except (OSError, ValueError):
-            logger.info("The checkpoint has no image processor; building a ViTImageProcessor from its config.")
-    config = model.config
-    side = getattr(config, "image_size", 224)
-    return ViTImageProcessor(
-        size={"height": side, "width": side},
-        image_mean=list(getattr(config, "image_mean", None) or ViTImageProcessor().image_mean),
-        image_std=list(getattr(config, "image_std", None) or ViTImageProcessor().image_std),
-    )
-
-
-def _processor_side(image_processor) -> int:
-    """The side of the images the model sees: the processor's crop size if it crops, else its resize size."""
-    for size in (getattr(image_processor, "crop_size", None), getattr(image_processor, "size", None)):
-        if isinstance(size, int):
-            return size
-        for key in ("height", "shortest_edge"):
-            value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-            if value:
-                return int(value)
-    raise ValueError(f"Cannot read the image size of {type(image_processor).__name__}.")
-
-
-@reports_errors
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FineTuningArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+def check_arguments(model_args: ModelArguments, training_args: FineTuningArguments) -> None:
+    """Refuses flags that cannot work, before any data or model is loaded."""
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the image column is decoded on the fly.")
     if model_args.pooling not in ("cls", "mean"):
         raise ValueError(f"--pooling must be 'cls' or 'mean', got {model_args.pooling!r}.")
-    data = data_args.load_splits(training_args.seed, cache_dir=model_args.cache_dir, token=model_args.token)
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id.")
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    set_seed(training_args.seed)
 
-    # data -> model
-    model = load_model(model_args, data.id2label, data.label2id)
-    image_processor = load_image_processor(model_args, model)
-    image_size = _processor_side(image_processor)
+def _hub_kwargs(model_args: ModelArguments) -> dict:
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+
+
+def load_model(model_args: ModelArguments, id2label: dict[int, str], label2id: dict[str, int]):
+    """The classifier to fine-tune, with a fresh head for the dataset's classes (`model_folders.load_classifier`).
+
+    A `--model_name_or_path` that does not load fails with a `ValueError` naming the flag and the path (`errors.
+    describe_load_error`: a missing folder, tried as a Hub id too; a damaged or truncated weights file).
+    """
+    path = model_args.model_name_or_path
+    try:
+        return load_classifier(
+            path,
+            id2label,
+            label2id,
+            pooling=model_args.pooling,
+            drop_path_rate=model_args.drop_path_rate,
+            model_preset=model_args.model_preset,
+            image_size=model_args.image_size,
+            trust_remote_code=model_args.trust_remote_code,
+            **_hub_kwargs(model_args),
+        )
+    except EXPECTED_ERRORS as error:
+        if path is None or str(error).startswith(path):  # nothing was read, or our message about its contents
+            raise
+        raise ValueError(describe_load_error("--model_name_or_path", path, error)) from error
+
+
+def prepare_datasets(data: ClassificationData, image_processor, data_args: DataTrainingArguments) -> tuple:
+    """The training split with the recipe's augmentation and the evaluation split with the evaluation transform, at
+    the image processor's size and normalisation; returns `(train_dataset, eval_dataset)`."""
+    image_size = processor_side(image_processor)
     mean, std = image_processor.image_mean, image_processor.image_std
     train_transform = build_train_transform(image_size, mean, std, data_args)
     eval_transform = build_eval_transform(image_size, mean, std, crop_pct=data_args.eval_crop_pct)
@@ -288,37 +209,61 @@ def main(argv: list[str] | None = None) -> dict:
         f"{len(data.train)} training and {len(data.eval)} evaluation images ({data.eval_split}), "
         f"{data.num_labels} classes; images of {image_size} px."
     )
+    return train_dataset, eval_dataset
 
-    if model_args.base_learning_rate is not None:
-        global_batch = (
-            training_args.per_device_train_batch_size
-            * training_args.gradient_accumulation_steps
-            * training_args.world_size
-        )
-        training_args.learning_rate = model_args.base_learning_rate * global_batch / 256
-        logger.info(
-            f"learning_rate = {model_args.base_learning_rate} * {global_batch} / 256 = "
-            f"{training_args.learning_rate:.3g}"
-        )
 
-    # -> Trainer
-    top_k = max(reported_top_k(data.num_labels))
-    trainer = FineTuningTrainer(
+def scale_learning_rate(model_args: ModelArguments, training_args: FineTuningArguments) -> None:
+    """With `--base_learning_rate`, sets `learning_rate = base_learning_rate * global batch size / 256`."""
+    if model_args.base_learning_rate is None:
+        return
+    global_batch = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+    )
+    training_args.learning_rate = model_args.base_learning_rate * global_batch / 256
+    logger.info(
+        f"learning_rate = {model_args.base_learning_rate} * {global_batch} / 256 = {training_args.learning_rate:.3g}"
+    )
+
+
+def build_trainer(
+    model,
+    image_processor,
+    train_dataset,
+    eval_dataset,
+    num_labels: int,
+    data_args: DataTrainingArguments,
+    model_args: ModelArguments,
+    training_args: FineTuningArguments,
+) -> FineTuningTrainer:
+    """The `FineTuningTrainer` of the recipe: soft-target loss, layer decay, MixUp / CutMix, top-k accuracy.
+
+    It never talks to the Hub (`push_to_hub` is off in its copy of the arguments): `--push_to_hub` uploads once, at
+    the end, through `modeling_mimco.hub.push_to_hub` (`push_finetuned_model`)."""
+    trainer_args = copy.copy(training_args)
+    trainer_args.push_to_hub = False
+    top_k = max(reported_top_k(num_labels))
+    return FineTuningTrainer(
         model=model,
-        args=training_args,
+        args=trainer_args,
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset,
-        data_collator=ClassificationCollator(image_size=image_size),
+        data_collator=ClassificationCollator(image_size=processor_side(image_processor)),
         processing_class=image_processor,
-        compute_metrics=ClassificationMetrics(data.num_labels),
+        compute_metrics=ClassificationMetrics(num_labels),
         preprocess_logits_for_metrics=lambda logits, labels: top_k_predictions(logits, labels, k=top_k),
         compute_loss_func=SoftTargetCrossEntropy(training_args.label_smoothing_factor),
         layer_decay=model_args.layer_decay,
         batch_mixer=build_batch_mixer(
-            data.num_labels, data_args.mixup, data_args.cutmix, data_args.mixup_prob, data_args.mixup_switch_prob
+            num_labels, data_args.mixup, data_args.cutmix, data_args.mixup_prob, data_args.mixup_switch_prob
         ),
     )
 
+
+def train_and_evaluate(trainer: FineTuningTrainer, training_args: FineTuningArguments) -> dict:
+    """Trains (saving the model, its config with `id2label` and the image processor) and evaluates, as the flags
+    ask; returns the train and eval metrics, also written to `OUTPUT_DIR/{train,eval}_results.json`."""
     metrics: dict = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -332,18 +277,77 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    return metrics
 
-    card = {
-        "finetuned_from": model_args.model_name_or_path,
-        "tasks": "image-classification",
-        "dataset": data_args.dataset_name or "digits",
-        "tags": ["image-classification", "vision", "mimco"],
-    }
+
+def push_finetuned_model(
+    trainer: FineTuningTrainer, training_args: FineTuningArguments, dataset: str, eval_split: str
+) -> None:
+    """Uploads the output folder in one commit through the package's checked path (`hub.push_to_hub`: model card,
+    file list, secret check), from the main process; the card gets the eval accuracy on `dataset` / `eval_split`
+    when it was measured. Called on every process."""
+    from modeling_mimco.hub import push_to_hub
+    from modeling_mimco.model_card import load_results
+
+    output_dir = training_args.output_dir
+    if not training_args.do_train:
+        trainer.save_model()  # the model to upload: the one that was evaluated
+    if not trainer.is_world_process_zero():
+        return
+    results = None
+    if training_args.do_eval:
+        results = load_results(
+            os.path.join(output_dir, "eval_results.json"), dataset=dataset, dataset_split=eval_split
+        )
+    push_to_hub(
+        output_dir,
+        training_args.hub_model_id,
+        token=training_args.hub_token,
+        private=bool(training_args.hub_private_repo),
+        commit_message="Upload MimCo fine-tuned model",
+        revision=training_args.hub_revision,
+        results=results,
+    )
+
+
+def run_finetuning(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: FineTuningArguments
+) -> dict:
+    """Fine-tunes and evaluates as `mimco-finetune` does; returns the train and eval metrics.
+
+    `training_args.learning_rate` is set from `--base_learning_rate` when that is given."""
+    check_arguments(model_args, training_args)
+    data = data_args.load_splits(training_args.seed, cache_dir=model_args.cache_dir, token=model_args.token)
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    model = load_model(model_args, data.id2label, data.label2id)
+    if training_args.push_to_hub and not isinstance(model, MimCoForImageClassification):
+        raise ValueError(
+            f"--push_to_hub uploads MimCo models only (with their remote code), not {type(model).__name__}."
+        )
+    image_processor = load_image_processor(
+        model_args.model_name_or_path, model.config, model_args.trust_remote_code, **_hub_kwargs(model_args)
+    )
+    train_dataset, eval_dataset = prepare_datasets(data, image_processor, data_args)
+    scale_learning_rate(model_args, training_args)
+    trainer = build_trainer(
+        model, image_processor, train_dataset, eval_dataset, data.num_labels, data_args, model_args, training_args
+    )
+    metrics = train_and_evaluate(trainer, training_args)
     if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
+        push_finetuned_model(trainer, training_args, data_args.dataset_name or "digits", data.eval_split)
     if training_args.do_train:
         logger.info(f"Fine-tuned model saved to {os.path.abspath(training_args.output_dir)}.")
     return metrics
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FineTuningArguments))
+    return run_finetuning(*parser.parse_args_into_dataclasses(args=argv))
 
 
 def cli() -> int:

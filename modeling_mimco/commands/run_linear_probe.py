@@ -29,13 +29,12 @@ from modeling_mimco.evaluation import (
     FEATURE_POOLINGS,
     FrozenFeatureResult,
     LinearProbeConfig,
-    evaluate_frozen_features,
-    extract_features,
+    evaluate_backbone,
     plot_tsne,
     results_table,
 )
 from modeling_mimco.model_folders import PIXELS, RANDOM_INIT, Backbone, load_backbone
-from modeling_mimco.sources import LabelledDataArguments
+from modeling_mimco.sources import ClassificationData, LabelledDataArguments
 
 
 RESULTS_NAME = "linear_probe_results.json"
@@ -121,14 +120,9 @@ def _load_backbone(path: str, model_args: ModelArguments, seed: int, cache_dir: 
         raise ValueError(describe_load_error(flag, name, error)) from error
 
 
-@reports_errors
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, EvaluationArguments))
-    model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
-    if model_args.pooling not in FEATURE_POOLINGS:
-        raise ValueError(f"--pooling must be one of {FEATURE_POOLINGS}, got {model_args.pooling!r}.")
-    names = _display_names(model_args.model_name_or_path, model_args.model_names)
-    probe_config = LinearProbeConfig(
+def build_probe_config(eval_args: EvaluationArguments) -> LinearProbeConfig:
+    """The linear probe's training settings from the `--probe_*` flags."""
+    return LinearProbeConfig(
         epochs=eval_args.probe_epochs,
         batch_size=eval_args.probe_batch_size,
         optimizer=eval_args.probe_optimizer,
@@ -136,52 +130,47 @@ def main(argv: list[str] | None = None) -> dict:
         weight_decay=eval_args.probe_weight_decay,
         seed=eval_args.seed,
     )
-    data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
 
-    device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results: list[FrozenFeatureResult] = []
-    for name, path in zip(names, model_args.model_name_or_path):
-        backbone = _load_backbone(path, model_args, eval_args.seed, data_args.cache_dir)
-        common = dict(
-            pooling=model_args.pooling,
-            batch_size=eval_args.batch_size,
-            crop_pct=data_args.crop_pct,
-            num_workers=eval_args.dataloader_num_workers,
-            device=device,
-        )
-        train_features, train_labels = extract_features(
-            backbone, data.train, data.image_column, data.label_column, desc=f"{name}: train features", **common
-        )
-        test_features, test_labels = extract_features(
-            backbone, data.eval, data.image_column, data.label_column, desc=f"{name}: eval features", **common
-        )
-        backbone.model.cpu()
-        scores = evaluate_frozen_features(
-            train_features,
-            train_labels,
-            test_features,
-            test_labels,
-            data.num_labels,
-            probe_config,
-            knn_k=eval_args.knn_k,
-            knn_temperature=eval_args.knn_temperature,
-            device=device,
-        )
-        result = FrozenFeatureResult(
-            name=name,
-            model_name_or_path=path,
-            source=backbone.source,
-            feature_dim=int(train_features.shape[1]),
-            pooling=model_args.pooling,
-            num_train_images=int(train_features.shape[0]),
-            num_test_images=int(test_features.shape[0]),
-            test_features=test_features,
-            test_labels=test_labels,
-            **scores,
-        )
-        print(f"{name}: linear probe {result.linear_probe_top1:.2%}, k-NN {result.knn_top1:.2%}")
-        results.append(result)
 
+def evaluate_model(
+    name: str,
+    path: str,
+    data: ClassificationData,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    eval_args: EvaluationArguments,
+    probe_config: LinearProbeConfig,
+    device: str,
+) -> FrozenFeatureResult:
+    """Loads one `--model_name_or_path` entry and measures its frozen features (`evaluation.evaluate_backbone`)."""
+    backbone = _load_backbone(path, model_args, eval_args.seed, data_args.cache_dir)
+    result = evaluate_backbone(
+        backbone,
+        data,
+        name=name,
+        model_name_or_path=path,
+        pooling=model_args.pooling,
+        probe_config=probe_config,
+        knn_k=eval_args.knn_k,
+        knn_temperature=eval_args.knn_temperature,
+        batch_size=eval_args.batch_size,
+        crop_pct=data_args.crop_pct,
+        num_workers=eval_args.dataloader_num_workers,
+        device=device,
+    )
+    print(f"{name}: linear probe {result.linear_probe_top1:.2%}, k-NN {result.knn_top1:.2%}")
+    return result
+
+
+def write_report(
+    results: list[FrozenFeatureResult],
+    data: ClassificationData,
+    data_args: DataArguments,
+    eval_args: EvaluationArguments,
+    probe_config: LinearProbeConfig,
+) -> dict:
+    """Writes `OUTPUT_DIR/linear_probe_results.json` (the data, the settings, one record per model) and returns its
+    content with `results_file`, the path written."""
     os.makedirs(eval_args.output_dir, exist_ok=True)
     report = {
         "dataset": data_args.dataset_name or data_args.train_dir or data_args.data_files or "digits",
@@ -196,22 +185,51 @@ def main(argv: list[str] | None = None) -> dict:
     with open(results_path, "w") as handle:
         json.dump(report, handle, indent=2)
     report["results_file"] = results_path
+    return report
+
+
+def plot_results(results: list[FrozenFeatureResult], data: ClassificationData, eval_args: EvaluationArguments) -> str:
+    """Writes `OUTPUT_DIR/tsne.png`, one t-SNE panel of the eval features per model; returns its path."""
+    panels = [
+        (f"{r.name}\nlinear {r.linear_probe_top1:.1%} · kNN {r.knn_top1:.1%}", r.test_features, r.test_labels)
+        for r in results
+    ]
+    return plot_tsne(
+        panels,
+        os.path.join(eval_args.output_dir, PLOT_NAME),
+        class_names=data.class_names,
+        max_points=eval_args.tsne_max_points,
+        seed=eval_args.seed,
+    )
+
+
+def run_linear_probe(model_args: ModelArguments, data_args: DataArguments, eval_args: EvaluationArguments) -> dict:
+    """Evaluates every model as `mimco-probe` does; returns the report written to `linear_probe_results.json`,
+    with `results_file` and, with `--plot`, `plot_file`."""
+    if model_args.pooling not in FEATURE_POOLINGS:
+        raise ValueError(f"--pooling must be one of {FEATURE_POOLINGS}, got {model_args.pooling!r}.")
+    names = _display_names(model_args.model_name_or_path, model_args.model_names)
+    probe_config = build_probe_config(eval_args)
+    data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
+
+    device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = [
+        evaluate_model(name, path, data, model_args, data_args, eval_args, probe_config, device)
+        for name, path in zip(names, model_args.model_name_or_path)
+    ]
+    report = write_report(results, data, data_args, eval_args, probe_config)
     if eval_args.plot:
-        panels = [
-            (f"{r.name}\nlinear {r.linear_probe_top1:.1%} · kNN {r.knn_top1:.1%}", r.test_features, r.test_labels)
-            for r in results
-        ]
-        report["plot_file"] = plot_tsne(
-            panels,
-            os.path.join(eval_args.output_dir, PLOT_NAME),
-            class_names=data.class_names,
-            max_points=eval_args.tsne_max_points,
-            seed=eval_args.seed,
-        )
+        report["plot_file"] = plot_results(results, data, eval_args)
     print()
     print(results_table(results, knn_k=eval_args.knn_k, knn_temperature=eval_args.knn_temperature))
-    print(f"Results: {results_path}" + (f"; t-SNE: {report['plot_file']}" if eval_args.plot else ""))
+    print(f"Results: {report['results_file']}" + (f"; t-SNE: {report['plot_file']}" if eval_args.plot else ""))
     return report
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, EvaluationArguments))
+    return run_linear_probe(*parser.parse_args_into_dataclasses(args=argv))
 
 
 def cli() -> int:

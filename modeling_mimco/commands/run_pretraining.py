@@ -14,21 +14,19 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+import datasets
+from accelerate import Accelerator
 from transformers import HfArgumentParser, set_seed
 
-from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoMaskGenerator, MimCoModel
-from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoModel
+from modeling_mimco.commands import recipe_default, reports_errors, run_command
 from modeling_mimco.configuration_mimco import BACKBONE_FIELDS, preset_backbone_kwargs
-from modeling_mimco.data import (
-    MimCoPretrainingCollator,
-    PretrainingExampleTransform,
-    apply_example_transform,
-    build_pretraining_transform,
-)
+from modeling_mimco.data import MimCoPretrainingCollator, build_pretraining_pipeline
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.model_folders import save_image_processor
 from modeling_mimco.sources import DataArguments, load_training_images
-from modeling_mimco.training import PreTrainingArguments, create_accelerator, train
+from modeling_mimco.training import TrainingResult, create_accelerator, train
+from modeling_mimco.training_args import PreTrainingArguments
 
 
 logger = logging.getLogger(__name__)
@@ -78,6 +76,15 @@ class ModelArguments:
             raise ValueError(f"--crop_min_scale must lie in (0, 1], got {self.crop_min_scale}.")
 
 
+@dataclass
+class MimCoPreTrainingArguments(PreTrainingArguments):
+    """`PreTrainingArguments` with stage 2's paper-scale ImageNet recipe as defaults (the per-device batch is for 8
+    GPUs); small runs override these flags."""
+
+    per_device_train_batch_size: int = recipe_default(PreTrainingArguments, "per_device_train_batch_size", 256)
+    num_train_epochs: float = recipe_default(PreTrainingArguments, "num_train_epochs", 100)
+
+
 def student_backbone_kwargs(model_args: ModelArguments) -> dict:
     """The student's shape: that of `--model_name_or_path`, else the preset's (with `--image_size`)."""
     if model_args.model_name_or_path is None:
@@ -108,6 +115,7 @@ def load_student_weights(model: MimCoForPreTraining, model_name_or_path: str) ->
 
 
 def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
+    """The student of `model_args`' shape and objective, with its frozen teacher loaded."""
     backbone = student_backbone_kwargs(model_args)
     config = MimCoConfig(
         **backbone,
@@ -137,6 +145,30 @@ def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
     return model
 
 
+def build_data(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: MimCoPreTrainingArguments,
+    config: MimCoConfig,
+    accelerator: Accelerator,
+) -> tuple[datasets.Dataset | datasets.IterableDataset, MimCoPretrainingCollator]:
+    """This process's share of the training images and the collator that batches them (with masks)."""
+    dataset, image_column = load_training_images(
+        data_args, config.image_size, accelerator.process_index, accelerator.num_processes, training_args.seed
+    )
+    return build_pretraining_pipeline(dataset, image_column, config, model_args.crop_min_scale)
+
+
+def warn_about_accumulation(training_args: MimCoPreTrainingArguments, config: MimCoConfig) -> None:
+    if training_args.gradient_accumulation_steps > 1 and "infonce" in (config.patch_loss_type, config.image_loss_type):
+        logger.warning(
+            "--gradient_accumulation_steps %d with InfoNCE losses: the negatives come from each micro-batch of "
+            "--per_device_train_batch_size images (gathered over processes), not from the whole accumulated batch, "
+            "so the objective differs from one big batch. Cosine and smooth-L1 losses are unaffected.",
+            training_args.gradient_accumulation_steps,
+        )
+
+
 def compute_loss(model, batch: dict, progress: float):
     outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
     parts = {}
@@ -147,53 +179,26 @@ def compute_loss(model, batch: dict, progress: float):
     return outputs.loss, parts
 
 
-@reports_errors
-def main(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
-    # the paper-scale ImageNet recipe (per-device batch for 8 GPUs); small runs override these flags
-    parser.set_defaults(per_device_train_batch_size=256, num_train_epochs=100)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+def save_student(model: MimCoForPreTraining, output_dir: str) -> None:
+    """The final folder: the whole `MimCoForPreTraining` checkpoint and its image processor."""
+    model.save_pretrained(output_dir)
+    save_image_processor(output_dir, model.config.image_size, model.config.image_mean, model.config.image_std)
+
+
+def run_pretraining(
+    model_args: ModelArguments, data_args: DataArguments, training_args: MimCoPreTrainingArguments
+) -> TrainingResult:
+    """Pre-trains the student as `mimco-pretrain` does and saves it to `--output_dir`; returns the run's result."""
     # Everything that can be wrong with the arguments fails here, before any training step.
     set_seed(training_args.seed)  # --seed also fixes the student's initialisation
     model = build_model(model_args)
-    config = model.config
     accelerator = create_accelerator(training_args)
-    dataset, image_column = load_training_images(
-        data_args, config.image_size, accelerator.process_index, accelerator.num_processes, training_args.seed
-    )
-
-    transform = build_pretraining_transform(
-        config.image_size,
-        config.image_mean,
-        config.image_std,
-        crop_scale=(model_args.crop_min_scale, 1.0),
-        normalize=False,  # the collator normalises whole batches
-    )
-    example_transform = PretrainingExampleTransform(
-        transform, image_column, draft_for=(config.image_size, model_args.crop_min_scale)
-    )
-    dataset = apply_example_transform(dataset, example_transform)
-    collator = MimCoPretrainingCollator(
-        MimCoMaskGenerator.from_config(config),
-        image_size=config.image_size,
-        normalize_with=(config.image_mean, config.image_std),
-    )
-
-    if training_args.gradient_accumulation_steps > 1 and "infonce" in (config.patch_loss_type, config.image_loss_type):
-        logger.warning(
-            "--gradient_accumulation_steps %d with InfoNCE losses: the negatives come from each micro-batch of "
-            "--per_device_train_batch_size images (gathered over processes), not from the whole accumulated batch, "
-            "so the objective differs from one big batch. Cosine and smooth-L1 losses are unaffected.",
-            training_args.gradient_accumulation_steps,
-        )
+    dataset, collator = build_data(model_args, data_args, training_args, model.config, accelerator)
+    warn_about_accumulation(training_args, model.config)
     if training_args.torch_compile:
         # in place, so parameter names (and checkpoints) stay those of the uncompiled model
         model.mimco.compile()
         model.teacher.compile()
-
-    def save_final(unwrapped_model: MimCoForPreTraining, output_dir: str) -> None:
-        unwrapped_model.save_pretrained(output_dir)
-        save_image_processor(output_dir, config.image_size, config.image_mean, config.image_std)
 
     result = train(
         training_args,
@@ -201,13 +206,19 @@ def main(argv: list[str] | None = None):
         dataset,
         collator,
         compute_loss,
-        save_final,
+        save_student,
         project_name="mimco-pretraining",
         run_config={**vars(model_args), **vars(data_args), **vars(training_args)},
         accelerator=accelerator,
     )
     accelerator.print(f"MimCo student saved to {result.output_dir} after {result.global_step} steps.")
     return result
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> TrainingResult:
+    parser = HfArgumentParser((ModelArguments, DataArguments, MimCoPreTrainingArguments))
+    return run_pretraining(*parser.parse_args_into_dataclasses(args=argv))
 
 
 def cli() -> int:
