@@ -142,6 +142,7 @@ def _contrastive_view(
     blur_p: float,
     solarize_p: float,
     interpolation: v2.InterpolationMode,
+    hflip: bool = True,
 ) -> v2.Compose:
     blur = v2.GaussianBlur(_blur_kernel_size(image_size), sigma=(0.1, 2.0))
     steps = [
@@ -153,7 +154,8 @@ def _contrastive_view(
     if solarize_p > 0:
         # on the PIL image, so the threshold is in uint8 units
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-    steps.append(v2.RandomHorizontalFlip())
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps + _normalize(image_mean, image_std))
 
 
@@ -163,19 +165,20 @@ def build_contrastive_transforms(
     image_std: Sequence[float],
     crop_scale: tuple[float, float] = (0.08, 1.0),
     interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+    hflip: bool = True,
 ) -> tuple[v2.Compose, v2.Compose]:
     """Stage-1 (MoCo v3) augmentations: two asymmetric views of one RGB PIL image.
 
     Both views: RandomResizedCrop(`image_size`, scale=`crop_scale`) -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 ->
     RandomGrayscale(p=0.2) -> GaussianBlur(sigma 0.1..2.0, kernel about 10 % of `image_size`, odd) -> [solarize] ->
-    RandomHorizontalFlip -> float32 in [0, 1] -> Normalize. View 1 always blurs and never solarizes; view 2 blurs with
+    RandomHorizontalFlip (if `hflip`) -> float32 in [0, 1] -> Normalize. View 1 always blurs and never solarizes; view 2 blurs with
     p=0.1 and solarizes (threshold 128 of 255) with p=0.2.
 
     Returns:
         `(transform_1, transform_2)`, each mapping a PIL image to a float32 tensor `(3, image_size, image_size)`.
     """
-    view_1 = _contrastive_view(image_size, image_mean, image_std, crop_scale, 1.0, 0.0, interpolation)
-    view_2 = _contrastive_view(image_size, image_mean, image_std, crop_scale, 0.1, 0.2, interpolation)
+    view_1 = _contrastive_view(image_size, image_mean, image_std, crop_scale, 1.0, 0.0, interpolation, hflip)
+    view_2 = _contrastive_view(image_size, image_mean, image_std, crop_scale, 0.1, 0.2, interpolation, hflip)
     return view_1, view_2
 
 
@@ -504,6 +507,7 @@ def build_pretraining_pipeline(
     image_column: str,
     config: MimCoConfig,
     crop_min_scale: float = 0.67,
+    hflip: bool = True,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, MimCoPretrainingCollator]:
     """Stage 2's input pipeline over a dataset of undecoded images (`sources.load_training_images`).
 
@@ -516,18 +520,24 @@ def build_pretraining_pipeline(
         `(dataset, collator)`: the dataset with its example transform attached (`apply_example_transform`) and the
         `MimCoPretrainingCollator` that batches it.
     """
-    dataset = apply_example_transform(dataset, pretraining_example_transform(image_column, config, crop_min_scale))
+    example_transform = pretraining_example_transform(image_column, config, crop_min_scale, hflip)
+    dataset = apply_example_transform(dataset, example_transform)
     collator = pretraining_collator(config)
     return dataset, collator
 
 
 def pretraining_example_transform(
-    image_column: str, config: MimCoConfig, crop_min_scale: float = 0.67
+    image_column: str, config: MimCoConfig, crop_min_scale: float = 0.67, hflip: bool = True
 ) -> PretrainingExampleTransform:
     """Stage 2's per-example step: decode (large JPEGs at a reduced size when the crop allows it) and augment with
     crop areas from `crop_min_scale` to 1, kept as uint8 (the collator normalises whole batches)."""
     transform = build_pretraining_transform(
-        config.image_size, config.image_mean, config.image_std, crop_scale=(crop_min_scale, 1.0), normalize=False
+        config.image_size,
+        config.image_mean,
+        config.image_std,
+        crop_scale=(crop_min_scale, 1.0),
+        hflip=hflip,
+        normalize=False,
     )
     return PretrainingExampleTransform(transform, image_column, draft_for=(config.image_size, crop_min_scale))
 

@@ -733,3 +733,21 @@ def test_collator_normalises_uint8_batches_like_the_per_image_transform():
     assert batch["pixel_values"].dtype == torch.float32
     assert torch.allclose(batch["pixel_values"], expected, atol=1e-6)
     assert int(batch["num_skipped"]) == 1
+
+
+def test_horizontal_flip_can_be_turned_off_in_both_stages():
+    """Digits and text must not be mirrored: `--no_horizontal_flip` leaves the flip out of every view."""
+    from torchvision.transforms import v2
+
+    from modeling_mimco import MimCoConfig
+    from modeling_mimco.data import build_contrastive_transforms, pretraining_example_transform
+
+    def flips(transform) -> int:
+        return sum(isinstance(step, v2.RandomHorizontalFlip) for step in transform.transforms)
+
+    with_flip = build_contrastive_transforms(32, [0.5] * 3, [0.5] * 3)
+    without = build_contrastive_transforms(32, [0.5] * 3, [0.5] * 3, hflip=False)
+    assert [flips(view) for view in with_flip] == [1, 1] and [flips(view) for view in without] == [0, 0]
+    config = MimCoConfig(image_size=32, patch_size=4, mask_patch_size=8)
+    assert flips(pretraining_example_transform("image", config).transform) == 1
+    assert flips(pretraining_example_transform("image", config, hflip=False).transform) == 0

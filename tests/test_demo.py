@@ -25,3 +25,27 @@ def test_demo_prints_the_table_with_the_pixel_baseline(tmp_path):
     assert names == ["raw pixels", "random init", "teacher (MoCo v3, stage 1)", "student (MimCo, stage 2)"], rows
     assert (tmp_path / "demo" / "evaluation" / "tsne.png").is_file()
     assert (tmp_path / "demo" / "student" / "model.safetensors").is_file()
+
+
+def test_demo_reading_is_computed_from_the_table():
+    """The printed reading follows the numbers, and says plainly when an aim is missed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+
+    def row(linear: float, knn: float) -> dict:
+        return {"linear_probe_top1": linear, "knn_top1": knn, "num_test_images": 270}
+
+    lines = demo.reading([row(0.97, 0.98), row(0.80, 0.40), row(0.92, 0.55), row(0.91, 0.60)])
+    assert (
+        lines[0].startswith("- the teacher is +12.0 (linear) / +15.0 (kNN)") and "meets the 10-point aim" in lines[0]
+    )
+    assert "+11.0 (linear) / +20.0 (kNN)" in lines[1] and "meets" in lines[1]
+    assert "-1.0 linear (within the 1-point aim), +5.0 kNN (at or above the teacher)" in lines[2]
+    assert "raw pixels (97.0 / 98.0) beat every model" in lines[3]
+    weak = demo.reading([row(0.5, 0.5), row(0.80, 0.40), row(0.85, 0.55), row(0.80, 0.45)])
+    assert "short of the 10-point aim" in weak[0] and "short of the 10-point aim" in weak[1]
+    assert "below the 1-point aim" in weak[2] and "below the teacher" in weak[2]
+    assert not any("raw pixels" in line for line in weak)

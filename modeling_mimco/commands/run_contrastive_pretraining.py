@@ -53,6 +53,13 @@ class ModelArguments:
     )
     export_encoder: str = field(default="momentum", metadata={"help": "Encoder exported as teacher: momentum/base."})
     crop_min_scale: float = field(default=0.08, metadata={"help": "Smallest area of the random resized crop."})
+    horizontal_flip: bool = field(
+        default=True,
+        metadata={
+            "help": "Flip half of the crops left-right; turn off for images whose mirror is another class "
+            "(digits, text)."
+        },
+    )
 
     def __post_init__(self):
         # the objective's numbers are checked by the model config, which names the same fields
@@ -101,7 +108,11 @@ def build_data(
         data_args, backbone.image_size, accelerator.process_index, accelerator.num_processes, training_args.seed
     )
     transform_1, transform_2 = build_contrastive_transforms(
-        backbone.image_size, backbone.image_mean, backbone.image_std, crop_scale=(model_args.crop_min_scale, 1.0)
+        backbone.image_size,
+        backbone.image_mean,
+        backbone.image_std,
+        crop_scale=(model_args.crop_min_scale, 1.0),
+        hflip=model_args.horizontal_flip,
     )
     return apply_example_transform(dataset, ContrastiveExampleTransform(transform_1, transform_2, image_column))
 

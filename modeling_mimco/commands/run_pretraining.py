@@ -65,6 +65,13 @@ class ModelArguments:
     patch_loss_weight: float = field(default=1.0)
     image_loss_weight: float = field(default=1.0)
     crop_min_scale: float = field(default=0.67, metadata={"help": "Smallest area of the random resized crop."})
+    horizontal_flip: bool = field(
+        default=True,
+        metadata={
+            "help": "Flip half of the crops left-right; turn off for images whose mirror is another class "
+            "(digits, text)."
+        },
+    )
     teacher_autocast: str | None = field(
         default=None,
         metadata={"help": "'bf16': the frozen teacher runs under bf16 autocast while the student trains in fp32."},
@@ -156,7 +163,9 @@ def build_data(
     dataset, image_column = load_training_images(
         data_args, config.image_size, accelerator.process_index, accelerator.num_processes, training_args.seed
     )
-    return build_pretraining_pipeline(dataset, image_column, config, model_args.crop_min_scale)
+    return build_pretraining_pipeline(
+        dataset, image_column, config, model_args.crop_min_scale, model_args.horizontal_flip
+    )
 
 
 def warn_about_accumulation(training_args: MimCoPreTrainingArguments, config: MimCoConfig) -> None:
