@@ -34,6 +34,18 @@ def code_files_with_their_imports(files: dict[str, bytes], folder: Path) -> None
             assert f"{module}.py" in files, f"{name} imports {module}, which was not uploaded"
 
 
+def run_against(fake: FakeHub, command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """Runs `command` as a subprocess that can reach only `fake` (and holds the fake token)."""
+    return subprocess.run(
+        command,
+        env=subprocess_env(fake, FAKE_TOKEN, tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+
+
 def expected_upload(folder: Path) -> set[str]:
     config = json.loads((folder / "config.json").read_text())
     auto_map_files = {reference.rsplit(".", 1)[0] + ".py" for reference in config["auto_map"].values()}
@@ -84,14 +96,7 @@ def test_mimco_push_commits_the_checkpoint_through_the_hub_api(tmp_path, tiny_ch
         command = [sys.executable, "-m", "modeling_mimco.commands.push_to_hub", "--checkpoint_dir", str(folder)]
         command += ["--hub_model_id", REPO_ID, "--private", "--commit_message", "First upload"]
         command += ["--results_file", str(probe_results)]
-        process = subprocess.run(
-            command,
-            env=subprocess_env(fake, FAKE_TOKEN, tmp_path),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=SUBPROCESS_TIMEOUT_S,
-        )
+        process = run_against(fake, command, tmp_path)
     output = process.stdout + process.stderr
     assert process.returncode == 0, output
     assert fake.unexpected == []
@@ -236,14 +241,7 @@ def test_finetuning_push_to_hub_commits_once_through_the_checked_path(tmp_path, 
     command += ["--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none", "--use_cpu"]
     command += ["--dataloader_pin_memory", "false", "--push_to_hub", "--hub_model_id", "me/mimco-finetuned"]
     with FakeHub(token=FAKE_TOKEN, max_requests=40, timeout_s=SUBPROCESS_TIMEOUT_S + 30) as fake:
-        process = subprocess.run(
-            command,
-            env=subprocess_env(fake, FAKE_TOKEN, tmp_path),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=SUBPROCESS_TIMEOUT_S,
-        )
+        process = run_against(fake, command, tmp_path)
     output = process.stdout + process.stderr
     assert process.returncode == 0, output[-3000:]
     assert fake.unexpected == []
