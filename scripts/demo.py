@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage1_steps", type=int, default=300)
     parser.add_argument("--stage2_steps", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--image_size", type=int, default=32, help="Side the digits are upscaled to.")
+    parser.add_argument("--mask_patch_size", type=int, default=None, help="Stage-2 mask block size (preset's).")
+    parser.add_argument("--stage1_learning_rate", type=float, default=5e-3)
+    parser.add_argument("--stage2_learning_rate", type=float, default=1.5e-3)
     parser.add_argument("--stage1_crop_min_scale", type=float, default=0.6)
     parser.add_argument("--stage2_crop_min_scale", type=float, default=0.67)
     parser.add_argument("--image_temperature", type=float, default=0.01)
@@ -54,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch CPU threads (0: leave torch's default). The demo's tiny models run fastest on one thread, and "
         "much faster than on two when the CPU is shared with other work.",
+    )
+    parser.add_argument(
+        "--mixed_precision", choices=["no", "bf16"], default="no", help="Autocast of both pre-training stages."
     )
     parser.add_argument("--skip_pretraining", action="store_true", help="Evaluate the checkpoints already there.")
     parser.add_argument(
@@ -72,6 +79,7 @@ def demo_training_arguments(arguments_class: type, args: argparse.Namespace, out
         report_to="none",
         warmup_ratio=0.05,
         checkpointing_steps=100,
+        mixed_precision=args.mixed_precision,
         **settings,
     )
 
@@ -80,6 +88,7 @@ def train_teacher(args: argparse.Namespace, teacher_dir: str) -> TrainingResult:
     """Stage 1: a tiny MoCo v3 teacher with narrow projector and predictor."""
     model_args = run_contrastive_pretraining.ModelArguments(
         model_preset="tiny",
+        image_size=args.image_size,
         projector_hidden_size=512,
         projection_size=128,
         crop_min_scale=args.stage1_crop_min_scale,
@@ -90,7 +99,7 @@ def train_teacher(args: argparse.Namespace, teacher_dir: str) -> TrainingResult:
         args,
         teacher_dir,
         max_train_steps=args.stage1_steps,
-        learning_rate=5e-3,
+        learning_rate=args.stage1_learning_rate,
     )
     return run_contrastive_pretraining.run_contrastive_pretraining(model_args, DataArguments(), training_args)
 
@@ -100,6 +109,8 @@ def train_student(args: argparse.Namespace, teacher_dir: str, student_dir: str) 
     model_args = run_pretraining.ModelArguments(
         teacher_name_or_path=teacher_dir,
         model_preset="tiny",
+        image_size=args.image_size,
+        mask_patch_size=args.mask_patch_size,
         head_hidden_size=256,
         image_temperature=args.image_temperature,
         teacher_autocast=args.teacher_autocast,
@@ -111,7 +122,7 @@ def train_student(args: argparse.Namespace, teacher_dir: str, student_dir: str) 
         args,
         student_dir,
         max_train_steps=args.stage2_steps,
-        learning_rate=1.5e-3,
+        learning_rate=args.stage2_learning_rate,
     )
     return run_pretraining.run_pretraining(model_args, DataArguments(), training_args)
 

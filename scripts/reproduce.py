@@ -4,9 +4,12 @@
     python scripts/reproduce.py                          # the default 90-minute budget (2 CPU cores)
     python scripts/reproduce.py --budget_minutes 60      # a shorter run (fewer pre-training steps)
     python scripts/reproduce.py --smoke                  # every row end to end on a few hundred images (15-40 s)
+    python scripts/reproduce.py --seeds 0 1 2 --pretrain_steps 800 --rows pixels random_init teacher mimco pixel_mim
+                                                         # the main rows once per seed, then mean ± std
 
 Rows (same data, same model shape, same number of pre-training steps and batch size for every pre-trained row):
 
+0. the normalised pixels themselves (the baseline every learned feature must beat; no fine-tune);
 1. random initialisation (no pre-training);
 2. the stage-1 contrastive teacher (MoCo v3, `run_contrastive_pretraining.py`);
 3. pixel MIM: transformers' own `ViTForMaskedImageModeling` (SimMIM: L1 on the masked pixels) trained by the shared
@@ -17,7 +20,10 @@ Rows (same data, same model shape, same number of pre-training steps and batch s
 
 Columns: linear-probe and weighted k-NN top-1 on frozen features (CLS token and mean of the patch tokens, on a seeded
 subset of the training and test splits), top-1 of a short fine-tune (`run_finetuning.py`, same recipe for every row)
-on the test subset, and the pre-training wall time.
+on the test subset, and the pre-training wall time and throughput. The CLS linear probe and kNN are repeated for
+`--eval_repeats` evaluation seeds (other training and test subsets, other probe initialisation and batch order); the
+table shows their standard deviation. `--seeds` repeats everything per pre-training seed (the evaluation subsets stay
+those of `--eval_seed`) and adds a table of mean ± standard deviation over the seeds.
 
 The number of pre-training steps is derived from `--budget_minutes`: a few synthetic steps of each pre-training
 objective are timed, the evaluation's share is set aside, and the rest is divided among the pre-training rows. The
@@ -46,10 +52,11 @@ SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(SCRIPTS_DIR)
 LOCAL_CIFAR10 = os.path.join(REPO_ROOT, "..", "shared", "datasets", "cifar10")
 HUB_CIFAR10 = "uoft-cs/cifar10"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
 
 # (key, display name, kind, stage-2 `ModelArguments` overrides). The order is the order of the table.
 ROWS = [
+    ("pixels", "raw pixels (normalised)", "pixels", {}),
     ("random_init", "random initialisation", "random", {}),
     ("teacher", "MoCo v3 teacher (stage 1)", "contrastive", {}),
     ("pixel_mim", "pixel MIM (ViTForMaskedImageModeling, SimMIM)", "simmim", {}),
@@ -64,11 +71,22 @@ ROWS = [
     ),
 ]
 # Rows run in this order, so that an interrupted run has the main comparison first.
-RUN_ORDER = ["teacher", "mimco", "pixel_mim", "random_init", "mimco_patch_only", "mimco_image_only", "mimco_smooth_l1"]
+RUN_ORDER = [
+    "pixels",
+    "teacher",
+    "mimco",
+    "pixel_mim",
+    "random_init",
+    "mimco_patch_only",
+    "mimco_image_only",
+    "mimco_smooth_l1",
+]
 TSNE_ROWS = ["teacher", "pixel_mim", "mimco"]
 # key -> (display name, kind, overrides)
 ROW_KINDS = {key: (name, kind, overrides) for key, name, kind, overrides in ROWS}
 POOLINGS = ("cls", "mean")
+# Rows that are not pre-trained (no step cost, no fine-tune for the pixels).
+UNTRAINED_KINDS = ("pixels", "random")
 
 
 def default_dataset() -> str:
@@ -83,7 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None, help="Checkpoints and features (default outputs/reproduce).")
     parser.add_argument("--results_dir", default=None, help="JSON, t-SNE PNG, card (default docs/results).")
     parser.add_argument("--model_preset", default="tiny", help="Backbone shape of every row (tiny: 32 px, patch 4).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Pre-training seed (init, augmentation, masks).")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Run every row once per pre-training seed (in seed-<S> subfolders) and add a mean ± std table.",
+    )
+    parser.add_argument(
+        "--eval_seed", type=int, default=0, help="Seed of the evaluation subsets, probe and fine-tune (every row)."
+    )
+    parser.add_argument(
+        "--eval_repeats",
+        type=int,
+        default=3,
+        help="Evaluation seeds (--eval_seed, +1, ...) for the spread of the CLS linear probe and kNN of every row.",
+    )
+    parser.add_argument(
+        "--stage1_crop_min_scale", type=float, default=None, help="Teacher's crop scale (stage 1's default 0.08)."
+    )
     parser.add_argument("--batch_size", type=int, default=128, help="Pre-training batch of every row.")
     parser.add_argument("--learning_rate", type=float, default=1.5e-3, help="Base lr for batch 256 (scaled).")
     parser.add_argument("--pretrain_steps", type=int, default=None, help="Override the budget-derived step count.")
@@ -91,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_samples", type=int, default=5000, help="Test images for probe, k-NN and fine-tune.")
     parser.add_argument("--probe_epochs", type=int, default=100)
     parser.add_argument("--finetune_samples", type=int, default=20000)
-    parser.add_argument("--finetune_epochs", type=float, default=4.0)
+    parser.add_argument("--finetune_epochs", type=float, default=4.0, help="0 skips the fine-tune column.")
     parser.add_argument("--finetune_learning_rate", type=float, default=2e-3)
     parser.add_argument("--tsne_points", type=int, default=1500)
     parser.add_argument("--num_threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores).")
@@ -131,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--rows: unknown rows {sorted(unknown)}; known: {[key for key, *_ in ROWS]}")
     if args.budget_minutes <= 0:
         parser.error("--budget_minutes must be positive.")
+    if args.eval_repeats < 1:
+        parser.error("--eval_repeats must be at least 1.")
+    if args.finetune_epochs < 0:
+        parser.error("--finetune_epochs must be 0 (no fine-tune) or more.")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: each seed once, got {args.seeds}.")
     return args
 
 
@@ -242,7 +285,7 @@ def plan_steps(args, step_seconds: dict[str, float]) -> dict:
     The synthetic step timings are used as they are: real steps also decode and augment images, but one loader worker
     on the second core hides that (real steps took 0.9-0.95x the synthetic timing, which includes warm-up)."""
     selected = [kind for key, _, kind, _ in ROWS if args.rows is None or key in args.rows]
-    per_step = sum(step_seconds[kind] for kind in selected if kind != "random")
+    per_step = sum(step_seconds[kind] for kind in selected if kind not in UNTRAINED_KINDS)
     reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * len(selected)
     available = max(args.budget_minutes * 60.0 - reserve, 0.0)
     steps = max(int(available / per_step) // 10 * 10, 20) if per_step > 0 else 20
@@ -301,8 +344,12 @@ def finished(output_dir: str, steps: int) -> bool:
 def pretrain_contrastive(args, steps: int, output_dir: str):
     from modeling_mimco.commands import run_contrastive_pretraining as stage1
 
+    crop = {} if args.stage1_crop_min_scale is None else {"crop_min_scale": args.stage1_crop_min_scale}
     model_args = stage1.ModelArguments(
-        model_preset=args.model_preset, projector_hidden_size=PROJECTOR_HIDDEN_SIZE, projection_size=PROJECTION_SIZE
+        model_preset=args.model_preset,
+        projector_hidden_size=PROJECTOR_HIDDEN_SIZE,
+        projection_size=PROJECTION_SIZE,
+        **crop,
     )
     training_args = pretraining_arguments(
         stage1.ContrastivePreTrainingArguments, args, steps, output_dir, weight_decay=0.1
@@ -399,31 +446,82 @@ def final_losses(output_dir: str) -> dict:
     return {k: round(v, 4) for k, v in history[-1].items() if k.endswith("loss")}
 
 
+def pretraining_throughput(output_dir: str) -> float | None:
+    """Mean training images per second over the logging windows of a finished pre-training run (`None` if none):
+    where a row's pre-training time went, next to its steps and epochs."""
+    state = load_state(os.path.join(output_dir, "train_results.json")) or {}
+    rates = [entry["images_per_second"] for entry in state.get("log_history") or [] if "images_per_second" in entry]
+    return round(sum(rates) / len(rates), 1) if rates else None
+
+
 # --- evaluation --------------------------------------------------------------------------------------------------
 
 
-def frozen_feature_scores(args, data, checkpoint: str, key: str, features_dir: str) -> dict:
-    """Linear probe and k-NN top-1 with CLS and mean-patch features; the test features are saved for the t-SNE."""
+def spread(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1) of repeated measurements, with the values themselves."""
+    import statistics
+
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": list(values),
+    }
+
+
+def frozen_feature_scores(args, splits: list, checkpoint: str, key: str, features_dir: str) -> dict:
+    """Linear probe and k-NN top-1 with CLS and mean-patch features on the first evaluation seed's subsets (the test
+    features are saved for the t-SNE), and the spread of the CLS scores over every evaluation seed in `splits`: each
+    draws its own training and test subsets and its own probe initialisation and batch order."""
     import torch
 
     from modeling_mimco.evaluation import LinearProbeConfig, evaluate_frozen_features, extract_features
     from modeling_mimco.model_folders import load_backbone
 
-    backbone = load_backbone(checkpoint, seed=args.seed)
-    probe = LinearProbeConfig(epochs=args.probe_epochs, seed=args.seed)
+    backbone = load_backbone(checkpoint, model_preset=args.model_preset, seed=args.seed)
     scores = {"feature_source": backbone.source, "feature_dim": backbone.feature_dim}
-    for pooling in POOLINGS:
-        common = dict(pooling=pooling, batch_size=256, num_workers=args.num_workers, device="cpu")
-        train_x, train_y = extract_features(backbone, data.train, data.image_column, data.label_column, **common)
-        test_x, test_y = extract_features(backbone, data.eval, data.image_column, data.label_column, **common)
-        result = evaluate_frozen_features(train_x, train_y, test_x, test_y, data.num_labels, probe)
-        scores[f"linear_probe_top1_{pooling}"] = result["linear_probe_top1"]
-        scores[f"knn_top1_{pooling}"] = result["knn_top1"]
-        if pooling == "cls":
-            os.makedirs(features_dir, exist_ok=True)
-            torch.save({"features": test_x, "labels": test_y}, os.path.join(features_dir, f"{key}.pt"))
-        scores["num_probe_train_images"], scores["num_test_images"] = len(train_y), len(test_y)
+    eval_seeds = evaluation_seeds(args)
+    probe_scores: dict[str, list[float]] = {"linear_probe_top1_cls": [], "knn_top1_cls": []}
+    for index, (eval_seed, data) in enumerate(zip(eval_seeds, splits)):
+        probe = LinearProbeConfig(epochs=args.probe_epochs, seed=eval_seed)
+        for pooling in POOLINGS if index == 0 else ("cls",):
+            common = dict(pooling=pooling, batch_size=256, num_workers=args.num_workers, device="cpu")
+            train_x, train_y = extract_features(backbone, data.train, data.image_column, data.label_column, **common)
+            test_x, test_y = extract_features(backbone, data.eval, data.image_column, data.label_column, **common)
+            result = evaluate_frozen_features(train_x, train_y, test_x, test_y, data.num_labels, probe)
+            if pooling == "cls":
+                probe_scores["linear_probe_top1_cls"].append(result["linear_probe_top1"])
+                probe_scores["knn_top1_cls"].append(result["knn_top1"])
+            if index > 0:
+                continue
+            scores[f"linear_probe_top1_{pooling}"] = result["linear_probe_top1"]
+            scores[f"knn_top1_{pooling}"] = result["knn_top1"]
+            if pooling == "cls":
+                os.makedirs(features_dir, exist_ok=True)
+                torch.save({"features": test_x, "labels": test_y}, os.path.join(features_dir, f"{key}.pt"))
+            scores["num_probe_train_images"], scores["num_test_images"] = len(train_y), len(test_y)
+    scores["evaluation_seeds"] = eval_seeds
+    scores["evaluation_spread"] = {metric: spread(values) for metric, values in probe_scores.items()}
     return scores
+
+
+def evaluation_seeds(args) -> list[int]:
+    return [args.eval_seed + offset for offset in range(args.eval_repeats)]
+
+
+def load_evaluation_splits(args) -> list:
+    """The probe's training subset and the test subset for every evaluation seed (the first is the table's)."""
+    from modeling_mimco.sources import load_classification_splits
+
+    return [
+        load_classification_splits(
+            dataset_name=args.dataset_name,
+            eval_split="test",
+            max_train_samples=args.probe_train_samples,
+            max_eval_samples=args.eval_samples,
+            seed=eval_seed,
+        )
+        for eval_seed in evaluation_seeds(args)
+    ]
 
 
 def finetune_arguments(args, checkpoint: str, output_dir: str) -> tuple:
@@ -456,7 +554,7 @@ def finetune_arguments(args, checkpoint: str, output_dir: str) -> tuple:
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
-        seed=args.seed,
+        seed=args.eval_seed,
         dataloader_num_workers=args.num_workers,
         logging_steps=20,
         use_cpu=True,
@@ -486,6 +584,9 @@ def settings_of(args, plan: dict) -> dict:
         "model_preset": args.model_preset,
         "backbone": MODEL_PRESETS.get(args.model_preset),
         "seed": args.seed,
+        "eval_seed": args.eval_seed,
+        "eval_repeats": args.eval_repeats,
+        "stage1_crop_min_scale": args.stage1_crop_min_scale,
         "batch_size": args.batch_size,
         "base_learning_rate": args.learning_rate,
         "pretrain_steps": plan["pretrain_steps"],
@@ -507,6 +608,7 @@ PRETRAINING_SETTINGS = (
     "smoke",
     "model_preset",
     "seed",
+    "stage1_crop_min_scale",
     "batch_size",
     "base_learning_rate",
     "pretrain_steps",
@@ -549,23 +651,83 @@ def percent(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def spread_text(row: dict, metric: str) -> str:
+    """The standard deviation of a CLS score over the evaluation seeds, in points ("–" when not measured)."""
+    measured = (row.get("evaluation_spread") or {}).get(metric)
+    if not measured or len(measured["values"]) < 2:
+        return "–"
+    return f"±{100 * measured['std']:.1f}"
+
+
+def pretraining_text(row: dict) -> str:
+    """A row's pre-training cost: wall time, and images per second when the run logged it."""
+    seconds = row.get("pretraining_seconds")
+    if not seconds:
+        return "–"
+    rate = row.get("pretraining_images_per_second")
+    return f"{seconds / 60:.1f} min" + ("" if rate is None else f", {rate:.0f} img/s")
+
+
 def markdown_table(state: dict) -> str:
+    """One run's table; the eval-seed column is the standard deviation of the CLS probe / kNN over the evaluation
+    seeds (other probe-training and test subsets, other probe initialisation)."""
     lines = [
-        "| row | linear probe (CLS) | linear probe (mean) | kNN (CLS) | kNN (mean) | fine-tune | pre-training |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| row | linear probe (CLS) | linear probe (mean) | kNN (CLS) | kNN (mean) | eval-seed std (CLS probe / kNN) "
+        "| fine-tune | pre-training |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = state.get("rows", {})
     for key, name, _, _ in ROWS:
         row = rows.get(key)
         if row is None:
             continue
-        minutes = row.get("pretraining_seconds")
-        time_text = "–" if not minutes else f"{minutes / 60:.1f} min"
         lines.append(
             f"| {name} | {percent(row.get('linear_probe_top1_cls'))} | {percent(row.get('linear_probe_top1_mean'))} "
             f"| {percent(row.get('knn_top1_cls'))} | {percent(row.get('knn_top1_mean'))} "
-            f"| {percent(row.get('finetune_top1'))} | {time_text} |"
+            f"| {spread_text(row, 'linear_probe_top1_cls')} / {spread_text(row, 'knn_top1_cls')} "
+            f"| {percent(row.get('finetune_top1'))} | {pretraining_text(row)} |"
         )
+    return "\n".join(lines)
+
+
+SEED_METRICS = ("linear_probe_top1_cls", "linear_probe_top1_mean", "knn_top1_cls", "knn_top1_mean", "finetune_top1")
+
+
+def seed_summary(states: dict[int, dict]) -> dict:
+    """Mean and standard deviation over pre-training seeds (`states`: seed -> one run's results) of every metric of
+    every row that all seeds have, plus the pre-training wall time."""
+    rows = {}
+    for key, name, _, _ in ROWS:
+        runs = [state["rows"][key] for state in states.values() if key in state.get("rows", {})]
+        if len(runs) != len(states):
+            continue
+        summary = {"name": name}
+        for metric in (*SEED_METRICS, "pretraining_seconds"):
+            values = [run.get(metric) for run in runs]
+            if all(value is not None for value in values):
+                summary[metric] = spread(values)
+        rows[key] = summary
+    return {"seeds": sorted(states), "rows": rows}
+
+
+def mean_std_text(measured: dict | None) -> str:
+    if measured is None:
+        return "–"
+    return f"{100 * measured['mean']:.1f} ± {100 * measured['std']:.1f}"
+
+
+def seed_summary_table(summary: dict) -> str:
+    """Markdown: mean ± standard deviation (n - 1) over the pre-training seeds, in points."""
+    lines = [
+        f"| row (mean ± std over seeds {', '.join(map(str, summary['seeds']))}) | linear probe (CLS) "
+        "| linear probe (mean) | kNN (CLS) | kNN (mean) | fine-tune | pre-training |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary["rows"].values():
+        seconds = row.get("pretraining_seconds")
+        time_text = "–" if seconds is None else f"{seconds['mean'] / 60:.1f} min"
+        cells = " | ".join(mean_std_text(row.get(metric)) for metric in SEED_METRICS)
+        lines.append(f"| {row['name']} | {cells} | {time_text} |")
     return "\n".join(lines)
 
 
@@ -672,6 +834,8 @@ def pretrain_row(args, key: str, steps: int) -> tuple[float | None, bool]:
     row_start = time.perf_counter()
     resumed = False
     timing_file = os.path.join(row_dir, PRETRAINING_TIME_NAME)
+    if kind == "pixels":
+        return None, False
     if kind == "random":
         save_random_init(args, row_dir)
     elif finished(row_dir, steps):
@@ -692,7 +856,7 @@ def pretrain_row(args, key: str, steps: int) -> tuple[float | None, bool]:
     return timing.get("seconds"), timing.get("resumed", resumed)
 
 
-def run_row(args, key: str, state: dict, data, results_path: str, start: float) -> bool:
+def run_row(args, key: str, state: dict, splits: list, results_path: str, start: float) -> bool:
     """Pre-trains and evaluates one row and writes it to the results; `False` when the results already hold it."""
     name, kind, overrides = ROW_KINDS[key]
     if key in state["rows"]:
@@ -704,16 +868,22 @@ def run_row(args, key: str, state: dict, data, results_path: str, start: float) 
     pretraining_seconds, resumed = pretrain_row(args, key, steps)
     log(f"{name}: frozen-feature evaluation ...")
     eval_start = time.perf_counter()
-    row = {"name": name, "kind": kind, "checkpoint": row_dir, "overrides": overrides}
-    row.update(frozen_feature_scores(args, data, row_dir, key, os.path.join(args.output_dir, "features")))
-    log(f"{name}: fine-tuning ...")
-    row["finetune_top1"] = finetune_top1(args, row_dir, os.path.join(args.output_dir, "finetune", key))
-    set_threads(args)
+    checkpoint = "pixels" if kind == "pixels" else row_dir
+    row = {"name": name, "kind": kind, "checkpoint": checkpoint, "overrides": overrides}
+    row.update(frozen_feature_scores(args, splits, checkpoint, key, os.path.join(args.output_dir, "features")))
+    row["finetune_top1"] = None
+    if kind != "pixels" and args.finetune_epochs > 0:
+        log(f"{name}: fine-tuning ...")
+        row["finetune_top1"] = finetune_top1(args, row_dir, os.path.join(args.output_dir, "finetune", key))
+        set_threads(args)
+    trained = kind not in UNTRAINED_KINDS
     row.update(
-        pretraining_steps=0 if kind == "random" else steps,
+        pretraining_steps=steps if trained else 0,
+        pretraining_epochs=round(steps * args.batch_size / state["num_pretraining_images"], 2) if trained else 0,
         pretraining_seconds=pretraining_seconds,
+        pretraining_images_per_second=pretraining_throughput(row_dir) if trained else None,
         pretraining_resumed=resumed,
-        final_losses=final_losses(row_dir),
+        final_losses=final_losses(row_dir) if trained else {},
         evaluation_seconds=time.perf_counter() - eval_start,
     )
     state["rows"][key] = row
@@ -746,31 +916,67 @@ def finish(args, state: dict, data, results_path: str, start: float, started: st
     log(f"This invocation took {minutes:.1f} min.")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    set_threads(args)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from modeling_mimco.sources import load_classification_splits
+def count_pretraining_images(args) -> int:
+    from modeling_mimco.sources import load_training_images
 
+    dataset, _ = load_training_images(pretraining_data(args), backbone_kwargs(args)["image_size"], seed=args.seed)
+    return len(dataset)
+
+
+def run_one_seed(args) -> dict:
+    """Every wanted row for `args.seed` into `args.output_dir` / `args.results_dir`; returns the results state."""
     start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat()
     results_path = os.path.join(args.results_dir, "reproduce_results.json")
     state, plan = start_results(args, results_path)
     steps = plan["pretrain_steps"]
-    log(f"Plan: {steps} pre-training steps per row, batch {args.batch_size}, dataset {args.dataset_name}; {plan}")
+    state["num_pretraining_images"] = count_pretraining_images(args)
+    epochs = steps * args.batch_size / state["num_pretraining_images"]
+    log(
+        f"Plan: {steps} pre-training steps per row ({epochs:.2f} epochs of {state['num_pretraining_images']} images), "
+        f"batch {args.batch_size}, seed {args.seed}, dataset {args.dataset_name}; {plan}"
+    )
 
     check_pretraining_settings(args.output_dir, state["settings"])
-    data = load_classification_splits(
-        dataset_name=args.dataset_name,
-        eval_split="test",
-        max_train_samples=args.probe_train_samples,
-        max_eval_samples=args.eval_samples,
-        seed=args.seed,
-    )
+    splits = load_evaluation_splits(args)
     wanted = [key for key in RUN_ORDER if args.rows is None or key in args.rows]
-    ran = [key for key in wanted if run_row(args, key, state, data, results_path, start)]
-    finish(args, state, data, results_path, start, started, ran)
+    ran = [key for key in wanted if run_row(args, key, state, splits, results_path, start)]
+    finish(args, state, splits[0], results_path, start, started, ran)
     state["results_file"] = results_path
     return state
+
+
+def run_seeds(args) -> dict:
+    """`--seeds`: one full run per pre-training seed (same step plan, same evaluation subsets), then the mean ± std
+    table over the seeds, written to `RESULTS_DIR/seed_summary.json` and `.md`."""
+    states = {}
+    plan_steps_of_first = args.pretrain_steps
+    for seed in args.seeds:
+        seed_args = argparse.Namespace(**vars(args))
+        seed_args.seed, seed_args.pretrain_steps = seed, plan_steps_of_first
+        seed_args.output_dir = os.path.join(args.output_dir, f"seed-{seed}")
+        seed_args.results_dir = os.path.join(args.results_dir, f"seed-{seed}")
+        log(f"=== pre-training seed {seed} ({len(states) + 1} of {len(args.seeds)}) ===")
+        states[seed] = run_one_seed(seed_args)
+        # the later seeds train the step count the first one planned, so the seeds are comparable
+        plan_steps_of_first = states[seed]["settings"]["pretrain_steps"]
+    summary = seed_summary(states)
+    summary["table_markdown"] = seed_summary_table(summary)
+    summary["settings"] = {k: v for k, v in states[args.seeds[0]]["settings"].items() if k != "seed"}
+    write_json(os.path.join(args.results_dir, "seed_summary.json"), summary)
+    with open(os.path.join(args.results_dir, "seed_summary.md"), "w") as handle:
+        handle.write(summary["table_markdown"] + "\n")
+    print()
+    print(summary["table_markdown"])
+    print()
+    log(f"Seed summary: {os.path.join(args.results_dir, 'seed_summary.json')}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    set_threads(args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run_seeds(args) if args.seeds else run_one_seed(args)
 
 
 if __name__ == "__main__":

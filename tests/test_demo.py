@@ -49,3 +49,21 @@ def test_demo_reading_is_computed_from_the_table():
     assert "short of the 10-point aim" in weak[0] and "short of the 10-point aim" in weak[1]
     assert "below the 1-point aim" in weak[2] and "below the teacher" in weak[2]
     assert not any("raw pixels" in line for line in weak)
+
+
+@pytest.mark.slow
+def test_demo_image_size_and_mask_block_reach_both_stages(tmp_path):
+    """The flags of the measured demo variants (docs/benchmarks.md) change the models the demo trains."""
+    import json
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(tmp_path / "demo")]
+    command += ["--stage1_steps", "2", "--stage2_steps", "2", "--batch_size", "8"]
+    command += ["--image_size", "16", "--mask_patch_size", "4"]
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    teacher = json.loads((tmp_path / "demo" / "teacher" / "config.json").read_text())
+    student = json.loads((tmp_path / "demo" / "student" / "config.json").read_text())
+    assert teacher["image_size"] == student["image_size"] == 16
+    assert student["mask_patch_size"] == 4
+    assert "| raw pixels | " in completed.stdout and "| 768 |" in completed.stdout  # 3 x 16 x 16 pixel features

@@ -22,7 +22,16 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "reproduce.py"
-ROW_KEYS = {"random_init", "teacher", "pixel_mim", "mimco", "mimco_patch_only", "mimco_image_only", "mimco_smooth_l1"}
+ROW_KEYS = {
+    "pixels",
+    "random_init",
+    "teacher",
+    "pixel_mim",
+    "mimco",
+    "mimco_patch_only",
+    "mimco_image_only",
+    "mimco_smooth_l1",
+}
 METRICS = ("linear_probe_top1_cls", "linear_probe_top1_mean", "knn_top1_cls", "knn_top1_mean", "finetune_top1")
 
 
@@ -60,24 +69,46 @@ def test_smoke_writes_every_row_and_a_well_formed_table(smoke_run):
     state = json.loads((root / "results" / "reproduce_results.json").read_text())
     assert state["settings"]["smoke"] is True
     assert set(state["rows"]) == ROW_KEYS
+    untrained = {"pixels", "random_init"}
     for key, row in state["rows"].items():
         for metric in METRICS:
+            if key == "pixels" and metric == "finetune_top1":
+                assert row[metric] is None  # nothing to fine-tune
+                continue
             assert 0.0 <= row[metric] <= 1.0, (key, metric, row[metric])
         assert row["num_test_images"] > 0 and row["num_probe_train_images"] > 0
-    # the same pre-training step count for every pre-trained row, none for random initialisation
-    steps = {row["pretraining_steps"] for key, row in state["rows"].items() if key != "random_init"}
+        # the spread over the evaluation seeds: the table's CLS scores are its first measurement
+        assert row["evaluation_seeds"] == [0, 1, 2]
+        for metric in ("linear_probe_top1_cls", "knn_top1_cls"):
+            measured = row["evaluation_spread"][metric]
+            assert len(measured["values"]) == 3 and measured["values"][0] == row[metric]
+            assert measured["mean"] == pytest.approx(sum(measured["values"]) / 3)
+            assert measured["std"] == pytest.approx(torch.tensor(measured["values"]).std().item())
+    # the baseline is the normalised pixels themselves: one feature per pixel and channel
+    assert state["rows"]["pixels"]["feature_dim"] == 3 * 32 * 32
+    # the same pre-training step count for every pre-trained row, none for the untrained ones
+    steps = {row["pretraining_steps"] for key, row in state["rows"].items() if key not in untrained}
     assert steps == {state["settings"]["pretrain_steps"]}
-    assert state["rows"]["random_init"]["pretraining_steps"] == 0
-    assert all(row["pretraining_seconds"] > 0 for key, row in state["rows"].items() if key != "random_init")
+    assert all(state["rows"][key]["pretraining_steps"] == 0 for key in untrained)
+    for key, row in state["rows"].items():
+        if key not in untrained:
+            assert row["pretraining_seconds"] > 0 and row["pretraining_images_per_second"] > 0
+            assert row["pretraining_epochs"] == pytest.approx(
+                state["settings"]["pretrain_steps"]
+                * state["settings"]["batch_size"]
+                / state["num_pretraining_images"],
+                abs=0.01,
+            )
 
     table = state["table_markdown"].splitlines()
     assert table[0].startswith("| row | linear probe (CLS)") and set(table[1]) <= set("|-:")
     assert len(table) == 2 + len(ROW_KEYS)
     for line in table[2:]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        assert len(cells) == 7
-        for cell in cells[1:6]:
+        assert len(cells) == 8
+        for cell in cells[1:5] + ([] if cells[0].startswith("raw pixels") else [cells[6]]):
             assert 0.0 <= float(cell) <= 100.0
+        assert cells[5].count("±") == 2
     assert "| row | linear probe (CLS)" in completed.stdout  # the table is printed too
 
     tsne = Path(state["tsne_file"])
@@ -174,6 +205,10 @@ def test_unknown_rows_and_bad_budget_are_refused():
         module.parse_args(["--rows", "mimco", "moco"])
     with pytest.raises(SystemExit):
         module.parse_args(["--budget_minutes", "0"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--eval_repeats", "0"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--seeds", "1", "1"])
 
 
 def test_step_plan_follows_the_budget():
@@ -182,7 +217,7 @@ def test_step_plan_follows_the_budget():
     small = module.plan_steps(module.parse_args(["--budget_minutes", "60"]), seconds)["pretrain_steps"]
     large = module.plan_steps(module.parse_args(["--budget_minutes", "120"]), seconds)["pretrain_steps"]
     assert small % 10 == 0 and large % 10 == 0 and 20 <= small < large
-    per_step = 1.0 + 0.3 + 4 * 0.5
+    per_step = 1.0 + 0.3 + 4 * 0.5  # the pixels and random-init rows cost no steps
     reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW * len(module.ROWS)
     assert small == int((60 * 60 - reserve) / per_step) // 10 * 10
     # fewer pre-training rows leave more steps to each; a budget below the evaluation reserve still trains a little
@@ -203,14 +238,72 @@ def test_markdown_table_lists_rows_in_table_order_and_marks_missing_values():
                 "knn_top1_mean": 0.75,
                 "finetune_top1": None,
                 "pretraining_seconds": 90.0,
+                "pretraining_images_per_second": 321.4,
+                "evaluation_spread": {
+                    "linear_probe_top1_cls": {"mean": 0.5, "std": 0.0125, "values": [0.5, 0.49, 0.51]},
+                    "knn_top1_cls": {"mean": 0.125, "std": 0.0, "values": [0.125]},
+                },
             },
             "random_init": {key: 0.1 for key in METRICS} | {"pretraining_seconds": None},
         }
     }
     lines = module.markdown_table(state).splitlines()
     assert len(lines) == 4
-    assert lines[2].startswith("| random initialisation | 10.0 |") and lines[2].endswith("| – |")
-    assert lines[3] == "| MimCo student (patch + image InfoNCE) | 50.0 | 25.0 | 12.5 | 75.0 | – | 1.5 min |"
+    assert lines[2].startswith("| random initialisation | 10.0 |") and lines[2].endswith("| – / – | 10.0 | – |")
+    assert lines[3] == (
+        "| MimCo student (patch + image InfoNCE) | 50.0 | 25.0 | 12.5 | 75.0 | ±1.2 / – | – | 1.5 min, 321 img/s |"
+    )
+
+
+def test_seed_summary_is_mean_and_sample_std_over_the_seeds():
+    module = _load_script()
+
+    def run(linear: float, finetune: float | None, seconds: float) -> dict:
+        metrics = dict.fromkeys(module.SEED_METRICS, 0.5) | {"linear_probe_top1_cls": linear}
+        return metrics | {"finetune_top1": finetune, "pretraining_seconds": seconds}
+
+    states = {
+        0: {"rows": {"mimco": run(0.40, 0.5, 60.0), "teacher": run(0.3, 0.4, 120.0)}},
+        1: {"rows": {"mimco": run(0.44, 0.6, 90.0), "teacher": run(0.3, 0.4, 120.0)}},
+        2: {"rows": {"mimco": run(0.42, 0.7, 120.0)}},  # this seed has no teacher row
+    }
+    summary = module.seed_summary(states)
+    assert summary["seeds"] == [0, 1, 2] and set(summary["rows"]) == {"mimco"}  # only rows every seed has
+    mimco = summary["rows"]["mimco"]
+    assert mimco["linear_probe_top1_cls"]["mean"] == pytest.approx(0.42)
+    assert mimco["linear_probe_top1_cls"]["std"] == pytest.approx(0.02)  # n - 1 in the denominator
+    assert mimco["finetune_top1"]["values"] == [0.5, 0.6, 0.7]
+    line = module.seed_summary_table(summary).splitlines()[2]
+    assert (
+        line == "| MimCo student (patch + image InfoNCE) | 42.0 ± 2.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 "
+        "| 60.0 ± 10.0 | 1.5 min |"
+    )
+
+
+@pytest.mark.slow
+def test_seeds_run_every_row_per_seed_on_the_same_evaluation_images(tmp_path):
+    """`--seeds` through the script: one results file per pre-training seed, and a summary computed from them."""
+    flags = ("--smoke", "--output_dir", str(tmp_path / "out"), "--results_dir", str(tmp_path / "results"))
+    completed, _ = _run(*flags, "--seeds", "3", "4", "--rows", "pixels", "random_init", "--finetune_epochs", "0")
+    summary = json.loads((tmp_path / "results" / "seed_summary.json").read_text())
+    assert summary["seeds"] == [3, 4] and summary["table_markdown"] in completed.stdout
+    assert (tmp_path / "results" / "seed_summary.md").read_text().strip() == summary["table_markdown"]
+    per_seed = {
+        seed: json.loads((tmp_path / "results" / f"seed-{seed}" / "reproduce_results.json").read_text())
+        for seed in (3, 4)
+    }
+    assert [per_seed[seed]["settings"]["seed"] for seed in (3, 4)] == [3, 4]
+    for key in ("pixels", "random_init"):
+        values = [per_seed[seed]["rows"][key]["knn_top1_cls"] for seed in (3, 4)]
+        assert summary["rows"][key]["knn_top1_cls"]["values"] == values
+        assert per_seed[3]["rows"][key]["finetune_top1"] is None  # --finetune_epochs 0: no fine-tune
+    # the pre-training seed changes the untrained network, not the evaluation images: the pixels score the same
+    assert summary["rows"]["pixels"]["knn_top1_cls"]["std"] == 0.0
+    random_features = [
+        torch.load(tmp_path / "out" / f"seed-{seed}" / "features" / "random_init.pt") for seed in (3, 4)
+    ]
+    assert torch.equal(random_features[0]["labels"], random_features[1]["labels"])
+    assert not torch.equal(random_features[0]["features"], random_features[1]["features"])
 
 
 def test_checkpoints_trained_under_other_settings_are_not_resumed(tmp_path):
