@@ -327,6 +327,22 @@ class FrozenFeatureResult:
         }
 
 
+def mean_pairwise_cosine(features: torch.Tensor) -> float:
+    """Mean cosine similarity over all pairs of different rows of `features` `(N, D)`, `N >= 2`.
+
+    Near 1 when every feature points the same way: after L2 normalisation, as an InfoNCE target is, nearly every
+    image then gives the same vector. Near 0 when the features spread over the sphere.
+    """
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"`features` must be (N, D) with N >= 2, got shape {tuple(features.shape)}.")
+    unit = torch.nn.functional.normalize(features.double(), dim=1)
+    summed = unit.sum(dim=0)
+    # the sum of <u_i, u_j> over all ordered pairs is |sum u|^2; the N diagonal terms (|u_i|^2) are taken out
+    diagonal = (unit * unit).sum()
+    num_rows = features.shape[0]
+    return float((summed @ summed - diagonal) / (num_rows * (num_rows - 1)))
+
+
 def evaluate_frozen_features(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -514,6 +530,7 @@ __all__ = [
     "knn_accuracy",
     "knn_classify",
     "limit_cpu_threads",
+    "mean_pairwise_cosine",
     "plot_tsne",
     "pool_features",
     "results_table",

@@ -313,3 +313,17 @@ def test_checkpoints_trained_under_other_settings_are_not_resumed(tmp_path):
     module.check_pretraining_settings(str(tmp_path), {**settings, "probe_epochs": 1})  # evaluation only: fine
     with pytest.raises(SystemExit, match="pretrain_steps"):
         module.check_pretraining_settings(str(tmp_path), {**settings, "pretrain_steps": 4})
+
+
+def test_teacher_crop_scale_reaches_stage_one(monkeypatch):
+    """reproduce.py's teacher uses 25 % crops unless told otherwise (docs/results.md has the measurement)."""
+    from modeling_mimco.commands import run_contrastive_pretraining as stage1
+
+    module = _load_script()
+    seen = []
+    monkeypatch.setattr(stage1, "run_contrastive_pretraining", lambda model_args, *rest: seen.append(model_args))
+    for argv, expected in (([], 0.25), (["--stage1_crop_min_scale", "0.08"], 0.08)):
+        args = module.parse_args(["--smoke", *argv])
+        module.pretrain_contrastive(args, 3, "unused")
+        assert seen[-1].crop_min_scale == expected
+        assert module.settings_of(args, {"pretrain_steps": 3})["stage1_crop_min_scale"] == expected
