@@ -90,7 +90,8 @@ UNTRAINED_KINDS = ("pixels", "random")
 
 
 # The teacher's smallest crop on 32-px CIFAR-10: 25 % instead of MoCo v3's 8 %, which at 32 px leaves a 9-px patch
-# of the image. Measured at 600 steps (docs/results.md): a stronger teacher and MimCo row on every metric, one seed.
+# of the image. Measured at 600 steps (docs/results.md): the MimCo row's linear probe gained 0.9 to 2.0 points on
+# both seeds tried, at no cost.
 STAGE1_CROP_MIN_SCALE = 0.25
 
 

@@ -34,8 +34,13 @@ COMMON = ["--model_preset", "tiny", "--report_to", "none", "--logging_steps", "1
 # layers make some gradients exactly zero in theory (the encoder's final LayerNorm bias feeds a Linear + BatchNorm,
 # which removes any constant shift) and rounding noise in practice; Adam's first steps are about +-lr whatever the
 # gradient's size, so the noise's sign, which differs between one and two processes, moves those weights by up to
-# lr per step, and the batch-8 BatchNorm statistics amplify the difference over later steps. Over 2 steps that stays
-# below the tolerance (seen: loss 5.6e-6, weights 5.7e-6); stage 2 has no BatchNorm and agrees to ~1e-7.
+# a few lr, and the batch-8 BatchNorm statistics amplify the difference in the next step's loss and in the running
+# statistics. So stage 1 is held to ATOL only where no update has happened yet (the first step's loss: forward,
+# data sharding and synchronised BatchNorm) and to looser bounds after it. Seen on an Intel Xeon: loss 5.6e-6,
+# weights 5.7e-6; on an AMD EPYC: first loss 4.8e-7, second loss 3.4e-5, trainable weights 9.2e-6, BatchNorm running
+# statistics 1.1e-4 (the momentum encoder, which moves 1 % as far, 3.2e-8). Stage 2 has no BatchNorm and agrees to
+# ~1e-7 everywhere.
+STAGE1_LOSS_ATOL, STAGE1_WEIGHT_ATOL, STAGE1_RUNNING_STATS_ATOL = 2e-4, 3e-5, 5e-4
 STAGE1 = ["--learning_rate", "1e-4", "--max_train_steps", str(STAGE1_STEPS)]
 STAGE2 = ["--head_hidden_size", "32", "--max_train_steps", str(STAGE2_STEPS)]
 
@@ -88,20 +93,31 @@ def _results(folder: Path) -> dict:
     return json.loads((folder / "train_results.json").read_text())
 
 
-def _assert_same_run(two: Path, one: Path, weight_files: tuple[str, ...]) -> None:
+def _assert_same_run(
+    two: Path,
+    one: Path,
+    weight_files: tuple[str, ...],
+    later_loss_atol: float = ATOL,
+    weight_atol: float = ATOL,
+    running_stats_atol: float = ATOL,
+) -> None:
+    """The 2-process run `two` against the 1-process run `one`: the first step's losses to ATOL, later losses to
+    `later_loss_atol`, saved weights to `weight_atol` (BatchNorm running statistics to `running_stats_atol`)."""
     history_two, history_one = _results(two)["log_history"], _results(one)["log_history"]
     assert [r["step"] for r in history_two] == [r["step"] for r in history_one]
     assert [r["step"] for r in history_one] == list(range(1, len(history_one) + 1)) and len(history_one) >= 2
     for record_two, record_one in zip(history_two, history_one):
+        atol = ATOL if record_one["step"] == 1 else later_loss_atol
         for key in LOSS_KEYS:
             if key in record_one:
-                assert record_two[key] == pytest.approx(record_one[key], abs=ATOL), (key, record_two, record_one)
+                assert record_two[key] == pytest.approx(record_one[key], abs=atol), (key, record_two, record_one)
     for name in weight_files:
         weights_two, weights_one = load_file(two / name), load_file(one / name)
         assert weights_two.keys() == weights_one.keys()
         for key in weights_one:
             difference = (weights_two[key].double() - weights_one[key].double()).abs().max().item()
-            assert difference <= ATOL, f"{name}: {key} differs by {difference:.2e}"
+            bound = running_stats_atol if ".running_" in key else weight_atol
+            assert difference <= bound, f"{name}: {key} differs by {difference:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +169,12 @@ def runs(tmp_path_factory) -> dict:
 
 def test_stage1_two_processes_train_like_one_process_on_the_global_batch(runs):
     _assert_same_run(
-        runs["stage1_two"], runs["stage1_one"], ("model.safetensors", "contrastive_model/model.safetensors")
+        runs["stage1_two"],
+        runs["stage1_one"],
+        ("model.safetensors", "contrastive_model/model.safetensors"),
+        later_loss_atol=STAGE1_LOSS_ATOL,
+        weight_atol=STAGE1_WEIGHT_ATOL,
+        running_stats_atol=STAGE1_RUNNING_STATS_ATOL,
     )
     assert _results(runs["stage1_two"])["num_processes"] == 2
     assert _results(runs["stage1_two"])["distributed_type"] == "MULTI_CPU"
