@@ -300,7 +300,8 @@ def test_seeds_run_every_row_per_seed_on_the_same_evaluation_images(tmp_path):
     # the pre-training seed changes the untrained network, not the evaluation images: the pixels score the same
     assert summary["rows"]["pixels"]["knn_top1_cls"]["std"] == 0.0
     random_features = [
-        torch.load(tmp_path / "out" / f"seed-{seed}" / "features" / "random_init.pt") for seed in (3, 4)
+        torch.load(tmp_path / "out" / f"seed-{seed}" / "features" / "random_init.pt", weights_only=True)
+        for seed in (3, 4)
     ]
     assert torch.equal(random_features[0]["labels"], random_features[1]["labels"])
     assert not torch.equal(random_features[0]["features"], random_features[1]["features"])
