@@ -35,6 +35,7 @@ from modeling_mimco.commands import (
     run_pretraining,
 )
 from modeling_mimco.evaluation import results_table
+from modeling_mimco.host_memory import keep_freed_memory
 from modeling_mimco.sources import DataArguments
 from modeling_mimco.training import TrainingResult
 
@@ -60,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "much faster than on two when the CPU is shared with other work.",
     )
     parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=1,
+        help="Worker processes that prepare the next batch while the model trains on this one (0: in the training "
+        "process). Every image's augmentation comes from its own seed, so the table does not depend on it.",
+    )
+    parser.add_argument(
         "--mixed_precision", choices=["no", "bf16"], default="no", help="Autocast of both pre-training stages."
     )
     parser.add_argument("--skip_pretraining", action="store_true", help="Evaluate the checkpoints already there.")
@@ -79,6 +87,7 @@ def demo_training_arguments(arguments_class: type, args: argparse.Namespace, out
         report_to="none",
         warmup_ratio=0.05,
         checkpointing_steps=100,
+        dataloader_num_workers=args.dataloader_num_workers,
         mixed_precision=args.mixed_precision,
         **settings,
     )
@@ -207,6 +216,7 @@ def print_report(summaries: list[str], report: dict, teacher_dir: str, student_d
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()  # about 20 % off a stage-1 step on the CPU (modeling_mimco/host_memory.py)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     teacher_dir = os.path.join(args.output_dir, "teacher")

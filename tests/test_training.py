@@ -405,6 +405,29 @@ def test_stage1_resume_matches_an_uninterrupted_run(tmp_path, stage1_digits):
     )
 
 
+@pytest.mark.slow
+def test_loader_workers_do_not_change_what_either_stage_trains(tmp_path):
+    """`make demo` prepares batches in a worker process: both stages must train the same weights with 0 and 1
+    workers, bit for bit, across an epoch boundary (where a new worker starts) and with stage 2's masks."""
+    subset = ["--max_train_samples", str(3 * BATCH_SIZE)]  # 3 steps an epoch: 5 steps cross into the second
+    outputs, losses = {}, {}
+    for workers in (0, 1):
+        teacher = tmp_path / f"teacher-{workers}"
+        student = tmp_path / f"student-{workers}"
+        flags = [*subset, "--dataloader_num_workers", str(workers)]
+        first = stage1.main(stage1_args(teacher, *flags, steps=5))
+        second = stage2.main(stage2_args(teacher, student, *flags, steps=5))
+        outputs[workers] = (
+            load_file(teacher / "contrastive_model" / "model.safetensors"),
+            load_file(student / "model.safetensors"),
+        )
+        losses[workers] = [record["loss"] for record in first.log_history + second.log_history]
+    assert len(losses[0]) == 10 and len(set(losses[0])) == 10  # five steps of each stage ran and trained
+    assert losses[1] == losses[0]
+    _assert_same_tensors(outputs[1][0], outputs[0][0], what="stage 1, 1 worker vs none")
+    _assert_same_tensors(outputs[1][1], outputs[0][1], what="stage 2, 1 worker vs none")
+
+
 # --- preemption --------------------------------------------------------------------------------------------------
 
 
