@@ -138,9 +138,9 @@ def _build_dataloader(
         generator=torch.Generator().manual_seed(args.seed),
         collate_fn=collator if streaming else only_batch,
         num_workers=args.dataloader_num_workers,
-        # Workers that last the whole run: starting them again each epoch cost about 5 % of a demo step. The
-        # seeded batches read their epoch from shared memory; a stream's `set_epoch` would not reach a persistent
-        # worker's copy, so a stream's workers start anew each epoch.
+        # Workers that last the whole run, not forked again (and waited for) at every epoch. The seeded batches
+        # read their epoch from shared memory; a stream's `set_epoch` would not reach a persistent worker's copy,
+        # so a stream's workers start anew each epoch.
         persistent_workers=args.dataloader_num_workers > 0 and not streaming,
         drop_last=not streaming,
     )
