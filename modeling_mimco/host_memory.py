@@ -3,9 +3,10 @@
 A training step on the CPU allocates its activations and gradients (a few MB each for the demo's tiny ViT), frees
 them at the end of the step and allocates them again in the next. glibc hands blocks above its mmap threshold
 straight back to the kernel and trims the top of its heap when enough of it is free, so every step faults the same
-memory back in, page by page. `tests/test_host_memory.py` measures that on the shape of a step (about 20,000 page
-faults per step with glibc's defaults, about 200 with this setting); `make demo` without a loader worker ran in 3 min
-2 s with it and 3 min 25 s without (docs/benchmarks.md).
+memory back in, page by page. `tests/test_host_memory.py` measures that on the shape of a step that touches 20,480
+pages: with glibc's defaults it faulted in about 20,000 of them on one machine and about 4,300 on another, with this
+setting about 200; `make demo` without a loader worker ran in 3 min 2 s with it and 3 min 25 s without
+(docs/benchmarks.md).
 
 `keep_freed_memory()` raises the mmap threshold to glibc's maximum, 32 MiB, and stops heap trimming, so freed blocks
 are reused by the next step. The process then keeps its peak memory until it exits, which suits a script that

@@ -47,10 +47,13 @@ def _page_faults_per_step(mode: str) -> float:
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's"
 )
 def test_freed_activations_are_reused_instead_of_faulted_in_again():
-    default, kept = _page_faults_per_step("default"), _page_faults_per_step("keep")
-    # glibc's defaults return the 80 MB to the kernel after each step and fault it back in (about 20,000 pages)
-    assert default > 10_000, default
-    assert kept < default / 20, (kept, default)
+    # How much of the 80 MB glibc's defaults give back and fault in again varies between machines (about 20,000
+    # faults per step on one, about 4,300 on another), so the bound is on the pages a step touches, not on that count.
+    import resource
+
+    pages_touched = 20 * 4 * 1024 * 1024 / resource.getpagesize()
+    kept = _page_faults_per_step("keep")
+    assert kept < pages_touched / 20, (kept, pages_touched, _page_faults_per_step("default"))
 
 
 def test_keep_freed_memory_changes_nothing_without_glibc(monkeypatch):
