@@ -8,7 +8,7 @@
    (one `run_linear_probe` run for all four), and a t-SNE picture of their test features is written.
 
 The script prints how the losses moved, a table of the accuracies and where the checkpoints and the picture are.
-It takes about 2.9 minutes on 2 CPU cores: one torch thread trains while a loader worker prepares the next batch on
+It takes about 3 minutes on 2 CPU cores: one torch thread trains while a loader worker prepares the next batch on
 the other core, and freed tensors are kept for the next step (`host_memory.keep_freed_memory`).
 
 Settings that differ from the paper-scale defaults, for a 4-layer, 64-wide ViT on 32-px digits, chosen by measurement
