@@ -14,7 +14,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-CHILD = """
+# the shape of a CPU training step: many 4 MB fp32 activations alive at once, written, then all freed
+ACTIVATIONS, ACTIVATION_BYTES = 20, 4 * 1024 * 1024
+
+CHILD = f"""
 import resource, sys
 import torch
 from modeling_mimco.host_memory import keep_freed_memory
@@ -23,8 +26,7 @@ if sys.argv[1] == "keep":
     assert keep_freed_memory() is True
 
 def step():
-    # the shape of a CPU training step: many 4 MB activations alive at once, written, then all freed
-    activations = [torch.ones(1024 * 1024) for _ in range(20)]
+    activations = [torch.ones({ACTIVATION_BYTES // 4}) for _ in range({ACTIVATIONS})]
     del activations
 
 step()
@@ -51,7 +53,7 @@ def test_freed_activations_are_reused_instead_of_faulted_in_again():
     # faults per step on one, about 4,300 on another), so the bound is on the pages a step touches, not on that count.
     import resource
 
-    pages_touched = 20 * 4 * 1024 * 1024 / resource.getpagesize()
+    pages_touched = ACTIVATIONS * ACTIVATION_BYTES / resource.getpagesize()
     kept = _page_faults_per_step("keep")
     assert kept < pages_touched / 20, (kept, pages_touched, _page_faults_per_step("default"))
 
