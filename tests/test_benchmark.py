@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from modeling_mimco.benchmarks import benchmark
+
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import benchmark  # noqa: E402
 
 
 def test_reference_computes_the_same_loss_on_the_same_weights():
@@ -96,7 +95,7 @@ def test_harness_writes_every_figure(tmp_path):
 def test_flops_are_counted_as_the_docs_count_them():
     """ViT-S/16 at 224 is 4.6 GMAC = 9.2 GFLOP per image forward; a stage-2 step of batch 16 adds the teacher's
     forward and the heads on the 120 masked patches of each image (docs/benchmarks.md)."""
-    from modeling_mimco.benchmarking import floor_step_flops, mimco_step_flops, vit_forward_flops
+    from modeling_mimco.benchmarks.measurement import floor_step_flops, mimco_step_flops, vit_forward_flops
 
     config = benchmark.mimco_config(benchmark.BenchmarkArguments(model_preset="vit-small-patch16"))
     assert vit_forward_flops(config, 1) == pytest.approx(9.197e9, rel=1e-3)
@@ -109,7 +108,7 @@ def test_flops_are_counted_as_the_docs_count_them():
 
 
 def test_gpu_peak_table_matches_device_names():
-    from modeling_mimco.gpu_check.peaks import lookup_gpu_peak
+    from modeling_mimco.benchmarks.gpu_check.peaks import lookup_gpu_peak
 
     assert lookup_gpu_peak("NVIDIA H200").bf16 == pytest.approx(989.4)
     assert lookup_gpu_peak("NVIDIA H100 80GB HBM3").part == "H100 SXM"

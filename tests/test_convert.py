@@ -21,9 +21,8 @@ from modeling_mimco import (
     MimCoForImageClassification,
     MimCoForPreTraining,
     MimCoModel,
-    convert,
-    vit_checkpoints,
 )
+from modeling_mimco.interop import convert, vit_checkpoints
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests of the data layer (`modeling_mimco.data`), all on generated data: no network, no downloaded dataset."""
+"""Tests of the data layer (`modeling_mimco.data.pipeline`), all on generated data: no network, no downloaded dataset."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from modeling_mimco.data import (
+from modeling_mimco.data.decoding import UnreadableImageError, decode_image, to_rgb
+from modeling_mimco.data.digits import DIGITS_DATASET, load_digits_dataset
+from modeling_mimco.data.pipeline import (
     ROW_INDEX_COLUMN,
     UNREADABLE_KEY,
     ContrastiveCollator,
@@ -25,15 +27,9 @@ from modeling_mimco.data import (
     MimCoPretrainingCollator,
     PretrainingExampleTransform,
     apply_example_transform,
-    build_contrastive_transforms,
-    build_eval_transform,
-    build_pretraining_transform,
     with_row_index,
 )
-from modeling_mimco.decoding import UnreadableImageError, decode_image, to_rgb
-from modeling_mimco.digits import DIGITS_DATASET, load_digits_dataset
-from modeling_mimco.masking import MimCoMaskGenerator
-from modeling_mimco.sources import (
+from modeling_mimco.data.sources import (
     disable_image_decoding,
     find_skipped_links,
     load_image_dataset,
@@ -41,7 +37,13 @@ from modeling_mimco.sources import (
     resolve_label_column,
     shard_for_process,
 )
-from modeling_mimco.training_log import SkippedImageTracker, TooManyUnreadableImagesError
+from modeling_mimco.data.transforms import (
+    build_contrastive_transforms,
+    build_eval_transform,
+    build_pretraining_transform,
+)
+from modeling_mimco.masking import MimCoMaskGenerator
+from modeling_mimco.training.log import SkippedImageTracker, TooManyUnreadableImagesError
 
 
 MEAN = [0.485, 0.456, 0.406]
@@ -354,7 +356,7 @@ def test_bad_images_are_skipped_and_counted(image_folder, num_workers, caplog):
     assert len(dataset) == 10
     dataset = _pretraining_pipeline(dataset, "image", "label")
     collator = MimCoPretrainingCollator(_mask_generator(), image_size=IMAGE_SIZE)
-    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data.pipeline"):
         num_rows, num_skipped, labels = _run_loader(dataset, collator, num_workers)
     assert num_skipped == sum(len(names) for names in BAD_FILES.values())
     assert num_rows == sum(len(names) for names in GOOD_FILES.values())
@@ -369,7 +371,7 @@ def test_bad_images_are_skipped_and_counted(image_folder, num_workers, caplog):
 def test_bad_image_warning_is_logged_once_per_file(image_folder, caplog):
     transform = PretrainingExampleTransform(build_eval_transform(IMAGE_SIZE, MEAN, STD), "image")
     bad = {"bytes": None, "path": os.path.join(image_folder, "cat", "empty.jpg")}
-    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data.pipeline"):
         output = transform({"image": [bad, bad]})
         transform({"image": bad})
     assert output == {"pixel_values": [None, None], UNREADABLE_KEY: [bad["path"], bad["path"]]}
@@ -418,7 +420,7 @@ def test_unreadable_row_without_a_path_is_named_by_its_row_and_parquet_file(tmp_
         dataset.train_test_split(test_size=0.5, seed=0)["train"],
         dataset.select(range(15)),
     ):
-        with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+        with caplog.at_level(logging.WARNING, logger="modeling_mimco.data.pipeline"):
             caplog.clear()
             markers = _unreadable_markers(apply_example_transform(variant, transform))
         if 13 in variant["id"]:
@@ -495,7 +497,7 @@ def _link_folder(root) -> tuple[str, list[tuple[str, str]]]:
 def test_links_that_imagefolder_drops_are_named_and_counted(tmp_path, caplog):
     folder, expected = _link_folder(tmp_path)
     assert find_skipped_links(folder) == expected
-    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data.pipeline"):
         dataset = load_image_dataset(train_dir=folder, cache_dir=str(tmp_path / "cache"))
     assert len(dataset) == 5  # the good images and the good link still load
     warnings = [record.getMessage() for record in caplog.records if "symbolic link" in record.getMessage()]
@@ -504,7 +506,7 @@ def test_links_that_imagefolder_drops_are_named_and_counted(tmp_path, caplog):
     for path, reason in expected:
         assert f"{path} ({reason})" in warnings[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data.pipeline"):
         load_image_dataset(train_dir=folder, cache_dir=str(tmp_path / "cache"), report_skipped_links=False)
     assert "symbolic link" not in caplog.text
 
@@ -512,7 +514,7 @@ def test_links_that_imagefolder_drops_are_named_and_counted(tmp_path, caplog):
     for i in range(12):
         os.symlink(tmp_path / "missing.png", os.path.join(folder, "bee", f"gone{i:02d}.png"))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_mimco.data.pipeline"):
         load_image_dataset(train_dir=folder, cache_dir=str(tmp_path / "cache"))
     assert "16 symbolic link(s) skipped" in caplog.text and "; and 6 more." in caplog.text
     assert caplog.text.count("(a dangling link") == 8  # ten named: dangling.png, the two loops, seven gone*.png
@@ -671,7 +673,7 @@ def test_pretraining_collator_masks_the_configured_count_per_row(strategy):
 
 
 def test_large_jpegs_are_decoded_at_a_reduced_size_only_when_the_crop_allows_it():
-    from modeling_mimco.decoding import reduced_decode_size
+    from modeling_mimco.data.decoding import reduced_decode_size
 
     def jpeg(width, height):
         buffer = io.BytesIO()
@@ -711,7 +713,7 @@ def test_fast_jpeg_decoding_matches_pil_and_keeps_broken_files_unreadable():
 def test_fused_normalisation_equals_todtype_then_normalize():
     from torchvision.transforms import v2
 
-    from modeling_mimco.data import ToNormalizedFloat
+    from modeling_mimco.data.transforms import ToNormalizedFloat
 
     image = v2.ToImage()(torch.randint(0, 256, (3, 9, 7), dtype=torch.uint8))
     mean, std = [0.5, 0.25, 0.1], [0.2, 0.3, 0.4]
@@ -722,7 +724,7 @@ def test_fused_normalisation_equals_todtype_then_normalize():
 
 
 def test_collator_normalises_uint8_batches_like_the_per_image_transform():
-    from modeling_mimco.data import ToNormalizedFloat
+    from modeling_mimco.data.transforms import ToNormalizedFloat
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     images = [torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8) for _ in range(3)]
@@ -740,7 +742,8 @@ def test_horizontal_flip_can_be_turned_off_in_both_stages():
     from torchvision.transforms import v2
 
     from modeling_mimco import MimCoConfig
-    from modeling_mimco.data import build_contrastive_transforms, pretraining_example_transform
+    from modeling_mimco.data.pipeline import pretraining_example_transform
+    from modeling_mimco.data.transforms import build_contrastive_transforms
 
     def flips(transform) -> int:
         return sum(isinstance(step, v2.RandomHorizontalFlip) for step in transform.transforms)

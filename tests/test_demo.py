@@ -29,11 +29,7 @@ def test_demo_prints_the_table_with_the_pixel_baseline(tmp_path):
 
 def test_demo_reading_is_computed_from_the_table():
     """The printed reading follows the numbers, and says plainly when an aim is missed."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    from modeling_mimco.experiments import demo
 
     def row(linear: float, knn: float) -> dict:
         return {"linear_probe_top1": linear, "knn_top1": knn, "num_test_images": 270}

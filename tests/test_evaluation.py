@@ -1,4 +1,4 @@
-"""Frozen-feature evaluation (`modeling_mimco.evaluation`, `scripts/run_linear_probe.py`): the offline top-k metric,
+"""Frozen-feature evaluation (`modeling_mimco.evaluation.frozen_features`, `scripts/run_linear_probe.py`): the offline top-k metric,
 the linear probe and the weighted k-NN on synthetic features, backbone loading for every kind of checkpoint, feature
 pooling, and the script's JSON and t-SNE outputs."""
 
@@ -23,9 +23,10 @@ from modeling_mimco import (
     MimCoForPreTraining,
     MimCoModel,
 )
-from modeling_mimco.data import build_eval_transform
-from modeling_mimco.decoding import decode_image
-from modeling_mimco.evaluation import (
+from modeling_mimco.data.decoding import decode_image
+from modeling_mimco.data.sources import load_classification_splits
+from modeling_mimco.data.transforms import build_eval_transform
+from modeling_mimco.evaluation.frozen_features import (
     LinearProbeConfig,
     build_linear_probe,
     classifier_accuracy,
@@ -36,9 +37,8 @@ from modeling_mimco.evaluation import (
     results_table,
     train_linear_probe,
 )
-from modeling_mimco.metrics import ClassificationMetrics, TopKAccuracy, load_accuracy_metric
-from modeling_mimco.model_folders import RANDOM_INIT, load_backbone
-from modeling_mimco.sources import load_classification_splits
+from modeling_mimco.evaluation.metrics import ClassificationMetrics, TopKAccuracy, load_accuracy_metric
+from modeling_mimco.interop.model_folders import RANDOM_INIT, load_backbone
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,7 +318,7 @@ def test_skipped_links_of_a_train_dir_are_reported_once_for_all_splits(tmp_path,
     from test_data import _link_folder
 
     folder, expected = _link_folder(tmp_path)
-    with caplog.at_level("WARNING", logger="modeling_mimco.data"):
+    with caplog.at_level("WARNING", logger="modeling_mimco.data.pipeline"):
         data = load_classification_splits(train_dir=folder, cache_dir=str(tmp_path / "cache"), train_val_split=0.4)
     assert len(data.train) + len(data.eval) == 5
     warnings = [record.getMessage() for record in caplog.records if "symbolic link" in record.getMessage()]

@@ -30,7 +30,8 @@ from test_training import (
     stage2_args,
 )
 
-from modeling_mimco.checkpointing import (
+from modeling_mimco.training.arguments import PreTrainingArguments
+from modeling_mimco.training.checkpointing import (
     LOCK_HOLDER_NAME,
     OutputDirLock,
     _write_manifest,
@@ -38,8 +39,7 @@ from modeling_mimco.checkpointing import (
     list_checkpoints,
     verify_checkpoint,
 )
-from modeling_mimco.training import train
-from modeling_mimco.training_args import PreTrainingArguments
+from modeling_mimco.training.loop import train
 
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_mimco.evaluation import mean_pairwise_cosine
+from modeling_mimco.evaluation.frozen_features import mean_pairwise_cosine
 
 
 REPO = Path(__file__).resolve().parents[1]

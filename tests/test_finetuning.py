@@ -1,4 +1,4 @@
-"""Fine-tuning (`scripts/run_finetuning.py` with `modeling_mimco.evaluation`'s recipe pieces): layer-wise learning-rate
+"""Fine-tuning (`scripts/run_finetuning.py` with `modeling_mimco.evaluation.frozen_features`'s recipe pieces): layer-wise learning-rate
 decay through the Trainer's optimizer hook, the soft-target loss, MixUp / CutMix, loading from every kind of
 checkpoint, the recipe's defaults, and an end-to-end run whose output serves `pipeline("image-classification")` here
 and as remote code in a process that cannot import this package."""
@@ -25,8 +25,8 @@ from modeling_mimco import (
     MimCoForImageClassification,
     MimCoForPreTraining,
 )
-from modeling_mimco.finetuning import FineTuningTrainer, SoftTargetCrossEntropy, build_batch_mixer
-from modeling_mimco.optimization import layer_decay_parameter_groups
+from modeling_mimco.evaluation.finetuning import FineTuningTrainer, SoftTargetCrossEntropy, build_batch_mixer
+from modeling_mimco.training.optimization import layer_decay_parameter_groups
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from test_training import (
 )
 
 from modeling_mimco import MimCoConfig, MimCoModel
-from modeling_mimco.sources import DataArguments, load_training_images
-from modeling_mimco.training import sample_seed
+from modeling_mimco.data.sources import DataArguments, load_training_images
+from modeling_mimco.training.loop import sample_seed
 
 
 pytestmark = pytest.mark.slow

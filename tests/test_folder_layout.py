@@ -19,7 +19,7 @@ from modeling_mimco import (
     MimCoForPreTraining,
     MimCoModel,
 )
-from modeling_mimco.model_folders import load_backbone
+from modeling_mimco.interop.model_folders import load_backbone
 
 
 LAYOUT_PATH = os.path.join(os.path.dirname(__file__), "fixtures", "folder_layout_e0b733f.json")

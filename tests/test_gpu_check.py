@@ -1,4 +1,4 @@
-"""The GPU check kit (`scripts/gpu_check.py`, `modeling_mimco/gpu_check/`) stays runnable without a GPU.
+"""The GPU check kit (`scripts/gpu_check.py`, `modeling_mimco/benchmarks/gpu_check/`) stays runnable without a GPU.
 
 `--smoke` runs every part on the CPU at tiny sizes; this test runs it as a user would, in a subprocess, and checks
 the report's structure: every part either ran (its checks passed) or says why it was skipped. The figures of a smoke
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_mimco import gpu_check
+from modeling_mimco.benchmarks import gpu_check
 
 
 REPO = Path(__file__).resolve().parents[1]

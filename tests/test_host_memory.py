@@ -20,7 +20,7 @@ ACTIVATIONS, ACTIVATION_BYTES = 20, 4 * 1024 * 1024
 CHILD = f"""
 import resource, sys
 import torch
-from modeling_mimco.host_memory import keep_freed_memory
+from modeling_mimco.training.host_memory import keep_freed_memory
 
 if sys.argv[1] == "keep":
     assert keep_freed_memory() is True
@@ -59,7 +59,7 @@ def test_freed_activations_are_reused_instead_of_faulted_in_again():
 
 
 def test_keep_freed_memory_changes_nothing_without_glibc(monkeypatch):
-    from modeling_mimco import host_memory
+    from modeling_mimco.training import host_memory
 
     monkeypatch.setattr(host_memory.sys, "platform", "darwin")
     assert host_memory.keep_freed_memory() is False

@@ -1,5 +1,5 @@
 """Real uploads (not the dry run) through huggingface_hub, against the fake Hub of tests/helpers/fake_hub.py on
-127.0.0.1: `mimco-push` as a subprocess with `HF_ENDPOINT`, and `hub.push_to_hub` (what the pre-training loop's
+127.0.0.1: `mimco-push` as a subprocess with `HF_ENDPOINT`, and `upload.push_to_hub` (what the pre-training loop's
 `--push_to_hub` calls) in this process. Nothing connects anywhere but 127.0.0.1."""
 
 import json
@@ -17,8 +17,9 @@ from huggingface_hub import ModelCard
 from transformers import ViTImageProcessor
 from transformers.dynamic_module_utils import get_relative_imports
 
-from modeling_mimco import MimCoForPreTraining, MimCoModel, hub
-from modeling_mimco.model_folders import save_image_processor
+from modeling_mimco import MimCoForPreTraining, MimCoModel
+from modeling_mimco.hub import upload
+from modeling_mimco.interop.model_folders import save_image_processor
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,11 +167,11 @@ def test_push_to_hub_uploads_a_pretraining_output_in_process(
 
     with FakeHub(token=FAKE_TOKEN, max_requests=40, timeout_s=60) as fake:
         use_in_process(fake, monkeypatch)
-        commit = hub.push_to_hub(str(output_dir), "me/mimco-student", token=FAKE_TOKEN, private=False)
+        commit = upload.push_to_hub(str(output_dir), "me/mimco-student", token=FAKE_TOKEN, private=False)
         first_output = capsys.readouterr().out
         # a second push to the repository, which now exists (409 from create-repo), is a second commit
         (output_dir / "train_results.json").write_text(json.dumps({"global_step": 4}))
-        second = hub.push_to_hub(output_dir, "me/mimco-student", token=FAKE_TOKEN, commit_message="Step 4")
+        second = upload.push_to_hub(output_dir, "me/mimco-student", token=FAKE_TOKEN, commit_message="Step 4")
         second_output = capsys.readouterr().out
 
     assert fake.unexpected == []
@@ -179,7 +180,7 @@ def test_push_to_hub_uploads_a_pretraining_output_in_process(
     assert fake.repos["me/mimco-student"]["visibility"] == "public"
     first, again = fake.commits
     assert set(first.files) == expected_upload(output_dir) and set(again.files) == set(first.files)
-    assert first.summary == hub.DEFAULT_COMMIT_MESSAGE and again.summary == "Step 4"
+    assert first.summary == upload.DEFAULT_COMMIT_MESSAGE and again.summary == "Step 4"
     code_files_with_their_imports(first.files, output_dir)
     assert first.files["README.md"] == (output_dir / "README.md").read_bytes()  # generated once, then kept
     card = ModelCard(first.files["README.md"].decode())
@@ -198,11 +199,11 @@ def test_network_failures_are_oserrors_that_name_the_repo(tmp_path, tiny_checkpo
     with FakeHub(token=FAKE_TOKEN, timeout_s=30) as fake:
         use_in_process(fake, monkeypatch)
         with pytest.raises(OSError, match="401") as rejected:
-            hub.push_to_hub(tiny_checkpoint, REPO_ID, token="hf_" + "Wr0" * 12)
+            upload.push_to_hub(tiny_checkpoint, REPO_ID, token="hf_" + "Wr0" * 12)
     assert "Wr0Wr0" not in str(rejected.value)
     # the server is gone now: the connection is refused
     with pytest.raises(OSError, match=f"Upload of .* to {REPO_ID} at {fake.endpoint} failed"):
-        hub.push_to_hub(tiny_checkpoint, REPO_ID, token=FAKE_TOKEN)
+        upload.push_to_hub(tiny_checkpoint, REPO_ID, token=FAKE_TOKEN)
 
 
 def test_the_fake_hub_is_bounded_in_requests_and_time():

@@ -13,7 +13,8 @@ from helpers.scripts import load_script
 from huggingface_hub import ModelCard
 from transformers import ViTImageProcessor
 
-from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel, model_card
+from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel
+from modeling_mimco.hub import model_card
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -394,11 +395,11 @@ def test_the_template_is_read_from_the_built_wheel(tmp_path):
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        assert "modeling_mimco/templates/model_card.md" in archive.namelist()
+        assert "modeling_mimco/hub/templates/model_card.md" in archive.namelist()
 
     folder = save_checkpoint(tmp_path / "ckpt")
     program = (
-        "import sys; import modeling_mimco.model_card as model_card; print(model_card.__file__); "
+        "import sys; import modeling_mimco.hub.model_card as model_card; print(model_card.__file__); "
         "print(model_card.DEFAULT_TEMPLATE.name); "
         "model_card.build_model_card(sys.argv[1], repo_id='me/mimco-wheel').save(sys.argv[2])"
     )

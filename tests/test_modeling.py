@@ -23,7 +23,7 @@ from modeling_mimco import (
     MimCoForPreTraining,
     MimCoModel,
 )
-from modeling_mimco.vit_checkpoints import mimco_to_timm_state_dict, timm_to_mimco_state_dict
+from modeling_mimco.interop.vit_checkpoints import mimco_to_timm_state_dict, timm_to_mimco_state_dict
 
 
 def tiny_config(**overrides) -> MimCoConfig:

@@ -11,7 +11,8 @@ from helpers.scripts import load_script
 from huggingface_hub import CommitInfo, ModelCard
 from transformers import ViTImageProcessor
 
-from modeling_mimco import MimCoConfig, MimCoModel, hub, model_card
+from modeling_mimco import MimCoConfig, MimCoModel
+from modeling_mimco.hub import model_card, upload
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ class NoNetworkApi:
 
 @pytest.fixture
 def no_network(monkeypatch):
-    monkeypatch.setattr(hub, "HfApi", NoNetworkApi)
+    monkeypatch.setattr(upload, "HfApi", NoNetworkApi)
 
     def refuse(*args, **kwargs):
         raise AssertionError("network access attempted")
@@ -94,7 +95,7 @@ def test_dry_run_lists_the_files_and_uploads_nothing(script, checkpoint, no_netw
     output = capsys.readouterr().out
     files = listed_files(output)
     assert set(files) == expected and len(files) == len(expected)
-    assert files == hub.plan_upload(checkpoint, "me/mimco-tiny").files
+    assert files == upload.plan_upload(checkpoint, "me/mimco-tiny").files
     assert "optimizer.pt" not in files and "logs/events.txt" not in files
     assert "Left out (2 files, kept local): logs/ (1 file), optimizer.pt" in output
     assert "nothing was uploaded" in output
@@ -111,7 +112,7 @@ def test_dry_run_without_a_card_would_generate_it_and_writes_nothing(script, che
     assert "no README.md written" in output
     assert sorted(path.name for path in checkpoint.iterdir()) == before
 
-    plan = hub.plan_upload(checkpoint, "me/mimco-tiny")
+    plan = upload.plan_upload(checkpoint, "me/mimco-tiny")
     assert plan.generated_card is not None and plan.generated_card.data.library_name == "transformers"
     assert 'repo_id = "me/mimco-tiny"' in plan.generated_card.text
 
@@ -171,7 +172,7 @@ class RecordingApi:
 
 def test_push_makes_one_commit_without_printing_the_token(script, checkpoint, monkeypatch, capsys, caplog):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(upload, "HfApi", RecordingApi)
     RecordingApi.calls = []
     script.main(["--checkpoint_dir", str(checkpoint), "--hub_model_id", "me/mimco-tiny", "--dry_run"])
     dry_files = listed_files(capsys.readouterr().out)
@@ -209,10 +210,10 @@ def test_push_makes_one_commit_without_printing_the_token(script, checkpoint, mo
 
 def test_push_writes_the_generated_card_before_the_commit(checkpoint, monkeypatch, capsys):
     (checkpoint / "README.md").unlink()
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(upload, "HfApi", RecordingApi)
     RecordingApi.calls = []
     results = {"dataset": "uoft-cs/cifar10", "results": {"knn_top1": 55.5}}
-    hub.push_to_hub(checkpoint, "me/mimco-tiny", token=FAKE_TOKEN, results=results)
+    upload.push_to_hub(checkpoint, "me/mimco-tiny", token=FAKE_TOKEN, results=results)
     card = ModelCard.load(checkpoint / "README.md")
     assert [result.metric_value for result in card.data.eval_results] == [55.5]
     commit_call = next(call[1] for call in RecordingApi.calls if call[0] == "create_commit")
@@ -226,10 +227,10 @@ def test_an_explicit_token_is_checked_against_the_files(checkpoint, monkeypatch,
     other_token = "not-shaped-like-a-token-1234"
     (checkpoint / "preprocessor_config.json").write_text(json.dumps({"note": other_token}))
     with pytest.raises(ValueError, match="preprocessor_config.json contains") as error:
-        hub.push_to_hub(checkpoint, "me/mimco-tiny", token=other_token)
+        upload.push_to_hub(checkpoint, "me/mimco-tiny", token=other_token)
     assert other_token not in str(error.value)
     with pytest.raises(ValueError, match="commit message"):
-        hub.push_to_hub(checkpoint, "me/mimco-tiny", token=FAKE_TOKEN, commit_message=f"token {FAKE_TOKEN}")
+        upload.push_to_hub(checkpoint, "me/mimco-tiny", token=FAKE_TOKEN, commit_message=f"token {FAKE_TOKEN}")
 
 
 def test_files_holding_a_token_are_refused(script, checkpoint, monkeypatch, no_network):
@@ -242,6 +243,6 @@ def test_files_holding_a_token_are_refused(script, checkpoint, monkeypatch, no_n
 
 
 def test_push_without_a_token_is_refused(script, checkpoint, monkeypatch, no_network):
-    monkeypatch.setattr(hub, "get_token", lambda: None)
+    monkeypatch.setattr(upload, "get_token", lambda: None)
     with pytest.raises(SystemExit, match="HF_TOKEN"):
         script.main(["--checkpoint_dir", str(checkpoint), "--hub_model_id", "me/mimco-tiny"])

@@ -8,7 +8,6 @@ settings (one step count for every pre-trained row, the pixel-MIM encoder loaded
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -36,10 +35,10 @@ METRICS = ("linear_probe_top1_cls", "linear_probe_top1_mean", "knn_top1_cls", "k
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("_mimco_reproduce_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The reproduction's module, which `scripts/reproduce.py` runs."""
+    from modeling_mimco.experiments import reproduction
+
+    return reproduction
 
 
 def _run(*flags: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
@@ -117,7 +116,7 @@ def test_smoke_writes_every_row_and_a_well_formed_table(smoke_run):
 
 @pytest.mark.slow
 def test_smoke_model_card_is_generated_from_the_results(smoke_run):
-    from modeling_mimco.model_card import validate_model_card
+    from modeling_mimco.hub.model_card import validate_model_card
 
     root, _, _, _ = smoke_run
     state = json.loads((root / "results" / "reproduce_results.json").read_text())
@@ -132,7 +131,7 @@ def test_smoke_model_card_is_generated_from_the_results(smoke_run):
 def test_pixel_mim_encoder_is_evaluated_through_load_backbone(smoke_run):
     from transformers import ViTForMaskedImageModeling
 
-    from modeling_mimco.model_folders import load_backbone
+    from modeling_mimco.interop.model_folders import load_backbone
 
     root, _, _, _ = smoke_run
     folder = root / "out" / "pixel_mim"
@@ -190,13 +189,13 @@ def test_smoke_on_digits(tmp_path):
 
 def test_smoke_falls_back_to_digits_without_the_local_cifar10(monkeypatch, tmp_path):
     module = _load_script()
-    monkeypatch.setattr(module, "LOCAL_CIFAR10", str(tmp_path / "absent"))
-    assert module.parse_args(["--smoke"]).dataset_name == "digits"
-    assert module.parse_args([]).dataset_name == module.HUB_CIFAR10
+    local = str(tmp_path / "absent")
+    assert module.parse_args(["--smoke"], local).dataset_name == "digits"
+    assert module.parse_args([], local).dataset_name == module.HUB_CIFAR10
     (tmp_path / "cifar10").mkdir()
-    monkeypatch.setattr(module, "LOCAL_CIFAR10", str(tmp_path / "cifar10"))
-    assert os.path.samefile(module.parse_args(["--smoke"]).dataset_name, tmp_path / "cifar10")
-    assert os.path.samefile(module.parse_args([]).dataset_name, tmp_path / "cifar10")
+    local = str(tmp_path / "cifar10")
+    assert os.path.samefile(module.parse_args(["--smoke"], local).dataset_name, tmp_path / "cifar10")
+    assert os.path.samefile(module.parse_args([], local).dataset_name, tmp_path / "cifar10")
 
 
 def test_unknown_rows_and_bad_budget_are_refused():

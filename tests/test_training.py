@@ -1,4 +1,4 @@
-"""End-to-end tests of the two pre-training scripts and the shared training loop (`modeling_mimco.training`).
+"""End-to-end tests of the two pre-training scripts and the shared training loop (`modeling_mimco.training.loop`).
 
 Everything runs on tiny models (the `tiny` preset, 32-px images) for a few steps on the built-in digits data or on
 image folders generated here. Runs go through the scripts' `main(argv)` in this process where possible, and as
@@ -28,7 +28,9 @@ from helpers.scripts import load_script
 from safetensors.torch import load_file, save_file
 
 from modeling_mimco import MimCoModel
-from modeling_mimco.checkpointing import (
+from modeling_mimco.errors import MimCoError
+from modeling_mimco.training.arguments import PreTrainingArguments
+from modeling_mimco.training.checkpointing import (
     MANIFEST_NAME,
     TRAINER_STATE_NAME,
     CheckpointError,
@@ -36,10 +38,8 @@ from modeling_mimco.checkpointing import (
     list_checkpoints,
     verify_checkpoint,
 )
-from modeling_mimco.errors import MimCoError
-from modeling_mimco.training import train
-from modeling_mimco.training_args import PreTrainingArguments
-from modeling_mimco.training_log import TooManyUnreadableImagesError
+from modeling_mimco.training.log import TooManyUnreadableImagesError
+from modeling_mimco.training.loop import train
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -571,7 +571,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, stage1_digits, bad_
         steps=2,
     )
     args[args.index("--per_device_train_batch_size") + 1] = str(batch)
-    with caplog.at_level("WARNING", logger="modeling_mimco.data"):
+    with caplog.at_level("WARNING", logger="modeling_mimco.data.pipeline"):
         result = stage2.main(args)
     assert result.global_step == 2
     assert result.skipped_images == len(UNREADABLE_FILES)

@@ -70,7 +70,7 @@ def installed(tmp_path_factory) -> dict:
 
 def test_wheel_ships_the_package_the_commands_and_the_card_template(installed):
     names = zipfile.ZipFile(installed["wheel"]).namelist()
-    assert "modeling_mimco/templates/model_card.md" in names
+    assert "modeling_mimco/hub/templates/model_card.md" in names
     assert "modeling_mimco/commands/run_pretraining.py" in names
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     text = zipfile.ZipFile(installed["wheel"]).read(entry_points).decode()

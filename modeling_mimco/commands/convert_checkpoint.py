@@ -113,7 +113,7 @@ class ConversionArguments:
 def convert_to_mimco(args: ConversionArguments):
     """Checkpoint file -> MimCoModel folder. Returns the model."""
     from modeling_mimco import MimCoConfig
-    from modeling_mimco.convert import convert_checkpoint_to_mimco
+    from modeling_mimco.interop.convert import convert_checkpoint_to_mimco
 
     output_dir = Path(args.output_path)
     if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite_output):
@@ -148,7 +148,7 @@ def convert_to_mimco(args: ConversionArguments):
 
 def convert_to_timm(args: ConversionArguments):
     """MimCo checkpoint folder -> timm .safetensors. Returns (model name, create_model kwargs, overlay)."""
-    from modeling_mimco.convert import convert_mimco_to_timm, format_timm_create_model_call
+    from modeling_mimco.interop.convert import convert_mimco_to_timm, format_timm_create_model_call
 
     output_file = Path(args.output_path)
     if output_file.exists() and not args.overwrite_output:

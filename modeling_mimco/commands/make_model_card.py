@@ -1,6 +1,6 @@
 """Write the model card (README.md) of a MimCo checkpoint folder: the `mimco-card` command.
 
-The card is rendered from the Jinja2 template shipped in the package (`modeling_mimco/templates/model_card.md`)
+The card is rendered from the Jinja2 template shipped in the package (`modeling_mimco/hub/templates/model_card.md`)
 with `huggingface_hub.ModelCard.from_template` and filled from the folder's `config.json` and, optionally, a results
 file. It gets YAML metadata (license, `library_name: transformers`, tags including `mimco` and `vision`,
 `pipeline_tag` `image-feature-extraction` or `image-classification`, datasets, and a `model-index` with the
@@ -32,7 +32,7 @@ written.
 
 `dataset` may also be a plain Hub id string. `pretraining` is free-form and listed in the training recipe after the
 settings read from `config.json`. Any other file is refused. `--dataset` / `--dataset_split` set or replace the
-evaluation dataset of any of them. See `modeling_mimco/model_card.py` for the full description.
+evaluation dataset of any of them. See `modeling_mimco/hub/model_card.py` for the full description.
 
 Example:
 
@@ -52,7 +52,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from modeling_mimco.commands import reports_errors, run_command
-from modeling_mimco.model_card import build_model_card, load_results
+from modeling_mimco.hub.model_card import build_model_card, load_results
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Upload a MimCo checkpoint folder to the Hugging Face Hub in one commit: the `mimco-push` command.
 
-It runs `modeling_mimco.hub.push_to_hub`, the same function as the pre-training loop's `--push_to_hub`. The upload
+It runs `modeling_mimco.hub.upload.push_to_hub`, the same function as the pre-training loop's `--push_to_hub`. The upload
 holds exactly what a user needs to load the model, with or without the `mimco` package:
 
 * `config.json`, which must carry an `auto_map` (saved after `import modeling_mimco`);
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from huggingface_hub import CommitInfo
 from transformers import HfArgumentParser
 
-from modeling_mimco import hub
 from modeling_mimco.commands import reports_errors, run_command
 from modeling_mimco.commands.make_model_card import ResultsArguments
+from modeling_mimco.hub import upload
 
 
 @dataclass
@@ -46,7 +46,7 @@ class PushArguments:
     checkpoint_dir: str = field(metadata={"help": "The checkpoint folder to upload."})
     hub_model_id: str = field(metadata={"help": "The repository to create or update, `namespace/name`."})
     private: bool = field(default=False, metadata={"help": "Create the repository as private."})
-    commit_message: str = field(default=hub.DEFAULT_COMMIT_MESSAGE, metadata={"help": "Message of the commit."})
+    commit_message: str = field(default=upload.DEFAULT_COMMIT_MESSAGE, metadata={"help": "Message of the commit."})
     revision: str | None = field(default=None, metadata={"help": "Branch to commit to (default: main)."})
     dry_run: bool = field(default=False, metadata={"help": "List the files that would be uploaded; upload nothing."})
 
@@ -55,7 +55,7 @@ def push(args: PushArguments, results_args: ResultsArguments | None = None) -> C
     """What `mimco-push` does with its parsed arguments: checks the folder, then uploads it (or, with `dry_run`,
     only lists it). Returns the `CommitInfo` (`None` for a dry run)."""
     results = (results_args or ResultsArguments()).load(args.checkpoint_dir)
-    return hub.push_to_hub(
+    return upload.push_to_hub(
         args.checkpoint_dir,
         args.hub_model_id,
         private=args.private,

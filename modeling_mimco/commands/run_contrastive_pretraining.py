@@ -21,16 +21,12 @@ from transformers import HfArgumentParser, set_seed
 from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining
 from modeling_mimco.commands import recipe_default, reports_errors, run_command
 from modeling_mimco.configuration_mimco import preset_backbone_kwargs
-from modeling_mimco.data import (
-    ContrastiveCollator,
-    ContrastiveExampleTransform,
-    apply_example_transform,
-    build_contrastive_transforms,
-)
-from modeling_mimco.model_folders import save_image_processor
-from modeling_mimco.sources import DataArguments, load_training_images
-from modeling_mimco.training import TrainingResult, create_accelerator, train
-from modeling_mimco.training_args import PreTrainingArguments
+from modeling_mimco.data.pipeline import ContrastiveCollator, ContrastiveExampleTransform, apply_example_transform
+from modeling_mimco.data.sources import DataArguments, load_training_images
+from modeling_mimco.data.transforms import build_contrastive_transforms
+from modeling_mimco.interop.model_folders import save_image_processor
+from modeling_mimco.training.arguments import PreTrainingArguments
+from modeling_mimco.training.loop import TrainingResult, create_accelerator, train
 
 
 logger = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ learning-rate decay (`--layer_decay 0.65`), stochastic depth (`--drop_path_rate 
 mean`), RandAugment (`--rand_augment_num_ops 2 --rand_augment_magnitude 9`), random erasing (`--random_erasing 0.25`),
 MixUp (`--mixup 0.8`) and CutMix (`--cutmix 1.0`), label smoothing (`--label_smoothing_factor 0.1`), AdamW with
 weight decay 0.05 and a cosine schedule with warmup. Top-1 (and top-5 with at least 5 classes) accuracy is computed
-with the `evaluate` library and no network (`modeling_mimco.metrics.TopKAccuracy`).
+with the `evaluate` library and no network (`modeling_mimco.evaluation.metrics.TopKAccuracy`).
 
 The output folder holds the model with `id2label` / `label2id` and its `preprocessor_config.json`, ready for
 `pipeline("image-classification", model=OUTPUT_DIR)` (passing `trust_remote_code` where this package is not
 installed). `--push_to_hub --hub_model_id ORG/NAME` uploads it once, at the end, through the package's checked upload
-(`modeling_mimco.hub.push_to_hub`, as `mimco-push` does: a model card with the eval accuracy, only the model's
+(`modeling_mimco.hub.upload.push_to_hub`, as `mimco-push` does: a model card with the eval accuracy, only the model's
 files, no access token); the `Trainer` itself never creates a repository or pushes.
 """
 
@@ -37,17 +37,13 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_mimco import MimCoForImageClassification
 from modeling_mimco.commands import reports_errors, run_command
-from modeling_mimco.data import (
-    MimCoPretrainingCollator,
-    PretrainingExampleTransform,
-    apply_example_transform,
-    build_eval_transform,
-)
+from modeling_mimco.data.pipeline import MimCoPretrainingCollator, PretrainingExampleTransform, apply_example_transform
+from modeling_mimco.data.sources import ClassificationData, LabelledDataArguments
+from modeling_mimco.data.transforms import build_eval_transform
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.finetuning import FineTuningTrainer, SoftTargetCrossEntropy, build_batch_mixer
-from modeling_mimco.metrics import ClassificationMetrics, reported_top_k, top_k_predictions
-from modeling_mimco.model_folders import load_classifier, load_image_processor, processor_side
-from modeling_mimco.sources import ClassificationData, LabelledDataArguments
+from modeling_mimco.evaluation.finetuning import FineTuningTrainer, SoftTargetCrossEntropy, build_batch_mixer
+from modeling_mimco.evaluation.metrics import ClassificationMetrics, reported_top_k, top_k_predictions
+from modeling_mimco.interop.model_folders import load_classifier, load_image_processor, processor_side
 
 
 logger = logging.getLogger(__name__)
@@ -240,7 +236,7 @@ def build_trainer(
     """The `FineTuningTrainer` of the recipe: soft-target loss, layer decay, MixUp / CutMix, top-k accuracy.
 
     It never talks to the Hub (`push_to_hub` is off in its copy of the arguments): `--push_to_hub` uploads once, at
-    the end, through `modeling_mimco.hub.push_to_hub` (`push_finetuned_model`)."""
+    the end, through `modeling_mimco.hub.upload.push_to_hub` (`push_finetuned_model`)."""
     trainer_args = copy.copy(training_args)
     trainer_args.push_to_hub = False
     top_k = max(reported_top_k(num_labels))
@@ -286,8 +282,8 @@ def push_finetuned_model(
     """Uploads the output folder in one commit through the package's checked path (`hub.push_to_hub`: model card,
     file list, secret check), from the main process; the card gets the eval accuracy on `dataset` / `eval_split`
     when it was measured. Called on every process."""
-    from modeling_mimco.hub import push_to_hub
-    from modeling_mimco.model_card import load_results
+    from modeling_mimco.hub.model_card import load_results
+    from modeling_mimco.hub.upload import push_to_hub
 
     output_dir = training_args.output_dir
     if not training_args.do_train:

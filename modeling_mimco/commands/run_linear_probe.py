@@ -24,8 +24,9 @@ import torch
 from transformers import HfArgumentParser
 
 from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.data.sources import ClassificationData, LabelledDataArguments
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.evaluation import (
+from modeling_mimco.evaluation.frozen_features import (
     FEATURE_POOLINGS,
     FrozenFeatureResult,
     LinearProbeConfig,
@@ -33,8 +34,7 @@ from modeling_mimco.evaluation import (
     plot_tsne,
     results_table,
 )
-from modeling_mimco.model_folders import PIXELS, RANDOM_INIT, Backbone, load_backbone
-from modeling_mimco.sources import ClassificationData, LabelledDataArguments
+from modeling_mimco.interop.model_folders import PIXELS, RANDOM_INIT, Backbone, load_backbone
 
 
 RESULTS_NAME = "linear_probe_results.json"

@@ -21,12 +21,12 @@ from transformers import HfArgumentParser, set_seed
 from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoModel
 from modeling_mimco.commands import recipe_default, reports_errors, run_command
 from modeling_mimco.configuration_mimco import BACKBONE_FIELDS, preset_backbone_kwargs
-from modeling_mimco.data import MimCoPretrainingCollator, build_pretraining_pipeline
+from modeling_mimco.data.pipeline import MimCoPretrainingCollator, build_pretraining_pipeline
+from modeling_mimco.data.sources import DataArguments, load_training_images
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.model_folders import save_image_processor
-from modeling_mimco.sources import DataArguments, load_training_images
-from modeling_mimco.training import TrainingResult, create_accelerator, train
-from modeling_mimco.training_args import PreTrainingArguments
+from modeling_mimco.interop.model_folders import save_image_processor
+from modeling_mimco.training.arguments import PreTrainingArguments
+from modeling_mimco.training.loop import TrainingResult, create_accelerator, train
 
 
 logger = logging.getLogger(__name__)

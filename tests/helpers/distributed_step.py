@@ -21,7 +21,7 @@ from modeling_mimco import (
     MimCoForPreTraining,
     MimCoMaskGenerator,
 )
-from modeling_mimco.optimization import parameter_groups
+from modeling_mimco.training.optimization import parameter_groups
 
 
 GLOBAL_BATCH = 8  # 2 processes x 4 images

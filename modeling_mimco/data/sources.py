@@ -1,0 +1,636 @@
+"""Where images come from: the one place that knows the data sources the scripts accept.
+
+- `ImageSourceArguments`: the source flags every script shares (`--dataset_name`, `--train_dir`, `--data_files`,
+  `--train_split`, `--image_column`, `--max_train_samples`); `DataArguments` (pre-training) and
+  `LabelledDataArguments` (fine-tuning, frozen-feature evaluation) extend it.
+- `load_image_dataset`: one split from a Hub dataset or local dataset folder, a folder of class sub-folders, parquet
+  files, or the built-in digits (`digits.load_digits_dataset`), optionally streaming. It checks local parquet files by name,
+  warns about the symbolic links a class folder drops silently (`find_skipped_links`), and remembers which parquet
+  file each row came from, so that `data.apply_example_transform` can name an unreadable image by its row.
+- `resolve_image_column` / `resolve_label_column`, `disable_image_decoding` (images stay `{"bytes", "path"}` records
+  until `decoding.decode_image`), `shard_for_process` (a stream split between processes).
+- `load_training_images` (pre-training) and `load_classification_splits` (a labelled train and evaluation split).
+
+Imports only `digits` and `errors`; the augmentations and collators that consume these datasets are in
+`transforms.py` and `pipeline.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets.exceptions import DatasetGenerationError
+from datasets.table import list_table_cache_files
+
+from modeling_mimco.data.digits import DIGITS_DATASET, load_digits_dataset
+from modeling_mimco.errors import one_line
+
+
+logger = logging.getLogger(__name__)
+
+
+MAX_LISTED_NAMES = 10
+"""How many names a warning about skipped files lists before it only counts the rest."""
+
+
+@dataclass
+class ImageSourceArguments:
+    """Where a script's images come from: a Hub dataset or local dataset folder (`--dataset_name`), a folder with one
+    sub-folder per class (`--train_dir`), parquet files (`--data_files`), or, without any of those, the built-in
+    digits data. Every script's data arguments extend this class, so a new kind of source is added here once."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, or 'digits'."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files with an image column."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column; found automatically if unset."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use a subset of N training images, drawn with --seed (a folder sorted by class still gives every "
+            "class); with --streaming, the first N of the stream."
+        },
+    )
+
+    def __post_init__(self):
+        if self.max_train_samples is not None and not self.max_train_samples > 0:
+            raise ValueError(f"--max_train_samples must be positive, got {self.max_train_samples}.")
+
+    def source_kwargs(self) -> dict:
+        """The `load_image_dataset` arguments that name the source (all but the split)."""
+        return {
+            "dataset_name": self.dataset_name,
+            "dataset_config_name": self.dataset_config_name,
+            "train_dir": self.train_dir,
+            "data_files": self.data_files,
+        }
+
+
+@dataclass
+class DataArguments(ImageSourceArguments):
+    """The images of the two pre-training stages (unlabelled; a label column is ignored)."""
+
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of preparing it locally."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
+
+
+@dataclass
+class LabelledDataArguments(ImageSourceArguments):
+    """The labelled images of fine-tuning and frozen-feature evaluation: a training split and an evaluation split."""
+
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
+    )
+    train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
+    label_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N eval images."})
+
+    def load_splits(
+        self, seed: int, cache_dir: str | None = None, token: str | bool | None = None
+    ) -> ClassificationData:
+        """The training and evaluation splits these arguments describe (`load_classification_splits`)."""
+        return load_classification_splits(
+            **self.source_kwargs(),
+            train_split=self.train_split,
+            eval_split=self.eval_split,
+            train_val_split=self.train_val_split,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            max_train_samples=self.max_train_samples,
+            max_eval_samples=self.max_eval_samples,
+            cache_dir=cache_dir,
+            token=token,
+            seed=seed,
+        )
+
+
+def load_training_images(
+    data_args: DataArguments, image_size: int, process_index: int = 0, num_processes: int = 1, seed: int = 42
+):
+    """Loads the training split of `data_args` with undecoded images; returns `(dataset, image_column)`.
+
+    `seed` draws the `--max_train_samples` subset."""
+    dataset = load_image_dataset(
+        **data_args.source_kwargs(),
+        split=data_args.train_split,
+        streaming=data_args.streaming,
+        cache_dir=data_args.cache_dir,
+        digits_image_size=image_size,
+    )
+    image_column = resolve_image_column(dataset, data_args.image_column)
+    if data_args.max_train_samples is not None:
+        if data_args.streaming:
+            dataset = dataset.take(data_args.max_train_samples)
+        else:
+            subset = np.random.default_rng(seed).permutation(len(dataset))[: data_args.max_train_samples]
+            dataset = dataset.select(np.sort(subset))
+    dataset = disable_image_decoding(dataset, image_column)
+    dataset = shard_for_process(dataset, process_index, num_processes)
+    return dataset, image_column
+
+
+@dataclass
+class ClassificationData:
+    """A labelled train split and evaluation split, images left undecoded (see `disable_image_decoding`)."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    image_column: str
+    label_column: str
+    class_names: list[str]
+    eval_split: str
+    """Where the evaluation images came from: a split name, or `"train[split off N%]"`."""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.class_names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.class_names)}
+
+
+def load_classification_splits(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    data_files: str | list[str] | dict | None = None,
+    train_split: str = "train",
+    eval_split: str | None = None,
+    train_val_split: float = 0.15,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    seed: int = 42,
+    digits_image_size: int = 32,
+) -> ClassificationData:
+    """Loads a labelled image dataset (any source of `load_image_dataset`) as a train and an evaluation split.
+
+    The evaluation split is `eval_split` when given; otherwise `"validation"`, else `"test"`, else a seeded split of
+    `train_val_split` of the training images (stratified by class when the labels are a `ClassLabel`). Labels must be
+    a `ClassLabel`, integers (class `i` is named `str(i)`) or strings (classes sorted by name).
+    """
+    source = dict(
+        dataset_name=dataset_name,
+        dataset_config_name=dataset_config_name,
+        train_dir=train_dir,
+        data_files=data_files,
+        cache_dir=cache_dir,
+        token=token,
+        digits_image_size=digits_image_size,
+    )
+    train = load_image_dataset(split=train_split, **source)
+    image_column = resolve_image_column(train, image_column)
+    label_column = resolve_label_column(train, label_column)
+    if label_column is None:
+        raise ValueError(
+            f"The dataset has no label column (tried 'label', 'labels' and any ClassLabel column) among "
+            f"{train.column_names}; name it with --label_column."
+        )
+    train = disable_image_decoding(train, image_column)
+
+    eval_dataset, eval_name = None, None
+    for candidate in [eval_split] if eval_split is not None else ["validation", "test"]:
+        if candidate == train_split:
+            continue
+        try:
+            # the train split's load already warned about the folder's skipped links
+            eval_dataset = load_image_dataset(split=candidate, report_skipped_links=False, **source)
+        except ValueError:
+            if eval_split is not None:
+                raise
+            continue
+        eval_name = candidate
+        break
+    if eval_dataset is None:
+        if not 0.0 < train_val_split < 1.0:
+            raise ValueError(
+                f"The dataset has no 'validation' or 'test' split; set --train_val_split in (0, 1) to split one off "
+                f"the training images (got {train_val_split})."
+            )
+        train, _, class_names = _encode_labels(train, None, label_column)
+        try:
+            parts = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column=label_column)
+        except ValueError:  # a class too small to stratify
+            parts = train.train_test_split(test_size=train_val_split, seed=seed)
+        train, eval_dataset = parts["train"], parts["test"]
+        eval_name = f"{train_split}[split off {train_val_split:.0%}]"
+    else:
+        eval_dataset = disable_image_decoding(eval_dataset, image_column)
+        train, eval_dataset, class_names = _encode_labels(train, eval_dataset, label_column)
+    if max_train_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
+    if max_eval_samples is not None:
+        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(min(max_eval_samples, len(eval_dataset))))
+    return ClassificationData(train, eval_dataset, image_column, label_column, class_names, eval_name)
+
+
+def _encode_labels(
+    train: datasets.Dataset, eval_dataset: datasets.Dataset | None, label_column: str
+) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+    """Casts the label column of both splits to one `ClassLabel` (integers keep their values, strings are numbered in
+    sorted order) and returns the class names."""
+    feature = train.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return train, eval_dataset, list(feature.names)
+    values = set(train[label_column]) | (set(eval_dataset[label_column]) if eval_dataset is not None else set())
+    if values and all(isinstance(value, (int, np.integer)) for value in values):
+        if min(values) < 0:
+            raise ValueError(f"Integer labels must be >= 0, found {min(values)} in column {label_column!r}.")
+        class_label = datasets.ClassLabel(names=[str(index) for index in range(max(values) + 1)])
+    elif values and all(isinstance(value, str) for value in values):
+        class_label = datasets.ClassLabel(names=sorted(values))
+    else:
+        raise ValueError(f"Labels in column {label_column!r} must be a ClassLabel, integers or strings.")
+    train = train.cast_column(label_column, class_label)
+    if eval_dataset is not None:
+        eval_dataset = eval_dataset.cast_column(label_column, class_label)
+    return train, eval_dataset, list(class_label.names)
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    train_dir: str | None = None,
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    digits_image_size: int = 32,
+    report_skipped_links: bool = True,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Loads one split of an image dataset from exactly one source.
+
+    Sources (give at most one):
+
+    - `dataset_name`: a Hub dataset (`"ILSVRC/imagenet-1k"`, gated: `token`, or the environment / cached login) or a
+      local dataset folder (e.g. a parquet folder in the Hub layout), read with `datasets.load_dataset`;
+      `dataset_config_name` picks a configuration. `"digits"` is reserved for the built-in demo dataset.
+    - `train_dir`: a local folder of class sub-folders (`train_dir/<class>/<image>`), read with the `"imagefolder"`
+      builder; class names become a `ClassLabel` `"label"` column. Sub-folders named after splits
+      (`train_dir/train/<class>/...`, `train_dir/validation/<class>/...`) give several splits.
+    - `data_files`: parquet file(s) or glob(s), read with the `"parquet"` builder. A list or a string gives the single
+      split `"train"`; a dict maps split names to files.
+    - none of them, or `dataset_name="digits"`: `load_digits_dataset(split, digits_image_size)`.
+
+    Args:
+        split: The split to load; an unknown split raises `ValueError` listing the available ones.
+        streaming: Return a `datasets.IterableDataset` that reads lazily (the digits demo is converted with
+            `to_iterable_dataset`).
+        cache_dir: Where `datasets` caches downloads and prepared Arrow files.
+        token: Hub token for gated or private datasets; `None` uses the cached login / `HF_TOKEN`.
+        digits_image_size: Side of the digits images, when the digits demo is the source.
+        report_skipped_links: With `train_dir`, warn about the symbolic links that `"imagefolder"` drops without a
+            word (dangling links, link loops, links to folders), naming up to 10 of them and counting all
+            (`find_skipped_links`). Loading further splits of a folder already reported can turn this off.
+
+    Local parquet files (`data_files`, or the files of a local dataset folder) are checked first: one that is
+    truncated or not parquet raises `ValueError` naming it, and `datasets` failing to prepare a source raises
+    `ValueError` naming the source. The row counts of the files are remembered, so that an unreadable image without
+    a file name is reported by its row and parquet file (see `apply_example_transform`).
+
+    Returns:
+        A `datasets.Dataset`, or a `datasets.IterableDataset` when `streaming=True`.
+    """
+    _check_one_source(dataset_name, train_dir, data_files)
+    if (dataset_name is None and train_dir is None and data_files is None) or dataset_name == DIGITS_DATASET:
+        dataset = load_digits_dataset(split=split, image_size=digits_image_size)
+        return dataset.to_iterable_dataset(num_shards=_digits_num_shards(len(dataset))) if streaming else dataset
+
+    hub_kwargs = {"cache_dir": cache_dir, "token": token}
+    path, kwargs, source = _builder_for_source(dataset_name, dataset_config_name, train_dir, data_files)
+    parquet_files = None
+    if dataset_name is not None and os.path.isdir(dataset_name):  # a local dataset folder; the Hub is not looked into
+        parquet_files = _checked_parquet_files(path, kwargs, source, **hub_kwargs)
+    elif data_files is not None:
+        parquet_files = _checked_parquet_files(path, kwargs, "--data_files", **hub_kwargs)
+    elif train_dir is not None and report_skipped_links:
+        _warn_about_skipped_links(train_dir)
+
+    try:
+        dataset = datasets.load_dataset(path, **kwargs, split=split, streaming=streaming, **hub_kwargs)
+    except DatasetGenerationError as err:
+        # e.g. a parquet file whose footer is intact but whose pages are damaged; the cause says what failed
+        raise ValueError(f"{source}: datasets could not read the data: {one_line(err.__cause__ or err)}") from err
+    except ValueError as err:
+        if "split" not in str(err).lower():
+            raise
+        available = _available_splits(path, kwargs, **hub_kwargs)
+        if available is None or _split_base_names(split) <= set(available):
+            raise
+        raise ValueError(f"Split {split!r} does not exist in {source}; available splits: {available}.") from err
+    if parquet_files is not None and isinstance(dataset, datasets.Dataset):
+        _remember_row_sources(dataset, parquet_files.get(str(split)))
+    return dataset
+
+
+def _check_one_source(dataset_name: str | None, train_dir: str | None, data_files) -> None:
+    given = [
+        flag
+        for flag, value in (("--dataset_name", dataset_name), ("--train_dir", train_dir), ("--data_files", data_files))
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise ValueError(
+            f"Give exactly one data source, got {len(given)}: {', '.join(given)}. Use --dataset_name for a Hub dataset "
+            "or local dataset folder, --train_dir for a folder of class sub-folders, or --data_files for parquet files."
+        )
+
+
+def _builder_for_source(
+    dataset_name: str | None, dataset_config_name: str | None, train_dir: str | None, data_files
+) -> tuple[str, dict, str]:
+    """The `datasets.load_dataset` path and keyword arguments of one (non-digits) source, and the flag naming it."""
+    if dataset_name is not None:
+        return dataset_name, {"name": dataset_config_name}, f"--dataset_name {dataset_name!r}"
+    if train_dir is not None:
+        if not os.path.isdir(train_dir):
+            raise ValueError(f"--train_dir {train_dir!r} is not a directory.")
+        return "imagefolder", {"data_dir": train_dir}, f"--train_dir {train_dir!r}"
+    return "parquet", {"data_files": data_files}, f"--data_files {data_files!r}"
+
+
+def _digits_num_shards(num_rows: int) -> int:
+    # several shards, so that streaming can be split between processes and DataLoader workers by shard
+    return max(1, min(8, num_rows))
+
+
+def _split_base_names(split: str) -> set[str]:
+    """`"train[:10%]+test"` -> `{"train", "test"}`."""
+    return {part.split("[", 1)[0].strip() for part in str(split).split("+")}
+
+
+def _available_splits(path: str, kwargs: dict, cache_dir: str | None, token: str | bool | None) -> list[str] | None:
+    """Best-effort list of the split names of a source, without preparing it; `None` when unknown."""
+    try:
+        builder = datasets.load_dataset_builder(path, **kwargs, cache_dir=cache_dir, token=token)
+    except Exception:  # only used to improve an error message
+        return None
+    # split keys may be `datasets.NamedSplit` objects (e.g. before the source was ever prepared); name them as strings
+    if builder.info.splits:
+        return [str(name) for name in builder.info.splits]
+    data_files = getattr(builder.config, "data_files", None)
+    if data_files:
+        return [str(name) for name in data_files]
+    return None
+
+
+def find_skipped_links(folder: str) -> list[tuple[str, str]]:
+    """The symbolic links under `folder` whose images the `"imagefolder"` builder silently leaves out.
+
+    These are dangling links and link loops whose name could be an image (an image extension, or no extension: it
+    may have been a class folder), and links to folders (`datasets` does not follow them). Hidden entries and
+    `__*` folders are passed over, as `datasets` ignores them too. Only links cost a `stat`, so the walk is about as
+    fast as `datasets`' own listing.
+
+    Returns:
+        `(path relative to folder, reason)` pairs, sorted by path.
+    """
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    image_extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    skipped = []
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:  # an unreadable folder: datasets' listing reports it itself
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_symlink():
+                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("__"):
+                    pending.append(entry.path)
+                continue
+            relative = os.path.relpath(entry.path, folder)
+            try:
+                is_folder = stat.S_ISDIR(os.stat(entry.path).st_mode)  # follows the link
+            except OSError as error:
+                extension = os.path.splitext(entry.name)[1].lower()
+                if extension and extension not in image_extensions:
+                    continue  # not an image even if its target existed
+                if error.errno == errno.ELOOP:
+                    skipped.append((relative, "a symbolic link loop"))
+                else:
+                    skipped.append(
+                        (relative, f"a dangling link: its target {os.readlink(entry.path)!r} does not exist")
+                    )
+                continue
+            if is_folder:
+                skipped.append((relative, "a link to a folder, which datasets does not follow"))
+    return sorted(skipped)
+
+
+def _warn_about_skipped_links(train_dir: str) -> None:
+    skipped = find_skipped_links(train_dir)
+    if not skipped:
+        return
+    listed = "; ".join(f"{path} ({reason})" for path, reason in skipped[:MAX_LISTED_NAMES])
+    more = f"; and {len(skipped) - MAX_LISTED_NAMES} more" if len(skipped) > MAX_LISTED_NAMES else ""
+    logger.warning(
+        "--train_dir %r: %d symbolic link(s) skipped, their images are not used: %s%s. Fix or remove them (copy a "
+        "linked folder into --train_dir instead of linking it).",
+        train_dir,
+        len(skipped),
+        listed,
+        more,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Keeps `datasets`' info and warnings (e.g. about a missing dataset card) out of a look-ahead that
+    `datasets.load_dataset` repeats right after."""
+    previous = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(previous)
+
+
+def _checked_parquet_files(
+    path: str, kwargs: dict, source: str, cache_dir: str | None, token: str | bool | None
+) -> dict[str, list[tuple[str, int]] | None] | None:
+    """Checks that every local parquet file of a source can be opened; returns `{split: [(file, num_rows), ...]}`
+    (`None` for a split with remote files), or `None` when the source is not parquet.
+
+    Only each file's footer is read. Every split's files are checked, since `datasets` prepares all splits at once.
+
+    Raises:
+        ValueError: naming `source` and the file, for a truncated, damaged or non-parquet file.
+    """
+    try:
+        with _quiet_datasets():
+            builder = datasets.load_dataset_builder(path, **kwargs, cache_dir=cache_dir, token=token)
+    except Exception:  # e.g. no file matches: `datasets.load_dataset` raises its own message right after
+        return None
+    if builder.name != "parquet" or not builder.config.data_files:
+        return None
+    checked: dict[str, list[tuple[str, int]] | None] = {}
+    for split_name, files in builder.config.data_files.items():
+        spans: list[tuple[str, int]] | None = []
+        for file in files:
+            if not os.path.isfile(file):  # a remote file: read by datasets only
+                spans = None
+                continue
+            try:
+                num_rows = pq.read_metadata(file).num_rows
+            except (pa.ArrowException, OSError) as error:
+                raise ValueError(
+                    f"{source}: {file!r} is not a readable parquet file (truncated, damaged or not parquet: "
+                    f"{one_line(error)})"
+                ) from error
+            if spans is not None:
+                spans.append((file, num_rows))
+        checked[str(split_name)] = spans
+    return checked
+
+
+# Row -> parquet file, per prepared Arrow table (keyed by its cache files, which `select`, `shuffle`, `cast` and
+# `train_test_split` keep). Filled by `load_image_dataset`, read by `apply_example_transform` in the same process.
+_ROW_SOURCES: dict[tuple[str, ...], tuple[tuple[str, int], ...]] = {}
+
+
+def _remember_row_sources(dataset: datasets.Dataset, spans: list[tuple[str, int]] | None) -> None:
+    files = tuple(list_table_cache_files(dataset.data))
+    # the Arrow table holds the files' rows in the order of `spans` (datasets reads the files one after the other)
+    if spans and files and sum(num_rows for _, num_rows in spans) == len(dataset.data):
+        _ROW_SOURCES[files] = tuple(spans)
+
+
+def row_sources(dataset: datasets.Dataset) -> tuple[tuple[str, int], ...] | None:
+    spans = _ROW_SOURCES.get(tuple(list_table_cache_files(dataset.data)))
+    # a table cut down by `select(range(n))` keeps its first rows, the only kind of cut this package makes
+    if spans is None or len(dataset.data) > sum(num_rows for _, num_rows in spans):
+        return None
+    return spans
+
+
+def resolve_image_column(dataset: datasets.Dataset | datasets.IterableDataset, image_column: str | None = None) -> str:
+    """Name of the image column: `image_column` if given (it must exist), else `"image"`, `"img"`, or the first column
+    whose feature is `datasets.Image`.
+
+    Raises:
+        ValueError: naming `--image_column` and the existing columns when the column is missing or none is found.
+    """
+    columns, features = _columns_and_features(dataset)
+    if image_column is not None:
+        if columns is not None and image_column not in columns:
+            raise ValueError(
+                f"--image_column {image_column!r} is not a column of the dataset; its columns are {columns}."
+            )
+        return image_column
+    for candidate in ("image", "img"):
+        if candidate in columns:
+            return candidate
+    for name, feature in (features or {}).items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise ValueError(
+        f"Could not find an image column (tried 'image', 'img' and any datasets.Image column) among {columns}; "
+        "name it with --image_column."
+    )
+
+
+def resolve_label_column(
+    dataset: datasets.Dataset | datasets.IterableDataset, label_column: str | None = None
+) -> str | None:
+    """Name of the label column: `label_column` if given (it must exist), else `"label"`, `"labels"`, or the first
+    `ClassLabel` column; `None` when the dataset has no labels.
+
+    Raises:
+        ValueError: naming `--label_column` and the existing columns when a named column is missing.
+    """
+    columns, features = _columns_and_features(dataset)
+    if label_column is not None:
+        if columns is not None and label_column not in columns:
+            raise ValueError(
+                f"--label_column {label_column!r} is not a column of the dataset; its columns are {columns}."
+            )
+        return label_column
+    for candidate in ("label", "labels"):
+        if candidate in columns:
+            return candidate
+    for name, feature in (features or {}).items():
+        if isinstance(feature, datasets.ClassLabel):
+            return name
+    return None
+
+
+def _columns_and_features(dataset) -> tuple[list[str] | None, dict | None]:
+    features = dataset.features
+    if features is not None:
+        return list(features), dict(features)
+    if isinstance(dataset, datasets.IterableDataset):
+        # a streaming dataset of unknown features: look at the first example
+        first = next(iter(dataset.take(1)), None)
+        return (list(first) if first is not None else []), None
+    return list(dataset.column_names or []), None
+
+
+def disable_image_decoding(
+    dataset: datasets.Dataset | datasets.IterableDataset, image_column: str
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Casts `image_column` to `datasets.Image(decode=False)`, so that examples carry `{"bytes", "path"}` records.
+
+    Decoding then happens in the example transforms (`decode_image`), where an unreadable file is caught and skipped,
+    instead of inside `datasets`, where it would crash the iterator. A column that is not a `datasets.Image` feature
+    (raw bytes, paths, or a streaming dataset whose features are unknown) is left as it is: `decode_image` accepts
+    those values too.
+    """
+    features = dataset.features
+    if features is None or image_column not in features:
+        return dataset
+    feature = features[image_column]
+    if not isinstance(feature, datasets.Image) or not feature.decode:
+        return dataset
+    return dataset.cast_column(image_column, datasets.Image(decode=False))
+
+
+def shard_for_process(
+    dataset: datasets.Dataset | datasets.IterableDataset, process_index: int, num_processes: int
+) -> datasets.Dataset | datasets.IterableDataset:
+    """The part of `dataset` that process `process_index` of `num_processes` reads.
+
+    A streaming `IterableDataset` is split with `datasets.distributed.split_dataset_by_node` (whole shards when their
+    number is divisible by `num_processes`, else every `num_processes`-th example). A map-style `Dataset` is returned
+    unchanged: the distributed sampler of the accelerate-prepared DataLoader shards it.
+
+    Do not let accelerate shard a dataset that this function already split: prepare its DataLoader with
+    `DataLoaderConfiguration(dispatch_batches=False)` and `split_batches=False` *and* skip accelerate's own sharding
+    (e.g. leave such a DataLoader out of `accelerator.prepare`, moving batches to the device yourself), or else skip
+    this function and let accelerate shard the stream.
+    """
+    if num_processes < 1:
+        raise ValueError(f"`num_processes` must be >= 1, got {num_processes}.")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"`process_index` must lie in [0, {num_processes}), got {process_index}.")
+    if isinstance(dataset, datasets.IterableDataset) and num_processes > 1:
+        from datasets.distributed import split_dataset_by_node
+
+        return split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+    return dataset

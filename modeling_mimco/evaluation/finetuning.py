@@ -1,0 +1,133 @@
+"""The fine-tuning recipe for image classification with `transformers.Trainer` (BEiT / MAE style).
+
+This module owns the parts of the recipe that the `Trainer` does not have: `SoftTargetCrossEntropy` (the loss for
+`compute_loss_func`: cross-entropy against hard or MixUp / CutMix soft targets, with label smoothing),
+`build_batch_mixer` (MixUp / CutMix of a training batch) and `FineTuningTrainer` (a `Trainer` whose optimizer uses
+the layer-wise learning-rate decay groups of `optimization.layer_decay_parameter_groups` and whose training steps,
+never its evaluation steps, mix their batches). `mimco-finetune` (`commands/run_finetuning.py`) puts them together.
+It imports torch, torchvision, transformers and `optimization` of this package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+from transformers import Trainer
+
+from modeling_mimco.training.optimization import layer_decay_parameter_groups
+
+
+class SoftTargetCrossEntropy:
+    """The fine-tuning loss, as the Trainer's `compute_loss_func(outputs, labels, num_items_in_batch)`.
+
+    `labels` are class indices `(B,)` (entries of -100 are ignored) or, after MixUp / CutMix, class probabilities
+    `(B, C)`. Targets are smoothed to `(1 - label_smoothing) * target + label_smoothing / C` and the loss is
+    `-sum(target * log_softmax(logits))`, summed over the examples and divided by `num_items_in_batch` when the
+    Trainer gives it (gradient accumulation), else averaged.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must lie in [0, 1), got {label_smoothing}.")
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = logits.float()
+        num_classes = logits.shape[-1]
+        if labels.dtype.is_floating_point:
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"Soft labels of shape {tuple(labels.shape)} do not match logits {tuple(logits.shape)}."
+                )
+            targets, valid = labels.float(), torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+        else:
+            valid = labels != -100
+            targets = nn.functional.one_hot(labels.clamp(min=0), num_classes).float()
+        if self.label_smoothing > 0:
+            targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / num_classes
+        per_example = -(targets * nn.functional.log_softmax(logits, dim=-1)).sum(dim=-1)
+        per_example = per_example * valid
+        if num_items_in_batch is not None:
+            return per_example.sum() / num_items_in_batch
+        return per_example.sum() / valid.sum().clamp(min=1)
+
+
+def build_batch_mixer(
+    num_classes: int,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """MixUp / CutMix of a training batch with `torchvision.transforms.v2`, or `None` when both alphas are 0.
+
+    With both enabled, each batch gets CutMix with probability `switch_prob`, else MixUp; the whole step happens with
+    probability `prob`. The returned callable maps `(pixel_values, labels)` with integer labels `(B,)` to mixed images
+    and soft labels `(B, num_classes)` (integer labels when the step is skipped).
+    """
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"MixUp / CutMix alphas must be >= 0, got {mixup_alpha} and {cutmix_alpha}.")
+    if not 0.0 <= prob <= 1.0 or not 0.0 <= switch_prob <= 1.0:
+        raise ValueError(f"Probabilities must lie in [0, 1], got prob={prob}, switch_prob={switch_prob}.")
+    mixers = []
+    if mixup_alpha > 0:
+        mixers.append((v2.MixUp(alpha=mixup_alpha, num_classes=num_classes), 1.0 - switch_prob))
+    if cutmix_alpha > 0:
+        mixers.append((v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes), switch_prob))
+    if not mixers or prob == 0:
+        return None
+    if len(mixers) == 1:
+        mixer = mixers[0][0]
+    else:
+        mixer = v2.RandomChoice([m for m, _ in mixers], p=[p for _, p in mixers])
+    return mixer if prob >= 1.0 else v2.RandomApply([mixer], p=prob)
+
+
+class FineTuningTrainer(Trainer):
+    """`transformers.Trainer` with the fine-tuning recipe's optimizer groups and batch mixing.
+
+    Args:
+        layer_decay: Layer-wise learning-rate decay (`layer_decay_parameter_groups`); 1.0 disables the decay but keeps
+            the recipe's weight-decay exclusions.
+        batch_mixer: Applied to `(pixel_values, labels)` of every training batch (`build_batch_mixer`); evaluation
+            batches are never mixed. Pair it with `compute_loss_func=SoftTargetCrossEntropy(...)`.
+
+    The optimizer class and its other settings (`--optim`, betas, epsilon) still come from `TrainingArguments`.
+    """
+
+    def __init__(self, *args, layer_decay: float = 0.65, batch_mixer: Callable | None = None, **kwargs):
+        self.layer_decay = layer_decay
+        self.batch_mixer = batch_mixer
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        if any(key in optimizer_kwargs for key in ("params", "model", "optimizer_dict")):
+            raise ValueError(f"--optim {self.args.optim} builds its own parameter groups; it cannot use layer decay.")
+        groups = layer_decay_parameter_groups(
+            opt_model, self.args.learning_rate, self.args.weight_decay, self.layer_decay
+        )
+        for group in groups:
+            group.pop("param_names")
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.batch_mixer is not None and inputs.get("labels") is not None and len(inputs["labels"]) > 0:
+            inputs = dict(inputs)
+            inputs["pixel_values"], inputs["labels"] = self.batch_mixer(inputs["pixel_values"], inputs["labels"])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+__all__ = ["FineTuningTrainer", "SoftTargetCrossEntropy", "build_batch_mixer"]

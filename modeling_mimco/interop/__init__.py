@@ -1,0 +1,6 @@
+"""Checkpoints as they are stored, ours and other projects'.
+
+`model_folders` is the one place that knows what a saved folder is (MimCo, stage 1, any other ViT) and loads it as a
+frozen backbone or a classifier to fine-tune; `vit_checkpoints` reads MoCo v3, DINO and timm checkpoints and maps
+their weight names; `convert` writes a MimCo folder from one of them, or a timm file from a MimCo folder.
+"""
