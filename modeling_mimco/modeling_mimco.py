@@ -75,14 +75,89 @@ def resample_position_embeddings(position_embeddings: torch.Tensor, grid_height:
     return torch.cat([class_position, patch_positions.to(class_position.dtype)], dim=1)
 
 
-def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zeroes the residual branch of whole samples with probability `drop_prob`."""
+# --- per-image randomness ---------------------------------------------------------------------------------------
+#
+# In training, stochastic depth and dropout draw random numbers. Drawn from torch's global generator, they depend on
+# how a batch is split across processes and micro-batches, so N processes with batch B would not train like one with
+# batch N*B. Given `sample_seeds` (one int per image, from the data pipeline's per-image seed), they are drawn instead
+# from a counter-based hash of (image seed, site, element): the same numbers for an image wherever it lands. Each
+# place that draws has its own `site` number, so that no two places share numbers.
+
+_LOW_32_BITS = 0xFFFFFFFF
+SEED_SITES_PER_LAYER = 8  # sites of layer i: 8 * (i + 1) + k, k < 8; site 0 is the embeddings' dropout
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xor-shift-multiply rounds) of values in [0, 2**32): an int64 tensor or a Python int.
+
+    The multipliers are below 2**31, so no int64 product overflows: the same bits on every device.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _LOW_32_BITS
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _LOW_32_BITS
+    return x ^ (x >> 16)
+
+
+def seeded_uniform(sample_seeds: torch.Tensor, site: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """Uniform numbers in [0, 1) of shape `(batch_size, *shape)` that depend only on each image's seed and `site`.
+
+    Args:
+        sample_seeds (`torch.LongTensor` of shape `(batch_size,)`): one seed per image.
+        site (`int`): which draw of the forward pass this is (a layer's drop path, a dropout, ...).
+        shape: the per-image shape (empty for one number per image, as stochastic depth needs).
+    """
+    x = _mix32((sample_seeds.to(torch.int64) & _LOW_32_BITS) ^ _mix32(site * 0x9E3779B1 & _LOW_32_BITS))
+    if shape:
+        counter = torch.arange(math.prod(shape), device=sample_seeds.device, dtype=torch.int64).view(shape)
+        x = _mix32(x.view(-1, *(1,) * len(shape)) ^ _mix32(counter))
+    # the top 24 bits, exactly representable in float32
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def derive_seeds(sample_seeds: torch.Tensor, stream: int) -> torch.Tensor:
+    """Other per-image seeds for another pass over the same images (stage 1's second view, its momentum encoder)."""
+    return _mix32((sample_seeds.to(torch.int64) & _LOW_32_BITS) ^ _mix32((stream + 0x632BE5AB) & _LOW_32_BITS))
+
+
+def drop_path(
+    hidden_states: torch.Tensor,
+    drop_prob: float,
+    training: bool,
+    sample_seeds: torch.Tensor | None = None,
+    site: int = 0,
+) -> torch.Tensor:
+    """Stochastic depth: zeroes the residual branch of whole samples with probability `drop_prob`.
+
+    With `sample_seeds` `(batch_size,)`, whether an image's branch is kept comes from its seed and `site`
+    (`seeded_uniform`); without, from torch's global generator.
+    """
     if drop_prob == 0.0 or not training:
         return hidden_states
     keep_prob = 1.0 - drop_prob
     shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
-    keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+    if sample_seeds is None:
+        keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+    else:
+        keep = (seeded_uniform(sample_seeds, site) < keep_prob).to(hidden_states.dtype).view(shape)
     return hidden_states * keep / keep_prob
+
+
+def dropout(
+    hidden_states: torch.Tensor,
+    drop_prob: float,
+    training: bool,
+    sample_seeds: torch.Tensor | None = None,
+    site: int = 0,
+) -> torch.Tensor:
+    """Element-wise dropout, drawn from `sample_seeds` (per image, per element) when given."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    if sample_seeds is None:
+        return nn.functional.dropout(hidden_states, p=drop_prob, training=True)
+    keep_prob = 1.0 - drop_prob
+    keep = seeded_uniform(sample_seeds, site, tuple(hidden_states.shape[1:])) < keep_prob
+    return hidden_states * keep.to(hidden_states.dtype) / keep_prob
 
 
 def drop_path_rates(config: MimCoConfig) -> list[float]:
@@ -98,15 +173,33 @@ def drop_path_rates(config: MimCoConfig) -> list[float]:
 
 
 class MimCoDropPath(nn.Module):
-    def __init__(self, drop_prob: float = 0.0):
+    """Stochastic depth of one residual branch; `site` names its draw when per-image seeds are given."""
+
+    def __init__(self, drop_prob: float = 0.0, site: int = 0):
         super().__init__()
         self.drop_prob = drop_prob
+        self.site = site
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return drop_path(hidden_states, self.drop_prob, self.training)
+    def forward(self, hidden_states: torch.Tensor, sample_seeds: torch.Tensor | None = None) -> torch.Tensor:
+        return drop_path(hidden_states, self.drop_prob, self.training, sample_seeds, self.site)
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
+
+
+class MimCoDropout(nn.Module):
+    """`nn.Dropout` that draws from per-image seeds when given (`dropout`); `site` names its draw."""
+
+    def __init__(self, drop_prob: float = 0.0, site: int = 0):
+        super().__init__()
+        self.p = drop_prob
+        self.site = site
+
+    def forward(self, hidden_states: torch.Tensor, sample_seeds: torch.Tensor | None = None) -> torch.Tensor:
+        return dropout(hidden_states, self.p, self.training, sample_seeds, self.site)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class MimCoPatchEmbeddings(nn.Module):
@@ -141,7 +234,7 @@ class MimCoEmbeddings(nn.Module):
             torch.zeros(1, self.grid_size**2 + 1, config.hidden_size),
             requires_grad=config.position_embedding_type == "learned",
         )
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = MimCoDropout(config.hidden_dropout_prob, site=0)
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings for a `height` x `width` input, resampled bicubically from the trained grid."""
@@ -154,6 +247,7 @@ class MimCoEmbeddings(nn.Module):
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool = False,
+        sample_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch_size, num_channels, height, width = pixel_values.shape
         if num_channels != self.config.num_channels:
@@ -188,7 +282,7 @@ class MimCoEmbeddings(nn.Module):
             embeddings = embeddings + self.interpolate_pos_encoding(height, width)
         else:
             embeddings = embeddings + self.position_embeddings
-        return self.dropout(embeddings)
+        return self.dropout(embeddings, sample_seeds)
 
 
 def eager_attention_forward(
@@ -215,9 +309,10 @@ def eager_attention_forward(
 class MimCoAttention(nn.Module):
     """Multi-head self-attention with one fused query/key/value projection (timm's `Attention`)."""
 
-    def __init__(self, config: MimCoConfig):
+    def __init__(self, config: MimCoConfig, site: int = 0):
         super().__init__()
         self.config = config
+        self.site = site
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
@@ -227,11 +322,21 @@ class MimCoAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, sample_seeds: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, num_tokens, hidden_size = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+        if sample_seeds is not None and self.training and self.attention_dropout > 0:
+            # a fused kernel draws its dropout from the global generator: per-image seeds need the plain product
+            attn_weights = nn.functional.softmax(
+                torch.matmul(query, key.transpose(-1, -2)) * self.scaling, dim=-1, dtype=torch.float32
+            ).to(query.dtype)
+            attn_weights = dropout(attn_weights, self.attention_dropout, True, sample_seeds, self.site)
+            attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+            attn_output = self.proj(attn_output.reshape(batch_size, num_tokens, hidden_size))
+            return attn_output, (attn_weights if output_attentions else None)
 
         # Attention probabilities only exist in the eager kernel, so asking for them selects it for this call.
         attention_interface: Callable = eager_attention_forward
@@ -255,36 +360,49 @@ class MimCoAttention(nn.Module):
 
 
 class MimCoMLP(nn.Module):
-    def __init__(self, config: MimCoConfig):
+    def __init__(self, config: MimCoConfig, site: int = 0):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = MimCoDropout(config.hidden_dropout_prob, site)
+        self.output_dropout_site = site + 1
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))
-        return self.dropout(self.fc2(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, sample_seeds: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)), sample_seeds)
+        hidden_states = self.fc2(hidden_states)
+        # the same module, a second draw: its own site
+        return dropout(hidden_states, self.dropout.p, self.training, sample_seeds, self.output_dropout_site)
 
 
 class MimCoLayer(GradientCheckpointingLayer):
     """A pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`, with stochastic depth."""
 
-    def __init__(self, config: MimCoConfig, drop_path_rate: float = 0.0):
+    def __init__(self, config: MimCoConfig, drop_path_rate: float = 0.0, layer_index: int = 0):
         super().__init__()
+        site = SEED_SITES_PER_LAYER * (layer_index + 1)  # sites site .. site + 5 (see `seeded_uniform`)
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = MimCoAttention(config)
+        self.attention = MimCoAttention(config, site=site)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = MimCoMLP(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.drop_path = MimCoDropPath(drop_path_rate)
+        self.mlp = MimCoMLP(config, site=site + 1)
+        self.dropout = MimCoDropout(config.hidden_dropout_prob, site=site + 3)
+        self.drop_path = MimCoDropPath(drop_path_rate, site=site + 4)
+        self.mlp_drop_path_site = site + 5
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, sample_seeds: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = hidden_states + self.drop_path(self.dropout(attention_output))
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+        """`sample_seeds` `(batch_size,)`: per-image seeds of stochastic depth and dropout (None: global RNG)."""
+        attention_output, attn_weights = self.attention(
+            self.layernorm_before(hidden_states), output_attentions, sample_seeds
+        )
+        hidden_states = hidden_states + self.drop_path(self.dropout(attention_output, sample_seeds), sample_seeds)
+        mlp_output = self.mlp(self.layernorm_after(hidden_states), sample_seeds)
+        # one module, two independent draws per image (as timm's blocks, which hold two drop paths)
+        mlp_output = drop_path(
+            mlp_output, self.drop_path.drop_prob, self.training, sample_seeds, self.mlp_drop_path_site
+        )
+        hidden_states = hidden_states + mlp_output
         return hidden_states, attn_weights
 
 
@@ -403,7 +521,9 @@ class MimCoModel(MimCoPreTrainedModel):
         super().__init__(config)
         self.config = config
         self.embeddings = MimCoEmbeddings(config)
-        self.layers = nn.ModuleList([MimCoLayer(config, rate) for rate in drop_path_rates(config)])
+        self.layers = nn.ModuleList(
+            [MimCoLayer(config, rate, index) for index, rate in enumerate(drop_path_rates(config))]
+        )
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else None
@@ -422,6 +542,7 @@ class MimCoModel(MimCoPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | int | list[int] | None = None,
+        sample_seeds: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
@@ -436,6 +557,10 @@ class MimCoModel(MimCoPreTrainedModel):
                 Also return each layer's attention probabilities / the embeddings and every layer's output.
                 `output_hidden_states` may also be indices into those `num_hidden_layers + 1` hidden states (an `int`
                 or a list, negative ones counting from the end, as in transformers): the others are then `None`.
+            sample_seeds (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                One seed per image (the training commands pass the data pipeline's per-image seeds). In training,
+                stochastic depth and dropout are then drawn from each image's seed, so that an image gets the same
+                draws whichever process or micro-batch it lands in. Without it they come from torch's generator.
 
         Returns:
             `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, 1 + num_patches, hidden_size)` after the
@@ -450,12 +575,15 @@ class MimCoModel(MimCoPreTrainedModel):
         )
 
         hidden_states = self.embeddings(
-            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=bool(interpolate_pos_encoding)
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            interpolate_pos_encoding=bool(interpolate_pos_encoding),
+            sample_seeds=sample_seeds,
         )
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, output_attentions)
+            hidden_states, attn_weights = layer(hidden_states, output_attentions, sample_seeds)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -680,6 +808,7 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         bool_masked_pos: torch.BoolTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | int | list[int] | None = None,
+        sample_seeds: torch.LongTensor | None = None,
         **kwargs,
     ) -> MimCoForPreTrainingOutput:
         r"""
@@ -689,6 +818,8 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
             bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
                 `True` for the patches the student sees masked. When omitted, the config's mask generator draws
                 one mask per image.
+            sample_seeds (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Per-image seeds of the student's stochastic depth and dropout (see `MimCoModel.forward`).
         """
         if pixel_values is None:
             raise ValueError("You have to specify `pixel_values`.")
@@ -701,6 +832,7 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
             bool_masked_pos=bool_masked_pos,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            sample_seeds=sample_seeds,
         )
         student_tokens = student_outputs.last_hidden_state
         teacher_image_features, teacher_patch_tokens = self.teacher_features(pixel_values)

@@ -19,7 +19,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_mimco import MimCoContrastiveConfig
 from .losses import contrastive_infonce_loss
-from .modeling_mimco import MimCoModel, MimCoPreTrainedModel
+from .modeling_mimco import MimCoModel, MimCoPreTrainedModel, derive_seeds
 
 
 class MimCoBatchNorm1d(nn.BatchNorm1d):
@@ -165,12 +165,14 @@ class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
         start, end = self.config.momentum, self.config.momentum_final
         return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def _query(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.predictor(self.base_projector(self.base_encoder(pixel_values).pooler_output))
+    def _query(self, pixel_values: torch.Tensor, sample_seeds: torch.Tensor | None) -> torch.Tensor:
+        features = self.base_encoder(pixel_values, sample_seeds=sample_seeds).pooler_output
+        return self.predictor(self.base_projector(features))
 
     @torch.no_grad()
-    def _key(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.momentum_projector(self.momentum_encoder(pixel_values).pooler_output)
+    def _key(self, pixel_values: torch.Tensor, sample_seeds: torch.Tensor | None) -> torch.Tensor:
+        features = self.momentum_encoder(pixel_values, sample_seeds=sample_seeds).pooler_output
+        return self.momentum_projector(features)
 
     @can_return_tuple
     def forward(
@@ -178,6 +180,7 @@ class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
         pixel_values_1: torch.Tensor | None = None,
         pixel_values_2: torch.Tensor | None = None,
         momentum: float | None = None,
+        sample_seeds: torch.LongTensor | None = None,
         **kwargs,
     ) -> MimCoContrastiveOutput:
         r"""
@@ -186,13 +189,16 @@ class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
                 Two augmented views of the same images.
             momentum (`float`, *optional*): When given (in training), the momentum branch takes one EMA step
                 towards the base branch before computing the keys, as in MoCo v3.
+            sample_seeds (`torch.LongTensor` of shape `(batch_size,)`, *optional*): per-image seeds of stochastic
+                depth and dropout (see `MimCoModel.forward`); each of the four encoder passes derives its own.
         """
         if pixel_values_1 is None or pixel_values_2 is None:
             raise ValueError("You have to specify both `pixel_values_1` and `pixel_values_2`.")
-        query_1, query_2 = self._query(pixel_values_1), self._query(pixel_values_2)
+        seeds = [None] * 4 if sample_seeds is None else [derive_seeds(sample_seeds, stream) for stream in range(4)]
+        query_1, query_2 = self._query(pixel_values_1, seeds[0]), self._query(pixel_values_2, seeds[1])
         if momentum is not None:
             self.update_momentum_branch(momentum)
-        key_1, key_2 = self._key(pixel_values_1), self._key(pixel_values_2)
+        key_1, key_2 = self._key(pixel_values_1, seeds[2]), self._key(pixel_values_2, seeds[3])
         temperature = self.config.temperature
         loss = contrastive_infonce_loss(query_1, key_2, temperature) + contrastive_infonce_loss(
             query_2, key_1, temperature

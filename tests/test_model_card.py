@@ -415,7 +415,7 @@ def test_the_template_is_read_from_the_built_wheel(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     module_file, template_name = run.stdout.splitlines()[-2:]
-    assert module_file == str(wheel / "modeling_mimco" / "model_card.py")  # imported from inside the wheel
+    assert module_file == str(wheel / "modeling_mimco" / "hub" / "model_card.py")  # imported from inside the wheel
     assert template_name == "model_card.md"
     card = ModelCard.load(tmp_path / "card.md")
     assert card.data.library_name == "transformers"

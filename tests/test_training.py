@@ -49,7 +49,8 @@ CHECKPOINT_EVERY = 3
 BATCH_SIZE = 8
 
 STAGE1_MODEL_ARGS = ["--model_preset", "tiny", "--projector_hidden_size", "64", "--projection_size", "16"]
-STAGE2_MODEL_ARGS = ["--model_preset", "tiny", "--head_hidden_size", "32"]
+# drop path as SimMIM and BEiT pre-train with: the resume and accumulation equivalences must hold with it
+STAGE2_MODEL_ARGS = ["--model_preset", "tiny", "--head_hidden_size", "32", "--drop_path_rate", "0.1"]
 COMMON_ARGS = ["--report_to", "none", "--dataloader_num_workers", "0", "--logging_steps", "1"]
 # Fields of a log record that depend on the run's history, not on wall-clock time.
 LOGGED_VALUES = ("loss", "lr", "grad_norm", "patch_loss", "image_loss")

@@ -70,6 +70,13 @@ class BenchmarkArguments:
     model_preset: str = field(default="vit-small-patch16", metadata={"help": f"One of {sorted(MODEL_PRESETS)}."})
     image_size: int | None = field(default=None, metadata={"help": "Defaults to the preset's image size."})
     head_hidden_size: int = field(default=2048)
+    drop_path_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stochastic depth of the student. Above 0, `mimco_step_seeded` (drop path drawn from per-image "
+            "seeds, as the training commands do) is timed beside `mimco_step` (torch's generator)."
+        },
+    )
     batch_size: int = field(default=16)
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast) for the same-precision runs."})
@@ -120,7 +127,12 @@ def mimco_config(args: BenchmarkArguments) -> MimCoConfig:
     backbone = dict(MODEL_PRESETS[args.model_preset])
     if args.image_size is not None:
         backbone["image_size"] = args.image_size
-    return MimCoConfig(**backbone, head_hidden_size=args.head_hidden_size, attn_implementation="sdpa")
+    return MimCoConfig(
+        **backbone,
+        head_hidden_size=args.head_hidden_size,
+        drop_path_rate=args.drop_path_rate,
+        attn_implementation="sdpa",
+    )
 
 
 # --- the bf16 teacher ---------------------------------------------------------------------------------------------
@@ -223,6 +235,10 @@ def build_variants(
     variants.add("mimco_step", make_mimco_step(model, device, precision), precision)
     variants.add("floor", make_floor_step(model, device, precision), precision)
     variants.add("reference", make_reference_step(reference, device, precision), precision)
+    if args.drop_path_rate > 0:
+        sample_seeds = torch.arange(args.batch_size, device=device) * 7919
+        seeded = make_mimco_step(copy_of(model, device), device, precision, sample_seeds)
+        variants.add("mimco_step_seeded", seeded, precision)
     if args.teacher_bf16 and precision == "fp32":
         for mode, name in (("cast", "mimco_teacher_bf16"), ("autocast", "mimco_teacher_autocast")):
             low = use_low_precision_teacher(copy_of(model, device), mode)
@@ -309,6 +325,8 @@ def summarise(
         "variant_precision": {name: {"student": s, "teacher": t} for name, (s, t) in precisions.items()},
         "peak_memory_mb": peak_memory_mb(args.device),
     }
+    if "mimco_step_seeded" in seconds:
+        result["seeded_drop_path_cost"] = seconds["mimco_step_seeded"] / seconds["mimco_step"]
     if "mimco_best" in seconds:
         result["best_settings_speedup"] = seconds["reference_fp32"] / seconds["mimco_best"]
     if "mimco_best_eager" in seconds:
@@ -341,6 +359,11 @@ def format_report(result: dict) -> str:
         lines.append(
             f"best-settings speedup (reference fp32 / ours {settings['best_precision']}"
             f"{' + compile' if settings['torch_compile'] else ''}): {result['best_settings_speedup']:.3f}"
+        )
+    if "seeded_drop_path_cost" in result:
+        lines.append(
+            f"seeded drop path (mimco_step_seeded / mimco_step, drop path {settings['drop_path_rate']}): "
+            f"{result['seeded_drop_path_cost']:.3f}"
         )
     if "compile_speedup" in result:
         lines.append(f"torch.compile speedup (mimco_best_eager / mimco_best): {result['compile_speedup']:.3f}")

@@ -127,10 +127,14 @@ class ReferenceMimCo(torch.nn.Module):
 
 
 def same_loss_check(model: MimCoForPreTraining, reference: ReferenceMimCo, inputs: tuple) -> tuple[float, float]:
-    """Both implementations' losses on the same weights and inputs (the comparison is only fair if they agree)."""
+    """Both implementations' losses on the same weights and inputs (the comparison is only fair if they agree), in
+    evaluation mode: the reference has no stochastic depth to match a `--drop_path_rate`."""
+    was_training = model.training
+    model.eval(), reference.eval()
     with torch.no_grad():
         ours = model(inputs[0], bool_masked_pos=inputs[1]).loss
         theirs = reference(*inputs)
+    model.train(was_training), reference.train(was_training)
     return float(ours), float(theirs)
 
 
@@ -142,13 +146,16 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def make_mimco_step(model: MimCoForPreTraining, device: str, precision: str) -> Callable:
-    """A full stage-2 step: forward (student, teacher, heads, losses), backward and the fused AdamW step."""
+def make_mimco_step(
+    model: MimCoForPreTraining, device: str, precision: str, sample_seeds: torch.Tensor | None = None
+) -> Callable:
+    """A full stage-2 step: forward (student, teacher, heads, losses), backward and the fused AdamW step; with
+    `sample_seeds`, stochastic depth and dropout are drawn from them, as the training commands do."""
     optimizer = build_adamw(model, 1e-4, 0.05, (0.9, 0.95))
 
     def step(pixel_values, bool_masked_pos):
         with autocast(device, precision):
-            loss = model(pixel_values, bool_masked_pos=bool_masked_pos).loss
+            loss = model(pixel_values, bool_masked_pos=bool_masked_pos, sample_seeds=sample_seeds).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -145,6 +145,7 @@ def run_contrastive_pretraining(
             pixel_values_1=batch["pixel_values_1"],
             pixel_values_2=batch["pixel_values_2"],
             momentum=model.momentum_at(progress),
+            sample_seeds=batch.get("sample_seeds"),
         )
         return outputs.loss, {}
 

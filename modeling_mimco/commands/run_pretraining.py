@@ -179,7 +179,11 @@ def warn_about_accumulation(training_args: MimCoPreTrainingArguments, config: Mi
 
 
 def compute_loss(model, batch: dict, progress: float):
-    outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
+    outputs = model(
+        pixel_values=batch["pixel_values"],
+        bool_masked_pos=batch["bool_masked_pos"],
+        sample_seeds=batch.get("sample_seeds"),  # absent for a stream: drop path then uses torch's generator
+    )
     parts = {}
     if outputs.patch_loss is not None:
         parts["patch_loss"] = outputs.patch_loss

@@ -269,6 +269,16 @@ def _labels(examples: Sequence[dict[str, Any]], readable: list[dict[str, Any]]) 
     return torch.tensor([example["labels"] for example in readable], dtype=torch.long)
 
 
+SAMPLE_SEED_KEY = "sample_seed"
+"""Key of an example's per-image seed, which the training loop's seeded batches add; the collators stack the seeds
+of the readable examples as `"sample_seeds"`, the model's per-image seeds of stochastic depth and dropout."""
+
+
+def _add_sample_seeds(batch: dict[str, torch.Tensor], readable: list[dict[str, Any]]) -> None:
+    if readable and SAMPLE_SEED_KEY in readable[0]:
+        batch["sample_seeds"] = torch.tensor([example[SAMPLE_SEED_KEY] for example in readable], dtype=torch.long)
+
+
 class MimCoPretrainingCollator:
     """Collates stage-2 examples into a batch, dropping unreadable ones.
 
@@ -286,6 +296,8 @@ class MimCoPretrainingCollator:
         - `"pixel_values"`: float32 `(B, 3, H, W)`, the normalised images of the B readable examples.
         - `"bool_masked_pos"`: bool `(B, num_patches)`, `True` for the patches the student sees masked.
         - `"labels"`: long `(B,)`, only when the examples carry labels.
+        - `"sample_seeds"`: long `(B,)`, the per-image seeds, when the examples carry them (the training loop's
+          seeded batches add them).
         - `"num_skipped"`: 0-dim long tensor, the number of unreadable examples dropped from this batch.
 
         When every example is unreadable, B is 0; the training loop should skip such a batch.
@@ -326,6 +338,7 @@ class MimCoPretrainingCollator:
         labels = _labels(examples, readable)
         if labels is not None:
             batch["labels"] = labels
+        _add_sample_seeds(batch, readable)
         batch["num_skipped"] = torch.tensor(num_skipped, dtype=torch.long)
         return batch
 
@@ -340,6 +353,8 @@ class ContrastiveCollator:
         - `"pixel_values_1"`, `"pixel_values_2"`: float32 `(B, 3, H, W)`, the two normalised views of the B readable
           images (row i of both is the same source image).
         - `"labels"`: long `(B,)`, only when the examples carry labels.
+        - `"sample_seeds"`: long `(B,)`, the per-image seeds, when the examples carry them (the training loop's
+          seeded batches add them).
         - `"num_skipped"`: 0-dim long tensor, the number of unreadable examples dropped from this batch.
     """
 
@@ -355,6 +370,7 @@ class ContrastiveCollator:
         labels = _labels(examples, readable)
         if labels is not None:
             batch["labels"] = labels
+        _add_sample_seeds(batch, readable)
         batch["num_skipped"] = torch.tensor(num_skipped, dtype=torch.long)
         return batch
 
@@ -415,6 +431,7 @@ def pretraining_collator(config: MimCoConfig) -> MimCoPretrainingCollator:
 
 __all__ = [
     "ROW_INDEX_COLUMN",
+    "SAMPLE_SEED_KEY",
     "UNREADABLE_KEY",
     "ContrastiveCollator",
     "ContrastiveExampleTransform",

@@ -70,6 +70,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class SeededBatches(torch.utils.data.Dataset):
     """Reads and collates each batch; every image's randomness comes from `sample_seed(seed, epoch, index)`.
 
+    Each example also carries its seed as `"sample_seed"`, which the collators stack as the batch's `"sample_seeds"`:
+    the model draws the image's stochastic depth and dropout from it, so those too follow the image.
+
     An image's augmentation and mask then depend only on the run's seed, the epoch and the image: not on the global
     RNG (which the model and the DataLoader also draw from), on Accelerate fetching one batch ahead, on the number
     of processes, the per-device batch, accumulation or workers. So a run resumed mid-epoch sees the batches of the
@@ -113,6 +116,8 @@ class SeededBatches(torch.utils.data.Dataset):
                     example = self._example(int(index))
                     if self._prepare_example is not None:
                         example = self._prepare_example(example)
+                    # the model draws the image's stochastic depth and dropout from it too (`sample_seeds`)
+                    example["sample_seed"] = seed
                     examples.append(example)
                 return [self.collator(examples)]
         finally:

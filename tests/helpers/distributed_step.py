@@ -45,6 +45,10 @@ def _backbone(**overrides) -> MimCoConfig:
         num_attention_heads=2,
         intermediate_size=64,
         head_hidden_size=32,
+        # the per-sample randomness of real recipes, drawn from per-image seeds (`sample_seeds`)
+        drop_path_rate=0.1,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
     )
     values.update(overrides)
     return MimCoConfig(**values)
@@ -79,14 +83,19 @@ def make_batches(stage: str) -> list[dict[str, torch.Tensor]]:
     """The same global batches in every process: images and, for stage 2, the masks."""
     generator = torch.Generator().manual_seed(1)
     batches = []
-    for _ in range(NUM_STEPS):
+    for step in range(NUM_STEPS):
+        # one seed per image, as the training loop's seeded batches give them
+        sample_seeds = torch.arange(GLOBAL_BATCH, dtype=torch.long) * 7919 + step
         if stage == "stage2":
             mask_generator = MimCoMaskGenerator.from_config(_backbone(), generator=generator)
-            batches.append({"pixel_values": _images(generator), "bool_masked_pos": mask_generator.batch(GLOBAL_BATCH)})
+            masks = mask_generator.batch(GLOBAL_BATCH)
+            batches.append(
+                {"pixel_values": _images(generator), "bool_masked_pos": masks, "sample_seeds": sample_seeds}
+            )
         else:
             images = _images(generator)
             second_view = images + 0.3 * torch.randn(images.shape, generator=generator)
-            batches.append({"pixel_values_1": images, "pixel_values_2": second_view})
+            batches.append({"pixel_values_1": images, "pixel_values_2": second_view, "sample_seeds": sample_seeds})
     dtype = DTYPES[stage]
     return [
         {name: value.to(dtype) if value.is_floating_point() else value for name, value in b.items()} for b in batches
@@ -95,9 +104,16 @@ def make_batches(stage: str) -> list[dict[str, torch.Tensor]]:
 
 def _loss(model, stage: str, batch: dict) -> torch.Tensor:
     if stage == "stage2":
-        return model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"]).loss
+        return model(
+            pixel_values=batch["pixel_values"],
+            bool_masked_pos=batch["bool_masked_pos"],
+            sample_seeds=batch["sample_seeds"],
+        ).loss
     return model(
-        pixel_values_1=batch["pixel_values_1"], pixel_values_2=batch["pixel_values_2"], momentum=MOMENTUM
+        pixel_values_1=batch["pixel_values_1"],
+        pixel_values_2=batch["pixel_values_2"],
+        momentum=MOMENTUM,
+        sample_seeds=batch["sample_seeds"],
     ).loss
 
 
