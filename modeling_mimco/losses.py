@@ -40,6 +40,11 @@ def gather_across_processes(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return gathered, sum(sizes[:rank])
 
 
+def gather_tokens(tokens: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
+    """`tokens` `(batch, num_tokens, dim)` at `positions` `(batch, k)`: `(batch, k, dim)`, a static-shape gather."""
+    return torch.gather(tokens, 1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
 def patch_infonce_loss(
     patch_predictions: torch.Tensor,
     teacher_patch_tokens: torch.Tensor,
@@ -78,6 +83,36 @@ def patch_infonce_loss(
     else:
         raise ValueError(f"`negatives` must be 'image' or 'batch', got {negatives!r}.")
     return F.cross_entropy(logits.float() / temperature, labels)
+
+
+def dense_patch_infonce_loss(
+    patch_predictions: torch.Tensor,
+    teacher_patch_tokens: torch.Tensor,
+    masked_positions: torch.LongTensor,
+    temperature: float,
+    negatives: str = "image",
+) -> torch.Tensor:
+    """`patch_infonce_loss` for masks that hide the same number of patches in every image, with static shapes.
+
+    Args:
+        patch_predictions: `(batch_size, num_masked, dim)`, the patch head's output for each image's masked patches.
+        teacher_patch_tokens: `(batch_size, num_patches, dim)`, the teacher's patch tokens of the unmasked images.
+        masked_positions: `(batch_size, num_masked)`, the patch index of each prediction, ascending per image.
+        temperature, negatives: as in `patch_infonce_loss`, which gives the same loss on the same mask.
+    """
+    batch_size, num_patches, dim = teacher_patch_tokens.shape
+    predictions = F.normalize(patch_predictions, dim=-1)
+    targets = F.normalize(teacher_patch_tokens, dim=-1)
+    if negatives == "image":
+        logits = torch.bmm(predictions, targets.transpose(1, 2))  # (batch, num_masked, num_patches)
+        labels = masked_positions
+    elif negatives == "batch":
+        logits = predictions.flatten(0, 1) @ targets.reshape(batch_size * num_patches, dim).T
+        offsets = torch.arange(batch_size, device=masked_positions.device).unsqueeze(1) * num_patches
+        labels = masked_positions + offsets
+    else:
+        raise ValueError(f"`negatives` must be 'image' or 'batch', got {negatives!r}.")
+    return F.cross_entropy(logits.flatten(0, -2).float() / temperature, labels.flatten())
 
 
 def image_infonce_loss(
@@ -152,10 +187,22 @@ def compute_patch_loss(
     loss_type: str,
     temperature: float,
     negatives: str = "image",
+    masked_positions: torch.LongTensor | None = None,
 ) -> torch.Tensor:
     """The patch loss that `loss_type` (a config's `patch_loss_type`) names: `patch_infonce_loss` for `"infonce"`,
     else `feature_regression_loss` against the teacher's tokens at the masked positions. Arguments as in
-    `patch_infonce_loss`; `temperature` and `negatives` only matter to InfoNCE."""
+    `patch_infonce_loss`; `temperature` and `negatives` only matter to InfoNCE.
+
+    With `masked_positions` `(batch_size, num_masked)` (every image masks as many patches), `patch_predictions` is
+    `(batch_size, num_masked, dim)` and the loss is computed with static shapes (`dense_patch_infonce_loss`, or the
+    regression against the gathered teacher tokens): the same numbers as the general path on the same mask."""
+    if masked_positions is not None:
+        if loss_type == "infonce":
+            return dense_patch_infonce_loss(
+                patch_predictions, teacher_patch_tokens, masked_positions, temperature=temperature, negatives=negatives
+            )
+        targets = gather_tokens(teacher_patch_tokens, masked_positions)
+        return feature_regression_loss(patch_predictions.flatten(0, 1), targets.flatten(0, 1), loss_type)
     if loss_type == "infonce":
         return patch_infonce_loss(
             patch_predictions, teacher_patch_tokens, bool_masked_pos, temperature=temperature, negatives=negatives
@@ -177,8 +224,10 @@ __all__ = [
     "compute_image_loss",
     "compute_patch_loss",
     "contrastive_infonce_loss",
+    "dense_patch_infonce_loss",
     "feature_regression_loss",
     "gather_across_processes",
+    "gather_tokens",
     "image_infonce_loss",
     "patch_infonce_loss",
 ]

@@ -15,7 +15,11 @@ class MimCoMaskGenerator:
     - `"random"` (SimMIM): the image is cut into `mask_patch_size` x `mask_patch_size` pixel blocks and a random
       `mask_ratio` fraction of the blocks is masked, so exactly `ceil(mask_ratio * num_blocks)` blocks are hidden.
     - `"block"` (BEiT): rectangles of random area (at least `min_num_patches` patches) and aspect ratio are masked
-      until `round(mask_ratio * num_patches)` patches are hidden.
+      until `round(mask_ratio * num_patches)` patches are hidden. When no further rectangle fits the remaining budget
+      (BEiT's loop then stops short), single random patches make up the difference.
+
+    Either way every mask hides exactly `num_masked` patches, so a batch of masks has one static shape of masked
+    positions, `(batch_size, num_masked)`, which the model gathers without a data-dependent shape.
 
     Args:
         image_size: Side of the square input in pixels.
@@ -63,6 +67,11 @@ class MimCoMaskGenerator:
 
         self.num_masking_patches = int(round(self.num_patches * mask_ratio))
         self.min_num_patches = min(min_num_patches, self.num_masking_patches)
+        # what every mask of this generator hides, in patches
+        if strategy == "random":
+            self.num_masked = self.num_masked_blocks * self.block_scale**2
+        else:
+            self.num_masked = self.num_masking_patches
         self.log_aspect_ratio = (math.log(min_aspect_ratio), math.log(1 / min_aspect_ratio))
 
     @classmethod
@@ -105,7 +114,13 @@ class MimCoMaskGenerator:
             if added == 0:
                 break
             num_masked += added
-        return mask.flatten()
+        mask = mask.flatten()
+        if num_masked < self.num_masking_patches:
+            # no rectangle fits what is left: top up with single patches, for a count that never varies
+            unmasked = (~mask).nonzero().squeeze(1)
+            order = torch.randperm(unmasked.numel(), generator=self.generator)
+            mask[unmasked[order[: self.num_masking_patches - num_masked]]] = True
+        return mask
 
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * torch.rand((), generator=self.generator).item()

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mimco import MimCoConfig, MimCoRemoteTeacherConfig
-from .losses import compute_image_loss, compute_patch_loss
+from .losses import compute_image_loss, compute_patch_loss, gather_tokens
 from .masking import MimCoMaskGenerator
 from .teacher import TeacherInputAdapter
 
@@ -773,9 +773,14 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         """The patch loss and the patch head's predictions for the masked patches; `(None, None)` without a head."""
         if self.patch_head is None:
             return None, None
-        # Only masked patches are predicted, so the head never runs on the visible ones.
-        patch_predictions = self.patch_head(student_tokens[:, 1:][bool_masked_pos])
         config = self.config
+        # Only masked patches are predicted, so the head never runs on the visible ones.
+        masked_positions = self.masked_positions(bool_masked_pos)
+        if masked_positions is None:
+            # masks of varying counts: a boolean index, whose shape depends on the data
+            patch_predictions = self.patch_head(student_tokens[:, 1:][bool_masked_pos])
+        else:
+            patch_predictions = self.patch_head(gather_tokens(student_tokens[:, 1:], masked_positions))
         patch_loss = compute_patch_loss(
             patch_predictions,
             teacher_patch_tokens,
@@ -783,8 +788,34 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
             config.patch_loss_type,
             temperature=config.patch_temperature,
             negatives=config.patch_negatives,
+            masked_positions=masked_positions,
         )
-        return patch_loss, patch_predictions
+        # (num_masked_in_batch, dim) either way, in the row-major order of `bool_masked_pos.nonzero()`
+        return patch_loss, patch_predictions.flatten(0, -2)
+
+    def masked_positions(self, bool_masked_pos: torch.BoolTensor) -> torch.LongTensor | None:
+        """The masked patch indices `(batch_size, num_masked)`, ascending per image, when every image masks as many
+        patches (every mask the package draws does); `None` for masks of varying counts, which take the general path.
+
+        Under `torch.compile` the count is taken to be the mask generator's `num_masked` without looking at the
+        data (reading it would break the graph); a device-side assertion stops a mask that does not match.
+        """
+        num_patches = bool_masked_pos.shape[1]
+        if torch.compiler.is_compiling():
+            num_masked = self.mask_generator.num_masked
+            counts = bool_masked_pos.sum(1)
+            torch._assert_async(
+                (counts == num_masked).all(), "under torch.compile every mask must hide the config's num_masked"
+            )
+        else:
+            counts = bool_masked_pos.sum(1).tolist()
+            if min(counts, default=0) != max(counts, default=0) or not counts:
+                return None
+            num_masked = counts[0]
+        # masked patches first, each image's in ascending order: a key that sorts them and is unique per position
+        position = torch.arange(num_patches, device=bool_masked_pos.device)
+        keys = bool_masked_pos.to(torch.int32) * num_patches + (num_patches - 1 - position)
+        return keys.topk(num_masked, dim=1).indices
 
     def _image_loss(
         self, student_tokens: torch.Tensor, teacher_image_features: torch.Tensor

@@ -74,6 +74,11 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
         assert variants[name]["images_per_second"] > 0
         assert variants[name]["utilisation_vs_measured_gemm"] > 0
     assert {"stage2", "stage1"} <= set(parts["throughput"]["max_batch"])
+    # the whole stage-2 model compiled: one graph, no graph break, no recompilation while it is timed
+    compile_modes = parts["throughput"]["compile_modes"]["tiny"]
+    assert compile_modes["graph_breaks"] == 0 and compile_modes["recompilations_while_timing"] == 0
+    assert compile_modes["images_per_second"]["tiny_compiled_default"] > 0
+    assert "Whole stage-2 model compiled" in markdown
     assert parts["data"]["all_workers"]["images_per_second"] > 0
     assert "gpu_starved" in parts["data"]["versus_step"]
     assert parts["data"]["device_jpeg_decoding"]["decode_images_per_second"] > 0

@@ -55,6 +55,7 @@ from modeling_mimco.benchmarks.measurement import (
     peak_memory_mb,
     run_mim_pipeline,
     same_loss_check,
+    synchronize,
     time_interleaved,
     use_low_precision_teacher,
     utilisation,
@@ -70,6 +71,13 @@ class BenchmarkArguments:
     model_preset: str = field(default="vit-small-patch16", metadata={"help": f"One of {sorted(MODEL_PRESETS)}."})
     image_size: int | None = field(default=None, metadata={"help": "Defaults to the preset's image size."})
     head_hidden_size: int = field(default=2048)
+    boolean_index_variant: bool = field(
+        default=False,
+        metadata={
+            "help": "Also time `mimco_step_boolean_index`: the same step through the general path (masked tokens "
+            "picked by a boolean index, the patch loss on the flattened rows) that masks of varying counts take."
+        },
+    )
     drop_path_rate: float = field(
         default=0.0,
         metadata={
@@ -83,7 +91,12 @@ class BenchmarkArguments:
     best_precision: str | None = field(
         default=None, metadata={"help": "Precision of ours in the best-settings run; default bf16 where supported."}
     )
-    torch_compile: bool = field(default=False, metadata={"help": "Compile student and teacher (ours)."})
+    torch_compile: bool = field(
+        default=False, metadata={"help": "Compile the whole model (ours), as the training commands do."}
+    )
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile's mode for --torch_compile (default, reduce-overhead, ...)."}
+    )
     teacher_bf16: bool = field(
         default=True,
         metadata={"help": "In fp32 runs, also time the student in fp32 with the frozen teacher in bf16."},
@@ -212,6 +225,7 @@ class Variants:
     steps: dict[str, Callable] = field(default_factory=dict)
     precisions: dict[str, tuple[str, str]] = field(default_factory=dict)
     teacher_bf16: dict[str, dict] = field(default_factory=dict)
+    compile_seconds: float | None = None  # the compiled variant's first step, compilation included
 
     def add(self, name: str, step: Callable, student: str, teacher: str | None = None) -> None:
         self.steps[name] = step
@@ -235,6 +249,10 @@ def build_variants(
     variants.add("mimco_step", make_mimco_step(model, device, precision), precision)
     variants.add("floor", make_floor_step(model, device, precision), precision)
     variants.add("reference", make_reference_step(reference, device, precision), precision)
+    if args.boolean_index_variant:
+        general = copy_of(model, device)
+        general.masked_positions = lambda bool_masked_pos: None  # as for a mask of varying counts
+        variants.add("mimco_step_boolean_index", make_mimco_step(general, device, precision), precision)
     if args.drop_path_rate > 0:
         sample_seeds = torch.arange(args.batch_size, device=device) * 7919
         seeded = make_mimco_step(copy_of(model, device), device, precision, sample_seeds)
@@ -247,11 +265,16 @@ def build_variants(
     if args.torch_compile or best != precision:
         compiled = copy_of(model, device)
         if args.torch_compile:
-            # in place, as run_pretraining.py does, so that parameter names stay those of the eager model
-            compiled.mimco.compile()
-            compiled.teacher.compile()
+            # the whole model in place, as mimco-pretrain's --torch_compile does: one graph (static shapes)
+            compiled.compile(mode=args.torch_compile_mode)
             variants.add("mimco_best_eager", make_mimco_step(copy_of(model, device), device, best), best)
         variants.add("mimco_best", make_mimco_step(compiled, device, best), best)
+        if args.torch_compile:
+            # the first call compiles: timed on its own, before the interleaved rounds
+            started = time.perf_counter()
+            variants.steps["mimco_best"](*inputs)
+            synchronize(device)
+            variants.compile_seconds = time.perf_counter() - started
         fp32_reference = (
             variants.steps["reference"] if precision == "fp32" else make_reference_step(reference, device, "fp32")
         )
@@ -325,6 +348,10 @@ def summarise(
         "variant_precision": {name: {"student": s, "teacher": t} for name, (s, t) in precisions.items()},
         "peak_memory_mb": peak_memory_mb(args.device),
     }
+    if "mimco_step_boolean_index" in seconds:
+        result["static_shape_speedup"] = seconds["mimco_step_boolean_index"] / seconds["mimco_step"]
+    if variants.compile_seconds is not None:
+        result["compile_seconds"] = variants.compile_seconds
     if "mimco_step_seeded" in seconds:
         result["seeded_drop_path_cost"] = seconds["mimco_step_seeded"] / seconds["mimco_step"]
     if "mimco_best" in seconds:
@@ -360,6 +387,12 @@ def format_report(result: dict) -> str:
             f"best-settings speedup (reference fp32 / ours {settings['best_precision']}"
             f"{' + compile' if settings['torch_compile'] else ''}): {result['best_settings_speedup']:.3f}"
         )
+    if "static_shape_speedup" in result:
+        lines.append(
+            f"static shapes (mimco_step_boolean_index / mimco_step, higher is better): {result['static_shape_speedup']:.3f}"
+        )
+    if "compile_seconds" in result:
+        lines.append(f"compilation (first step of mimco_best): {result['compile_seconds']:.1f} s")
     if "seeded_drop_path_cost" in result:
         lines.append(
             f"seeded drop path (mimco_step_seeded / mimco_step, drop path {settings['drop_path_rate']}): "

@@ -136,9 +136,10 @@ def run_contrastive_pretraining(
     model = MimCoForContrastivePreTraining(config)
     warn_about_accumulation(training_args)
     if training_args.torch_compile:
-        # in place, so parameter names (and checkpoints) stay those of the uncompiled model
-        model.base_encoder.compile()
-        model.momentum_encoder.compile()
+        # The whole model (both encoders, projectors, predictor, loss), in place, so that parameter names stay those
+        # of the uncompiled model. The momentum, a float that changes every step, is traced as a symbol after the
+        # first recompilation (dynamo's automatic dynamic), so the graph is compiled twice, not once per step.
+        model.compile(mode=training_args.torch_compile_mode)
 
     def compute_loss(wrapped_model, batch: dict, progress: float):
         outputs = wrapped_model(

@@ -209,9 +209,9 @@ def run_pretraining(
     dataset, collator = build_data(model_args, data_args, training_args, model.config, accelerator)
     warn_about_accumulation(training_args, model.config)
     if training_args.torch_compile:
-        # in place, so parameter names (and checkpoints) stay those of the uncompiled model
-        model.mimco.compile()
-        model.teacher.compile()
+        # The whole model, in place, so parameter names (and checkpoints) stay those of the uncompiled model. Its
+        # forward has static shapes (every drawn mask hides `num_masked` patches): one graph, no graph breaks.
+        model.compile(mode=training_args.torch_compile_mode)
 
     result = train(
         training_args,

@@ -15,6 +15,10 @@ from transformers import SchedulerType
 from modeling_mimco.training.checkpointing import CheckpointError, verify_checkpoint
 
 
+# torch.compile's modes, by the names transformers' TrainingArguments gives them
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class PreTrainingArguments:
     """Optimisation, checkpointing and logging settings shared by both pre-training scripts."""
@@ -47,7 +51,15 @@ class PreTrainingArguments:
         },
     )
     torch_compile: bool = field(
-        default=False, metadata={"help": "Compile the transformer backbones with torch.compile (student and teacher)."}
+        default=False,
+        metadata={"help": "Compile the whole model with torch.compile (stage 2: one graph, no graph breaks)."},
+    )
+    torch_compile_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": f"torch.compile's mode, one of {list(TORCH_COMPILE_MODES)} (as transformers' TrainingArguments); "
+            "setting it turns --torch_compile on. 'reduce-overhead' replays CUDA graphs on a GPU."
+        },
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
     logging_steps: int = field(default=10, metadata={"help": "Log losses, lr, grad norm and images/s every N steps."})
@@ -78,6 +90,12 @@ class PreTrainingArguments:
     )
 
     def __post_init__(self):
+        if self.torch_compile_mode is not None:
+            if self.torch_compile_mode not in TORCH_COMPILE_MODES:
+                raise ValueError(
+                    f"--torch_compile_mode must be one of {list(TORCH_COMPILE_MODES)}, got {self.torch_compile_mode!r}."
+                )
+            self.torch_compile = True
         _check_positive("per_device_train_batch_size", self.per_device_train_batch_size)
         _check_positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check_positive("learning_rate", self.learning_rate)

@@ -52,6 +52,13 @@ class GpuCheckArguments:
             "tracing without inductor's code generation, which takes a minute on a small CPU)."
         },
     )
+    compile_presets: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated presets whose whole stage-2 model is compiled and timed eager / compiled / "
+            "reduce-overhead (default vit-small-patch16,vit-base-patch16; smoke: tiny)."
+        },
+    )
     gemm_size: int | None = field(default=None, metadata={"help": "Side of the GEMMs (default 8192; smoke 256)."})
     num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: the CPU cores)."})
     dataset_dir: str | None = field(
@@ -95,6 +102,7 @@ class GpuCheckArguments:
         self.batch_size = self.batch_size or 8
         self.max_batch_size = self.max_batch_size or 2 * self.batch_size
         self.compile_backend = self.compile_backend or "aot_eager"
+        self.compile_presets = self.compile_presets or "tiny"
         self.gemm_size = self.gemm_size or 256
 
     def _choose_device(self) -> None:
@@ -112,6 +120,7 @@ class GpuCheckArguments:
         self.batch_size = self.batch_size or 128
         self.max_batch_size = self.max_batch_size or 8192
         self.compile_backend = self.compile_backend or "inductor"
+        self.compile_presets = self.compile_presets or "vit-small-patch16,vit-base-patch16"
         self.gemm_size = self.gemm_size or 8192
         if self.num_workers is None:
             self.num_workers = os.cpu_count() or 1

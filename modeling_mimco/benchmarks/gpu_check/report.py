@@ -158,7 +158,8 @@ def _throughput_markdown(part: dict) -> list[str]:
         if "memory_ratio_vs_eager" in entry:
             notes.append(f"memory_ratio_vs_eager {_fmt(entry['memory_ratio_vs_eager'])}")
         if "first_step_seconds_with_compilation" in entry:
-            notes.append(f"compile {entry['first_step_seconds_with_compilation']:.0f} s ({entry['backend']})")
+            backend = f" ({entry['backend']})" if "backend" in entry else ""
+            notes.append(f"compile {entry['first_step_seconds_with_compilation']:.0f} s{backend}")
         lines.append(_throughput_row(name, entry, ", ".join(notes)))
     for stage, found in part.get("max_batch", {}).items():
         for entry in found["tried"]:
@@ -170,6 +171,14 @@ def _throughput_markdown(part: dict) -> list[str]:
             f"| {stage}: largest batch that fits | {found['largest_fitting']} | | | | | | | "
             f"stopped: {found['stopped_because']} |"
         )
+    for preset, summary in part.get("compile_modes", {}).items():
+        rates = ", ".join(f"{name} {_fmt(value, 1)}" for name, value in summary["images_per_second"].items())
+        lines += [
+            "",
+            f"Whole stage-2 model compiled ({summary['backend']}), {preset}: {summary['graphs']} graph(s), "
+            f"{summary['graph_breaks']} graph break(s), {summary['recompilations_while_timing']} recompilation(s) "
+            f"while timing; images/s: {rates}.",
+        ]
     if part.get("memory_note"):
         lines += ["", part["memory_note"]]
     return lines

@@ -69,6 +69,15 @@ def check_throughput(args: GpuCheckArguments, context: dict, budget: Budget) -> 
             needs_seconds=5.0 if args.smoke else 40.0,
         )
         free_memory(device)
+    # the whole stage-2 model compiled, per preset: eager, default mode and CUDA graphs (reduce-overhead)
+    for preset in args.compile_presets.split(","):
+        checks.run(
+            f"stage2_compile_modes[{preset}]",
+            lambda preset=preset: run.compile_modes(preset, backend),
+            budget,
+            needs_seconds=5.0 if args.smoke else 60.0,
+        )
+        free_memory(device)
     variants = run.variants
     if variants.get("stage2_compiled") and variants.get("stage2_eager"):
         context["stage2_images_per_second"] = max(
@@ -111,7 +120,6 @@ class Stage:
     make_step: Callable  # `make_mimco_step` or `make_contrastive_step`
     inputs: tuple[torch.Tensor, torch.Tensor]  # the step's inputs at `--batch_size`
     flops_at: Callable[[int], StepFlops]  # model FLOPs of one step at a batch size
-    encoders: tuple[str, ...]  # the submodules compiled in place, as the training scripts' --torch_compile does
     max_batch_share: float  # the share of the part's remaining budget that the batch doubling may use
 
 
@@ -146,7 +154,6 @@ class ThroughputRun:
                 make_step=make_mimco_step,
                 inputs=(pixels, masks),
                 flops_at=lambda batch: mimco_step_flops(config, batch),
-                encoders=("mimco", "teacher"),
                 max_batch_share=0.15,
             ),
             "stage1": Stage(
@@ -155,7 +162,6 @@ class ThroughputRun:
                 make_step=make_contrastive_step,
                 inputs=(pixels, pixels_2),
                 flops_at=lambda batch: contrastive_step_flops(contrastive_config, batch),
-                encoders=("base_encoder", "momentum_encoder"),
                 max_batch_share=0.18,
             ),
         }
@@ -228,8 +234,7 @@ class ThroughputRun:
         the eager step."""
         name = f"{stage.name}_compiled"
         compiled = copy.deepcopy(stage.model)
-        for encoder in stage.encoders:
-            getattr(compiled, encoder).compile(backend=backend)
+        compiled.compile(backend=backend)  # the whole model, as the training commands' --torch_compile does
         step = _closure(stage.make_step(compiled, self.device, "bf16"), *stage.inputs)
         start = time.perf_counter()
         step()
@@ -242,6 +247,52 @@ class ThroughputRun:
         entry["speedup_vs_eager"] = seconds[eager] / seconds[name]
         entry["backend"] = backend
         return {"passed": math.isfinite(seconds[name]), "speedup_vs_eager": entry["speedup_vs_eager"]}
+
+    def compile_modes(self, preset: str, backend: str) -> dict:
+        """The whole stage-2 model at `preset`: eager, compiled (default mode) and, on a GPU with inductor, compiled
+        with CUDA graphs (`reduce-overhead`), timed in the same rounds; graph breaks and recompilations counted."""
+        config = MimCoConfig(**MODEL_PRESETS[preset], attn_implementation="sdpa")
+        torch.manual_seed(self.args.seed)
+        model = MimCoForPreTraining(config).to(self.device).train()
+        size, batch = config.image_size, self.batch_size
+        pixels = torch.randn(batch, 3, size, size, device=self.device)
+        masks = model.mask_generator.batch(batch).to(self.device)
+        seeds = torch.arange(batch, device=self.device)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(pixels, bool_masked_pos=masks, sample_seeds=seeds)
+        modes = ["default"] + (["reduce-overhead"] if self.device == "cuda" and backend == "inductor" else [])
+        steps = {f"{preset}_eager": _closure(make_mimco_step(model, self.device, "bf16", seeds), pixels, masks)}
+        compile_seconds = {}
+        torch._dynamo.reset()
+        counters = torch._dynamo.utils.counters
+        counters.clear()
+        for mode in modes:
+            compiled = copy.deepcopy(model)
+            compiled.compile(backend=backend, **({"mode": mode} if backend == "inductor" else {}))
+            name = f"{preset}_compiled_{mode}"
+            steps[name] = _closure(make_mimco_step(compiled, self.device, "bf16", seeds), pixels, masks)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(self.device)
+            compile_seconds[name] = time.perf_counter() - start
+        seconds = self._time(steps, 0.5)
+        flops = mimco_step_flops(config, batch)
+        entries = {}
+        for name, value in seconds.items():
+            entries[name] = self._record(name, flops, value, steps[name])
+            if name in compile_seconds:
+                entries[name]["first_step_seconds_with_compilation"] = compile_seconds[name]
+                entries[name]["speedup_vs_eager"] = seconds[f"{preset}_eager"] / value
+        recompiles = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+        summary = {
+            "graph_breaks": explanation.graph_break_count,
+            "graphs": explanation.graph_count,
+            "recompilations_while_timing": recompiles,
+            "backend": backend,
+            "images_per_second": {name: entry["images_per_second"] for name, entry in entries.items()},
+        }
+        self.result.setdefault("compile_modes", {})[preset] = summary
+        return {"passed": explanation.graph_break_count == 0 and all(map(math.isfinite, seconds.values()))} | summary
 
 
 def _rates(flops: StepFlops, seconds: float, batch_size: int, context: dict, precision: str = "bf16") -> dict:
