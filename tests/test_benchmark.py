@@ -88,6 +88,12 @@ def test_harness_writes_every_figure(tmp_path):
     assert result["peak_memory_mb"] > 0
     data = result["data"]["48x40"]
     assert data["mimco_images_per_second"] > 0 and data["run_mim_images_per_second"] > 0
+    # stage 1's loaders side by side: ours, ours with the photometric half left to the device, torchvision's v2
+    for name in ("stage1", "stage1_photometric_on_device", "stage1_torchvision"):
+        assert data[f"{name}_images_per_second"] > 0
+    assert data["stage1_speedup"] == pytest.approx(
+        data["stage1_images_per_second"] / data["stage1_torchvision_images_per_second"]
+    )
     assert result["same_weights_loss"]["mimco"] == pytest.approx(result["same_weights_loss"]["reference"], abs=1e-5)
     assert "overhead" in completed.stdout and "speedup" in completed.stdout and "large GEMM" in completed.stdout
 

@@ -629,13 +629,11 @@ def test_contrastive_views_differ_and_have_the_right_shape():
 
 
 def test_contrastive_views_apply_view_specific_augmentations():
-    transform_1, transform_2 = build_contrastive_transforms(224, MEAN, STD)
-    names_1 = [type(step).__name__ for step in transform_1.transforms]
-    names_2 = [type(step).__name__ for step in transform_2.transforms]
-    assert "GaussianBlur" in names_1 and "RandomSolarize" not in names_1
-    assert "RandomSolarize" in names_2 and "GaussianBlur" not in names_2
-    blur = next(step for step in transform_1.transforms if type(step).__name__ == "GaussianBlur")
-    assert list(blur.kernel_size) == [23, 23]
+    """MoCo v3's asymmetry: view 1 always blurs and never solarizes, view 2 blurs with p 0.1, solarizes with p 0.2."""
+    view_1, view_2 = build_contrastive_transforms(224, MEAN, STD)
+    assert (view_1.recipe.blur_p, view_1.recipe.solarize_p) == (1.0, 0.0)
+    assert (view_2.recipe.blur_p, view_2.recipe.solarize_p) == (0.1, 0.2)
+    assert view_1.recipe.blur_sigma == view_2.recipe.blur_sigma == (0.1, 2.0)
 
 
 def test_contrastive_pipeline_on_digits_through_a_dataloader():
@@ -750,7 +748,19 @@ def test_horizontal_flip_can_be_turned_off_in_both_stages():
 
     with_flip = build_contrastive_transforms(32, [0.5] * 3, [0.5] * 3)
     without = build_contrastive_transforms(32, [0.5] * 3, [0.5] * 3, hflip=False)
-    assert [flips(view) for view in with_flip] == [1, 1] and [flips(view) for view in without] == [0, 0]
+    assert [view.recipe.hflip for view in with_flip] == [True, True]
+    assert [view.recipe.hflip for view in without] == [False, False]
+    # and no view of an image is ever its mirror image when the flip is off
+    image = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 32, 32).div(3 * 32 * 32 / 255).to(torch.uint8)
+    torch.manual_seed(0)
+    assert not any(view_parameters_flip(without[0], image) for _ in range(50))
     config = MimCoConfig(image_size=32, patch_size=4, mask_patch_size=8)
     assert flips(pretraining_example_transform("image", config).transform) == 1
     assert flips(pretraining_example_transform("image", config, hflip=False).transform) == 0
+
+
+def view_parameters_flip(view, image) -> bool:
+    """Whether `view` would flip `image`, drawn as the view draws it."""
+    from modeling_mimco.data.contrastive_views import draw_view_parameters
+
+    return draw_view_parameters(view.recipe, image.shape[-2], image.shape[-1]).flip

@@ -82,6 +82,10 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
     assert parts["data"]["all_workers"]["images_per_second"] > 0
     assert "gpu_starved" in parts["data"]["versus_step"]
     assert parts["data"]["device_jpeg_decoding"]["decode_images_per_second"] > 0
+    # stage 1's loader, whole and with the photometric half on the device, against the stage-1 step
+    assert parts["data"]["stage1_all_workers"]["images_per_second"] > 0
+    assert parts["data"]["stage1_photometric_on_device"]["device_photometric_images_per_second"] > 0
+    assert "augment_on_device_keeps_up" in parts["data"]["stage1_versus_step"]
     # the reproduction runs when the CIFAR-10 copy is there and says why not otherwise
     if parts["reproduce"]["status"] == "ok":
         assert parts["reproduce"]["rows_finished"] == ["teacher"]

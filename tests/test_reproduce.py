@@ -82,7 +82,7 @@ def test_smoke_writes_every_row_and_a_well_formed_table(smoke_run):
             measured = row["evaluation_spread"][metric]
             assert len(measured["values"]) == 3 and measured["values"][0] == row[metric]
             assert measured["mean"] == pytest.approx(sum(measured["values"]) / 3)
-            assert measured["std"] == pytest.approx(torch.tensor(measured["values"]).std().item())
+            assert measured["std"] == pytest.approx(torch.tensor(measured["values"], dtype=torch.float64).std().item())
     # the baseline is the normalised pixels themselves: one feature per pixel and channel
     assert state["rows"]["pixels"]["feature_dim"] == 3 * 32 * 32
     # the same pre-training step count for every pre-trained row, none for the untrained ones

@@ -43,6 +43,7 @@ from transformers import HfArgumentParser
 from modeling_mimco import MimCoConfig, MimCoForPreTraining
 from modeling_mimco.benchmarks.measurement import (
     ReferenceMimCo,
+    contrastive_pipeline,
     cpu_supports_bf16,
     floor_step_flops,
     make_floor_step,
@@ -108,6 +109,7 @@ class BenchmarkArguments:
     warmup: int = field(default=2, metadata={"help": "Untimed steps before measuring each variant."})
     repeats: int = field(default=5, metadata={"help": "Timed rounds; each round runs every variant once."})
     data_images: int = field(default=64, metadata={"help": "JPEGs in the data benchmark (0 skips it)."})
+    data_only: bool = field(default=False, metadata={"help": "Only the data benchmark (no training steps)."})
     data_source_sizes: str = field(
         default="224x224,500x375,1024x768", metadata={"help": "Comma-separated WxH of the generated JPEGs."}
     )
@@ -183,10 +185,15 @@ def teacher_bf16_loss_change(model: MimCoForPreTraining, inputs: tuple, mode: st
 
 
 def benchmark_data(args: BenchmarkArguments, config: MimCoConfig) -> dict:
-    """Images/s of both pipelines in one process, for JPEGs of each size in `--data_source_sizes`."""
+    """Images/s per core of the loaders in one process, for JPEGs of each size in `--data_source_sizes`: stage 2
+    (ours against `run_mim.py`'s) and stage 1 (ours, the loader's share with `--augment_on_device`, and
+    torchvision's v2 transforms of MoCo v3's recipe)."""
     pipelines = {
         "mimco": mimco_pipeline(config),
         "run_mim": run_mim_pipeline(config.image_size, config.mask_patch_size, config.patch_size, config.mask_ratio),
+        "stage1": contrastive_pipeline(config, "ours"),
+        "stage1_photometric_on_device": contrastive_pipeline(config, "ours_photometric_on_device"),
+        "stage1_torchvision": contrastive_pipeline(config, "torchvision"),
     }
     results = {}
     # a DataLoader worker runs its pipeline on one thread, so that is what is measured
@@ -201,6 +208,7 @@ def benchmark_data(args: BenchmarkArguments, config: MimCoConfig) -> dict:
             )
             results[source_size] = {f"{name}_images_per_second": len(jpegs) / t for name, t in timings.items()}
             results[source_size]["speedup"] = timings["run_mim"] / timings["mimco"]
+            results[source_size]["stage1_speedup"] = timings["stage1_torchvision"] / timings["stage1"]
     finally:
         torch.set_num_threads(threads)
     return results
@@ -298,6 +306,8 @@ def run_benchmark(args: BenchmarkArguments) -> dict:
     torch.manual_seed(args.seed)
     device = args.device
     config = mimco_config(args)
+    if args.data_only:
+        return {"settings": asdict(args) | {"torch_version": torch.__version__}, "data": benchmark_data(args, config)}
     model = MimCoForPreTraining(config).to(device).train()
     reference = ReferenceMimCo(model).to(device).train()
     pixel_values = torch.randn(args.batch_size, 3, config.image_size, config.image_size, device=device)
@@ -367,6 +377,8 @@ def summarise(
 
 def format_report(result: dict) -> str:
     settings = result["settings"]
+    if settings.get("data_only"):
+        return "\n".join(_data_lines(result))
     lines = [
         f"{'variant':<24}{'images/s':>10}{'s/step':>10}{'GFLOP/s':>10}{'util.':>8}   ({settings['timer']} time; "
         "util. = model FLOPs/s over the measured GEMM rate of its precision)"
@@ -406,17 +418,26 @@ def format_report(result: dict) -> str:
             f"{change['loss_fp32']:.6f} fp32 (relative difference {change['loss_relative_difference']:.2e}), "
             f"normalised targets min cosine {change['target_min_cosine']:.6f}"
         )
-    for source_size, data in result.get("data", {}).items():
-        lines.append(
-            f"data, one process, {source_size} JPEGs: ours {data['mimco_images_per_second']:.1f} images/s, "
-            f"run_mim.py {data['run_mim_images_per_second']:.1f} images/s, speedup {data['speedup']:.2f}"
-        )
+    lines += _data_lines(result)
     lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MiB")
     losses = result["same_weights_loss"]
     lines.append(
         f"same weights, same inputs: loss {losses['mimco']:.6f} (ours) vs {losses['reference']:.6f} (reference)"
     )
     return "\n".join(lines)
+
+
+def _data_lines(result: dict) -> list[str]:
+    lines = []
+    for source_size, data in result.get("data", {}).items():
+        lines.append(
+            f"data, one process, {source_size} JPEGs: stage 2 ours {data['mimco_images_per_second']:.1f} images/s, "
+            f"run_mim.py {data['run_mim_images_per_second']:.1f} images/s, speedup {data['speedup']:.2f}; stage 1 "
+            f"ours {data['stage1_images_per_second']:.1f} images/s (photometric on the device: "
+            f"{data['stage1_photometric_on_device_images_per_second']:.1f}), torchvision v2 "
+            f"{data['stage1_torchvision_images_per_second']:.1f} images/s, speedup {data['stage1_speedup']:.2f}"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:

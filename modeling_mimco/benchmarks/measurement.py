@@ -524,7 +524,60 @@ def mimco_pipeline(config: MimCoConfig) -> Callable:
     return process
 
 
+def torchvision_contrastive_transforms(image_size: int, image_mean, image_std) -> tuple[Callable, Callable]:
+    """MoCo v3's two views with torchvision's v2 transforms, as a user of torchvision writes them (and as this
+    package made them before `contrastive_views`): the reference of the stage-1 loader benchmark."""
+    from torchvision.transforms import v2
+
+    kernel = max(3, int(0.1 * image_size))
+    kernel += 1 - kernel % 2  # odd, about 10 % of the side (23 at 224)
+
+    def view(blur_p: float, solarize_p: float) -> v2.Compose:
+        blur = v2.GaussianBlur(kernel, sigma=(0.1, 2.0))
+        steps = [
+            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),
+            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            blur if blur_p >= 1.0 else v2.RandomApply([blur], p=blur_p),
+        ]
+        if solarize_p > 0:
+            steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+        steps += [v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        return v2.Compose(steps + [v2.Normalize(list(image_mean), list(image_std))])
+
+    return view(1.0, 0.0), view(0.1, 0.2)
+
+
+def contrastive_pipeline(config: MimCoConfig, views: str = "ours") -> Callable:
+    """The data path of stage 1 in one process: decode, two views, the collator. `views`: `"ours"` (the
+    package's views, made whole in the loader), `"ours_photometric_on_device"` (the loader's share under
+    `--augment_on_device`: decode, crop, parameters) or `"torchvision"` (`torchvision_contrastive_transforms`)."""
+    from modeling_mimco.data.pipeline import ContrastiveCollator, ContrastiveExampleTransform
+    from modeling_mimco.data.transforms import build_contrastive_transforms
+
+    if views == "torchvision":
+        transforms = torchvision_contrastive_transforms(config.image_size, config.image_mean, config.image_std)
+    else:
+        on_device = views == "ours_photometric_on_device"
+        transforms = build_contrastive_transforms(
+            config.image_size, config.image_mean, config.image_std, photometric_on_device=on_device, normalize=False
+        )
+    example_transform = ContrastiveExampleTransform(*transforms, "image")
+    if views == "torchvision":
+        example_transform.fast_jpeg = False  # PIL images, as MoCo v3's own loader hands them to the transforms
+    # as `mimco-contrastive` builds it: 8-bit batches, normalised by the training step on its device
+    collator = ContrastiveCollator(config.image_size)
+
+    def process(jpegs: Sequence[bytes]) -> dict:
+        examples = example_transform({"image": [{"bytes": data, "path": None} for data in jpegs]})
+        rows = [dict(zip(examples, values)) for values in zip(*examples.values())]
+        return collator(rows)
+
+    return process
+
+
 __all__ = [
+    "contrastive_pipeline",
     "cpu_supports_bf16",
     "ReferenceMimCo",
     "StepFlops",
@@ -545,6 +598,7 @@ __all__ = [
     "same_loss_check",
     "synchronize",
     "time_interleaved",
+    "torchvision_contrastive_transforms",
     "use_low_precision_teacher",
     "utilisation",
     "vit_forward_flops",

@@ -15,12 +15,14 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 from accelerate import Accelerator
 from transformers import HfArgumentParser, set_seed
 
 from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining
 from modeling_mimco.commands import recipe_default, reports_errors, run_command
 from modeling_mimco.configuration_mimco import preset_backbone_kwargs
+from modeling_mimco.data.contrastive_views import apply_photometric, normalize_views
 from modeling_mimco.data.pipeline import ContrastiveCollator, ContrastiveExampleTransform, apply_example_transform
 from modeling_mimco.data.sources import DataArguments, load_training_images
 from modeling_mimco.data.transforms import build_contrastive_transforms
@@ -54,6 +56,14 @@ class ModelArguments:
         metadata={
             "help": "Flip half of the crops left-right; turn off for images whose mirror is another class "
             "(digits, text)."
+        },
+    )
+
+    augment_on_device: bool = field(
+        default=False,
+        metadata={
+            "help": "The loader decodes and crops; colour jitter, grayscale, blur and solarize run on the whole "
+            "batch on the accelerator (same parameters, drawn per image), so that few CPU cores keep a GPU busy."
         },
     )
 
@@ -109,8 +119,25 @@ def build_data(
         backbone.image_std,
         crop_scale=(model_args.crop_min_scale, 1.0),
         hflip=model_args.horizontal_flip,
+        photometric_on_device=model_args.augment_on_device,
+        normalize=False,  # 8-bit views, normalised in the training step on its device
     )
     return apply_example_transform(dataset, ContrastiveExampleTransform(transform_1, transform_2, image_column))
+
+
+def finish_views_on_device(batch: dict, backbone: MimCoConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of a batch as normalised floats, on the batch's device: the loader hands over 8-bit views
+    (normalised here), or with `--augment_on_device` the uint8 crops, whose photometric half is applied here."""
+    views = []
+    for view in ("1", "2"):
+        pixel_values = batch[f"pixel_values_{view}"]
+        parameters = batch.get(f"photometric_{view}")
+        if parameters is not None:
+            pixel_values = apply_photometric(pixel_values, parameters, backbone.image_mean, backbone.image_std)
+        elif pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_views(pixel_values, backbone.image_mean, backbone.image_std)
+        views.append(pixel_values)
+    return views[0], views[1]
 
 
 def warn_about_accumulation(training_args: ContrastivePreTrainingArguments) -> None:
@@ -142,9 +169,10 @@ def run_contrastive_pretraining(
         model.compile(mode=training_args.torch_compile_mode)
 
     def compute_loss(wrapped_model, batch: dict, progress: float):
+        pixel_values_1, pixel_values_2 = finish_views_on_device(batch, backbone)
         outputs = wrapped_model(
-            pixel_values_1=batch["pixel_values_1"],
-            pixel_values_2=batch["pixel_values_2"],
+            pixel_values_1=pixel_values_1,
+            pixel_values_2=pixel_values_2,
             momentum=model.momentum_at(progress),
             sample_seeds=batch.get("sample_seeds"),
         )
@@ -159,7 +187,7 @@ def run_contrastive_pretraining(
         training_args,
         model,
         dataset,
-        ContrastiveCollator(image_size=backbone.image_size),
+        ContrastiveCollator(image_size=backbone.image_size),  # 8-bit views: the step normalises them
         compute_loss,
         save_final,
         project_name="mimco-contrastive",

@@ -48,6 +48,7 @@ from datasets.fingerprint import generate_random_fingerprint
 from datasets.table import InMemoryTable, concat_tables
 
 from modeling_mimco.configuration_mimco import MimCoConfig
+from modeling_mimco.data.contrastive_views import stack_parameters
 from modeling_mimco.data.decoding import UnreadableImageError, decode_image
 from modeling_mimco.data.sources import row_sources
 from modeling_mimco.data.transforms import ToNormalizedFloat, build_pretraining_transform
@@ -198,7 +199,10 @@ class ContrastiveExampleTransform(_ExampleTransform):
         self.transform_1 = transform_1
         self.transform_2 = transform_2
 
-    def _augment(self, image: PIL.Image.Image) -> dict[str, torch.Tensor]:
+    # JPEGs arrive as uint8 tensors from torchvision's decoder, which the views take as they are
+    fast_jpeg = True
+
+    def _augment(self, image: PIL.Image.Image | torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pixel_values_1": self.transform_1(image), "pixel_values_2": self.transform_2(image)}
 
 
@@ -348,25 +352,42 @@ class ContrastiveCollator:
 
     Args:
         image_size: Side of the images, used only for the shape of an empty batch.
+        normalize_with: `(image_mean, image_std)` for views that arrive as uint8 (`ContrastiveView(normalize=False)`):
+            the stacked batch is normalised in one go. Without it such views stay uint8, for the training step to
+            normalise on its device (`contrastive_views.normalize_views`), as `mimco-contrastive` does.
 
     Returns (from `__call__`):
         - `"pixel_values_1"`, `"pixel_values_2"`: float32 `(B, 3, H, W)`, the two normalised views of the B readable
-          images (row i of both is the same source image).
+          images (row i of both is the same source image). When the views leave their photometric half to the
+          accelerator (`ContrastiveView(photometric_on_device=True)`): the uint8 crops, and
+          `"photometric_1"` / `"photometric_2"`, dicts of the stacked parameters that `apply_photometric` takes.
         - `"labels"`: long `(B,)`, only when the examples carry labels.
         - `"sample_seeds"`: long `(B,)`, the per-image seeds, when the examples carry them (the training loop's
           seeded batches add them).
         - `"num_skipped"`: 0-dim long tensor, the number of unreadable examples dropped from this batch.
     """
 
-    def __init__(self, image_size: int | None = None):
+    def __init__(
+        self, image_size: int | None = None, normalize_with: tuple[Sequence[float], Sequence[float]] | None = None
+    ):
         self.image_size = image_size
+        # views made whole in the loader as uint8 (`ContrastiveView(normalize=False)`) are normalised here, per batch
+        self.normalize = ToNormalizedFloat(*normalize_with) if normalize_with is not None else None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         readable, num_skipped = _split_readable(examples, "pixel_values_1")
-        batch = {
-            "pixel_values_1": _stack_views(readable, "pixel_values_1", self.image_size),
-            "pixel_values_2": _stack_views(readable, "pixel_values_2", self.image_size),
-        }
+        batch = {}
+        for view in ("1", "2"):
+            key = f"pixel_values_{view}"
+            if readable and isinstance(readable[0][key], dict):
+                # `--augment_on_device`: uint8 crops, and the parameters of the photometric half still to apply
+                batch[key] = torch.stack([example[key]["crop"] for example in readable])
+                batch[f"photometric_{view}"] = stack_parameters([example[key] for example in readable])
+            else:
+                views = _stack_views(readable, key, self.image_size)
+                if views.dtype == torch.uint8 and self.normalize is not None:
+                    views = self.normalize(views)
+                batch[key] = views
         labels = _labels(examples, readable)
         if labels is not None:
             batch["labels"] = labels

@@ -19,8 +19,8 @@ DEFAULT_CIFAR10 = os.path.join(REPO_ROOT, "..", "shared", "datasets", "cifar10")
 
 # seconds of each part: 7 min 20 s in all; with the process's start and a compilation's overrun the run stays
 # within 8 minutes
-DEFAULT_BUDGETS = {"environment": 10, "correctness": 60, "throughput": 170, "data": 30, "reproduce": 170}
-SMOKE_BUDGETS = {"environment": 4, "correctness": 20, "throughput": 25, "data": 5, "reproduce": 45}
+DEFAULT_BUDGETS = {"environment": 10, "correctness": 60, "throughput": 170, "data": 45, "reproduce": 155}
+SMOKE_BUDGETS = {"environment": 4, "correctness": 20, "throughput": 25, "data": 8, "reproduce": 42}
 
 
 @dataclass
@@ -38,8 +38,8 @@ class GpuCheckArguments:
     budget_environment: float | None = field(default=None, metadata={"help": "Seconds (default 10; smoke 4)."})
     budget_correctness: float | None = field(default=None, metadata={"help": "Seconds (default 60; smoke 20)."})
     budget_throughput: float | None = field(default=None, metadata={"help": "Seconds (default 170; smoke 25)."})
-    budget_data: float | None = field(default=None, metadata={"help": "Seconds (default 30; smoke 5)."})
-    budget_reproduce: float | None = field(default=None, metadata={"help": "Seconds (default 170; smoke 45)."})
+    budget_data: float | None = field(default=None, metadata={"help": "Seconds (default 45; smoke 8)."})
+    budget_reproduce: float | None = field(default=None, metadata={"help": "Seconds (default 155; smoke 42)."})
     model_preset: str = field(default="vit-small-patch16", metadata={"help": "Throughput shape (smoke: tiny)."})
     batch_size: int | None = field(default=None, metadata={"help": "Throughput batch (default 128; smoke 8)."})
     max_batch_size: int | None = field(

@@ -1,6 +1,6 @@
 """The GPU check's `data` part: the real stage-2 loader (the training loop's seeded batches in a DataLoader with
 one worker per core) on generated 500x375 JPEGs, against the stage-2 step's images/s that the throughput part left
-in the run's context; and GPU JPEG decoding (`torchvision.io.decode_jpeg(..., device="cuda")`), an opt-in path
+in the run's context; stage 1's loader, whole and with `--augment_on_device`, against the stage-1 step; and GPU JPEG decoding (`torchvision.io.decode_jpeg(..., device="cuda")`), an opt-in path
 that the training scripts do not use. Imports torch, torchvision, datasets, the config and mask generator of the
 model files and the package's `benchmarking`, `data` and `training`.
 """
@@ -47,9 +47,25 @@ def check_data(args: GpuCheckArguments, context: dict, budget: Budget) -> dict:
         result["device_jpeg_decoding"] = measured
         return {"passed": measured["decode_images_per_second"] > 0, **measured}
 
-    checks.run("loader_one_process", loader_check("one_process", 0, 0.15), budget)
-    checks.run("loader_all_workers", loader_check("all_workers", workers, 0.45), budget)
+    def stage1_check(photometric_on_device: bool) -> Callable[[], dict]:
+        key = "stage1_photometric_on_device" if photometric_on_device else "stage1_all_workers"
+
+        def measure() -> dict:
+            dataset = stage1_loader_dataset(config, jpegs, args.seed, photometric_on_device)
+            measured = loader_rate(dataset, batch_size, workers, 0.2 * budget.remaining(), key="pixel_values_1")
+            if photometric_on_device:
+                measured |= device_photometric_rate(dataset, batch_size, args.device, config)
+            result[key] = measured
+            return {"passed": measured["images"] > 0, **measured}
+
+        return measure
+
+    checks.run("loader_one_process", loader_check("one_process", 0, 0.12), budget)
+    checks.run("loader_all_workers", loader_check("all_workers", workers, 0.3), budget)
     result["versus_step"] = loader_versus_step(result, context.get("stage2_images_per_second"))
+    checks.run("stage1_loader_all_workers", stage1_check(False), budget)
+    checks.run("stage1_loader_photometric_on_device", stage1_check(True), budget)
+    result["stage1_versus_step"] = stage1_versus_step(result, context.get("stage1_images_per_second"))
     checks.run("decode_jpeg_on_device", device_decoding, budget)
     result["checks"] = checks.items
     return result
@@ -69,6 +85,73 @@ def loader_versus_step(result: dict, step_rate: float | None) -> dict:
         # one worker per core scales about linearly, until memory bandwidth or the main process limits it
         "cores_needed_at_one_process_rate": math.ceil(step_rate / per_core),
     }
+
+
+def stage1_versus_step(result: dict, step_rate: float | None) -> dict:
+    """Stage 1's loader, whole on the CPU and with `--augment_on_device`, against the stage-1 step's images/s."""
+    if not (step_rate and "stage1_all_workers" in result and "stage1_photometric_on_device" in result):
+        return {"reason": "skipped: no stage-1 step rate from the throughput part"}
+    cpu = result["stage1_all_workers"]["images_per_second"]
+    deferred = result["stage1_photometric_on_device"]
+    # with --augment_on_device the step also runs the photometric half: its time adds to the step's
+    device_seconds = 1.0 / deferred["device_photometric_images_per_second"]
+    step_with_photometric = 1.0 / (1.0 / step_rate + device_seconds)
+    return {
+        "stage1_step_images_per_second": step_rate,
+        "loader_cpu_images_per_second": cpu,
+        "loader_cpu_keeps_up": cpu >= step_rate,
+        "loader_augment_on_device_images_per_second": deferred["images_per_second"],
+        "step_with_device_photometric_images_per_second": step_with_photometric,
+        "augment_on_device_keeps_up": deferred["images_per_second"] >= step_with_photometric,
+    }
+
+
+def stage1_loader_dataset(config: MimCoConfig, jpegs: list[bytes], seed: int, photometric_on_device: bool):
+    """The stage-1 dataset as `run_contrastive_pretraining.py` builds it (its two views, whole or with the
+    photometric half left to the device), in the training loop's seeded batches."""
+    import datasets
+
+    from modeling_mimco.data.pipeline import ContrastiveCollator, ContrastiveExampleTransform, apply_example_transform
+    from modeling_mimco.data.transforms import build_contrastive_transforms
+    from modeling_mimco.training.loop import SeededBatches
+
+    dataset = datasets.Dataset.from_dict(
+        {"image": [{"bytes": data, "path": None} for data in jpegs]},
+        features=datasets.Features({"image": datasets.Image(decode=False)}),
+    )
+    views = build_contrastive_transforms(
+        config.image_size,
+        config.image_mean,
+        config.image_std,
+        photometric_on_device=photometric_on_device,
+        normalize=False,
+    )
+    dataset = apply_example_transform(dataset, ContrastiveExampleTransform(*views, "image"))
+    return SeededBatches(dataset, ContrastiveCollator(config.image_size), seed)
+
+
+def device_photometric_rate(dataset, batch_size: int, device: str, config: MimCoConfig) -> dict:
+    """images/s of `apply_photometric` on `device` for both views of a batch (what `--augment_on_device` adds to
+    the training step)."""
+    from modeling_mimco.data.contrastive_views import apply_photometric
+
+    batch = dataset.__getitems__(list(range(min(batch_size, len(dataset)))))[0]
+    crops = [batch[f"pixel_values_{view}"].to(device) for view in ("1", "2")]
+    parameters = [{k: v.to(device) for k, v in batch[f"photometric_{view}"].items()} for view in ("1", "2")]
+
+    def both_views() -> None:
+        for crop, params in zip(crops, parameters):
+            apply_photometric(crop, params, config.image_mean, config.image_std)
+
+    both_views()
+    synchronize(device)
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or (time.perf_counter() - start < 2.0 and calls < 200):
+        both_views()
+        calls += 1
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"device_photometric_images_per_second": calls * crops[0].shape[0] / seconds}
 
 
 def device_decode_rate(jpegs: list[bytes], batch_size: int, device: str, seconds: float, config) -> dict:
@@ -124,7 +207,7 @@ def stage2_loader_dataset(config: MimCoConfig, jpegs: list[bytes], seed: int):
     return SeededBatches(dataset, collator, seed)
 
 
-def loader_rate(seeded, batch_size: int, workers: int, seconds: float) -> dict:
+def loader_rate(seeded, batch_size: int, workers: int, seconds: float, key: str = "pixel_values") -> dict:
     """images/s of a DataLoader built like the training loop's, in steady state: the first `workers` batches
     (worker start-up, each worker's first batch) are not timed; then batches are read for `seconds`.
 
@@ -151,7 +234,7 @@ def loader_rate(seeded, batch_size: int, workers: int, seconds: float) -> dict:
             next(iterator)
         images, start = 0, time.perf_counter()
         while True:
-            images += int(next(iterator)["pixel_values"].shape[0])
+            images += int(next(iterator)[key].shape[0])
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
                 break

@@ -190,6 +190,12 @@ def _data_markdown(part: dict) -> list[str]:
     versus = part.get("versus_step")
     if versus:
         lines += ["", "Loader against the stage-2 step: " + "; ".join(f"{k} {_fmt(v)}" for k, v in versus.items())]
+    stage1 = part.get("stage1_versus_step")
+    if stage1:
+        lines += [
+            "",
+            "Stage-1 loader against the stage-1 step: " + "; ".join(f"{k} {_fmt(v)}" for k, v in stage1.items()),
+        ]
     return lines
 
 

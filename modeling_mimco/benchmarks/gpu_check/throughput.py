@@ -52,6 +52,7 @@ def check_throughput(args: GpuCheckArguments, context: dict, budget: Budget) -> 
     checks = Checks()
     checks.run("eager_and_reference", run.eager_and_reference, budget)
     context["stage2_images_per_second"] = run.variants.get("stage2_eager", {}).get("images_per_second")
+    context["stage1_images_per_second"] = run.variants.get("stage1_eager", {}).get("images_per_second")
     checks.run("gradient_checkpointing", run.gradient_checkpointing, budget, needs_seconds=5.0)
     free_memory(device)
     for stage in run.stages.values():
