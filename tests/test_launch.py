@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -185,6 +186,30 @@ def test_stage2_launched_from_a_config_file_trains_like_one_process(runs):
     _assert_same_run(runs["stage2_two"], runs["stage2_one"], ("model.safetensors",))
     assert _results(runs["stage2_two"])["num_processes"] == 2
     assert _results(runs["stage2_one"])["num_processes"] == 1
+
+
+def test_stage2_checkpoint_of_one_process_resumes_on_two_like_the_uninterrupted_run(runs):
+    """A checkpoint written by 1 process (batch 8) resumed by 2 processes (batch 4 each, the same global batch)
+    continues as the uninterrupted 1-process run, drop path included: every image's augmentation, mask and
+    stochastic depth come from its own seed, not from how the batch is split."""
+    root, env = runs["root"], _env(runs["root"])
+    stage2 = [*COMMON, *STAGE2, "--teacher_name_or_path", str(runs["stage1_two"]), "--checkpointing_steps", "1"]
+    written = root / "stage2_checkpointed_one"
+    big_batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH * NUM_PROCESSES)]
+    _ok(_single("run_pretraining.py", [*stage2, *big_batch, "--output_dir", str(written)], env))
+    resumed = root / "stage2_resumed_two"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(written / "checkpoints" / "checkpoint-1", resumed / "checkpoints" / "checkpoint-1")
+    batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH)]
+    _ok(
+        _launch(
+            "run_pretraining.py",
+            [*stage2, *batch, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"],
+            env,
+        )
+    )
+    assert _results(resumed)["num_processes"] == 2
+    _assert_same_run(resumed, runs["stage2_one"], ("model.safetensors",))
 
 
 def test_launch_prints_the_start_banner_and_one_plain_line_per_logging_step(runs):

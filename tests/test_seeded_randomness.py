@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_mimco_config
 
 from modeling_mimco import (
     MimCoConfig,
@@ -24,19 +25,8 @@ from modeling_mimco.training.loop import SeededBatches, sample_seed
 
 
 def _config(**overrides) -> MimCoConfig:
-    values = dict(
-        image_size=32,
-        patch_size=4,
-        mask_patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        head_hidden_size=32,
-        drop_path_rate=0.3,
-    )
-    values.update(overrides)
-    return MimCoConfig(**values)
+    """The suite's tiny config with three layers and drop path 0.3 (each override replaces a field)."""
+    return make_tiny_mimco_config(**{**dict(num_hidden_layers=3, drop_path_rate=0.3), **overrides})
 
 
 SEEDS = torch.tensor([sample_seed(0, 0, index) for index in range(8)])

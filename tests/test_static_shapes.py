@@ -6,27 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_mimco_config
 from helpers.scripts import load_script
 
 from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoMaskGenerator
 
 
 stage2 = load_script("run_pretraining")
-
-
-def _config(**overrides) -> MimCoConfig:
-    values = dict(
-        image_size=32,
-        patch_size=4,
-        mask_patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        head_hidden_size=32,
-    )
-    values.update(overrides)
-    return MimCoConfig(**values)
 
 
 def _loss_and_gradients(model: MimCoForPreTraining, pixel_values, masks, general: bool):
@@ -47,7 +33,7 @@ def _loss_and_gradients(model: MimCoForPreTraining, pixel_values, masks, general
 @pytest.mark.parametrize("loss_type", ["infonce", "cosine", "smooth_l1"])
 def test_static_shape_path_gives_the_general_paths_loss_and_gradients(loss_type, negatives):
     torch.manual_seed(0)
-    model = MimCoForPreTraining(_config(patch_loss_type=loss_type, patch_negatives=negatives)).train()
+    model = MimCoForPreTraining(make_tiny_mimco_config(patch_loss_type=loss_type, patch_negatives=negatives)).train()
     pixel_values, masks = torch.randn(4, 3, 32, 32), model.mask_generator.batch(4)
     assert model.masked_positions(masks) is not None
     fast, fast_gradients = _loss_and_gradients(model, pixel_values, masks, general=False)
@@ -60,7 +46,7 @@ def test_static_shape_path_gives_the_general_paths_loss_and_gradients(loss_type,
 
 
 def test_masked_positions_are_each_images_masked_patches_in_order():
-    model = MimCoForPreTraining(_config())
+    model = MimCoForPreTraining(make_tiny_mimco_config())
     masks = model.mask_generator.batch(6)
     positions = model.masked_positions(masks)
     assert positions.shape == (6, model.mask_generator.num_masked)
@@ -70,7 +56,7 @@ def test_masked_positions_are_each_images_masked_patches_in_order():
 
 def test_a_mask_of_varying_counts_takes_the_general_path():
     torch.manual_seed(0)
-    model = MimCoForPreTraining(_config()).train()
+    model = MimCoForPreTraining(make_tiny_mimco_config()).train()
     masks = torch.zeros(2, 64, dtype=torch.bool)
     masks[0, :10], masks[1, 5:30] = True, True
     assert model.masked_positions(masks) is None
@@ -93,7 +79,7 @@ def test_every_drawn_mask_hides_num_masked_patches(strategy):
 @pytest.mark.parametrize("output_hidden_states", [False, True], ids=["tokens", "hidden_states"])
 def test_the_whole_pretraining_model_traces_into_one_graph(train, output_hidden_states):
     torch.manual_seed(0)
-    model = MimCoForPreTraining(_config(drop_path_rate=0.1)).train(train)
+    model = MimCoForPreTraining(make_tiny_mimco_config(drop_path_rate=0.1)).train(train)
     pixel_values, masks = torch.randn(4, 3, 32, 32), model.mask_generator.batch(4)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(
@@ -147,7 +133,7 @@ def test_stage1_compiles_whole_and_stops_recompiling_once_the_momentum_is_a_symb
 
     torch.manual_seed(0)
     config = MimCoContrastiveConfig(
-        backbone_config=_config(drop_path_rate=0.1), projector_hidden_size=64, projection_size=16
+        backbone_config=make_tiny_mimco_config(drop_path_rate=0.1), projector_hidden_size=64, projection_size=16
     )
     model = MimCoForContrastivePreTraining(config).train()
     images, seeds = torch.randn(4, 3, 32, 32), torch.arange(4)
