@@ -56,6 +56,8 @@ def test_harness_writes_every_figure(tmp_path):
         "--data_source_sizes", "48x40",
         "--best_precision", "bf16",
         "--gemm_size", "128",
+        "--boolean_index_variant",
+        "--drop_path_rate", "0.1",
         "--output_json", str(output),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -85,6 +87,13 @@ def test_harness_writes_every_figure(tmp_path):
         result["seconds_per_step"]["reference"] / result["seconds_per_step"]["mimco_step"]
     )
     assert result["best_settings_speedup"] > 0
+    # the general (boolean-index) path and the seeded drop path, timed beside the step they compare with
+    assert result["static_shape_speedup"] == pytest.approx(
+        result["seconds_per_step"]["mimco_step_boolean_index"] / result["seconds_per_step"]["mimco_step"]
+    )
+    assert result["seeded_drop_path_cost"] == pytest.approx(
+        result["seconds_per_step"]["mimco_step_seeded"] / result["seconds_per_step"]["mimco_step"]
+    )
     assert result["peak_memory_mb"] > 0
     data = result["data"]["48x40"]
     assert data["mimco_images_per_second"] > 0 and data["run_mim_images_per_second"] > 0
@@ -125,3 +134,16 @@ def test_gpu_peak_table_matches_device_names():
     assert lookup_gpu_peak("NVIDIA A10G").part == "A10G"
     assert lookup_gpu_peak("Tesla T4").bf16 is None
     assert lookup_gpu_peak("Some Future GPU") is None
+
+
+@pytest.mark.slow
+def test_data_only_times_the_loaders_side_by_side(tmp_path):
+    """`--data_only`, as docs/benchmarks.md runs it for the loaders: no training step, every loader in one run."""
+    output = tmp_path / "loaders.json"
+    command = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data_only", "--model_preset", "tiny"]
+    command += ["--data_images", "4", "--repeats", "1", "--data_source_sizes", "64x48", "--output_json", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert "seconds_per_step" not in result and set(result["data"]) == {"64x48"}
+    assert "stage 1 ours" in completed.stdout and "torchvision v2" in completed.stdout
