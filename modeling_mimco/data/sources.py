@@ -94,6 +94,13 @@ class LabelledDataArguments(ImageSourceArguments):
     eval_split: str | None = field(
         default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
     )
+    validation_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder of evaluation images by class (the class folders of the training data), used instead "
+            "of an evaluation split, as transformers' example scripts take it."
+        },
+    )
     train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
     label_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N eval images."})
@@ -106,6 +113,7 @@ class LabelledDataArguments(ImageSourceArguments):
             **self.source_kwargs(),
             train_split=self.train_split,
             eval_split=self.eval_split,
+            validation_dir=self.validation_dir,
             train_val_split=self.train_val_split,
             image_column=self.image_column,
             label_column=self.label_column,
@@ -174,6 +182,7 @@ def load_classification_splits(
     data_files: str | list[str] | dict | None = None,
     train_split: str = "train",
     eval_split: str | None = None,
+    validation_dir: str | None = None,
     train_val_split: float = 0.15,
     image_column: str | None = None,
     label_column: str | None = None,
@@ -186,10 +195,13 @@ def load_classification_splits(
 ) -> ClassificationData:
     """Loads a labelled image dataset (any source of `load_image_dataset`) as a train and an evaluation split.
 
-    The evaluation split is `eval_split` when given; otherwise `"validation"`, else `"test"`, else a seeded split of
-    `train_val_split` of the training images (stratified by class when the labels are a `ClassLabel`). Labels must be
-    a `ClassLabel`, integers (class `i` is named `str(i)`) or strings (classes sorted by name).
+    The evaluation images are those of `validation_dir` (a folder of class sub-folders) when given; else the split
+    `eval_split` when given; otherwise `"validation"`, else `"test"`, else a seeded split of `train_val_split` of the
+    training images (stratified by class when the labels are a `ClassLabel`). Labels must be a `ClassLabel`,
+    integers (class `i` is named `str(i)`) or strings (classes sorted by name).
     """
+    if validation_dir is not None and eval_split is not None:
+        raise ValueError("Give --validation_dir or --eval_split, not both.")
     source = dict(
         dataset_name=dataset_name,
         dataset_config_name=dataset_config_name,
@@ -210,7 +222,12 @@ def load_classification_splits(
     train = disable_image_decoding(train, image_column)
 
     eval_dataset, eval_name = None, None
-    for candidate in [eval_split] if eval_split is not None else ["validation", "test"]:
+    if validation_dir is not None:
+        eval_dataset = _load_validation_dir(validation_dir, train, image_column, label_column, cache_dir)
+        eval_name, candidates = f"--validation_dir {validation_dir!r}", []
+    else:
+        candidates = [eval_split] if eval_split is not None else ["validation", "test"]
+    for candidate in candidates:
         if candidate == train_split:
             continue
         try:
@@ -243,6 +260,41 @@ def load_classification_splits(
     if max_eval_samples is not None:
         eval_dataset = eval_dataset.shuffle(seed=seed).select(range(min(max_eval_samples, len(eval_dataset))))
     return ClassificationData(train, eval_dataset, image_column, label_column, class_names, eval_name)
+
+
+def _load_validation_dir(
+    validation_dir: str, train: datasets.Dataset, image_column: str, label_column: str, cache_dir: str | None
+) -> datasets.Dataset:
+    """The images of `--validation_dir`, their class numbers made those of the training data's (by class name)."""
+    if not os.path.isdir(validation_dir):
+        raise ValueError(f"--validation_dir {validation_dir!r} is not a directory.")
+    builder_files = {"validation": [os.path.join(validation_dir, "**")]}
+    try:
+        # labels from the class folders even where there is only one (the builder leaves them out then)
+        validation = datasets.load_dataset(
+            "imagefolder", data_files=builder_files, split="validation", drop_labels=False, cache_dir=cache_dir
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"--validation_dir {validation_dir!r}: {one_line(err)}") from err
+    train_feature = train.features.get(label_column)
+    validation_feature = validation.features.get("label")
+    if not isinstance(train_feature, datasets.ClassLabel) or not isinstance(validation_feature, datasets.ClassLabel):
+        raise ValueError(
+            f"--validation_dir {validation_dir!r}: its class folders need training data with class names "
+            f"(--train_dir, or a ClassLabel column), got {train_feature}."
+        )
+    unknown = sorted(set(validation_feature.names) - set(train_feature.names))
+    if unknown:
+        raise ValueError(
+            f"--validation_dir {validation_dir!r}: classes {unknown[:MAX_LISTED_NAMES]} are not among the training "
+            f"data's {len(train_feature.names)} classes."
+        )
+    if image_column != "image":
+        validation = validation.rename_column("image", image_column)
+    if label_column != "label":
+        validation = validation.rename_column("label", label_column)
+    label2id = {name: index for index, name in enumerate(train_feature.names)}
+    return validation.align_labels_with_mapping(label2id, label_column).cast_column(label_column, train_feature)
 
 
 def _encode_labels(
@@ -288,8 +340,9 @@ def load_image_dataset(
       local dataset folder (e.g. a parquet folder in the Hub layout), read with `datasets.load_dataset`;
       `dataset_config_name` picks a configuration. `"digits"` is reserved for the built-in demo dataset.
     - `train_dir`: a local folder of class sub-folders (`train_dir/<class>/<image>`), read with the `"imagefolder"`
-      builder; class names become a `ClassLabel` `"label"` column. Sub-folders named after splits
-      (`train_dir/train/<class>/...`, `train_dir/validation/<class>/...`) give several splits.
+      builder; class names become a `ClassLabel` `"label"` column. Every image is in the split `"train"`, whatever
+      its file name; sub-folders named after splits (`train_dir/train/<class>/...`, `train_dir/val/<class>/...`)
+      give those splits instead (`folder_data_files`).
     - `data_files`: parquet file(s) or glob(s), read with the `"parquet"` builder. A list or a string gives the single
       split `"train"`; a dict maps split names to files.
     - none of them, or `dataset_name="digits"`: `load_digits_dataset(split, digits_image_size)`.
@@ -367,8 +420,35 @@ def _builder_for_source(
     if train_dir is not None:
         if not os.path.isdir(train_dir):
             raise ValueError(f"--train_dir {train_dir!r} is not a directory.")
-        return "imagefolder", {"data_dir": train_dir}, f"--train_dir {train_dir!r}"
+        return "imagefolder", {"data_files": folder_data_files(train_dir)}, f"--train_dir {train_dir!r}"
     return "parquet", {"data_files": data_files}, f"--data_files {data_files!r}"
+
+
+# Sub-folders of a --train_dir that name a split, and the split each gives.
+SPLIT_FOLDERS = {
+    "train": "train",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "test": "test",
+}
+
+
+def folder_data_files(folder: str) -> dict[str, list[str]]:
+    """The `"imagefolder"` builder's `data_files` for a folder of class sub-folders: every image under it is in
+    the split `"train"`, or, when its sub-folders are named after splits (`train/`, `val/`...), every image under
+    each of those is in that split.
+
+    Given explicitly, as transformers' example scripts do (`data_files={"train": "<dir>/**"}`): left to itself,
+    `datasets` guesses splits from file names too, so ImageNet's own `ILSVRC2012_val_00000293.JPEG` would make a
+    training folder a validation split and drop the files without such a name.
+    """
+    splits: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(folder)):
+        split = SPLIT_FOLDERS.get(name.lower())
+        if split is not None and os.path.isdir(os.path.join(folder, name)):
+            splits.setdefault(split, []).append(os.path.join(folder, name, "**"))
+    return splits or {"train": [os.path.join(folder, "**")]}
 
 
 def _digits_num_shards(num_rows: int) -> int:
