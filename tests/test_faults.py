@@ -325,3 +325,32 @@ def test_accumulation_with_infonce_or_in_stage1_warns(tmp_path, stage1_digits):
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-3000:]
         assert expected in stderr
+
+
+# --- resuming with other settings -----------------------------------------------------------------------------------
+
+
+def test_a_resume_with_another_global_batch_or_seed_is_refused_in_one_line(tmp_path, stage1_digits, stage2_digits):
+    """`scripts/run_pretraining.py --resume_from_checkpoint latest` with a global batch or seed of its own would see
+    other data than the run it continues: refused before any step, in one line that names what differs."""
+    output_dir = tmp_path / "run"
+    (output_dir / "checkpoints").mkdir(parents=True)
+    checkpoint = f"checkpoint-{CHECKPOINT_EVERY}"
+    shutil.copytree(stage2_digits[0] / "checkpoints" / checkpoint, output_dir / "checkpoints" / checkpoint)
+    for extra, expected in (
+        (["--per_device_train_batch_size", "4"], "global_batch_size 8 -> 4"),
+        (["--seed", "7"], "seed 42 -> 7"),
+    ):
+        args = stage2_args(stage1_digits[0], output_dir, "--resume_from_checkpoint", "latest")
+        completed = subprocess.run(
+            _script_command("run_pretraining", [*args, *extra]),
+            env=_subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert completed.returncode == 1, completed.stderr[-3000:]
+        last = completed.stderr.strip().splitlines()[-1]
+        assert "error: --resume_from_checkpoint: this run would not continue" in last and expected in last, last
+        assert "Traceback" not in completed.stderr
+        assert not (output_dir / "model.safetensors").exists()

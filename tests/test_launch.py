@@ -212,6 +212,23 @@ def test_stage2_checkpoint_of_one_process_resumes_on_two_like_the_uninterrupted_
     _assert_same_run(resumed, runs["stage2_one"], ("model.safetensors",))
 
 
+def test_stage2_checkpoint_of_two_processes_resumes_on_one_like_the_uninterrupted_run(runs):
+    """The other way round: a checkpoint written by 2 processes x 4 resumed by 1 process x 8."""
+    root, env = runs["root"], _env(runs["root"])
+    stage2 = [*COMMON, *STAGE2, "--teacher_name_or_path", str(runs["stage1_two"]), "--checkpointing_steps", "1"]
+    written = root / "stage2_checkpointed_two"
+    batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH)]
+    _ok(_launch("run_pretraining.py", [*stage2, *batch, "--output_dir", str(written)], env))
+    resumed = root / "stage2_resumed_one"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(written / "checkpoints" / "checkpoint-1", resumed / "checkpoints" / "checkpoint-1")
+    big_batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH * NUM_PROCESSES)]
+    resume = ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]
+    _ok(_single("run_pretraining.py", [*stage2, *big_batch, *resume], env))
+    assert _results(resumed)["num_processes"] == 1
+    _assert_same_run(resumed, runs["stage2_one"], ("model.safetensors",))
+
+
 def test_launch_prints_the_start_banner_and_one_plain_line_per_logging_step(runs):
     stdout = runs["stage2_launch"].stdout
     assert stdout.count("***** Running training *****") == 1  # the main process only

@@ -290,6 +290,7 @@ class TrainingState:
     batches_done_in_epoch: int = 0
     log_history: list[dict] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
+    run_plan: dict | None = None  # what the run does (`_set_up`), recorded so that a resume can be checked
 
     @classmethod
     def from_checkpoint(cls, saved: dict | None, device: torch.device) -> TrainingState:
@@ -313,6 +314,7 @@ class TrainingState:
             "bad_steps": int(self.bad_steps),
             "log_history": self.log_history,
             "log_window": window.state_dict(accelerator),
+            "run_plan": self.run_plan,
         }
 
 
@@ -435,8 +437,17 @@ def _set_up(
     skipped = SkippedImageTracker(max_skipped_fraction=args.max_skipped_fraction)
     accelerator.register_for_checkpointing(skipped)
     window = LogWindow(accelerator.device)
-    state = _restore(args, accelerator, window)
     num_examples = None if streaming else len(train_dataset)
+    plan = {
+        "global_batch_size": global_batch,
+        "seed": args.seed,
+        "num_examples": num_examples,
+        "max_train_steps": max_train_steps,
+        "num_warmup_steps": args.warmup_steps(max_train_steps),
+        "lr_scheduler_type": str(args.lr_scheduler_type),
+        "learning_rate": learning_rate,
+    }
+    state = _restore(args, accelerator, window, plan)
     _start_tracking(args, accelerator, project_name, run_config)
     accelerator.print(start_banner(accelerator, args, num_examples, max_train_steps, steps_per_epoch))
     progress_bar = tqdm(
@@ -474,15 +485,55 @@ def _start_tracking(
         accelerator.init_trackers(project_name, config=config)
 
 
-def _restore(args: PreTrainingArguments, accelerator: Accelerator, window: LogWindow) -> TrainingState:
+def _restore(args: PreTrainingArguments, accelerator: Accelerator, window: LogWindow, plan: dict) -> TrainingState:
     """A fresh state, or that of the checkpoint `--resume_from_checkpoint` finds, whose logging window goes back
-    into `window` (the prepared objects are loaded by `checkpointing.resume`)."""
+    into `window` (the prepared objects are loaded by `checkpointing.resume`). `plan` is what this run will do; a
+    checkpoint of a run with another global batch or data is refused (`check_resumable`)."""
     saved = None
     if args.resume_from_checkpoint:
         saved = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if saved is not None:
+        check_resumable(saved.get("run_plan"), plan, accelerator)
     if saved is not None and saved.get("log_window") is not None:  # older checkpoints have none
         window.load_state_dict(saved["log_window"], accelerator.is_main_process)
-    return TrainingState.from_checkpoint(saved, accelerator.device)
+    state = TrainingState.from_checkpoint(saved, accelerator.device)
+    state.run_plan = plan
+    return state
+
+
+class ResumeMismatchError(MimCoError):
+    """A checkpoint that this run's settings would continue differently from how it was trained."""
+
+
+# What must match for a resumed run to continue as the one that wrote the checkpoint: the global batch (with the
+# per-image seeds, the data each step sees), the seed and the data (the order of the images).
+_SAME_DATA = ("global_batch_size", "seed", "num_examples")
+_SAME_SCHEDULE = ("max_train_steps", "num_warmup_steps", "lr_scheduler_type", "learning_rate")
+
+
+def check_resumable(saved_plan: dict | None, plan: dict, accelerator: Accelerator) -> None:
+    """Refuses a resume that would change the global batch or the data order, in one line naming what differs;
+    warns when the schedule changes (a run extended with a larger `--max_train_steps` continues on the new
+    schedule from the step it stopped at). Any number of processes may resume, given the same global batch."""
+    if saved_plan is None:  # checkpoints of older versions did not record their plan
+        return
+    differences = [
+        f"{key} {saved_plan.get(key)} -> {plan[key]}" for key in _SAME_DATA if saved_plan.get(key) != plan[key]
+    ]
+    if differences:
+        raise ResumeMismatchError(
+            f"--resume_from_checkpoint: this run would not continue the checkpoint's ({', '.join(differences)}). "
+            f"Resume with a global batch of {saved_plan.get('global_batch_size')} (per-device batch x processes x "
+            "accumulation), the same --seed and data, or start in a new --output_dir."
+        )
+    changed = [
+        f"{key} {saved_plan.get(key)} -> {plan[key]}" for key in _SAME_SCHEDULE if saved_plan.get(key) != plan[key]
+    ]
+    if changed:
+        logger.warning(
+            "Resuming on another schedule (%s): the run continues from the checkpoint's step on the new one.",
+            ", ".join(changed),
+        )
 
 
 def _train_epoch(run: _Run, state: TrainingState, preemption: _Preemption) -> None:
