@@ -366,13 +366,11 @@ class MimCoMLP(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = MimCoDropout(config.hidden_dropout_prob, site)
-        self.output_dropout_site = site + 1
+        self.output_dropout = MimCoDropout(config.hidden_dropout_prob, site + 1)
 
     def forward(self, hidden_states: torch.Tensor, sample_seeds: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self.dropout(self.activation(self.fc1(hidden_states)), sample_seeds)
-        hidden_states = self.fc2(hidden_states)
-        # the same module, a second draw: its own site
-        return dropout(hidden_states, self.dropout.p, self.training, sample_seeds, self.output_dropout_site)
+        return self.output_dropout(self.fc2(hidden_states), sample_seeds)
 
 
 class MimCoLayer(GradientCheckpointingLayer):
@@ -386,8 +384,9 @@ class MimCoLayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MimCoMLP(config, site=site + 1)
         self.dropout = MimCoDropout(config.hidden_dropout_prob, site=site + 3)
+        # one per residual branch: two independent draws per image, as timm's blocks hold two drop paths
         self.drop_path = MimCoDropPath(drop_path_rate, site=site + 4)
-        self.mlp_drop_path_site = site + 5
+        self.mlp_drop_path = MimCoDropPath(drop_path_rate, site=site + 5)
 
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False, sample_seeds: torch.Tensor | None = None
@@ -398,11 +397,7 @@ class MimCoLayer(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + self.drop_path(self.dropout(attention_output, sample_seeds), sample_seeds)
         mlp_output = self.mlp(self.layernorm_after(hidden_states), sample_seeds)
-        # one module, two independent draws per image (as timm's blocks, which hold two drop paths)
-        mlp_output = drop_path(
-            mlp_output, self.drop_path.drop_prob, self.training, sample_seeds, self.mlp_drop_path_site
-        )
-        hidden_states = hidden_states + mlp_output
+        hidden_states = hidden_states + self.mlp_drop_path(mlp_output, sample_seeds)
         return hidden_states, attn_weights
 
 

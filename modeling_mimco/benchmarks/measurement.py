@@ -513,8 +513,11 @@ def mimco_pipeline(config: MimCoConfig) -> Callable:
     """The data path of `run_pretraining.py` in one process: example transform, then the collator."""
     from modeling_mimco.data.pipeline import pretraining_collator, pretraining_example_transform
 
-    example_transform = pretraining_example_transform("image", config)
-    collator = pretraining_collator(config)
+    return _loader_process(pretraining_example_transform("image", config), pretraining_collator(config))
+
+
+def _loader_process(example_transform: Callable, collator: Callable) -> Callable:
+    """A loader's work on a list of JPEGs in one process: the example transform on the batch, then the collator."""
 
     def process(jpegs: Sequence[bytes]) -> dict:
         examples = example_transform({"image": [{"bytes": data, "path": None} for data in jpegs]})
@@ -566,14 +569,7 @@ def contrastive_pipeline(config: MimCoConfig, views: str = "ours") -> Callable:
     if views == "torchvision":
         example_transform.fast_jpeg = False  # PIL images, as MoCo v3's own loader hands them to the transforms
     # as `mimco-contrastive` builds it: 8-bit batches, normalised by the training step on its device
-    collator = ContrastiveCollator(config.image_size)
-
-    def process(jpegs: Sequence[bytes]) -> dict:
-        examples = example_transform({"image": [{"bytes": data, "path": None} for data in jpegs]})
-        rows = [dict(zip(examples, values)) for values in zip(*examples.values())]
-        return collator(rows)
-
-    return process
+    return _loader_process(example_transform, ContrastiveCollator(config.image_size))
 
 
 __all__ = [

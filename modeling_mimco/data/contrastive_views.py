@@ -269,7 +269,8 @@ def gaussian_kernels(sigmas: torch.Tensor, radius: int) -> torch.Tensor:
     """`(B, 2 * radius + 1)` normalised Gaussian weights, one row per sigma, each cut at its own `ceil(3 sigma)`:
     an image's blur does not depend on the sigmas of the others in its batch."""
     offsets = torch.arange(-radius, radius + 1, device=sigmas.device, dtype=torch.float32)
-    sigmas = sigmas.to(torch.float32).unsqueeze(1)
+    # a sigma of 0 (an image the batch does not blur) gets the identity kernel instead of 0 / 0
+    sigmas = sigmas.to(torch.float32).clamp(min=1e-3).unsqueeze(1)
     weights = torch.exp(-(offsets**2) / (2 * sigmas**2))
     weights = weights * (offsets.abs() <= torch.ceil(BLUR_TRUNCATE * sigmas))
     return weights / weights.sum(dim=1, keepdim=True)
@@ -301,20 +302,8 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def _where_drawn(images: torch.Tensor, drawn: torch.Tensor, op, *arguments: torch.Tensor) -> torch.Tensor:
-    """`op(images, *arguments)` for the images where `drawn` is True, the others as they are.
-
-    On the CPU only the drawn images are computed (a view is made one image at a time); on an accelerator the op
-    runs on the whole batch and `torch.where` keeps the drawn rows, which needs no host-device synchronisation.
-    """
-    if images.device.type == "cpu":
-        index = drawn.nonzero().squeeze(1)
-        if index.numel() == 0:
-            return images
-        if index.numel() == images.shape[0]:
-            return op(images, *arguments)
-        result = images.clone()
-        result[index] = op(images[index], *(argument[index] for argument in arguments))
-        return result
+    """`op(images, *arguments)` for the images where `drawn` is True, the others as they are: the op runs on the
+    whole batch and `torch.where` keeps the drawn rows, which needs no host-device synchronisation."""
     return torch.where(_per_image(drawn), op(images, *arguments), images)
 
 

@@ -352,13 +352,10 @@ class ContrastiveCollator:
 
     Args:
         image_size: Side of the images, used only for the shape of an empty batch.
-        normalize_with: `(image_mean, image_std)` for views that arrive as uint8 (`ContrastiveView(normalize=False)`):
-            the stacked batch is normalised in one go. Without it such views stay uint8, for the training step to
-            normalise on its device (`contrastive_views.normalize_views`), as `mimco-contrastive` does.
 
     Returns (from `__call__`):
-        - `"pixel_values_1"`, `"pixel_values_2"`: float32 `(B, 3, H, W)`, the two normalised views of the B readable
-          images (row i of both is the same source image). When the views leave their photometric half to the
+        - `"pixel_values_1"`, `"pixel_values_2"`: `(B, 3, H, W)`, the two views of the B readable images (row i of
+          both is the same source image), as the views give them: normalised float32, or uint8. When the views leave their photometric half to the
           accelerator (`ContrastiveView(photometric_on_device=True)`): the uint8 crops, and
           `"photometric_1"` / `"photometric_2"`, dicts of the stacked parameters that `apply_photometric` takes.
         - `"labels"`: long `(B,)`, only when the examples carry labels.
@@ -367,12 +364,8 @@ class ContrastiveCollator:
         - `"num_skipped"`: 0-dim long tensor, the number of unreadable examples dropped from this batch.
     """
 
-    def __init__(
-        self, image_size: int | None = None, normalize_with: tuple[Sequence[float], Sequence[float]] | None = None
-    ):
+    def __init__(self, image_size: int | None = None):
         self.image_size = image_size
-        # views made whole in the loader as uint8 (`ContrastiveView(normalize=False)`) are normalised here, per batch
-        self.normalize = ToNormalizedFloat(*normalize_with) if normalize_with is not None else None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         readable, num_skipped = _split_readable(examples, "pixel_values_1")
@@ -384,10 +377,9 @@ class ContrastiveCollator:
                 batch[key] = torch.stack([example[key]["crop"] for example in readable])
                 batch[f"photometric_{view}"] = stack_parameters([example[key] for example in readable])
             else:
-                views = _stack_views(readable, key, self.image_size)
-                if views.dtype == torch.uint8 and self.normalize is not None:
-                    views = self.normalize(views)
-                batch[key] = views
+                # float views as they come; 8-bit ones (`ContrastiveView(normalize=False)`) for the training step to
+                # normalise on its device (`contrastive_views.normalize_views`)
+                batch[key] = _stack_views(readable, key, self.image_size)
         labels = _labels(examples, readable)
         if labels is not None:
             batch["labels"] = labels

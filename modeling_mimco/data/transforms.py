@@ -98,8 +98,8 @@ def build_contrastive_transforms(
 
     Returns:
         `(view_1, view_2)`, each mapping an image to a float32 tensor `(3, image_size, image_size)`; with
-        `normalize=False`, to the uint8 view, which `ContrastiveCollator(normalize_with=(mean, std))` normalises per
-        batch; with `photometric_on_device`, to the uint8 crop and the parameters of its photometric half instead,
+        `normalize=False`, to the uint8 view, which the training step normalises per batch on its device
+        (`contrastive_views.normalize_views`); with `photometric_on_device`, to the uint8 crop and the parameters of its photometric half instead,
         which the training step applies to the whole batch on the accelerator (`apply_photometric`).
     """
     recipe_1, recipe_2 = moco_v3_view_recipes(image_size, crop_scale, hflip)

@@ -109,16 +109,11 @@ def stage1_versus_step(result: dict, step_rate: float | None) -> dict:
 def stage1_loader_dataset(config: MimCoConfig, jpegs: list[bytes], seed: int, photometric_on_device: bool):
     """The stage-1 dataset as `run_contrastive_pretraining.py` builds it (its two views, whole or with the
     photometric half left to the device), in the training loop's seeded batches."""
-    import datasets
-
     from modeling_mimco.data.pipeline import ContrastiveCollator, ContrastiveExampleTransform, apply_example_transform
     from modeling_mimco.data.transforms import build_contrastive_transforms
     from modeling_mimco.training.loop import SeededBatches
 
-    dataset = datasets.Dataset.from_dict(
-        {"image": [{"bytes": data, "path": None} for data in jpegs]},
-        features=datasets.Features({"image": datasets.Image(decode=False)}),
-    )
+    dataset = _jpeg_dataset(jpegs)
     views = build_contrastive_transforms(
         config.image_size,
         config.image_mean,
@@ -194,17 +189,21 @@ def device_decode_rate(jpegs: list[bytes], batch_size: int, device: str, seconds
 def stage2_loader_dataset(config: MimCoConfig, jpegs: list[bytes], seed: int):
     """The stage-2 dataset as `run_pretraining.py` and the training loop build it, over undecoded JPEG records:
     `data.build_pretraining_pipeline`, with the collator run per batch by the loop's seeded-batch wrapper."""
-    import datasets
-
     from modeling_mimco.data.pipeline import build_pretraining_pipeline
     from modeling_mimco.training.loop import SeededBatches
 
-    dataset = datasets.Dataset.from_dict(
+    dataset, collator = build_pretraining_pipeline(_jpeg_dataset(jpegs), "image", config)
+    return SeededBatches(dataset, collator, seed)
+
+
+def _jpeg_dataset(jpegs: list[bytes]):
+    """The JPEGs as undecoded `{"bytes", "path"}` records in an `"image"` column, as a loaded dataset holds them."""
+    import datasets
+
+    return datasets.Dataset.from_dict(
         {"image": [{"bytes": data, "path": None} for data in jpegs]},
         features=datasets.Features({"image": datasets.Image(decode=False)}),
     )
-    dataset, collator = build_pretraining_pipeline(dataset, "image", config)
-    return SeededBatches(dataset, collator, seed)
 
 
 def loader_rate(seeded, batch_size: int, workers: int, seconds: float, key: str = "pixel_values") -> dict:
