@@ -37,7 +37,8 @@ def test_hue_equals_torchvisions_hsv_shift(photos, factor):
     torch.testing.assert_close(views.adjust_hue(photos, torch.full((8,), factor)), expected, atol=1e-5, rtol=0)
     # the loader's NumPy kernel for one image: the same numbers
     for image, reference in zip(photos, expected):
-        torch.testing.assert_close(views.adjust_hue_one(image[None], factor)[0], reference, atol=1e-5, rtol=0)
+        ours = torch.from_numpy(views.adjust_hue_one(image.numpy(), factor))
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
 def test_hue_keeps_gray_pixels_and_handles_ties():
@@ -46,6 +47,9 @@ def test_hue_keeps_gray_pixels_and_handles_ties():
     ties = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]).T.reshape(1, 3, 1, 3)
     expected = TF.adjust_hue(ties[0], 0.05)[None]
     torch.testing.assert_close(views.adjust_hue(ties, torch.tensor([0.05])), expected, atol=1e-6, rtol=0)
+    # the loader's one-image kernel: the same on gray pixels and ties
+    np.testing.assert_array_equal(views.adjust_hue_one(gray[0].numpy(), 0.1), gray[0].numpy())
+    np.testing.assert_allclose(views.adjust_hue_one(ties[0].numpy(), 0.05), expected[0].numpy(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -63,12 +67,67 @@ def test_brightness_contrast_saturation_equal_torchvisions_float_functions(photo
     torch.testing.assert_close(ours(photos, factors), expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 2.0])
-def test_blur_is_an_exact_gaussian_up_to_its_truncation(photos, sigma):
-    """Against SciPy's Gaussian filter with the same reflected border ('mirror' in SciPy's terms) and a kernel
-    reaching 6 sigma: our kernel stops at ceil(3 sigma), which leaves out at most 0.3 % of the weight, so no pixel
-    may differ by more than 0.3 % of the range."""
-    ours = views.gaussian_blur(photos, torch.full((8,), sigma))
+def _only(op: str, factor: float = 1.0) -> views.ViewParameters:
+    """Parameters that apply one photometric op (the other jitter factors are the identity)."""
+    factors = [1.0, 1.0, 1.0, 0.0]
+    if op in ("brightness", "contrast", "saturation", "hue"):
+        factors[("brightness", "contrast", "saturation", "hue").index(op)] = factor
+    return views.ViewParameters(
+        crop_box=(0, 0, 1, 1),
+        flip=False,
+        jitter=op in ("brightness", "contrast", "saturation", "hue"),
+        jitter_factors=tuple(factors),
+        jitter_order=(0, 1, 2, 3),
+        grayscale=op == "grayscale",
+        blur_sigma=0.0,
+        solarize=op == "solarize",
+    )
+
+
+@pytest.mark.parametrize(
+    "op, factor, theirs",
+    [
+        ("brightness", 1.35, TF.adjust_brightness),
+        ("brightness", 0.7, TF.adjust_brightness),
+        ("contrast", 1.3, TF.adjust_contrast),
+        ("contrast", 0.65, TF.adjust_contrast),
+        ("saturation", 1.2, TF.adjust_saturation),
+        ("saturation", 0.8, TF.adjust_saturation),
+        ("hue", 0.08, TF.adjust_hue),
+        ("hue", -0.1, TF.adjust_hue),
+        ("grayscale", None, lambda image, _: TF.rgb_to_grayscale(image, num_output_channels=3)),
+        ("solarize", None, lambda image, _: TF.solarize(image, SOLARIZE_THRESHOLD_FLOAT)),
+    ],
+)
+def test_the_loaders_one_image_ops_equal_torchvisions(photos, op, factor, theirs):
+    """The loader's path (`photometric_one`: NumPy, on the 8-bit scale) one op at a time, against torchvision's
+    function of the same op on the float image in [0, 1]."""
+    for photo in photos:
+        crop = (photo * 255).round().to(torch.uint8)
+        ours = torch.from_numpy(views.photometric_one(crop, _only(op, factor))) / 255
+        torch.testing.assert_close(ours, theirs(crop.float() / 255, factor), atol=2e-6, rtol=0)
+
+
+SOLARIZE_THRESHOLD_FLOAT = 128 / 255
+
+
+def _blur_each_image_alone(photos: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The loader's one-image blur (`gaussian_blur_one`, NumPy in and out), image by image."""
+    return torch.stack([torch.from_numpy(views.gaussian_blur_one(image.numpy(), sigma)) for image in photos])
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 1.3, 2.0])
+@pytest.mark.parametrize("path", ["batch", "one_image"])
+def test_blur_is_an_exact_gaussian_up_to_its_truncation(photos, sigma, path):
+    """Both blurs (the batched one of `--augment_on_device`, the loader's one-image one) against SciPy's Gaussian
+    filter with the same reflected border ('mirror' in SciPy's terms) and a kernel reaching 6 sigma: ours stops at
+    ceil(3 sigma), which leaves out at most 0.3 % of the weight, so no pixel may differ by more than 0.3 % of the
+    range."""
+    if path == "batch":
+        ours = views.gaussian_blur(photos, torch.full((8,), sigma))
+    else:
+        ours = _blur_each_image_alone(photos, sigma)
+        torch.testing.assert_close(ours, views.gaussian_blur(photos, torch.full((8,), sigma)), atol=1e-6, rtol=0)
     reference = scipy.ndimage.gaussian_filter(photos.double().numpy(), (0, 0, sigma, sigma), mode="mirror", truncate=6)
     difference = (ours.double() - torch.from_numpy(reference)).abs().max()
     assert difference < 3e-3, float(difference)

@@ -6,10 +6,12 @@ A view is made in three steps:
    training loop seeds per image): the crop box, the flip, whether colour jitter applies, its four factors and their
    order, grayscale, the blur's sigma (0: no blur), solarize.
 2. `crop_view`: the geometric part on the decoded uint8 image: crop, antialiased bilinear resize, flip.
-3. `apply_photometric`: jitter, grayscale, blur, solarize, rounding to 8 bits (as every op of a PIL pipeline rounds)
-   and normalisation on a *batch* of uint8 crops with their stacked parameters, on whatever device the crops are. The default path runs it on the CPU for one image
-   (`ContrastiveView`); `--augment_on_device` leaves the crops as uint8 and runs it on the accelerator for the whole
-   batch. Both paths run the same function on the same parameters.
+3. The photometric half: jitter, grayscale, blur, solarize and rounding to 8 bits (as every op of a PIL pipeline
+   rounds). The default path makes it in the loader, one view at a time (`photometric_one`): NumPy on the 8-bit
+   scale, every op skipped when it was not drawn, the hue shift per output channel with 0/1 masks, the blur's
+   borders copied by slicing and a grayscale view blurred as one channel. `--augment_on_device` leaves the crops as
+   uint8 and runs `apply_photometric` on the accelerator for the whole batch: torch, the same formulas on the same
+   parameters, then normalisation.
 
 What the photometric ops are, against torchvision's v2 transforms of the same recipe (MoCo v3's code applies them to
 PIL images):
@@ -138,19 +140,22 @@ def draw_view_parameters(recipe: ViewRecipe, height: int, width: int) -> ViewPar
     """Every random choice of one view of a `height` x `width` image, from torch's global generator (the same number
     of draws whatever is chosen, so that one choice does not shift the next image's)."""
     crop_box = draw_crop_box(height, width, recipe.crop_scale, recipe.crop_ratio)
-    flip = recipe.hflip and float(torch.rand(())) < 0.5
-    jitter = float(torch.rand(())) < recipe.jitter_p
-    factors = (
-        _uniform(max(0.0, 1 - recipe.brightness), 1 + recipe.brightness),
-        _uniform(max(0.0, 1 - recipe.contrast), 1 + recipe.contrast),
-        _uniform(max(0.0, 1 - recipe.saturation), 1 + recipe.saturation),
-        _uniform(-recipe.hue, recipe.hue),
+    # the other choices from one call (the generator's per-call cost exceeds the drawing at this size)
+    flip_u, jitter_u, *factor_u, grayscale_u, blur_u, sigma_u, solarize_u = torch.rand(10).tolist()
+    flip = recipe.hflip and flip_u < 0.5
+    jitter = jitter_u < recipe.jitter_p
+    ranges = (
+        (max(0.0, 1 - recipe.brightness), 1 + recipe.brightness),
+        (max(0.0, 1 - recipe.contrast), 1 + recipe.contrast),
+        (max(0.0, 1 - recipe.saturation), 1 + recipe.saturation),
+        (-recipe.hue, recipe.hue),
     )
+    factors = tuple(low + (high - low) * u for (low, high), u in zip(ranges, factor_u))
     order = tuple(torch.randperm(4).tolist())
-    grayscale = float(torch.rand(())) < recipe.grayscale_p
-    blur = float(torch.rand(())) < recipe.blur_p
-    sigma = _uniform(*recipe.blur_sigma)
-    solarize = float(torch.rand(())) < recipe.solarize_p
+    grayscale = grayscale_u < recipe.grayscale_p
+    blur = blur_u < recipe.blur_p
+    sigma = recipe.blur_sigma[0] + (recipe.blur_sigma[1] - recipe.blur_sigma[0]) * sigma_u
+    solarize = solarize_u < recipe.solarize_p
     return ViewParameters(crop_box, flip, jitter, factors, order, grayscale, sigma if blur else 0.0, solarize)
 
 
@@ -231,35 +236,86 @@ def adjust_hue(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 _HUE_CHANNEL_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
 
 
-def adjust_hue_one(image: torch.Tensor, factor: float) -> torch.Tensor:
-    """`adjust_hue` for one image `(1, 3, H, W)` on the CPU, with NumPy's masked copies, which this per-pixel
-    branching needs and torch's CPU kernels do several times slower: the same formula, the same numbers (tested)."""
-    red, green, blue = image[0].numpy()
+def adjust_hue_one(image: np.ndarray, factor: float) -> np.ndarray:
+    """`adjust_hue` for one float32 image `(3, H, W)` as a NumPy array (the loader's path), written per output
+    channel: with `h` the shifted hue in sixths of a turn, each channel is `min + chroma * clamp(g(h), 0, 1)`, where
+    g is `|h - 3| - 1` for red, `2 - |h - 2|` for green and `2 - |h - 4|` for blue. The branch on the largest
+    channel is taken with 0/1 masks: NumPy's `where` and torch's CPU kernels are several times slower than the
+    arithmetic. Equal to torchvision's `adjust_hue` to 1e-5 (tested)."""
+    f32 = np.float32
+    red, green, blue = image
     largest = np.maximum(np.maximum(red, green), blue)
-    chroma = largest - np.minimum(np.minimum(red, green), blue)
-    is_red = largest == red
-    is_green = (largest == green) & ~is_red
-    hue = red - green
-    hue += 4.0 * chroma  # where blue is the largest
-    other = blue - red
-    other += 2.0 * chroma
-    np.copyto(hue, other, where=is_green)
-    np.subtract(green, blue, out=other)
-    np.copyto(hue, other, where=is_red)
-    hue /= np.maximum(chroma, np.float32(1e-12))
-    hue += np.float32(6.0 * factor + 6.0)
-    k = hue[None] + _HUE_CHANNEL_OFFSETS_NUMPY
-    k -= np.floor(k * np.float32(1.0 / 6.0)) * np.float32(6.0)  # k mod 6
-    # clamp(min(k, 4 - k), 0, 1) = clamp(2 - |k - 2|, 0, 1)
-    k -= 2.0
-    np.abs(k, out=k)
-    np.subtract(np.float32(2.0), k, out=k)
-    np.clip(k, 0.0, 1.0, out=k)
-    k *= chroma[None]
-    return torch.from_numpy(largest[None] - k).unsqueeze(0)
+    smallest = np.minimum(np.minimum(red, green), blue)
+    chroma = largest - smallest
+    # which channel is largest (ties go to red, then green), as 0/1
+    is_red = (largest == red).astype(f32)
+    is_green = (largest == green).astype(f32)
+    is_green -= is_green * is_red
+    is_blue = f32(1.0) - is_red
+    is_blue -= is_green
+    # the hue in sixths of a turn: (g - b) / c, (b - r) / c + 2 or (r - g) / c + 4
+    hue = green - blue
+    hue *= is_red
+    term = blue - red
+    term += f32(2.0) * chroma
+    term *= is_green
+    hue += term
+    np.subtract(red, green, out=term)
+    term += f32(4.0) * chroma
+    term *= is_blue
+    hue += term
+    hue /= np.maximum(chroma, f32(1e-12))  # a gray pixel (chroma 0) keeps its value whatever its hue
+    hue += f32(6.0 * factor + 6.0)
+    hue -= np.floor(hue * f32(1.0 / 6.0)) * f32(6.0)  # shifted, into [0, 6)
+    shifted = np.empty_like(image)
+    for channel, centre in enumerate((3.0, 2.0, 4.0)):
+        ramp = np.subtract(hue, f32(centre), out=shifted[channel])
+        np.abs(ramp, out=ramp)
+        if channel == 0:
+            ramp -= f32(1.0)
+        else:
+            np.subtract(f32(2.0), ramp, out=ramp)
+        np.clip(ramp, np.float32(0.0), np.float32(1.0), out=ramp)
+        ramp *= chroma
+        ramp += smallest
+    return shifted
 
 
-_HUE_CHANNEL_OFFSETS_NUMPY = _HUE_CHANNEL_OFFSETS[0].numpy()
+def _clip_levels(values: np.ndarray) -> np.ndarray:
+    """Clamps to [0, 255] in place: `np.clip`, several times faster than `np.maximum` / `np.minimum` with a
+    scalar."""
+    return np.clip(values, np.float32(0.0), np.float32(255.0), out=values)
+
+
+def _gray_one(image: np.ndarray) -> np.ndarray:
+    """`(3, H, W)` -> `(H, W)`, torchvision's grayscale."""
+    gray = image[0] * np.float32(GRAY_WEIGHTS[0])
+    gray += image[1] * np.float32(GRAY_WEIGHTS[1])
+    gray += image[2] * np.float32(GRAY_WEIGHTS[2])
+    return gray
+
+
+def _blend_one(image: np.ndarray, factor: float, other: np.ndarray | float) -> np.ndarray:
+    """torchvision's `_blend`: `factor * image + (1 - factor) * other`, clamped to the range."""
+    blended = image * np.float32(factor)
+    blended += (
+        other * np.float32(1.0 - factor) if isinstance(other, np.ndarray) else np.float32((1.0 - factor) * other)
+    )
+    return _clip_levels(blended)
+
+
+def _jitter_one(image: np.ndarray, op_index: int, factor: float) -> np.ndarray:
+    """One of the four colour-jitter ops (brightness, contrast, saturation, hue) on one image `(3, H, W)` in
+    [0, 255]."""
+    if op_index == 0:
+        return _clip_levels(image * np.float32(factor))
+    if op_index == 1:
+        # the mean of the grayscale image is the weighted sum of the channel means
+        mean = float(np.dot(image.reshape(3, -1).mean(axis=1), np.asarray(GRAY_WEIGHTS, dtype=np.float32)))
+        return _blend_one(image, factor, mean)
+    if op_index == 2:
+        return _blend_one(image, factor, _gray_one(image))
+    return adjust_hue_one(image, factor)
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -301,29 +357,62 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return accumulate(F.pad(rows, (0, 0, radius, radius), mode="reflect"), height, -2)
 
 
+def gaussian_blur_one(image: np.ndarray, sigma: float) -> np.ndarray:
+    """`gaussian_blur` for one float32 image `(C, H, W)` as a NumPy array (the loader's path): the same kernel and
+    borders, with the reflected borders copied by slicing (`F.pad`'s reflect mode costs as much as several taps)
+    and the taps as fused multiply-adds of torch on the same memory."""
+    channels, height, width = image.shape
+    radius = min(int(math.ceil(BLUR_TRUNCATE * sigma)), height - 1, width - 1)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-(offsets**2) / (2 * sigma**2))
+    taps = [float(weight) for weight in (weights / weights.sum()).astype(np.float32)]
+    # along the rows: padded left and right by the reflection (without the edge pixel, as `F.pad`'s reflect)
+    padded = np.empty((channels, height, width + 2 * radius), dtype=np.float32)
+    padded[..., radius : radius + width] = image
+    padded[..., :radius] = image[..., radius:0:-1]
+    padded[..., radius + width :] = image[..., width - 2 : width - 2 - radius : -1]
+    source = torch.from_numpy(padded)
+    # along the columns: the first pass writes into the middle rows of the second pass's padded input
+    rows = torch.empty((channels, height + 2 * radius, width))
+    middle = rows[:, radius : radius + height]
+    torch.mul(source[..., :width], taps[0], out=middle)
+    for tap in range(1, 2 * radius + 1):
+        middle.add_(source[..., tap : tap + width], alpha=taps[tap])
+    rows[:, :radius] = middle[:, 1 : radius + 1].flip(1)
+    rows[:, radius + height :] = middle[:, height - 1 - radius : height - 1].flip(1)
+    blurred = rows[:, :height] * taps[0]
+    for tap in range(1, 2 * radius + 1):
+        blurred.add_(rows[:, tap : tap + height], alpha=taps[tap])
+    return blurred.numpy()
+
+
 def _where_drawn(images: torch.Tensor, drawn: torch.Tensor, op, *arguments: torch.Tensor) -> torch.Tensor:
     """`op(images, *arguments)` for the images where `drawn` is True, the others as they are: the op runs on the
     whole batch and `torch.where` keeps the drawn rows, which needs no host-device synchronisation."""
     return torch.where(_per_image(drawn), op(images, *arguments), images)
 
 
-def photometric_one(image: torch.Tensor, parameters: ViewParameters) -> torch.Tensor:
-    """The photometric ops of one view on one image `(1, 3, H, W)` in [0, 1] on the CPU, the parameters read as
-    Python values so that nothing is computed for an op that was not drawn (the loader's path)."""
+def photometric_one(crop: torch.Tensor, parameters: ViewParameters) -> np.ndarray:
+    """The photometric ops of one view on one uint8 crop `(3, H, W)` on the CPU (the loader's path): a float32 NumPy
+    array `(3, H, W)` in [0, 255], not yet rounded. The parameters are read as Python values, so that nothing is
+    computed for an op that was not drawn, and the ops run in NumPy (the blur in torch, on the same memory): per
+    image, torch's CPU dispatch costs as much as the arithmetic. The same formulas as `apply_photometric`, on the
+    8-bit scale instead of [0, 1] (every op is linear in the scale or, as the hue shift, independent of it), which
+    saves the two passes of scaling to [0, 1] and back."""
+    image = crop.numpy().astype(np.float32)
     if parameters.jitter:
         for op_index in parameters.jitter_order:
-            factor = parameters.jitter_factors[op_index]
-            if op_index == 3:
-                image = adjust_hue_one(image, factor)
-            else:
-                image = JITTER_OPS[op_index](image, torch.tensor([factor]))
+            image = _jitter_one(image, op_index, parameters.jitter_factors[op_index])
     if parameters.grayscale:
-        image = _gray(image).repeat(1, 3, 1, 1)
+        image = _gray_one(image)[None]  # one channel through blur and solarize, copied to three at the end
     if parameters.blur_sigma > 0:
-        image = gaussian_blur(image, torch.tensor([parameters.blur_sigma]))
+        image = gaussian_blur_one(image, parameters.blur_sigma)
     if parameters.solarize:
-        image = torch.where(image >= SOLARIZE_THRESHOLD, 1.0 - image, image)
-    return image
+        # 255 - x where x >= 128, as x + above * (255 - 2x)
+        flipped = np.float32(255.0) - np.float32(2.0) * image
+        flipped *= (image >= np.float32(SOLARIZE_THRESHOLD * 255.0)).astype(np.float32)
+        image += flipped
+    return np.repeat(image, 3, axis=0) if parameters.grayscale else image
 
 
 def _photometric_batch(images: torch.Tensor, parameters: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -411,11 +500,12 @@ class ContrastiveView:
         crop = crop_view(image, parameters, self.recipe.image_size)
         if self.photometric_on_device:
             return {"crop": crop, **parameters.photometric_tensors()}
-        view = photometric_one(crop.unsqueeze(0).to(torch.float32).div_(255.0), parameters)
+        view = photometric_one(crop, parameters)
+        np.rint(view, out=view)  # half to even, as torch.round in `apply_photometric`
         if not self.normalize:
-            # through NumPy: torch's float-to-uint8 conversion is several times slower on a CPU
-            return torch.from_numpy(view[0].mul_(255.0).round_().numpy().astype(np.uint8))
-        return _round_to_8_bits(view).sub_(self._mean).div_(self._std)[0]
+            return torch.from_numpy(view.astype(np.uint8))
+        view /= np.float32(255.0)
+        return torch.from_numpy(view)[None].sub_(self._mean).div_(self._std)[0]
 
     def __repr__(self) -> str:
         where = "accelerator" if self.photometric_on_device else "cpu"
@@ -431,6 +521,7 @@ __all__ = [
     "crop_view",
     "draw_view_parameters",
     "gaussian_blur",
+    "gaussian_blur_one",
     "moco_v3_view_recipes",
     "normalize_views",
     "photometric_one",
