@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedConfig, ViTConfig, ViTImageProcessor, ViTModel
 
 from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel
-from modeling_mimco.commands.convert_checkpoint import ConversionArguments, conversion_target
+from modeling_mimco.commands.convert_checkpoint import ConversionArguments, conversion_target, convert_to_vit
 from modeling_mimco.interop.vit_export import VIT_EXPORT_FIELDS, export_mimco_to_vit
 from modeling_mimco.modeling_mimco import get_2d_sincos_position_embeddings
 
@@ -130,6 +130,43 @@ def test_sincos_position_table_is_exported_exactly(tmp_path):
         difference = max_diff(vit(pixel_values).last_hidden_state, model(pixel_values).last_hidden_state)
     print(f"sin-cos ViTModel last_hidden_state: max abs diff {difference:.3g}")
     assert difference < TOLERANCE
+
+
+def test_image_size_exports_for_another_resolution(tmp_path):
+    """At another size the export equals MimCo's `interpolate_pos_encoding=True`: the table is resampled by MimCo's
+    resampler at export time, not by ViT's (another bicubic kernel) at run time."""
+    model = randomize_(MimCoModel(tiny_config()), seed=7)
+    model.save_pretrained(tmp_path / "mimco")
+    _, notes = export_mimco_to_vit(tmp_path / "mimco", tmp_path / "vit", image_size=48)
+    assert any("from 32 to 48 px" in note for note in notes)
+    assert json.loads((tmp_path / "vit" / "preprocessor_config.json").read_text())["size"] == {
+        "height": 48,
+        "width": 48,
+    }
+    vit = ViTModel.from_pretrained(tmp_path / "vit").eval()
+    assert vit.config.image_size == 48
+    pixel_values = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
+        difference = max_diff(vit(pixel_values).last_hidden_state, expected)
+    print(f"48-px export ViTModel last_hidden_state: max abs diff {difference:.3g}")
+    assert difference < TOLERANCE
+    with pytest.raises(ValueError, match=r"`image_size` \(30\) must be a positive multiple of `patch_size` \(4\)"):
+        export_mimco_to_vit(tmp_path / "mimco", tmp_path / "vit30", image_size=30)
+
+
+def test_output_folder_with_code_files_is_refused(tmp_path):
+    """Overwriting a folder that holds code (an earlier MimCo save) would leave the code next to the export."""
+    MimCoModel(tiny_config()).save_pretrained(tmp_path / "mimco")
+    MimCoModel(tiny_config()).save_pretrained(tmp_path / "old")  # holds configuration_mimco.py, modeling_mimco.py...
+    arguments = ConversionArguments(
+        input_path=str(tmp_path / "mimco"), output_path=str(tmp_path / "old"), to="vit", overwrite_output=True
+    )
+    with pytest.raises(ValueError, match="holds code files"):
+        convert_to_vit(arguments)
+    arguments.output_path = str(tmp_path / "mimco")
+    with pytest.raises(ValueError, match="is the input folder"):
+        convert_to_vit(arguments)
 
 
 # ------------------------------------------------------------------------------------------------------------------

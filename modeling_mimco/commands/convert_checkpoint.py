@@ -28,7 +28,8 @@ becomes a `ViTModel`, a `MimCoForImageClassification` a `ViTForImageClassificati
 checkpoint its student. The folder (`config.json` of model type `vit`, `model.safetensors`,
 `preprocessor_config.json` for `ViTImageProcessor`, no code files) loads with `AutoModel` /
 `AutoModelForImageClassification` where only `transformers` is installed, without `trust_remote_code`, and computes
-what the MimCo model computes. ViTModel's pooler is written as the identity, so its `pooler_output` is the
+what the MimCo model computes at its resolution (`--image_size` exports for another one: ViT's own
+`interpolate_pos_encoding` resamples the position table with another kernel than MimCo's). ViTModel's pooler is written as the identity, so its `pooler_output` is the
 normalised CLS token, as MimCo's. What a ViT cannot compute (mean pooling, weights a plain ViT lacks) is refused
 with a message naming it; `modeling_mimco/interop/vit_export.py` lists how every config field is carried.
 
@@ -209,13 +210,7 @@ def convert_to_vit(args: ConversionArguments):
         raise ValueError(
             f"{output_dir} holds code files ({', '.join(code_files)}); write the ViT export to a new folder."
         )
-    if args.image_size is not None:
-        # the export computes what the MimCo model computes at its own resolution; ViT resamples at run time
-        raise ValueError(
-            "--image_size does not apply to --to vit: the export keeps the model's resolution; run it at another "
-            "one with interpolate_pos_encoding=True."
-        )
-    model, notes = export_mimco_to_vit(args.input_path, output_dir)
+    model, notes = export_mimco_to_vit(args.input_path, output_dir, image_size=args.image_size)
     for note in notes:
         print(f"- {note}")
     config = model.config

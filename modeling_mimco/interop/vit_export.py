@@ -15,12 +15,17 @@ without this package: `config.json` is a plain `ViTConfig` (no `auto_map`), no `
 * What ViT cannot compute is refused with a `ValueError` naming the field and value (`check_vit_exportable`);
   `VIT_EXPORT_FIELDS` says, for every `MimCoConfig` field, how it is carried.
 
+The outputs are equal at the exported resolution. ViT's `interpolate_pos_encoding=True` resamples the position table
+with another bicubic kernel than MimCo's (no antialiasing), so at other resolutions the two differ; export with
+`image_size` instead, which resamples the table once with MimCo's own resampler.
+
 The weights are written by the installed transformers' own `save_pretrained`, so the folder uses the weight names
 that this transformers version saves and loads without renaming.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -28,7 +33,11 @@ from transformers import PreTrainedModel, ViTConfig, ViTForImageClassification, 
 
 from modeling_mimco.configuration_mimco import MimCoConfig
 from modeling_mimco.interop.model_folders import load_mimco_checkpoint, save_image_processor
-from modeling_mimco.modeling_mimco import PRETRAINING_ONLY_PREFIXES, get_2d_sincos_position_embeddings
+from modeling_mimco.modeling_mimco import (
+    PRETRAINING_ONLY_PREFIXES,
+    get_2d_sincos_position_embeddings,
+    resample_position_embeddings,
+)
 
 
 # How each `MimCoConfig` field reaches the exported ViT. "mapped": the ViTConfig field of the same name, same meaning;
@@ -118,11 +127,14 @@ def check_vit_exportable(config: MimCoConfig) -> None:
         raise ValueError(f"`position_embedding_type` {config.position_embedding_type!r} has no ViT counterpart.")
 
 
-def vit_config_for(config: MimCoConfig, classifier: bool) -> ViTConfig:
-    """The `ViTConfig` of the export: the backbone fields of `config`, the identity pooler (`pooler_act="linear"`,
-    `pooler_output_size=hidden_size`) and, for a classifier, the labels (`id2label`, `label2id`, `problem_type`)."""
+def vit_config_for(config: MimCoConfig, classifier: bool, image_size: int | None = None) -> ViTConfig:
+    """The `ViTConfig` of the export: the backbone fields of `config` (at `image_size` when given), the identity
+    pooler (`pooler_act="linear"`, `pooler_output_size=hidden_size`) and, for a classifier, the labels (`id2label`,
+    `label2id`, `problem_type`)."""
     check_vit_exportable(config)
     values = {name: getattr(config, name) for name in _MAPPED_FIELDS}
+    if image_size is not None:
+        values["image_size"] = image_size
     values.update(pooler_output_size=config.hidden_size, pooler_act="linear")
     if classifier:
         values.update(id2label=dict(config.id2label), label2id=dict(config.label2id))
@@ -221,7 +233,7 @@ def _training_notes(config: MimCoConfig, position_embeddings: torch.Tensor) -> l
     """Notes on what the export keeps exactly but behaves otherwise when the ViT is trained further."""
     notes = []
     if config.position_embedding_type == "sincos":
-        grid_size = config.image_size // config.patch_size
+        grid_size = math.isqrt(position_embeddings.shape[1] - 1)
         sincos = get_2d_sincos_position_embeddings(config.hidden_size, grid_size).to(position_embeddings.dtype)
         # the checkpoint's table is what MimCo computes with; it differs from a fresh one when it was resampled
         kind = (
@@ -246,7 +258,9 @@ def _training_notes(config: MimCoConfig, position_embeddings: torch.Tensor) -> l
     return notes
 
 
-def export_mimco_to_vit(input_dir: str | Path, output_dir: str | Path) -> tuple[PreTrainedModel, list[str]]:
+def export_mimco_to_vit(
+    input_dir: str | Path, output_dir: str | Path, image_size: int | None = None
+) -> tuple[PreTrainedModel, list[str]]:
     """Writes a MimCo checkpoint folder as a stock transformers ViT folder; returns the exported model and notes.
 
     `input_dir` holds a `MimCoModel`, `MimCoForImageClassification` or `MimCoForPreTraining` (`save_pretrained`).
@@ -254,7 +268,8 @@ def export_mimco_to_vit(input_dir: str | Path, output_dir: str | Path) -> tuple[
     `ViTModel` with the identity pooler. `output_dir` gets `config.json` (a `ViTConfig`), `model.safetensors` in the
     checkpoint's dtype, and `preprocessor_config.json` (`ViTImageProcessor`: bicubic resize to `image_size`, the
     config's `image_mean`/`image_std`). A config or weight that ViT cannot carry raises `ValueError` naming it, before
-    anything is written.
+    anything is written. `image_size` exports for another resolution: the position table is resampled as MimCo's
+    `interpolate_pos_encoding` does, so the export at that size computes what MimCo computes there.
     """
     source = str(input_dir)
     config, state_dict = load_mimco_checkpoint(input_dir)
@@ -263,8 +278,21 @@ def export_mimco_to_vit(input_dir: str | Path, output_dir: str | Path) -> tuple[
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
     converted, notes = mimco_to_vit_state_dict(state_dict, config.hidden_size, source)
+    if image_size is not None and image_size != config.image_size:
+        if image_size <= 0 or image_size % config.patch_size != 0:
+            raise ValueError(
+                f"`image_size` ({image_size}) must be a positive multiple of `patch_size` ({config.patch_size})."
+            )
+        grid_size = image_size // config.patch_size
+        name = "embeddings.position_embeddings"
+        converted[name] = resample_position_embeddings(converted[name], grid_size, grid_size)
+        notes.append(
+            f"position embeddings resampled (bicubic, as MimCo's interpolate_pos_encoding) from {config.image_size} "
+            f"to {image_size} px."
+        )
+    image_size = image_size or config.image_size
     classifier = "classifier.weight" in converted
-    vit_config = vit_config_for(config, classifier)
+    vit_config = vit_config_for(config, classifier, image_size)
     dtype = converted["embeddings.cls_token"].dtype if "embeddings.cls_token" in converted else torch.float32
     if classifier:
         if converted["classifier.weight"].shape[0] != config.num_labels:
@@ -290,10 +318,14 @@ def export_mimco_to_vit(input_dir: str | Path, output_dir: str | Path) -> tuple[
         "vit.embeddings.position_embeddings" if classifier else "embeddings.position_embeddings"
     ]
     notes += _training_notes(config, position_embeddings)
+    notes.append(
+        f"outputs equal MimCo's at {image_size} px; ViT's interpolate_pos_encoding resamples the position table with "
+        "another bicubic kernel than MimCo's, so for another resolution export with --image_size."
+    )
 
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    save_image_processor(output_dir, config.image_size, list(config.image_mean), list(config.image_std))
+    save_image_processor(output_dir, image_size, list(config.image_mean), list(config.image_std))
     return model, notes
 
 
