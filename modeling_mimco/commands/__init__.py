@@ -6,7 +6,8 @@
 | `mimco-pretrain`    | `run_pretraining`              | stage 2: the MimCo student against a frozen teacher |
 | `mimco-finetune`    | `run_finetuning`               | fine-tuning for classification with the `Trainer`   |
 | `mimco-probe`       | `run_linear_probe`             | linear probe, kNN and t-SNE on frozen features      |
-| `mimco-convert`     | `convert_checkpoint`           | MoCo v3 / DINO / timm checkpoints to and from MimCo |
+| `mimco-convert`     | `convert_checkpoint`           | MoCo v3 / DINO / timm checkpoints to and from MimCo,|
+|                     |                                | MimCo to a stock transformers ViT (`--to vit`)      |
 | `mimco-card`        | `make_model_card`              | the model card (README.md) of a checkpoint folder   |
 | `mimco-push`        | `push_to_hub`                  | upload a checkpoint folder to the Hub               |
 

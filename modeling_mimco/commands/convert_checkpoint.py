@@ -1,4 +1,4 @@
-"""Convert Vision Transformer checkpoints to and from MimCo.
+"""Convert Vision Transformer checkpoints to and from MimCo, and MimCo to a stock transformers ViT.
 
 To MimCo (`input_path` is a file; writes a `MimCoModel` folder: `model.safetensors`, `config.json` with `auto_map`
 and the code files, `preprocessor_config.json` for `ViTImageProcessor`). The folder is a ready stage-2 teacher:
@@ -23,6 +23,19 @@ From MimCo (`input_path` is a MimCo checkpoint folder; writes a timm `.safetenso
 `MimCoForImageClassification` (the classifier becomes timm's `head`; a pre-training checkpoint exports its student).
 The script prints the `timm.create_model(...)` call that rebuilds the architecture and loads the file.
 
+To stock transformers (`--to vit`; `input_path` is a MimCo checkpoint folder; writes a folder): a `MimCoModel`
+becomes a `ViTModel`, a `MimCoForImageClassification` a `ViTForImageClassification` (labels kept), a pre-training
+checkpoint its student. The folder (`config.json` of model type `vit`, `model.safetensors`,
+`preprocessor_config.json` for `ViTImageProcessor`, no code files) loads with `AutoModel` /
+`AutoModelForImageClassification` where only `transformers` is installed, without `trust_remote_code`, and computes
+what the MimCo model computes at its resolution (`--image_size` exports for another one: ViT's own
+`interpolate_pos_encoding` resamples the position table with another kernel than MimCo's). ViTModel's pooler is written as the identity, so its `pooler_output` is the
+normalised CLS token, as MimCo's. What a ViT cannot compute (mean pooling, weights a plain ViT lacks) is refused
+with a message naming it; `modeling_mimco/interop/vit_export.py` lists how every config field is carried.
+
+`--to` picks the output; without it a file converts to MimCo and a folder to timm (`--to mimco`, `--to timm` say
+so explicitly).
+
 Pickled inputs are read with `torch.load(..., weights_only=True)` only: a file that would run code is refused.
 
 Examples:
@@ -31,6 +44,7 @@ Examples:
 python scripts/convert_checkpoint.py --input_path vit-s-300ep.pth.tar --output_path mocov3-vit-small
 python scripts/convert_checkpoint.py --input_path dino_deitsmall16_pretrain.pth --output_path dino-vit-small
 python scripts/convert_checkpoint.py --input_path mimco-vit-small --output_path vit_small_mimco.safetensors
+python scripts/convert_checkpoint.py --input_path mimco-vit-small --output_path mimco-vit-small-hf --to vit
 ```
 """
 
@@ -45,6 +59,10 @@ from transformers import HfArgumentParser
 from modeling_mimco.commands import reports_errors, run_command
 
 
+# What `--to` can name: a MimCo folder, a timm state dict, a stock transformers ViT folder.
+CONVERSION_TARGETS = ["mimco", "timm", "vit"]
+
+
 @dataclass
 class ConversionArguments:
     """Arguments of `convert_checkpoint.py`."""
@@ -52,11 +70,23 @@ class ConversionArguments:
     input_path: str = field(
         metadata={
             "help": "A MoCo v3 / DINO / timm checkpoint file (converted to MimCo), or a MimCo checkpoint folder "
-            "(converted to a timm .safetensors file)."
+            "(converted to a timm .safetensors file, or with `--to vit` to a transformers ViT folder)."
         }
     )
     output_path: str = field(
-        metadata={"help": "The MimCoModel folder to write, or the timm .safetensors file to write."}
+        metadata={
+            "help": "The MimCoModel folder to write, the timm .safetensors file to write, or (`--to vit`) the "
+            "transformers ViT folder to write."
+        }
+    )
+    to: str | None = field(
+        default=None,
+        metadata={
+            "help": "What to write: `mimco` (from a checkpoint file), `timm` (a .safetensors file from a MimCo "
+            "folder) or `vit` (a folder that stock transformers loads as ViTModel / ViTForImageClassification, "
+            "from a MimCo folder). Default: `mimco` for a file, `timm` for a folder.",
+            "choices": CONVERSION_TARGETS,
+        },
     )
     source_format: str = field(
         default="auto",
@@ -164,10 +194,62 @@ def convert_to_timm(args: ConversionArguments):
     return model_name, kwargs, overlay
 
 
+def convert_to_vit(args: ConversionArguments):
+    """MimCo checkpoint folder -> stock transformers ViT folder. Returns the exported `ViTModel` or
+    `ViTForImageClassification`."""
+    from modeling_mimco.interop.vit_export import export_mimco_to_vit
+
+    output_dir = Path(args.output_path)
+    if output_dir.exists() and output_dir.resolve() == Path(args.input_path).resolve():
+        raise ValueError(f"--output_path {output_dir} is the input folder; write the ViT export to another folder.")
+    if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite_output):
+        raise ValueError(f"{output_dir} exists and is not empty; pass --overwrite_output to replace its files.")
+    code_files = sorted(path.name for path in output_dir.glob("*.py")) if output_dir.is_dir() else []
+    if code_files:
+        # overwriting would leave them next to the export, which is meant to hold no code
+        raise ValueError(
+            f"{output_dir} holds code files ({', '.join(code_files)}); write the ViT export to a new folder."
+        )
+    model, notes = export_mimco_to_vit(args.input_path, output_dir, image_size=args.image_size)
+    for note in notes:
+        print(f"- {note}")
+    config = model.config
+    auto_class = "AutoModelForImageClassification" if type(model).__name__.endswith("Classification") else "AutoModel"
+    print(
+        f"Saved a transformers {type(model).__name__} ({config.num_hidden_layers} blocks, width {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, patch {config.patch_size}, {config.image_size} px) and its "
+        f"ViTImageProcessor to {output_dir}. Load it without this package:"
+    )
+    print(f"from transformers import {auto_class}")
+    print(f"model = {auto_class}.from_pretrained({str(output_dir)!r})")
+    return model
+
+
+def conversion_target(args: ConversionArguments) -> str:
+    """The output `args` asks for: `--to`, or by default `timm` for a folder input and `mimco` for a file. Raises
+    `ValueError` when `--to` does not fit the input (a folder to MimCo, a file to timm or ViT)."""
+    is_folder = Path(args.input_path).is_dir()
+    if args.to is None:
+        return "timm" if is_folder else "mimco"
+    if args.to == "mimco" and is_folder:
+        raise ValueError(
+            f"--to mimco converts a checkpoint file, but --input_path {args.input_path} is a folder; a MimCo "
+            "folder converts --to timm or --to vit."
+        )
+    if args.to in ("timm", "vit") and not is_folder:
+        raise ValueError(
+            f"--to {args.to} converts a MimCo checkpoint folder, but --input_path {args.input_path} is not a folder."
+        )
+    return args.to
+
+
 def convert_checkpoint(args: ConversionArguments):
-    """Converts as the command does: a folder input to timm (`convert_to_timm`), a file input to MimCo
-    (`convert_to_mimco`); returns what that conversion returns."""
-    if Path(args.input_path).is_dir():
+    """Converts as the command does: to MimCo (`convert_to_mimco`), timm (`convert_to_timm`) or a transformers ViT
+    (`convert_to_vit`), as `conversion_target` picks; returns what that conversion returns."""
+    target = conversion_target(args)
+    if target == "vit":
+        return convert_to_vit(args)
+    if target == "timm":
         return convert_to_timm(args)
     return convert_to_mimco(args)
 
