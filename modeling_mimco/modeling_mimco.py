@@ -1,5 +1,6 @@
 """PyTorch MimCo models: a ViT backbone, the masked-image student with its frozen contrastive teacher, the image
-classifier, and `MimCoBackbone`, the feature maps for dense decoders (`AutoBackbone`). The stage-1 contrastive model that trains the teacher is in `modeling_mimco_contrastive.py`.
+classifier, and `MimCoBackbone`, the feature maps for dense decoders (`AutoBackbone`). The stage-1 contrastive model
+that trains the teacher is in `modeling_mimco_contrastive.py`.
 
 The backbone's weights map one-to-one onto timm's `VisionTransformer` (see `vit_checkpoints.py`):
 `embeddings.cls_token` is `cls_token`, `layers.{i}.attention.qkv` is `blocks.{i}.attn.qkv`, and so on. This file
