@@ -1030,6 +1030,8 @@ class MimCoBackbone(BackboneMixin, MimCoPreTrainedModel):
                 Also return each block's attention probabilities `(batch_size, num_heads, tokens, tokens)`.
             return_dict (`bool`, *optional*):
                 `False` returns a tuple of the outputs that are not `None`.
+            kwargs: Accepted and ignored, as decoders may pass their backbone what other backbones take
+                (`interpolate_pos_encoding` among them: positions are always resampled to the input).
 
         Returns:
             `BackboneOutput`: `feature_maps`, one tensor per `out_features` stage in `stage_names` order: `(batch_size,
