@@ -103,8 +103,8 @@ BACKBONE_CHILD_SCRIPT = textwrap.dedent(
     """
     import torch
     from huggingface_hub.errors import HFValidationError
-    from transformers import AutoBackbone
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+    from transformers import AutoBackbone, AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     inputs_path, results_path, *checkpoints = sys.argv[1:]
     pixel_values = torch.load(inputs_path, weights_only=True)
@@ -114,10 +114,12 @@ BACKBONE_CHILD_SCRIPT = textwrap.dedent(
             backbone = AutoBackbone.from_pretrained(checkpoint, trust_remote_code=True)
             route = "AutoBackbone.from_pretrained"
         except HFValidationError:
-            # transformers 5.25 asks the Hub whether a local path is a repository before loading anything, for every
-            # model; what it then does for a Hub repository is the generic Auto-class loading, run here directly
-            backbone = _BaseAutoModelClass.from_pretrained.__func__(AutoBackbone, checkpoint, trust_remote_code=True)
-            route = "generic Auto loading"
+            # transformers 5.25 looks every path up on the Hub first, so a local folder of any model fails there;
+            # the class named by the folder's `auto_map`, from the folder's own code, is what it would load
+            config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
+            backbone_class = get_class_from_dynamic_module(config.auto_map["AutoBackbone"], checkpoint)
+            backbone = backbone_class.from_pretrained(checkpoint)
+            route = "auto_map class"
         backbone.eval()
         with torch.no_grad():
             feature_maps = backbone(pixel_values).feature_maps
@@ -176,4 +178,4 @@ def test_saved_backbone_loads_as_remote_code_in_a_clean_process(tmp_path):
         assert [tuple(f.shape) for f in loaded["feature_maps"]] == [tuple(f.shape) for f in expected]
         for actual, wanted in zip(loaded["feature_maps"], expected):
             torch.testing.assert_close(actual, wanted, atol=1e-6, rtol=0)
-        assert loaded["route"] in ("AutoBackbone.from_pretrained", "generic Auto loading")
+        assert loaded["route"] in ("AutoBackbone.from_pretrained", "auto_map class")
