@@ -198,8 +198,7 @@ def test_stage2_checkpoint_of_one_process_resumes_on_two_like_the_uninterrupted_
     big_batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH * NUM_PROCESSES)]
     _ok(_single("run_pretraining.py", [*stage2, *big_batch, "--output_dir", str(written)], env))
     resumed = root / "stage2_resumed_two"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(written / "checkpoints" / "checkpoint-1", resumed / "checkpoints" / "checkpoint-1")
+    _resume_elsewhere(written, resumed)
     batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH)]
     _ok(
         _launch(
@@ -220,13 +219,76 @@ def test_stage2_checkpoint_of_two_processes_resumes_on_one_like_the_uninterrupte
     batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH)]
     _ok(_launch("run_pretraining.py", [*stage2, *batch, "--output_dir", str(written)], env))
     resumed = root / "stage2_resumed_one"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(written / "checkpoints" / "checkpoint-1", resumed / "checkpoints" / "checkpoint-1")
+    _resume_elsewhere(written, resumed)
     big_batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH * NUM_PROCESSES)]
     resume = ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]
     _ok(_single("run_pretraining.py", [*stage2, *big_batch, *resume], env))
     assert _results(resumed)["num_processes"] == 1
     _assert_same_run(resumed, runs["stage2_one"], ("model.safetensors",))
+
+
+def _resume_elsewhere(written: Path, resumed: Path) -> None:
+    """Copies the first checkpoint of `written` into a fresh output folder `resumed`, as a job that comes back on
+    another allocation finds its checkpoint."""
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(written / "checkpoints" / "checkpoint-1", resumed / "checkpoints" / "checkpoint-1")
+
+
+@pytest.mark.parametrize("written_on, resumed_on", [(1, 2), (2, 1)], ids=["1_to_2", "2_to_1"])
+def test_stage1_checkpoint_resumes_on_another_process_count_like_the_uninterrupted_run(runs, written_on, resumed_on):
+    """Stage 1 (BatchNorm in the projector and predictor, the momentum encoder, two views) written by N processes
+    and resumed by M with the same global batch: the second step's loss and the final weights are those of the
+    uninterrupted 1-process run, to stage 1's bounds (see STAGE1_LOSS_ATOL)."""
+    root, env = runs["root"], _env(runs["root"])
+    stage1 = [*COMMON, *STAGE1, "--checkpointing_steps", "1"]
+
+    def run(processes: int, args: list[str]) -> subprocess.CompletedProcess:
+        batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH * NUM_PROCESSES // processes)]
+        if processes == 1:
+            return _ok(_single("run_contrastive_pretraining.py", [*stage1, *batch, *args], env))
+        return _ok(_launch("run_contrastive_pretraining.py", [*stage1, *batch, *args], env))
+
+    written = root / f"stage1_checkpointed_{written_on}"
+    run(written_on, ["--output_dir", str(written)])
+    resumed = root / f"stage1_resumed_{written_on}_on_{resumed_on}"
+    _resume_elsewhere(written, resumed)
+    run(resumed_on, ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    assert _results(resumed)["num_processes"] == resumed_on
+    _assert_same_run(
+        resumed,
+        runs["stage1_one"],
+        ("model.safetensors", "contrastive_model/model.safetensors"),
+        later_loss_atol=STAGE1_LOSS_ATOL,
+        weight_atol=STAGE1_WEIGHT_ATOL,
+        running_stats_atol=STAGE1_RUNNING_STATS_ATOL,
+    )
+
+
+def test_two_machines_on_loopback_train_like_one_machine(runs):
+    """`accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1`, one process per
+    "machine", each machine its own launcher as on a cluster: stage 2 trains as the 1-process run on the same global
+    batch (and so as one machine with 2 processes)."""
+    root, env = runs["root"], _env(runs["root"], ACCELERATE_USE_CPU="1")
+    output_dir = root / "stage2_two_machines"
+    stage2 = [*COMMON, *STAGE2, "--teacher_name_or_path", str(runs["stage1_two"])]
+    args = [*stage2, "--per_device_train_batch_size", str(PER_PROCESS_BATCH), "--output_dir", str(output_dir)]
+    port = str(_free_port())
+    accelerate = Path(sys.executable).with_name("accelerate")
+    machines = []
+    for rank in range(2):
+        launcher = ["--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank)]
+        launcher += ["--main_process_ip", "127.0.0.1", "--main_process_port", port]
+        launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+        command = [str(accelerate), "launch", *launcher, str(SCRIPTS / "run_pretraining.py"), *args]
+        machines.append(
+            subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = [machine.communicate(timeout=300) for machine in machines]
+    for machine, (stdout, stderr) in zip(machines, outputs):
+        assert machine.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    results = _results(output_dir)
+    assert results["num_processes"] == 2 and results["distributed_type"] == "MULTI_CPU"
+    _assert_same_run(output_dir, runs["stage2_one"], ("model.safetensors",))
 
 
 def test_launch_prints_the_start_banner_and_one_plain_line_per_logging_step(runs):
