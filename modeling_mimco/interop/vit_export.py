@@ -45,7 +45,8 @@ from modeling_mimco.modeling_mimco import (
 # `preprocessor_config.json`; "refused unless": only the named value has a ViT counterpart, any other is refused;
 # "training only": changes training, not what the model computes, and ViT has no such setting (dropped with a note
 # when it is set); "pre-training only": used by `MimCoForPreTraining` (masking, heads, losses, teacher), not by the
-# exported student. The other fields of every transformers config (`architectures`, `return_dict`...) are not carried.
+# exported student; "backbone only": how `MimCoBackbone` picks and shapes its outputs, not carried. The other
+# fields of every transformers config (`architectures`, `return_dict`...) are not carried.
 VIT_EXPORT_FIELDS: dict[str, str] = {
     "image_size": "mapped",
     "patch_size": "mapped",
@@ -80,6 +81,13 @@ VIT_EXPORT_FIELDS: dict[str, str] = {
     "teacher_image_mean": "pre-training only",
     "teacher_image_std": "pre-training only",
     "teacher_autocast": "pre-training only",
+    # `MimCoBackbone`'s choice of outputs; the exported ViTModel returns every layer's output instead
+    # (`output_hidden_states=True`), and a pyramid's weights have no ViT counterpart (refused by name)
+    "_out_features": "backbone only",
+    "_out_indices": "backbone only",
+    "use_feature_pyramid": "backbone only",
+    "apply_layernorm": "backbone only",
+    "reshape_hidden_states": "backbone only",
     # fields of every transformers config that the export carries
     "id2label": "labels",  # a classifier's, kept in the ViTForImageClassification config
     "label2id": "labels",
