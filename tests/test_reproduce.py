@@ -26,6 +26,7 @@ ROW_KEYS = {
     "random_init",
     "teacher",
     "pixel_mim",
+    "pixel_mim_matched",
     "mimco",
     "mimco_patch_only",
     "mimco_image_only",
@@ -85,17 +86,19 @@ def test_smoke_writes_every_row_and_a_well_formed_table(smoke_run):
             assert measured["std"] == pytest.approx(torch.tensor(measured["values"], dtype=torch.float64).std().item())
     # the baseline is the normalised pixels themselves: one feature per pixel and channel
     assert state["rows"]["pixels"]["feature_dim"] == 3 * 32 * 32
-    # the same pre-training step count for every pre-trained row, none for the untrained ones
-    steps = {row["pretraining_steps"] for key, row in state["rows"].items() if key not in untrained}
+    # the same pre-training step count for every pre-trained row but the compute-matched one, none for the
+    # untrained ones
+    matched = "pixel_mim_matched"
+    steps = {row["pretraining_steps"] for key, row in state["rows"].items() if key not in untrained | {matched}}
     assert steps == {state["settings"]["pretrain_steps"]}
+    assert state["rows"][matched]["pretraining_steps"] == state["settings"]["matched_pixel_mim_steps"]
+    assert state["settings"]["matched_pixel_mim_steps"] > state["settings"]["pretrain_steps"]
     assert all(state["rows"][key]["pretraining_steps"] == 0 for key in untrained)
     for key, row in state["rows"].items():
         if key not in untrained:
             assert row["pretraining_seconds"] > 0 and row["pretraining_images_per_second"] > 0
             assert row["pretraining_epochs"] == pytest.approx(
-                state["settings"]["pretrain_steps"]
-                * state["settings"]["batch_size"]
-                / state["num_pretraining_images"],
+                row["pretraining_steps"] * state["settings"]["batch_size"] / state["num_pretraining_images"],
                 abs=0.01,
             )
 
@@ -216,9 +219,16 @@ def test_step_plan_follows_the_budget():
     small = module.plan_steps(module.parse_args(["--budget_minutes", "60"]), seconds)["pretrain_steps"]
     large = module.plan_steps(module.parse_args(["--budget_minutes", "120"]), seconds)["pretrain_steps"]
     assert small % 10 == 0 and large % 10 == 0 and 20 <= small < large
-    per_step = 1.0 + 0.3 + 4 * 0.5  # the pixels and random-init rows cost no steps
+    # the pixels and random-init rows cost no steps; the compute-matched pixel-MIM row costs a teacher + a student
+    per_step = 1.0 + 0.3 + (1.0 + 0.5) + 4 * 0.5
     reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW * len(module.ROWS)
     assert small == int((60 * 60 - reserve) / per_step) // 10 * 10
+    plan = module.plan_steps(module.parse_args(["--budget_minutes", "60"]), seconds)
+    assert plan["matched_pixel_mim_steps"] == round(small * (1.0 + 0.5) / 0.3)
+    # three seeds share one teacher: its steps and its evaluation are counted once
+    three = module.plan_steps(module.parse_args(["--budget_minutes", "240"]), seconds, num_seeds=3)
+    reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW * (3 * len(module.ROWS) - 2)
+    assert three["pretrain_steps"] == int((240 * 60 - reserve) / (1.0 + 3 * (per_step - 1.0))) // 10 * 10 > 20
     # fewer pre-training rows leave more steps to each; a budget below the evaluation reserve still trains a little
     only_mimco = module.plan_steps(module.parse_args(["--budget_minutes", "60", "--rows", "mimco"]), seconds)
     reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW
@@ -281,9 +291,12 @@ def test_seed_summary_is_mean_and_sample_std_over_the_seeds():
 
 @pytest.mark.slow
 def test_seeds_run_every_row_per_seed_on_the_same_evaluation_images(tmp_path):
-    """`--seeds` through the script: one results file per pre-training seed, and a summary computed from them."""
+    """`--seeds` through the script: one results file per pre-training seed, one teacher for all of them (trained
+    with the first seed, its results reused), the compute-matched pixel-MIM row at its own step count, and a summary
+    computed from the seeds with MimCo's differences against the seed spread."""
     flags = ("--smoke", "--output_dir", str(tmp_path / "out"), "--results_dir", str(tmp_path / "results"))
-    completed, _ = _run(*flags, "--seeds", "3", "4", "--rows", "pixels", "random_init", "--finetune_epochs", "0")
+    rows = ("pixels", "random_init", "teacher", "mimco", "pixel_mim_matched")
+    completed, _ = _run(*flags, "--seeds", "3", "4", "--rows", *rows, "--finetune_epochs", "0", "--eval_repeats", "1")
     summary = json.loads((tmp_path / "results" / "seed_summary.json").read_text())
     assert summary["seeds"] == [3, 4] and summary["table_markdown"] in completed.stdout
     assert (tmp_path / "results" / "seed_summary.md").read_text().strip() == summary["table_markdown"]
@@ -304,6 +317,23 @@ def test_seeds_run_every_row_per_seed_on_the_same_evaluation_images(tmp_path):
     ]
     assert torch.equal(random_features[0]["labels"], random_features[1]["labels"])
     assert not torch.equal(random_features[0]["features"], random_features[1]["features"])
+    # one teacher, beside the seeds' folders, trained with the first seed; both seeds' students learnt from it
+    assert (tmp_path / "out" / "teacher" / "model.safetensors").is_file()
+    assert not any((tmp_path / "out" / f"seed-{seed}" / "teacher").exists() for seed in (3, 4))
+    assert [per_seed[seed]["rows"]["teacher"]["trained_with_seed"] for seed in (3, 4)] == [3, 3]
+    assert per_seed[4]["rows"]["teacher"] == per_seed[3]["rows"]["teacher"]
+    assert [per_seed[seed]["rows"]["mimco"]["trained_with_seed"] for seed in (3, 4)] == [3, 4]
+    # the compute-matched row trains the steps that a teacher and a student cost together
+    settings = per_seed[3]["settings"]
+    matched = settings["matched_pixel_mim_steps"]
+    assert matched > settings["pretrain_steps"] and per_seed[4]["settings"]["matched_pixel_mim_steps"] == matched
+    assert per_seed[3]["rows"]["pixel_mim_matched"]["pretraining_steps"] == matched
+    # every comparison of MimCo with another row says whether it is larger than the two rows' seed spreads
+    compared = {(item["row"], item["metric"]) for item in summary["comparisons"]}
+    assert ("pixel_mim_matched", "linear_probe_top1_cls") in compared and ("teacher", "knn_top1_cls") in compared
+    for item in summary["comparisons"]:
+        assert item["larger_than_spread"] == (abs(item["difference"]) > item["seed_spread"])
+    assert "larger than the spread?" in summary["table_markdown"]
 
 
 def test_checkpoints_trained_under_other_settings_are_not_resumed(tmp_path):

@@ -1,12 +1,12 @@
 """`make reproduce`: MimCo's claim at small scale — the comparison table on CIFAR-10, one command, on CPUs.
 
-    python scripts/reproduce.py                          # the default 90-minute budget (2 CPU cores)
+    python scripts/reproduce.py --seeds 0 1 2            # `make reproduce`: 3 seeds, one teacher, about 2 hours
+    python scripts/reproduce.py                          # one seed, every row, in the default budget
     python scripts/reproduce.py --budget_minutes 60      # a shorter run (fewer pre-training steps)
     python scripts/reproduce.py --smoke                  # every row end to end on a few hundred images (15-40 s)
-    python scripts/reproduce.py --seeds 0 1 2 --pretrain_steps 800 --rows pixels random_init teacher mimco pixel_mim
-                                                         # the main rows once per seed, then mean ± std
 
-Rows (same data, same model shape, same number of pre-training steps and batch size for every pre-trained row):
+Rows (same data, same model shape, same batch size, and the same number of pre-training steps for every pre-trained
+row but the compute-matched one):
 
 0. the normalised pixels themselves (the baseline every learned feature must beat; no fine-tune);
 1. random initialisation (no pre-training);
@@ -14,18 +14,24 @@ Rows (same data, same model shape, same number of pre-training steps and batch s
 3. pixel MIM: transformers' own `ViTForMaskedImageModeling` (SimMIM: L1 on the masked pixels) trained by the shared
    training loop of `modeling_mimco.training.loop` with the optimizer, schedule, steps, batch, augmentation and masks
    (`MimCoMaskGenerator`, same settings) of the MimCo student;
-4. the MimCo student (patch + image InfoNCE) with that teacher (`run_pretraining.py`);
-5. ablations: patch loss only, image loss only, smooth-L1 feature regression instead of InfoNCE.
+4. pixel MIM at MimCo's compute: the same model trained for as many steps as MimCo's teacher and student cost
+   together (`compute_matched_steps`, from the measured seconds per step of the three objectives), so that pixel MIM
+   is not handicapped by the teacher's pre-training that MimCo builds on;
+5. the MimCo student (patch + image InfoNCE) with that teacher (`run_pretraining.py`);
+6. ablations: patch loss only, image loss only, smooth-L1 feature regression instead of InfoNCE.
 
 Columns: linear-probe and weighted k-NN top-1 on frozen features (CLS token and mean of the patch tokens, on a seeded
 subset of the training and test splits), top-1 of a short fine-tune (`run_finetuning.py`, same recipe for every row)
 on the test subset, and the pre-training wall time and throughput. The CLS linear probe and kNN are repeated for
 `--eval_repeats` evaluation seeds (other training and test subsets, other probe initialisation and batch order); the
-table shows their standard deviation. `--seeds` repeats everything per pre-training seed (the evaluation subsets stay
-those of `--eval_seed`) and adds a table of mean ± standard deviation over the seeds.
+table shows their standard deviation. `--seeds` repeats every student row per pre-training seed (the evaluation
+subsets stay those of `--eval_seed`) with one teacher, trained and evaluated with the first seed and shared by every
+seed's students (stage 1 is most of a run's cost), and adds a table of mean ± standard deviation over the seeds and a
+table that says, for MimCo against each other row, whether the difference is larger than the two rows' seed spreads.
 
-The number of pre-training steps is derived from `--budget_minutes`: a few synthetic steps of each pre-training
-objective are timed, the evaluation's share is set aside, and the rest is divided among the pre-training rows. The
+The number of pre-training steps is derived from `--budget_minutes` (for all seeds together): a few synthetic steps of
+each pre-training objective are timed, the evaluation's share is set aside, and the rest is divided among the
+pre-training rows (the teacher once, the others once per seed). The
 plan is stored in the results JSON, so a rerun uses the same step count. Rerunning skips every row already in the
 results JSON (with the same settings); an interrupted pre-training run continues from its last checkpoint
 (`--resume_from_checkpoint latest`). The results JSON is rewritten after each row; at the end come the Markdown table,
@@ -56,6 +62,7 @@ ROWS = [
     ("random_init", "random initialisation", "random", {}),
     ("teacher", "MoCo v3 teacher (stage 1)", "contrastive", {}),
     ("pixel_mim", "pixel MIM (ViTForMaskedImageModeling, SimMIM)", "simmim", {}),
+    ("pixel_mim_matched", "pixel MIM at MimCo's compute (teacher + student)", "simmim", {}),
     ("mimco", "MimCo student (patch + image InfoNCE)", "mimco", {}),
     ("mimco_patch_only", "MimCo, patch loss only", "mimco", {"image_loss_weight": 0.0}),
     ("mimco_image_only", "MimCo, image loss only", "mimco", {"patch_loss_weight": 0.0}),
@@ -72,6 +79,7 @@ RUN_ORDER = [
     "teacher",
     "mimco",
     "pixel_mim",
+    "pixel_mim_matched",
     "random_init",
     "mimco_patch_only",
     "mimco_image_only",
@@ -83,6 +91,10 @@ ROW_KINDS = {key: (name, kind, overrides) for key, name, kind, overrides in ROWS
 POOLINGS = ("cls", "mean")
 # Rows that are not pre-trained (no step cost, no fine-tune for the pixels).
 UNTRAINED_KINDS = ("pixels", "random")
+# The row that trains for as long as MimCo's teacher and student together, not for the shared step count.
+COMPUTE_MATCHED_ROW = "pixel_mim_matched"
+# The comparisons of the seed summary: the MimCo student against each of these rows.
+COMPARED_ROWS = ("pixels", "random_init", "teacher", "pixel_mim", "pixel_mim_matched")
 
 
 # The teacher's smallest crop on 32-px CIFAR-10: 25 % instead of MoCo v3's 8 %, which at 32 px leaves a 9-px patch
@@ -98,7 +110,9 @@ def local_copy(local_dataset: str | None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget_minutes", type=float, default=90.0, help="Wall-time budget of the whole run.")
+    parser.add_argument(
+        "--budget_minutes", type=float, default=120.0, help="Wall-time budget of the whole run (all seeds)."
+    )
     parser.add_argument("--smoke", action="store_true", help="Every row on a few hundred images, a few steps.")
     parser.add_argument("--dataset_name", default=None, help="Default: local CIFAR-10 copy, else uoft-cs/cifar10.")
     parser.add_argument("--output_dir", default=None, help="Checkpoints and features (default outputs/reproduce).")
@@ -285,22 +299,61 @@ EVAL_SECONDS_PER_ROW = 160.0
 FIXED_SECONDS = 180.0
 
 
-def plan_steps(args, step_seconds: dict[str, float]) -> dict:
-    """Derives the pre-training step count (the same for every pre-trained row) from the budget.
+def wanted_rows(args) -> list[str]:
+    """The row keys this run evaluates, in table order."""
+    return [key for key, *_ in ROWS if args.rows is None or key in args.rows]
+
+
+def compute_matched_steps(steps: int, step_seconds: dict[str, float]) -> int:
+    """The pixel-MIM steps that cost what MimCo's teacher and student cost together at `steps` steps each, from the
+    measured seconds per step of the three objectives (same batch, same backbone)."""
+    ratio = (step_seconds["contrastive"] + step_seconds["mimco"]) / step_seconds["simmim"]
+    return max(int(round(steps * ratio)), 1)
+
+
+def plan_steps(args, step_seconds: dict[str, float], num_seeds: int = 1) -> dict:
+    """Derives the pre-training step count (the same for every pre-trained row but the compute-matched one) from the
+    budget, for `num_seeds` pre-training seeds that share one teacher (trained and evaluated once).
 
     The synthetic step timings are used as they are: real steps also decode and augment images, but one loader worker
     on the second core hides that (real steps took 0.9-0.95x the synthetic timing, which includes warm-up)."""
-    selected = [kind for key, _, kind, _ in ROWS if args.rows is None or key in args.rows]
-    per_step = sum(step_seconds[kind] for kind in selected if kind not in UNTRAINED_KINDS)
-    reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * len(selected)
+    selected = wanted_rows(args)
+    matched_ratio = compute_matched_steps(1000, step_seconds) / 1000
+    per_step = 0.0
+    for key in selected:
+        kind = ROW_KINDS[key][1]
+        if kind in UNTRAINED_KINDS:
+            continue
+        cost = step_seconds[kind] * (matched_ratio if key == COMPUTE_MATCHED_ROW else 1.0)
+        per_step += cost if key == "teacher" else cost * num_seeds
+    evaluated = len(selected) * num_seeds - ((num_seeds - 1) if "teacher" in selected else 0)
+    reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * evaluated
     available = max(args.budget_minutes * 60.0 - reserve, 0.0)
     steps = max(int(available / per_step) // 10 * 10, 20) if per_step > 0 else 20
     return {
         "pretrain_steps": steps,
+        "matched_pixel_mim_steps": compute_matched_steps(steps, step_seconds),
+        "num_seeds": num_seeds,
         "measured_seconds_per_step": {k: round(v, 4) for k, v in step_seconds.items()},
         "seconds_reserved_for_evaluation": reserve,
         "estimated_pretraining_minutes": round(steps * per_step / 60.0, 1),
     }
+
+
+def row_steps(settings: dict, key: str) -> int:
+    """A row's pre-training steps: the shared count, or the compute-matched count for the matched pixel-MIM row."""
+    if key == COMPUTE_MATCHED_ROW:
+        return settings["matched_pixel_mim_steps"]
+    return settings["pretrain_steps"]
+
+
+def teacher_directory(args) -> str:
+    """Where the teacher is trained: `--seeds` runs share one teacher beside the seeds' folders."""
+    return getattr(args, "teacher_dir", None) or os.path.join(args.output_dir, "teacher")
+
+
+def row_directory(args, key: str) -> str:
+    return teacher_directory(args) if key == "teacher" else os.path.join(args.output_dir, key)
 
 
 # The wall time of a row's pre-training, kept next to its checkpoints so that a rerun that finds the final model
@@ -595,6 +648,8 @@ def settings_of(args, plan: dict) -> dict:
         "batch_size": args.batch_size,
         "base_learning_rate": args.learning_rate,
         "pretrain_steps": plan["pretrain_steps"],
+        "matched_pixel_mim_steps": plan.get("matched_pixel_mim_steps"),
+        "shared_teacher": getattr(args, "teacher_dir", None) is not None,
         "probe_train_samples": args.probe_train_samples,
         "eval_samples": args.eval_samples,
         "probe_epochs": args.probe_epochs,
@@ -617,16 +672,34 @@ PRETRAINING_SETTINGS = (
     "batch_size",
     "base_learning_rate",
     "pretrain_steps",
+    "matched_pixel_mim_steps",
     "projector_hidden_size",
     "projection_size",
     "head_hidden_size",
 )
 
 
-def check_pretraining_settings(output_dir: str, settings: dict) -> None:
+# The settings the shared teacher of `--seeds` depends on (it is trained with the first seed).
+TEACHER_SETTINGS = (
+    "dataset",
+    "smoke",
+    "model_preset",
+    "seed",
+    "stage1_crop_min_scale",
+    "batch_size",
+    "base_learning_rate",
+    "pretrain_steps",
+    "projector_hidden_size",
+    "projection_size",
+)
+
+
+def check_pretraining_settings(
+    output_dir: str, settings: dict, keys: tuple[str, ...] = PRETRAINING_SETTINGS, name: str = "pretraining_settings"
+) -> None:
     """Records the pre-training settings in `output_dir`, or refuses to reuse a folder trained under other ones."""
-    wanted = {key: settings[key] for key in PRETRAINING_SETTINGS}
-    path = os.path.join(output_dir, "pretraining_settings.json")
+    wanted = {key: settings[key] for key in keys}
+    path = os.path.join(output_dir, f"{name}.json")
     stored = load_state(path)
     if stored is not None and stored != wanted:
         changed = sorted(key for key in wanted if stored.get(key) != wanted[key])
@@ -736,6 +809,47 @@ def seed_summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def compare_with_seed_spread(summary: dict) -> list[dict]:
+    """MimCo's mean against each row of `COMPARED_ROWS`, metric by metric: the difference of the means and whether
+    it is larger than the two rows' seed standard deviations added (a conservative reading of a few seeds: a
+    difference inside that spread could come from the seed alone)."""
+    rows = summary["rows"]
+    mimco = rows.get("mimco")
+    comparisons = []
+    if mimco is None:
+        return comparisons
+    for other in COMPARED_ROWS:
+        for metric in SEED_METRICS:
+            ours, theirs = mimco.get(metric), rows.get(other, {}).get(metric)
+            if ours is None or theirs is None:
+                continue
+            difference, seed_spread = ours["mean"] - theirs["mean"], ours["std"] + theirs["std"]
+            comparisons.append(
+                {
+                    "row": other,
+                    "metric": metric,
+                    "difference": difference,
+                    "seed_spread": seed_spread,
+                    "larger_than_spread": abs(difference) > seed_spread,
+                }
+            )
+    return comparisons
+
+
+def comparison_table(comparisons: list[dict]) -> str:
+    """Markdown: MimCo minus each other row, in points, against the two rows' seed standard deviations added."""
+    lines = [
+        "| MimCo student against | metric | difference (points) | seed spread (std + std) | larger than the spread? |",
+        "|---|---|---:|---:|---|",
+    ]
+    for item in comparisons:
+        lines.append(
+            f"| {ROW_KINDS[item['row']][0]} | {item['metric']} | {100 * item['difference']:+.1f} "
+            f"| {100 * item['seed_spread']:.1f} | {'yes' if item['larger_than_spread'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def write_tsne(args, state: dict, data, features_dir: str, path: str) -> str | None:
     import torch
 
@@ -808,15 +922,23 @@ def write_model_card(args, state: dict, student_dir: str, results_dir: str) -> s
 def start_results(args, results_path: str) -> tuple[dict, dict]:
     """The results state to continue (or a fresh one when the settings changed) and the step plan; both written."""
     state = load_state(results_path)
-    # the plan: reuse a stored one for the same budget, so that a rerun trains the same number of steps
-    plan = None
-    if state is not None and state.get("settings", {}).get("budget_minutes") == args.budget_minutes:
+    # the plan: the first seed's (`--seeds`), or a stored one for the same budget, so that a rerun trains the same
+    # number of steps
+    plan = getattr(args, "plan", None)
+    if plan is None and state is not None and state.get("settings", {}).get("budget_minutes") == args.budget_minutes:
         plan = state.get("plan")
-    if args.pretrain_steps is not None:
+        if args.pretrain_steps is not None and (plan or {}).get("pretrain_steps") != args.pretrain_steps:
+            plan = None
+    if plan is None and args.pretrain_steps is not None:
         plan = {"pretrain_steps": args.pretrain_steps, "source": "--pretrain_steps"}
+        if COMPUTE_MATCHED_ROW in wanted_rows(args):
+            log("Timing a few pre-training steps of each objective for the compute-matched pixel-MIM row ...")
+            seconds = time_pretraining_steps(args)
+            plan["measured_seconds_per_step"] = {k: round(v, 4) for k, v in seconds.items()}
+            plan["matched_pixel_mim_steps"] = compute_matched_steps(args.pretrain_steps, seconds)
     if plan is None:
         log("Timing a few pre-training steps of each objective to size the run ...")
-        plan = plan_steps(args, time_pretraining_steps(args))
+        plan = plan_steps(args, time_pretraining_steps(args), len(args.seeds or [args.seed]))
         plan["source"] = f"--budget_minutes {args.budget_minutes:g}"
     settings = settings_of(args, plan)
     if state is not None and state.get("settings") != settings:
@@ -834,8 +956,8 @@ def pretrain_row(args, key: str, steps: int) -> tuple[float | None, bool]:
     """Pre-trains one row into `OUTPUT_DIR/<key>` unless its final model is there; returns the pre-training's wall
     time (kept beside the checkpoints, so a rerun still knows it) and whether it resumed from a checkpoint."""
     name, kind, overrides = ROW_KINDS[key]
-    row_dir = os.path.join(args.output_dir, key)
-    teacher_dir = os.path.join(args.output_dir, "teacher")
+    row_dir = row_directory(args, key)
+    teacher_dir = teacher_directory(args)
     row_start = time.perf_counter()
     resumed = False
     timing_file = os.path.join(row_dir, PRETRAINING_TIME_NAME)
@@ -867,8 +989,15 @@ def run_row(args, key: str, state: dict, splits: list, results_path: str, start:
     if key in state["rows"]:
         log(f"{name}: already in {results_path}, skipped.")
         return False
-    steps = state["settings"]["pretrain_steps"]
-    row_dir = os.path.join(args.output_dir, key)
+    shared = getattr(args, "shared_rows", {}).get(key)
+    if shared is not None:
+        # the teacher of `--seeds` is one model: trained and evaluated with the first seed, its results reused
+        state["rows"][key] = shared
+        write_json(results_path, state)
+        log(f"{name}: shared by every seed, results of seed {shared['trained_with_seed']} reused.")
+        return True
+    steps = row_steps(state["settings"], key)
+    row_dir = row_directory(args, key)
     log(f"{name}: pre-training ({kind}) ...")
     pretraining_seconds, resumed = pretrain_row(args, key, steps)
     log(f"{name}: frozen-feature evaluation ...")
@@ -882,6 +1011,7 @@ def run_row(args, key: str, state: dict, splits: list, results_path: str, start:
         row["finetune_top1"] = finetune_top1(args, row_dir, os.path.join(args.output_dir, "finetune", key))
         set_threads(args)
     trained = kind not in UNTRAINED_KINDS
+    row["trained_with_seed"] = args.seed
     row.update(
         pretraining_steps=steps if trained else 0,
         pretraining_epochs=round(steps * args.batch_size / state["num_pretraining_images"], 2) if trained else 0,
@@ -942,6 +1072,10 @@ def run_one_seed(args) -> dict:
     )
 
     check_pretraining_settings(args.output_dir, state["settings"])
+    if state["settings"]["shared_teacher"] and "teacher" not in getattr(args, "shared_rows", {}):
+        # this seed trains the teacher that the others share: beside the seeds' folders, with its own record
+        root = os.path.dirname(teacher_directory(args))
+        check_pretraining_settings(root, state["settings"], TEACHER_SETTINGS, "teacher_settings")
     splits = load_evaluation_splits(args)
     wanted = [key for key in RUN_ORDER if args.rows is None or key in args.rows]
     ran = [key for key in wanted if run_row(args, key, state, splits, results_path, start)]
@@ -951,21 +1085,27 @@ def run_one_seed(args) -> dict:
 
 
 def run_seeds(args) -> dict:
-    """`--seeds`: one full run per pre-training seed (same step plan, same evaluation subsets), then the mean ± std
-    table over the seeds, written to `RESULTS_DIR/seed_summary.json` and `.md`."""
-    states = {}
-    plan_steps_of_first = args.pretrain_steps
+    """`--seeds`: one full run per pre-training seed (same step plan, same evaluation subsets) in `seed-<S>` folders,
+    with one teacher for all of them (stage 1 is most of the cost; trained and evaluated with the first seed), then
+    the mean ± std table over the seeds and the comparisons of MimCo with the other rows against the seed spread,
+    written to `RESULTS_DIR/seed_summary.json` and `.md`."""
+    states: dict[int, dict] = {}
+    plan, shared_rows = None, {}
     for seed in args.seeds:
         seed_args = argparse.Namespace(**vars(args))
-        seed_args.seed, seed_args.pretrain_steps = seed, plan_steps_of_first
+        seed_args.seed, seed_args.plan, seed_args.shared_rows = seed, plan, dict(shared_rows)
+        seed_args.teacher_dir = os.path.join(args.output_dir, "teacher")
         seed_args.output_dir = os.path.join(args.output_dir, f"seed-{seed}")
         seed_args.results_dir = os.path.join(args.results_dir, f"seed-{seed}")
         log(f"=== pre-training seed {seed} ({len(states) + 1} of {len(args.seeds)}) ===")
         states[seed] = run_one_seed(seed_args)
-        # the later seeds train the step count the first one planned, so the seeds are comparable
-        plan_steps_of_first = states[seed]["settings"]["pretrain_steps"]
+        # the later seeds train the step counts the first one planned, so the seeds are comparable
+        plan = states[seed]["plan"]
+        if "teacher" in states[seed]["rows"]:
+            shared_rows.setdefault("teacher", states[seed]["rows"]["teacher"])
     summary = seed_summary(states)
-    summary["table_markdown"] = seed_summary_table(summary)
+    summary["comparisons"] = compare_with_seed_spread(summary)
+    summary["table_markdown"] = seed_summary_table(summary) + "\n\n" + comparison_table(summary["comparisons"])
     summary["settings"] = {k: v for k, v in states[args.seeds[0]]["settings"].items() if k != "seed"}
     write_json(os.path.join(args.results_dir, "seed_summary.json"), summary)
     with open(os.path.join(args.results_dir, "seed_summary.md"), "w") as handle:
