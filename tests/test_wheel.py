@@ -30,6 +30,7 @@ COMMANDS = (
     "mimco-convert",
     "mimco-card",
     "mimco-push",
+    "mimco-make-shards",
 )
 
 

@@ -10,6 +10,7 @@
 |                     |                                | MimCo to a stock transformers ViT (`--to vit`)      |
 | `mimco-card`        | `make_model_card`              | the model card (README.md) of a checkpoint folder   |
 | `mimco-push`        | `push_to_hub`                  | upload a checkpoint folder to the Hub               |
+| `mimco-make-shards` | `make_shards`                  | a class-folder tree as WebDataset shards            |
 
 Each module has a library function that takes the argument dataclasses in the parser's order and returns what the
 command produced (e.g. `run_pretraining.run_pretraining(model_args, data_args, training_args)`), for callers in

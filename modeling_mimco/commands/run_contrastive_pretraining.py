@@ -111,7 +111,12 @@ def build_data(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """This process's share of the training images, each turned into two augmented views."""
     dataset, image_column = load_training_images(
-        data_args, backbone.image_size, accelerator.process_index, accelerator.num_processes, training_args.seed
+        data_args,
+        backbone.image_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        training_args.seed,
+        num_workers=training_args.dataloader_num_workers,
     )
     transform_1, transform_2 = build_contrastive_transforms(
         backbone.image_size,

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import datasets
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 from transformers import HfArgumentParser, set_seed
 
 from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoModel
@@ -26,7 +28,13 @@ from modeling_mimco.data.sources import DataArguments, load_training_images
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.interop.model_folders import save_image_processor
 from modeling_mimco.training.arguments import PreTrainingArguments
-from modeling_mimco.training.loop import TrainingResult, create_accelerator, train
+from modeling_mimco.training.loop import (
+    TrainingResult,
+    build_dataloader,
+    create_accelerator,
+    stream_batches,
+    train,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -121,10 +129,10 @@ def load_student_weights(model: MimCoForPreTraining, model_name_or_path: str) ->
         )
 
 
-def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
-    """The student of `model_args`' shape and objective, with its frozen teacher loaded."""
+def build_config(model_args: ModelArguments) -> MimCoConfig:
+    """The student's config: `model_args`' shape and objective."""
     backbone = student_backbone_kwargs(model_args)
-    config = MimCoConfig(
+    return MimCoConfig(
         **backbone,
         drop_path_rate=model_args.drop_path_rate,
         mask_strategy=model_args.mask_strategy,
@@ -139,6 +147,11 @@ def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
         image_loss_weight=model_args.image_loss_weight,
         teacher_autocast=model_args.teacher_autocast,
     )
+
+
+def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
+    """The student of `model_args`' shape and objective, with its frozen teacher loaded."""
+    config = build_config(model_args)
     try:
         model = MimCoForPreTraining.from_teacher(
             model_args.teacher_name_or_path, config, trust_remote_code=model_args.trust_remote_code
@@ -160,12 +173,63 @@ def build_data(
     accelerator: Accelerator,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, MimCoPretrainingCollator]:
     """This process's share of the training images and the collator that batches them (with masks)."""
+    return _data_for_process(
+        model_args, data_args, training_args, config, accelerator.process_index, accelerator.num_processes
+    )
+
+
+def _data_for_process(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: MimCoPreTrainingArguments,
+    config: MimCoConfig,
+    process_index: int,
+    num_processes: int,
+) -> tuple[datasets.Dataset | datasets.IterableDataset, MimCoPretrainingCollator]:
     dataset, image_column = load_training_images(
-        data_args, config.image_size, accelerator.process_index, accelerator.num_processes, training_args.seed
+        data_args,
+        config.image_size,
+        process_index,
+        num_processes,
+        training_args.seed,
+        num_workers=training_args.dataloader_num_workers,
     )
     return build_pretraining_pipeline(
         dataset, image_column, config, model_args.crop_min_scale, model_args.horizontal_flip
     )
+
+
+def training_stream_keys(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: MimCoPreTrainingArguments,
+    process_index: int | None = None,
+    num_processes: int | None = None,
+    epoch: int = 0,
+    start_batch: int = 0,
+) -> Iterator[list[str]]:
+    """The sample names (`__key__`) of each batch that process `process_index` of `num_processes` trains on in
+    `epoch` of a `--streaming` run on WebDataset shards, from batch `start_batch` on (a run resumed mid-epoch starts
+    at its checkpoint's `batches_done_in_epoch`).
+
+    The stream is built as `run_pretraining` builds it: the same sources, process split, example transform,
+    collator and DataLoader (with `--dataloader_num_workers` workers, each reading its own shards), and the loop's
+    `stream_batches`; only the model is left out. Without `process_index` / `num_processes`, those of the launch
+    (`accelerate launch`'s environment) are used.
+    """
+    if not data_args.streaming:
+        raise ValueError("training_stream_keys lists the batches of a --streaming run.")
+    if process_index is None or num_processes is None:
+        # as the Accelerator of a run reads it: `ACCELERATE_USE_CPU=1` makes CPU processes one gloo group
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        process_index, num_processes = state.process_index, state.num_processes
+    config = build_config(model_args)
+    dataset, collator = _data_for_process(model_args, data_args, training_args, config, process_index, num_processes)
+    dataloader, _ = build_dataloader(training_args, dataset, collator)
+    for batch in stream_batches(dataloader, dataset, training_args.seed, epoch, start_batch):
+        if "keys" not in batch and len(batch["pixel_values"]):  # a batch of unreadable images only has none
+            raise ValueError("The stream's samples have no names: training_stream_keys needs WebDataset shards.")
+        yield batch.get("keys", [])
 
 
 def warn_about_accumulation(training_args: MimCoPreTrainingArguments, config: MimCoConfig) -> None:

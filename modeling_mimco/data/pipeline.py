@@ -61,6 +61,11 @@ logger = logging.getLogger(__name__)
 UNREADABLE_KEY = "unreadable_image"
 """Key of the per-example marker: `None` for a readable image, else the file name (or a description) of the bad one."""
 
+KEY_COLUMN = "__key__"
+"""Column of a WebDataset sample's name (`sources.load_image_dataset` keeps it). The example transforms pass it on
+as `"key"` and the collators list the readable examples' keys as the batch's `"keys"`, so that which images a batch
+holds can be told (`commands.run_pretraining.training_stream_keys`)."""
+
 ROW_INDEX_COLUMN = "__mimco_row_index__"
 """Column that `apply_example_transform` adds to a map-style dataset: each example's row in the loaded data, so that
 an unreadable image without a file name can be named by its row."""
@@ -114,10 +119,14 @@ class _ExampleTransform:
             output = {key: [item[key] for item in processed] for key in (*self.pixel_keys, UNREADABLE_KEY)}
             if self.label_column is not None:
                 output["labels"] = list(examples[self.label_column])
+            if KEY_COLUMN in examples:
+                output["key"] = list(examples[KEY_COLUMN])
             return output
         output = self._process(images, rows)
         if self.label_column is not None:
             output["labels"] = examples[self.label_column]
+        if KEY_COLUMN in examples:
+            output["key"] = examples[KEY_COLUMN]
         return output
 
     def describe_row(self, row: int | None) -> str | None:
@@ -281,6 +290,8 @@ of the readable examples as `"sample_seeds"`, the model's per-image seeds of sto
 def _add_sample_seeds(batch: dict[str, torch.Tensor], readable: list[dict[str, Any]]) -> None:
     if readable and SAMPLE_SEED_KEY in readable[0]:
         batch["sample_seeds"] = torch.tensor([example[SAMPLE_SEED_KEY] for example in readable], dtype=torch.long)
+    if readable and "key" in readable[0]:
+        batch["keys"] = [example["key"] for example in readable]  # names of WebDataset samples, row by row
 
 
 class MimCoPretrainingCollator:
@@ -302,6 +313,7 @@ class MimCoPretrainingCollator:
         - `"labels"`: long `(B,)`, only when the examples carry labels.
         - `"sample_seeds"`: long `(B,)`, the per-image seeds, when the examples carry them (the training loop's
           seeded batches add them).
+        - `"keys"`: the B readable examples' sample names, when they carry one (WebDataset shards, `KEY_COLUMN`).
         - `"num_skipped"`: 0-dim long tensor, the number of unreadable examples dropped from this batch.
 
         When every example is unreadable, B is 0; the training loop should skip such a batch.
@@ -443,6 +455,7 @@ def pretraining_collator(config: MimCoConfig) -> MimCoPretrainingCollator:
 
 
 __all__ = [
+    "KEY_COLUMN",
     "ROW_INDEX_COLUMN",
     "SAMPLE_SEED_KEY",
     "UNREADABLE_KEY",

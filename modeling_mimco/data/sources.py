@@ -4,14 +4,14 @@
   `--train_split`, `--image_column`, `--max_train_samples`); `DataArguments` (pre-training) and
   `LabelledDataArguments` (fine-tuning, frozen-feature evaluation) extend it.
 - `load_image_dataset`: one split from a Hub dataset or local dataset folder, a folder of class sub-folders, parquet
-  files, or the built-in digits (`digits.load_digits_dataset`), optionally streaming. It checks local parquet files by name,
+  files, WebDataset `.tar` shards (`webdataset.py`), or the built-in digits (`digits.load_digits_dataset`), optionally streaming. It checks local parquet files by name,
   warns about the symbolic links a class folder drops silently (`find_skipped_links`), and remembers which parquet
   file each row came from, so that `data.apply_example_transform` can name an unreadable image by its row.
 - `resolve_image_column` / `resolve_label_column`, `disable_image_decoding` (images stay `{"bytes", "path"}` records
   until `decoding.decode_image`), `shard_for_process` (a stream split between processes).
 - `load_training_images` (pre-training) and `load_classification_splits` (a labelled train and evaluation split).
 
-Imports only `digits` and `errors`; the augmentations and collators that consume these datasets are in
+Imports only `digits`, `webdataset` (shards) and `errors`; the augmentations and collators that consume these datasets are in
 `transforms.py` and `pipeline.py`.
 """
 
@@ -33,6 +33,12 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.table import list_table_cache_files
 
 from modeling_mimco.data.digits import DIGITS_DATASET, load_digits_dataset
+from modeling_mimco.data.webdataset import (
+    check_shard_files,
+    check_shards_for_workers,
+    data_files_format,
+    webdataset_columns,
+)
 from modeling_mimco.errors import one_line
 
 
@@ -54,7 +60,13 @@ class ImageSourceArguments:
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
     train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files with an image column."})
+    data_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Parquet files with an image column, or WebDataset .tar shards (KEY.jpg + KEY.cls samples); "
+            "globs and brace ranges such as 'shards/train-{000000..000099}.tar'."
+        },
+    )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     image_column: str | None = field(default=None, metadata={"help": "Image column; found automatically if unset."})
     max_train_samples: int | None = field(
@@ -126,11 +138,17 @@ class LabelledDataArguments(ImageSourceArguments):
 
 
 def load_training_images(
-    data_args: DataArguments, image_size: int, process_index: int = 0, num_processes: int = 1, seed: int = 42
+    data_args: DataArguments,
+    image_size: int,
+    process_index: int = 0,
+    num_processes: int = 1,
+    seed: int = 42,
+    num_workers: int = 0,
 ):
     """Loads the training split of `data_args` with undecoded images; returns `(dataset, image_column)`.
 
-    `seed` draws the `--max_train_samples` subset."""
+    `seed` draws the `--max_train_samples` subset. A stream of WebDataset shards must give every one of the
+    `num_processes` x `num_workers` DataLoader workers whole shards (`check_shards_for_workers`)."""
     dataset = load_image_dataset(
         **data_args.source_kwargs(),
         split=data_args.train_split,
@@ -146,8 +164,15 @@ def load_training_images(
             subset = np.random.default_rng(seed).permutation(len(dataset))[: data_args.max_train_samples]
             dataset = dataset.select(np.sort(subset))
     dataset = disable_image_decoding(dataset, image_column)
+    if isinstance(dataset, datasets.IterableDataset) and is_webdataset(data_args.data_files):
+        check_shards_for_workers(dataset.num_shards, num_processes, num_workers)
     dataset = shard_for_process(dataset, process_index, num_processes)
     return dataset, image_column
+
+
+def is_webdataset(data_files) -> bool:
+    """Whether `--data_files` names WebDataset `.tar` shards (a mix with other files raises `ShardError`)."""
+    return data_files is not None and data_files_format(data_files) == "webdataset"
 
 
 @dataclass
@@ -343,8 +368,11 @@ def load_image_dataset(
       builder; class names become a `ClassLabel` `"label"` column. Every image is in the split `"train"`, whatever
       its file name; sub-folders named after splits (`train_dir/train/<class>/...`, `train_dir/val/<class>/...`)
       give those splits instead (`folder_data_files`).
-    - `data_files`: parquet file(s) or glob(s), read with the `"parquet"` builder. A list or a string gives the single
-      split `"train"`; a dict maps split names to files.
+    - `data_files`: parquet file(s) or glob(s), read with the `"parquet"` builder, or WebDataset `.tar` shards (names,
+      globs, brace ranges such as `train-{000000..000099}.tar`), read with the `"webdataset"` builder: each sample's
+      image field (`jpg`, `png`, ...) becomes the `"image"` column, its `cls` the `"label"` column, and `__key__`
+      (the sample's name) is kept. A list or a string gives the single split `"train"`; a dict maps split names to
+      files. A missing shard, or shards mixed with parquet files, raise `ValueError` in one line.
     - none of them, or `dataset_name="digits"`: `load_digits_dataset(split, digits_image_size)`.
 
     Args:
@@ -376,7 +404,7 @@ def load_image_dataset(
     parquet_files = None
     if dataset_name is not None and os.path.isdir(dataset_name):  # a local dataset folder; the Hub is not looked into
         parquet_files = _checked_parquet_files(path, kwargs, source, **hub_kwargs)
-    elif data_files is not None:
+    elif data_files is not None and path == "parquet":
         parquet_files = _checked_parquet_files(path, kwargs, "--data_files", **hub_kwargs)
     elif train_dir is not None and report_skipped_links:
         _warn_about_skipped_links(train_dir)
@@ -395,6 +423,10 @@ def load_image_dataset(
         raise ValueError(f"Split {split!r} does not exist in {source}; available splits: {available}.") from err
     if parquet_files is not None and isinstance(dataset, datasets.Dataset):
         _remember_row_sources(dataset, parquet_files.get(str(split)))
+    if path == "webdataset":
+        renames = webdataset_columns(dataset.column_names or [])
+        if renames:
+            dataset = dataset.rename_columns(renames)
     return dataset
 
 
@@ -421,6 +453,9 @@ def _builder_for_source(
         if not os.path.isdir(train_dir):
             raise ValueError(f"--train_dir {train_dir!r} is not a directory.")
         return "imagefolder", {"data_files": folder_data_files(train_dir)}, f"--train_dir {train_dir!r}"
+    if data_files_format(data_files) == "webdataset":
+        # brace ranges expanded and every local shard checked here: datasets knows globs only
+        return "webdataset", {"data_files": check_shard_files(data_files)}, f"--data_files {data_files!r}"
     return "parquet", {"data_files": data_files}, f"--data_files {data_files!r}"
 
 

@@ -129,7 +129,7 @@ def only_batch(batches: list[dict]) -> dict:
     return batches[0]
 
 
-def _build_dataloader(
+def build_dataloader(
     args: PreTrainingArguments, train_dataset, collator: Callable
 ) -> tuple[DataLoader, SeededBatches | None]:
     """The run's DataLoader: shuffled `SeededBatches` for a dataset with a length, else the stream in order."""
@@ -150,6 +150,26 @@ def _build_dataloader(
         drop_last=not streaming,
     )
     return dataloader, seeded_dataset
+
+
+def stream_seed(seed: int, epoch: int) -> int:
+    """The seed of a stream's DataLoader generator in one epoch, from which its workers' RNGs are seeded."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def stream_batches(dataloader: DataLoader, train_dataset, seed: int, epoch: int, start_batch: int = 0) -> Iterator:
+    """One epoch of a stream's batches (on the CPU), from batch `start_batch` on: what the loop trains on.
+
+    A stream has no index to seek to, so a run resumed mid-epoch reads the epoch's first `start_batch` batches again
+    and drops them: the DataLoader's workers hand out batches in a fixed round-robin order and each reads its own
+    shards in order, so the batches that follow are those the uninterrupted run saw. Seeding the generator per epoch
+    (`stream_seed`) gives the workers the RNG states of the uninterrupted run's epoch too, and the dropped batches
+    draw their augmentations and masks as they did, so the following ones are augmented and masked alike.
+    """
+    if hasattr(train_dataset, "set_epoch"):
+        train_dataset.set_epoch(epoch)
+    dataloader.generator.manual_seed(stream_seed(seed, epoch))
+    yield from itertools.islice(dataloader, start_batch, None)
 
 
 def _count_steps(args: PreTrainingArguments, train_dataset, num_processes: int) -> tuple[int, int | None]:
@@ -417,7 +437,7 @@ def _set_up(
 ) -> tuple[_Run, TrainingState]:
     """Everything before the first step: data, optimizer, schedule, `accelerator.prepare`, resume, trackers, banner."""
     streaming = not hasattr(train_dataset, "__len__")
-    dataloader, seeded_dataset = _build_dataloader(args, train_dataset, collator)
+    dataloader, seeded_dataset = build_dataloader(args, train_dataset, collator)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     learning_rate = args.learning_rate * global_batch / 256
     optimizer = build_adamw(model, learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
@@ -551,10 +571,11 @@ def _train_epoch(run: _Run, state: TrainingState, preemption: _Preemption) -> No
 def _epoch_batches(run: _Run, state: TrainingState) -> Iterator[dict]:
     """The current epoch's batches on the device, from the first one the run has not trained on yet."""
     if run.seeded_dataset is None:
-        if hasattr(run.train_dataset, "set_epoch"):
-            run.train_dataset.set_epoch(state.epoch)
         device = run.accelerator.device
-        for batch in itertools.islice(run.dataloader, state.batches_done_in_epoch, None):
+        batches = stream_batches(
+            run.dataloader, run.train_dataset, run.args.seed, state.epoch, state.batches_done_in_epoch
+        )
+        for batch in batches:
             yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return
     run.seeded_dataset.epoch = state.epoch
@@ -684,8 +705,11 @@ __all__ = [
     "SeededBatches",
     "TrainingDivergedError",
     "TrainingResult",
+    "build_dataloader",
     "create_accelerator",
     "only_batch",
     "sample_seed",
+    "stream_batches",
+    "stream_seed",
     "train",
 ]

@@ -1,0 +1,60 @@
+"""Write a folder of class sub-folders (ImageNet's `train/<wnid>/<image>.JPEG`) as WebDataset shards: the
+`mimco-make-shards` command.
+
+Each shard `OUTPUT/train-NNNNNN.tar` holds samples `KEY.jpg` (the file's bytes, not re-encoded) + `KEY.cls` (the
+class index, classes in sorted order, listed in `OUTPUT/classes.txt`), spread round-robin so that every shard holds
+every class. The command prints the `--data_files` pattern to train on, e.g. `OUTPUT/train-{000000..000099}.tar`.
+
+Example:
+
+```bash
+mimco-make-shards --train_dir /data/imagenet/train --output_dir /data/shards --num_shards 128
+```
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.data.webdataset import shard_pattern, write_shards
+
+
+@dataclass
+class ShardArguments:
+    """What to write as shards, and how many."""
+
+    train_dir: str = field(metadata={"help": "A folder with one sub-folder per class."})
+    output_dir: str = field(metadata={"help": "Where the shards go."})
+    shard_size: int = field(default=1000, metadata={"help": "Images per shard (unless --num_shards is given)."})
+    num_shards: int | None = field(
+        default=None,
+        metadata={"help": "Exactly this many shards; a multiple of processes x DataLoader workers splits evenly."},
+    )
+    prefix: str = field(default="train", metadata={"help": "Shard names: PREFIX-000000.tar, ..."})
+
+
+def make_shards(args: ShardArguments) -> str:
+    """Writes the shards and returns the brace pattern that names them for `--data_files`."""
+    paths = write_shards(args.train_dir, args.output_dir, args.shard_size, args.prefix, args.num_shards)
+    return shard_pattern(paths)
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> str:
+    (args,) = HfArgumentParser(ShardArguments).parse_args_into_dataclasses(args=argv)
+    pattern = make_shards(args)
+    print(f"Wrote {pattern}; train with --data_files '{pattern}' --streaming")
+    return pattern
+
+
+def cli() -> int:
+    """The `mimco-make-shards` console command."""
+    return run_command(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
