@@ -459,15 +459,52 @@ def test_the_card_reads_a_segmentation_eval_file(tmp_path, tiny_mimco_config):
         model_card.load_results(results_file)
 
 
-# --- the dense-transfer study ------------------------------------------------------------------------------------------
+# --- the README's commands ------------------------------------------------------------------------------------------
+
+
+def readme_segmentation_commands() -> list[list[str]]:
+    """The command lines of the README's segmentation block (continuations joined, comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- segmentation commands:.*?-->\n```bash\n(.*?)```", text, re.DOTALL).group(1)
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [line.split() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_readme_block_holds_the_three_commands():
+    programs = [command[0] if command[0] != "accelerate" else command[5] for command in readme_segmentation_commands()]
+    assert programs == ["mimco-segment", "scripts/run_semantic_segmentation.py", "python"]
+
+
+@needs_backbone
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 1])
+def test_the_readme_segmentation_commands_run(tmp_path, tiny_mimco_config, index):
+    """Each `mimco-segment` line of the README, as printed, with tiny overrides appended (the last value of a flag
+    wins): a tiny checkpoint, the digit canvases instead of ADE20K (10 classes once --reduce_labels drops the
+    background), a few steps."""
+    command = readme_segmentation_commands()[index]
+    arguments = command[command.index("scripts/run_semantic_segmentation.py") + 1 :] if index == 1 else command[1:]
+    overrides = ["--model_name_or_path", str(tiny_checkpoint(tmp_path, tiny_mimco_config))]
+    overrides += ["--output_dir", str(tmp_path / "out"), *TINY_RUN]
+    if index == 1:
+        overrides += ["--dataset_name", "digit-canvas", "--num_labels", "10"]
+    process = run_segment(arguments + overrides, tmp_path)
+    assert process.returncode == 0, process.stderr[-3000:]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert len(config["id2label"]) == (10 if index == 1 else 11)
+    assert (tmp_path / "out" / "eval_results.json").is_file()
 
 
 @pytest.mark.slow
-def test_dense_transfer_runs_every_row_with_tiny_settings(tmp_path):
+def test_the_readme_dense_transfer_command_runs_every_row_with_tiny_settings(tmp_path):
+    """The README's dense-transfer line, its flags as printed plus tiny settings appended."""
     from modeling_mimco.experiments import dense_transfer
 
+    command = readme_segmentation_commands()[2]
+    assert command[:2] == ["python", "scripts/dense_transfer.py"]
     report = dense_transfer.main(
-        [
+        command[2:]
+        + [
             "--output_dir", str(tmp_path / "dense"), "--seeds", "0", "1", "--pretrain_images", "32",
             "--train_images", "8", "--test_images", "8", "--stage1_steps", "1", "--stage2_steps", "1",
             "--batch_size", "8", "--head_epochs", "1", "--dataloader_num_workers", "0",
