@@ -5,6 +5,7 @@ Importing the package registers the MimCo classes with the Auto classes and mark
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
@@ -14,6 +15,7 @@ from transformers import (
 from .configuration_mimco import MimCoConfig, MimCoContrastiveConfig
 from .masking import MimCoMaskGenerator
 from .modeling_mimco import (
+    MimCoBackbone,
     MimCoForImageClassification,
     MimCoForPreTraining,
     MimCoForPreTrainingOutput,
@@ -31,13 +33,17 @@ AutoModel.register(MimCoConfig, MimCoModel, exist_ok=True)
 AutoModelForPreTraining.register(MimCoContrastiveConfig, MimCoForContrastivePreTraining, exist_ok=True)
 AutoModelForPreTraining.register(MimCoConfig, MimCoForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(MimCoConfig, MimCoForImageClassification, exist_ok=True)
+AutoBackbone.register(MimCoConfig, MimCoBackbone, exist_ok=True)
 
 MimCoConfig.register_for_auto_class()
 MimCoModel.register_for_auto_class("AutoModel")
 MimCoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 MimCoForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MimCoBackbone.register_for_auto_class("AutoBackbone")
+
 
 __all__ = [
+    "MimCoBackbone",
     "MimCoConfig",
     "MimCoContrastiveConfig",
     "MimCoForContrastivePreTraining",

@@ -7,6 +7,7 @@ import numbers
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 
 IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
@@ -65,7 +66,7 @@ class MimCoRemoteTeacherConfig(PreTrainedConfig):
 
 
 @strict
-class MimCoConfig(PreTrainedConfig):
+class MimCoConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a MimCo Vision Transformer and of its masked-image pre-training with a contrastive teacher.
 
@@ -121,6 +122,19 @@ class MimCoConfig(PreTrainedConfig):
         teacher_autocast (`str`, *optional*): `"bf16"` runs the frozen teacher under bfloat16 autocast while the
             student keeps its own precision (e.g. fp32); its targets are cast back before the losses, which
             L2-normalise them. `None` (default): the teacher runs in the student's precision.
+        out_features (`list[str]`, *optional*): The stages whose output `MimCoBackbone` returns, among
+            `stage_names`: `"stem"` (the embeddings) and `"stage1"` ... `"stage{num_hidden_layers}"` (the blocks'
+            outputs). Defaults to the last stage; set with `out_indices`, both must name the same stages.
+        out_indices (`list[int]`, *optional*): The same stages as indices into `stage_names` (negative ones count
+            from the end).
+        apply_layernorm (`bool`, defaults to `True`): `MimCoBackbone` normalises each returned stage with the
+            encoder's final LayerNorm.
+        reshape_hidden_states (`bool`, defaults to `True`): `MimCoBackbone` returns each stage as a map `(batch_size,
+            hidden_size, height / patch_size, width / patch_size)` of its patch tokens; `False` returns the tokens
+            `(batch_size, 1 + num_patches, hidden_size)`, CLS first.
+        use_feature_pyramid (`bool`, defaults to `False`): `MimCoBackbone` turns its 4 stages (exactly 4
+            `out_features`) into a simple feature pyramid for dense decoders such as UperNet: maps at 4x, 2x, 1x and
+            1/2x the patch grid, in that order (ViTDet, BEiT's FPN).
 
     Example:
 
@@ -176,7 +190,20 @@ class MimCoConfig(PreTrainedConfig):
     teacher_image_std: list[float] | tuple[float, ...] | float | None = None
     teacher_autocast: str | None = None
 
+    # `MimCoBackbone` (transformers' backbone convention; `out_features` / `out_indices` are set in `__post_init__`)
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+    apply_layernorm: bool = True
+    reshape_hidden_states: bool = True
+    use_feature_pyramid: bool = False
+
     def __post_init__(self, **kwargs):
+        # derived from the depth; a saved `stage_names` (written by `to_dict`) is not read back
+        kwargs.pop("stage_names", None)
+        self.stage_names = ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_features=kwargs.pop("out_features", None), out_indices=kwargs.pop("out_indices", None)
+        )
         channels = self.num_channels
         self.image_mean = _per_channel("image_mean", self.image_mean, channels, IMAGENET_DEFAULT_MEAN)
         self.image_std = _per_channel("image_std", self.image_std, channels, IMAGENET_DEFAULT_STD)
@@ -250,6 +277,7 @@ class MimCoConfig(PreTrainedConfig):
                 )
             if name.endswith("_std") and any(v <= 0 for v in values):
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        check_feature_pyramid(self)
         if self.teacher_config is not None:
             for name in ("hidden_size", "patch_size"):
                 if getattr(self.teacher_config, name, None) is None:
@@ -289,6 +317,21 @@ class MimCoConfig(PreTrainedConfig):
             "mask_patch_size",
         )
         return MimCoConfig(**{name: getattr(self, name) for name in backbone_fields})
+
+
+def check_feature_pyramid(config: MimCoConfig) -> None:
+    """A `ValueError` unless `use_feature_pyramid` has what it needs: exactly 4 `out_features` (one per level) and
+    feature maps rather than token sequences (`reshape_hidden_states`)."""
+    if not config.use_feature_pyramid:
+        return
+    out_features = list(config.out_features or [])
+    if len(out_features) != 4:
+        raise ValueError(
+            f"`use_feature_pyramid` needs exactly 4 `out_features` (the stages of its 4x, 2x, 1x and 1/2x maps, e.g. "
+            f"['stage3', 'stage6', 'stage9', 'stage12'] for 12 blocks), got {len(out_features)}: {out_features}."
+        )
+    if not config.reshape_hidden_states:
+        raise ValueError("`use_feature_pyramid` needs `reshape_hidden_states=True`: the pyramid is built from maps.")
 
 
 def _per_channel(name: str, value, num_channels: int, default: list[float] | None = None) -> list[float]:
@@ -471,5 +514,6 @@ __all__ = [
     "MODEL_PRESETS",
     "MimCoConfig",
     "MimCoContrastiveConfig",
+    "check_feature_pyramid",
     "preset_backbone_kwargs",
 ]

@@ -1,5 +1,6 @@
-"""PyTorch MimCo models: a ViT backbone, the masked-image student with its frozen contrastive teacher, and the
-image classifier. The stage-1 contrastive model that trains the teacher is in `modeling_mimco_contrastive.py`.
+"""PyTorch MimCo models: a ViT backbone, the masked-image student with its frozen contrastive teacher, the image
+classifier, and `MimCoBackbone`, the feature maps for dense decoders (`AutoBackbone`). The stage-1 contrastive model
+that trains the teacher is in `modeling_mimco_contrastive.py`.
 
 The backbone's weights map one-to-one onto timm's `VisionTransformer` (see `vit_checkpoints.py`):
 `embeddings.cls_token` is `cls_token`, `layers.{i}.attention.qkv` is `blocks.{i}.attn.qkv`, and so on. This file
@@ -18,13 +19,14 @@ from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_mimco import MimCoConfig, MimCoRemoteTeacherConfig
+from .configuration_mimco import MimCoConfig, MimCoRemoteTeacherConfig, check_feature_pyramid
 from .losses import compute_image_loss, compute_patch_loss, gather_tokens
 from .masking import MimCoMaskGenerator
 from .teacher import TeacherInputAdapter
@@ -444,7 +446,7 @@ class MimCoPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -931,6 +933,158 @@ class MimCoForImageClassification(MimCoPreTrainedModel):
         )
 
 
+class MimCoLayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a `(batch, channels, height, width)` map (as ViTDet's
+    pyramid): unlike BatchNorm, it does not depend on the batch, which dense fine-tuning keeps small per device."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class MimCoFeaturePyramid(nn.Module):
+    """A simple feature pyramid from four single-scale ViT maps (ViTDet; BEiT's `add_fpn`).
+
+    Each input is a `(batch, hidden_size, h, w)` map on the patch grid (`h = height / patch_size`). The first becomes
+    `(batch, hidden_size, 4h, 4w)` (two stride-2 transposed convolutions with a LayerNorm and GELU between them), the
+    second `(batch, hidden_size, 2h, 2w)` (one), the third is kept as it is, and the fourth is max-pooled to
+    `(batch, hidden_size, h // 2, w // 2)`.
+    """
+
+    def __init__(self, config: MimCoConfig):
+        super().__init__()
+        width = config.hidden_size
+        self.upsample_4x = nn.Sequential(
+            nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+            MimCoLayerNorm2d(width, eps=config.layer_norm_eps),
+            nn.GELU(),
+            nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+        )
+        self.upsample_2x = nn.ConvTranspose2d(width, width, kernel_size=2, stride=2)
+        self.downsample_2x = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Four patch-grid maps (shallowest stage first) to the maps at 4x, 2x, 1x and 1/2x the grid."""
+        return (
+            self.upsample_4x(feature_maps[0]),
+            self.upsample_2x(feature_maps[1]),
+            feature_maps[2],
+            self.downsample_2x(feature_maps[3]),
+        )
+
+
+class MimCoBackbone(BackboneMixin, MimCoPreTrainedModel):
+    """The MimCo encoder as a transformers backbone: the outputs of the `config.out_features` stages as feature maps,
+    for dense decoders (`UperNetForSemanticSegmentation`, DPT, ...) through `AutoBackbone` or `backbone_config`.
+
+    Stage `"stem"` is the embeddings, `"stageN"` the output of block N. Each returned stage is normalised by the
+    encoder's final LayerNorm (`config.apply_layernorm`) and, without its CLS token, reshaped to a map `(batch,
+    hidden_size, height / patch_size, width / patch_size)` (`config.reshape_hidden_states`). With
+    `config.use_feature_pyramid`, the 4 maps go through `MimCoFeaturePyramid` (4x, 2x, 1x, 1/2x the patch grid).
+
+    Loads the encoder of any MimCo checkpoint: a `MimCoModel` or classifier folder, or a stage-2 pre-training folder
+    whose teacher and heads are skipped; the pyramid's layers, which no such folder holds, start from
+    `_init_weights`. Inputs of any size whose sides are multiples of `patch_size` work: the position embeddings are
+    resampled to the input's patch grid.
+    """
+
+    # Besides a pre-training folder's teacher and heads, a classifier folder's head is not part of the backbone.
+    _keys_to_ignore_on_load_unexpected = [*MimCoPreTrainedModel._keys_to_ignore_on_load_unexpected, r"^classifier\."]
+
+    def __init__(self, config: MimCoConfig):
+        super().__init__(config)
+        # checked here too: `out_features` may have been changed on the config since it was validated
+        check_feature_pyramid(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.mimco = MimCoModel(config)
+        self.pyramid = MimCoFeaturePyramid(config) if config.use_feature_pyramid else None
+        self.post_init()
+        self.freeze_untrained_parameters()
+
+    def freeze_untrained_parameters(self) -> None:
+        super().freeze_untrained_parameters()
+        # Parameters that the backbone's forward never uses, frozen so that DDP without `find_unused_parameters`
+        # does not wait for their gradients: the mask token (a backbone never masks), the mean-pooling norm, and the
+        # final norm when the stages are returned unnormalised. They are kept so that every MimCo folder loads as is.
+        self.mimco.embeddings.mask_token.requires_grad_(False)
+        if self.mimco.pooler_norm is not None:
+            self.mimco.pooler_norm.requires_grad_(False)
+        if not self.config.apply_layernorm:
+            self.mimco.layernorm.requires_grad_(False)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images; `height` and `width` are multiples of `patch_size` (any, not only `image_size`).
+            output_hidden_states (`bool`, *optional*):
+                Also return the embeddings and every block's output, `(batch_size, 1 + num_patches, hidden_size)`
+                each, before any normalisation; or indices into them, the others then `None` (as `MimCoModel`).
+            output_attentions (`bool`, *optional*):
+                Also return each block's attention probabilities `(batch_size, num_heads, tokens, tokens)`.
+            return_dict (`bool`, *optional*):
+                `False` returns a tuple of the outputs that are not `None`.
+            kwargs: Accepted and ignored, as decoders may pass their backbone what other backbones take
+                (`interpolate_pos_encoding` among them: positions are always resampled to the input).
+
+        Returns:
+            `BackboneOutput`: `feature_maps`, one tensor per `out_features` stage in `stage_names` order: `(batch_size,
+            hidden_size, height / patch_size, width / patch_size)`; `(batch_size, 1 + num_patches, hidden_size)`
+            without `reshape_hidden_states`; with `use_feature_pyramid`, the 4 maps at 4x, 2x, 1x and 1/2x that grid.
+        """
+        if pixel_values is None:
+            raise ValueError("You have to specify `pixel_values`.")
+        config = self.config
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        return_dict = return_dict if return_dict is not None else config.return_dict
+
+        batch_size, _, height, width = pixel_values.shape
+        grid_height, grid_width = height // config.patch_size, width // config.patch_size
+        # Always resampled to the input's grid: at `image_size` that is the trained table itself, and dense tasks
+        # run at other sizes (512-pixel crops...) without a flag that a decoder would not know to pass.
+        hidden_state = self.mimco.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden_states = (hidden_state,)
+        attentions = () if output_attentions else None
+        for layer in self.mimco.layers:
+            hidden_state, attn_weights = layer(hidden_state, output_attentions)
+            hidden_states += (hidden_state,)
+            if output_attentions:
+                attentions += (attn_weights,)
+
+        feature_maps = ()
+        for stage, stage_output in zip(self.stage_names, hidden_states):
+            if stage not in self.out_features:
+                continue
+            if config.apply_layernorm:
+                stage_output = self.mimco.layernorm(stage_output)
+            if config.reshape_hidden_states:
+                # patch tokens in row-major grid order -> (batch, hidden_size, grid_height, grid_width)
+                stage_output = stage_output[:, 1:].transpose(1, 2)
+                stage_output = stage_output.reshape(batch_size, -1, grid_height, grid_width).contiguous()
+            feature_maps += (stage_output,)
+        if self.pyramid is not None:
+            feature_maps = self.pyramid(feature_maps)
+
+        # an index 0 selects the embeddings: only `None` and `False` mean "no hidden states"
+        returns_hidden_states = output_hidden_states is not None and output_hidden_states is not False
+        output = BackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=_select_hidden_states(hidden_states, output_hidden_states)
+            if returns_hidden_states
+            else None,
+            attentions=attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
 def _load_pixel_normalisation(name_or_path: str, **kwargs) -> tuple[list[float] | None, list[float] | None]:
     """The `image_mean`/`image_std` of a checkpoint's `preprocessor_config.json`, or `(None, None)` without one."""
     from transformers.image_processing_base import ImageProcessingMixin
@@ -950,12 +1104,15 @@ MIMCO_AUTO_MAP = {
     "AutoModel": "modeling_mimco.MimCoModel",
     "AutoModelForPreTraining": "modeling_mimco.MimCoForPreTraining",
     "AutoModelForImageClassification": "modeling_mimco.MimCoForImageClassification",
+    "AutoBackbone": "modeling_mimco.MimCoBackbone",
 }
 
 # Stage 1 lives in `modeling_mimco_contrastive.py`. Until every module imports it from there, its names still resolve
 # here; the module is looked up by name rather than by a `from .` import line, which would make `save_pretrained`
 # copy stage 1 into every stage-2 folder.
 __all__ = [
+    "MimCoBackbone",
+    "MimCoFeaturePyramid",
     "MimCoForImageClassification",
     "MimCoForPreTraining",
     "MimCoForPreTrainingOutput",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers.clean_process import run_without_package
 
-from modeling_mimco import MimCoConfig, MimCoForPreTraining
+from modeling_mimco import MimCoBackbone, MimCoConfig, MimCoForPreTraining
 
 
 CHILD_SCRIPT = textwrap.dedent(
@@ -97,3 +97,85 @@ def test_saved_folder_loads_as_remote_code_in_a_clean_process(tmp_path, teacher)
     assert torch.allclose(results["last_hidden_state"], expected_tokens, atol=1e-6)
     assert torch.allclose(results["loss"], expected_loss, atol=1e-6)
     assert results["logits_shape"] == [2, 4]
+
+
+BACKBONE_CHILD_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from huggingface_hub.errors import HFValidationError
+    from transformers import AutoBackbone, AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    inputs_path, results_path, *checkpoints = sys.argv[1:]
+    pixel_values = torch.load(inputs_path, weights_only=True)
+    results = {}
+    for checkpoint in checkpoints:
+        try:
+            backbone = AutoBackbone.from_pretrained(checkpoint, trust_remote_code=True)
+            route = "AutoBackbone.from_pretrained"
+        except HFValidationError:
+            # transformers 5.25 looks every path up on the Hub first, so a local folder of any model fails there;
+            # the class named by the folder's `auto_map`, from the folder's own code, is what it would load
+            config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
+            backbone_class = get_class_from_dynamic_module(config.auto_map["AutoBackbone"], checkpoint)
+            backbone = backbone_class.from_pretrained(checkpoint)
+            route = "auto_map class"
+        backbone.eval()
+        with torch.no_grad():
+            feature_maps = backbone(pixel_values).feature_maps
+        results[checkpoint] = {
+            "class": type(backbone).__name__,
+            "module": type(backbone).__module__,
+            "route": route,
+            "feature_maps": list(feature_maps),
+        }
+    torch.save(results, results_path)
+    """
+)
+
+
+@pytest.mark.slow
+def test_saved_backbone_loads_as_remote_code_in_a_clean_process(tmp_path):
+    """A saved `MimCoBackbone` (with its pyramid) and a stage-2 folder load with `AutoBackbone` and
+    `trust_remote_code` where the package cannot be imported."""
+    config = MimCoConfig(
+        image_size=32,
+        patch_size=4,
+        mask_patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        head_hidden_size=16,
+    )
+    torch.manual_seed(0)
+    pretraining = MimCoForPreTraining(config).eval()
+    pretraining.save_pretrained(tmp_path / "pretraining")
+    backbone = MimCoBackbone.from_pretrained(
+        tmp_path / "pretraining", out_features=["stage1", "stage2", "stage3", "stage4"], use_feature_pyramid=True
+    ).eval()
+    backbone.save_pretrained(tmp_path / "backbone")
+    saved_config = json.loads((tmp_path / "backbone" / "config.json").read_text())
+    assert saved_config["auto_map"]["AutoBackbone"] == "modeling_mimco.MimCoBackbone"
+    assert saved_config["use_feature_pyramid"] and saved_config["out_indices"] == [1, 2, 3, 4]
+
+    pixel_values = torch.randn(2, 3, 48, 32)  # not the config's 32x32: positions resampled
+    torch.save(pixel_values, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected_pyramid = backbone(pixel_values).feature_maps
+        expected_last_stage = MimCoBackbone.from_pretrained(tmp_path / "pretraining").eval()(pixel_values).feature_maps
+
+    checkpoints = [tmp_path / "backbone", tmp_path / "pretraining"]
+    result = run_without_package(
+        BACKBONE_CHILD_SCRIPT, [tmp_path / "inputs.pt", tmp_path / "out.pt", *checkpoints], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    results = torch.load(tmp_path / "out.pt", weights_only=True)
+    for checkpoint, expected in zip(checkpoints, [expected_pyramid, expected_last_stage]):
+        loaded = results[str(checkpoint)]
+        assert loaded["class"] == "MimCoBackbone" and loaded["module"].startswith("transformers_modules.")
+        assert [tuple(f.shape) for f in loaded["feature_maps"]] == [tuple(f.shape) for f in expected]
+        for actual, wanted in zip(loaded["feature_maps"], expected):
+            torch.testing.assert_close(actual, wanted, atol=1e-6, rtol=0)
+        assert loaded["route"] in ("AutoBackbone.from_pretrained", "auto_map class")

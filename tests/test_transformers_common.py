@@ -1,11 +1,13 @@
-"""transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`) run against every MimCo class.
+"""transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`, `BackboneTesterMixin`) run against every
+MimCo class.
 
 The tests come from the source distribution of the installed transformers release: `make install` fetches them
 with `tests/helpers/fetch_transformers_tests.py` into `.venv/transformers-tests/` (or `$MIMCO_TRANSFORMERS_TESTS`).
 Without them this module skips and says what is missing.
 
 The testers follow transformers' `tests/models/vit/test_modeling_vit.py`: a `...ModelTester` builds a tiny config
-and inputs, and a `unittest.TestCase` mixes in `ModelTesterMixin` with `all_model_classes` and a `ConfigTester`.
+and inputs, and a `unittest.TestCase` mixes in `ModelTesterMixin` with `all_model_classes` and a `ConfigTester`;
+`MimCoBackbone` also gets `BackboneTesterMixin` (`tests/test_backbone_common.py`), as DINOv2's and BEiT's backbones.
 Every skip here is one that transformers' ViT or DINOv2 tests make too, or one of a test that does not apply to a
 vision backbone; each says why.
 """
@@ -24,9 +26,11 @@ from unittest import mock
 import pytest
 import torch
 import transformers
+from helpers.fetch_transformers_tests import ENTRY_MODULES
 from transformers import ViTConfig
 
 from modeling_mimco import (
+    MimCoBackbone,
     MimCoConfig,
     MimCoContrastiveConfig,
     MimCoForContrastivePreTraining,
@@ -47,7 +51,7 @@ def _fetched_sources() -> dict:
     sources_file = TRANSFORMERS_TESTS_DIR / "SOURCES.json"
     if not sources_file.is_file():
         pytest.skip(
-            f"transformers' common tests (tests/test_modeling_common.py, tests/test_configuration_common.py of the "
+            f"transformers' common tests (tests/{{{','.join(ENTRY_MODULES)}}}.py of the "
             f"transformers {transformers.__version__} sdist) are missing: no {sources_file}; {FETCH_HINT}.",
             allow_module_level=True,
         )
@@ -56,6 +60,12 @@ def _fetched_sources() -> dict:
         pytest.skip(
             f"{TRANSFORMERS_TESTS_DIR} holds the common tests of transformers {sources.get('transformers_version')}, "
             f"but transformers {transformers.__version__} is installed; {FETCH_HINT}.",
+            allow_module_level=True,
+        )
+    missing_entries = [name for name in ENTRY_MODULES if name not in sources.get("from_sdist", [])]
+    if missing_entries:
+        pytest.skip(
+            f"{TRANSFORMERS_TESTS_DIR} was fetched before the helper also took {missing_entries}; {FETCH_HINT}.",
             allow_module_level=True,
         )
     if sources.get("missing"):
@@ -75,6 +85,7 @@ try:
         warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
         from transformers.models.auto import modeling_auto
         from transformers.testing_utils import torch_device
+        from transformers_tests.test_backbone_common import BackboneTesterMixin
         from transformers_tests.test_configuration_common import ConfigTester
         from transformers_tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 except ImportError as error:
@@ -96,6 +107,7 @@ TASK_NAME_TABLES = {
         "mimco": "MimCoForPreTraining",
         "mimco_contrastive": "MimCoForContrastivePreTraining",
     },
+    "MODEL_FOR_BACKBONE_MAPPING_NAMES": {"mimco": "MimCoBackbone"},
 }
 
 
@@ -185,7 +197,8 @@ class MimCoModelTester:
         self.num_masks = int(mask_ratio * num_patches)
         self.mask_length = num_patches
 
-    def get_config(self) -> MimCoConfig:
+    def get_config(self, **extra_fields) -> MimCoConfig:
+        """The tiny config; `extra_fields` are further `MimCoConfig` fields (the backbone's `out_features`...)."""
         return MimCoConfig(
             image_size=self.image_size,
             patch_size=self.patch_size,
@@ -203,6 +216,7 @@ class MimCoModelTester:
             mask_ratio=self.mask_ratio,
             attn_implementation=self.attn_implementation,
             teacher_config=copy.deepcopy(self.teacher_config),
+            **extra_fields,
         )
 
     def prepare_config_and_inputs(self):
@@ -454,3 +468,161 @@ class MimCoContrastiveModelTest(_RegisteredInNameTables, ModelTesterMixin, unitt
     def test_torch_export_matches_eager(self):
         config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
         assert_export_matches_eager(self, MimCoForContrastivePreTraining(config), inputs_dict)
+
+
+class MimCoBackboneModelTester(MimCoModelTester):
+    """`MimCoModelTester`'s tiny encoder (16 px, patch 4: a 4x4 grid) as a backbone returning `out_features`."""
+
+    def __init__(self, parent, out_features=("stage1", "stage2"), use_feature_pyramid=False, **kwargs):
+        super().__init__(parent, **kwargs)
+        self.out_features = list(out_features)
+        self.use_feature_pyramid = use_feature_pyramid
+        self.grid_size = self.image_size // self.patch_size
+
+    def get_config(self, **extra_fields) -> MimCoConfig:
+        return super().get_config(
+            out_features=list(self.out_features), use_feature_pyramid=self.use_feature_pyramid, **extra_fields
+        )
+
+    def expected_grid_sizes(self) -> list[int]:
+        """The side of each feature map: the patch grid, or the pyramid's 4x, 2x, 1x and 1/2x of it."""
+        if self.use_feature_pyramid:
+            return [4 * self.grid_size, 2 * self.grid_size, self.grid_size, self.grid_size // 2]
+        return [self.grid_size] * len(self.out_features)
+
+    def create_and_check_backbone(self, config, pixel_values, labels):
+        model = MimCoBackbone(config).to(torch_device).eval()
+        result = model(pixel_values)
+        self.parent.assertEqual(len(result.feature_maps), len(self.out_features))
+        self.parent.assertEqual(model.channels, [self.hidden_size] * len(self.out_features))
+        for feature_map, side in zip(result.feature_maps, self.expected_grid_sizes()):
+            self.parent.assertEqual(tuple(feature_map.shape), (self.batch_size, self.hidden_size, side, side))
+        if self.use_feature_pyramid:
+            return
+
+        # the default: the last stage only
+        config = copy.deepcopy(config)
+        config.out_indices = None
+        model = MimCoBackbone(config).to(torch_device).eval()
+        result = model(pixel_values)
+        self.parent.assertEqual(model.out_features, [f"stage{self.num_hidden_layers}"])
+        self.parent.assertEqual(
+            tuple(result.feature_maps[0].shape), (self.batch_size, self.hidden_size, self.grid_size, self.grid_size)
+        )
+
+        # the tokens as they are: CLS first, not normalised (the last block's output before the final norm)
+        config.apply_layernorm = False
+        config.reshape_hidden_states = False
+        model = MimCoBackbone(config).to(torch_device).eval()
+        result = model(pixel_values, output_hidden_states=True)
+        self.parent.assertEqual(
+            tuple(result.feature_maps[0].shape), (self.batch_size, self.seq_length, self.hidden_size)
+        )
+        torch.testing.assert_close(result.feature_maps[0], result.hidden_states[-1])
+
+
+@pytest.mark.usefixtures("one_thread")
+class MimCoBackboneTest(_RegisteredInNameTables, ModelTesterMixin, BackboneTesterMixin, unittest.TestCase):
+    """`MimCoBackbone` under transformers' common model tests and its backbone tests (as DINOv2's and BEiT's
+    backbones: `tests/models/{dinov2,beit}/test_modeling_*.py` run both on them)."""
+
+    all_model_classes = (MimCoBackbone,)
+    config_class = MimCoConfig  # for `BackboneTesterMixin`'s config tests
+    test_resize_embeddings = False  # as ViT: patch embeddings, no vocabulary to resize
+    # `_init_weights` must cover every weight; without this the test would skip us for lack of a copyright year
+    test_can_init_all_missing_weights_before_2023 = True
+
+    def setUp(self):
+        super().setUp()
+        self.model_tester = MimCoBackboneModelTester(self)
+
+    @unittest.skip(reason="MimCo, like ViT, does not use inputs_embeds")
+    def test_inputs_embeds(self):
+        pass
+
+    def test_model_get_set_embeddings(self):
+        # as ViT's: the input embeddings are the patch embeddings, and there are no output embeddings
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        model = MimCoBackbone(config)
+        self.assertIsInstance(model.get_input_embeddings(), torch.nn.Module)
+        self.assertIsNone(model.get_output_embeddings())
+
+    def test_backbone(self):
+        self.model_tester.create_and_check_backbone(*self.model_tester.prepare_config_and_inputs())
+
+    def test_torch_export_matches_eager(self):
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        assert_export_matches_eager(self, MimCoBackbone(config), inputs_dict)
+
+    def test_retain_grad_hidden_states_attentions(self):
+        # The upstream test back-propagates from `outputs[0]`, taken to be a tensor; a backbone's first output is the
+        # tuple of feature maps. (It runs on the first of `all_model_classes` only, which for DINOv2 and BEiT is the
+        # base model, so their backbones never meet it.) The same check, from the first feature map:
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        config.output_hidden_states = True
+        config.output_attentions = True
+        model = MimCoBackbone._from_config(config, attn_implementation="eager").to(torch_device)
+        outputs = model(**inputs_dict)
+        hidden_states, attentions = outputs.hidden_states[0], outputs.attentions[0]
+        hidden_states.retain_grad()
+        attentions.retain_grad()
+        outputs.feature_maps[0].flatten()[0].backward()
+        self.assertIsNotNone(hidden_states.grad)
+        self.assertIsNotNone(attentions.grad)
+
+
+@pytest.mark.usefixtures("one_thread")
+class MimCoBackboneWithFeaturePyramidTest(MimCoBackboneTest):
+    """`MimCoBackbone` with `use_feature_pyramid`: four blocks' maps at 4x, 2x, 1x and 1/2x the patch grid.
+
+    The common tests all run. Of `BackboneTesterMixin`'s, three change `out_features` to one or two stages, which a
+    pyramid refuses (it needs exactly four): here they check that refusal and then run on four other stages.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.model_tester = MimCoBackboneModelTester(
+            self,
+            num_hidden_layers=4,
+            out_features=("stage1", "stage2", "stage3", "stage4"),
+            use_feature_pyramid=True,
+        )
+
+    def test_num_layers_is_small(self):
+        # Four distinct stages need four blocks; transformers allows BEiT's tests 4 layers for the same reason
+        # (BeitForSemanticSegmentation's 4 `out_indices`), where its default for every test is 2.
+        self.assertLessEqual(self.model_tester.num_hidden_layers, 4)
+
+    def _check_refuses_other_than_four_stages(self, config):
+        for out_indices in (None, [-2, -1]):
+            changed = copy.deepcopy(config)
+            changed.out_indices = out_indices
+            with self.assertRaisesRegex(ValueError, "exactly 4 `out_features`"):
+                MimCoBackbone(changed)
+
+    def test_channels(self):
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        self._check_refuses_other_than_four_stages(config)
+        config.out_indices = [0, 1, 3, 4]
+        model = MimCoBackbone(config)
+        self.assertEqual(model.out_features, ["stem", "stage1", "stage3", "stage4"])
+        self.assertEqual(model.channels, [self.model_tester.hidden_size] * 4)
+
+    def test_create_from_modified_config(self):
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        self._check_refuses_other_than_four_stages(config)
+        config.out_features = ["stem", "stage2", "stage3", "stage4"]
+        model = MimCoBackbone(config).to(torch_device).eval()
+        with torch.no_grad():
+            feature_maps = model(**inputs_dict).feature_maps
+        sides = [feature_map.shape[-1] for feature_map in feature_maps]
+        self.assertEqual(sides, self.model_tester.expected_grid_sizes())
+
+    def test_backbone_stage_selection(self):
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        self._check_refuses_other_than_four_stages(config)
+        config.out_indices = [-4, -3, -2, -1]
+        model = MimCoBackbone(config).to(torch_device).eval()
+        self.assertEqual(model.out_features, ["stage1", "stage2", "stage3", "stage4"])
+        with torch.no_grad():
+            self.assertEqual(len(model(**inputs_dict).feature_maps), 4)

@@ -1,13 +1,14 @@
-"""Fetches transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`) for the installed release.
+"""Fetches transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`, `BackboneTesterMixin`) for the
+installed release.
 
-The transformers wheel has no tests, but its source distribution on PyPI ships `tests/test_modeling_common.py` and
-`tests/test_configuration_common.py`. This script downloads that sdist with pip (`--no-binary :all:`, which
-downloads the archive and reads its metadata, but builds nothing), and extracts those two files and the package
-modules they import into a folder that is not tracked by git (by default `.venv/transformers-tests/`), as the
-package `transformers_tests` (renamed from `tests` so that it cannot be confused with this repository's `tests`).
+The transformers wheel has no tests, but its source distribution on PyPI ships `tests/test_modeling_common.py`,
+`tests/test_configuration_common.py` and `tests/test_backbone_common.py`. This script downloads that sdist with pip
+(`--no-binary :all:`, which downloads the archive and reads its metadata, but builds nothing), and extracts those
+three files and the package modules they import into a folder that is not tracked by git (by default
+`.venv/transformers-tests/`), as the package `transformers_tests` (renamed from `tests` so that it cannot be confused with this repository's `tests`).
 
 Some modules that they import are not part of the sdist (5.x ships only the top-level `tests/*.py`). Those that the
-two files only need as a base class or a table are written as stand-ins of our own (`STAND_INS`), listed in
+files only need as a base class or a table are written as stand-ins of our own (`STAND_INS`), listed in
 `SOURCES.json` next to the files; `tests/test_transformers_common.py` names them in its report. Any other missing
 import is recorded too, and the test module then skips, naming it.
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 
 PACKAGE = "transformers_tests"
-ENTRY_MODULES = ("test_modeling_common", "test_configuration_common")
+ENTRY_MODULES = ("test_modeling_common", "test_configuration_common", "test_backbone_common")
 SOURCES_FILE = "SOURCES.json"
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parents[2] / ".venv" / "transformers-tests"
 
