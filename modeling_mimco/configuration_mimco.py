@@ -463,6 +463,17 @@ MODEL_PRESETS = {
         num_attention_heads=4,
         intermediate_size=256,
     ),
+    # the demo's width and depth on 64-px scenes with 8-px patches: as many tokens as "tiny" at 32 px, so it costs the
+    # same per image (the dense-transfer study's digit canvases)
+    "tiny-64": dict(
+        image_size=64,
+        patch_size=8,
+        mask_patch_size=16,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+    ),
     "vit-small-patch16": dict(
         image_size=224,
         patch_size=16,

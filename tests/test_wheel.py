@@ -26,6 +26,7 @@ COMMANDS = (
     "mimco-contrastive",
     "mimco-pretrain",
     "mimco-finetune",
+    "mimco-segment",
     "mimco-probe",
     "mimco-convert",
     "mimco-card",

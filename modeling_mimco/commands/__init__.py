@@ -5,6 +5,7 @@
 | `mimco-contrastive` | `run_contrastive_pretraining`  | stage 1: the MoCo v3 teacher                        |
 | `mimco-pretrain`    | `run_pretraining`              | stage 2: the MimCo student against a frozen teacher |
 | `mimco-finetune`    | `run_finetuning`               | fine-tuning for classification with the `Trainer`   |
+| `mimco-segment`     | `run_semantic_segmentation`    | UperNet semantic segmentation with the `Trainer`    |
 | `mimco-probe`       | `run_linear_probe`             | linear probe, kNN and t-SNE on frozen features      |
 | `mimco-convert`     | `convert_checkpoint`           | MoCo v3 / DINO / timm checkpoints to and from MimCo,|
 |                     |                                | MimCo to a stock transformers ViT (`--to vit`)      |

@@ -39,7 +39,8 @@ class ModelArguments:
     """The encoder and the MoCo v3 objective."""
 
     model_preset: str = field(
-        default="vit-small-patch16", metadata={"help": "Encoder shape: tiny, vit-small-patch16 or vit-base-patch16."}
+        default="vit-small-patch16",
+        metadata={"help": "Encoder shape: tiny, tiny-64, vit-small-patch16 or vit-base-patch16."},
     )
     image_size: int | None = field(default=None, metadata={"help": "Input size; defaults to the preset's."})
     projector_hidden_size: int = field(default=4096, metadata={"help": "Hidden width of projector and predictor."})

@@ -57,7 +57,8 @@ class ModelArguments:
         },
     )
     model_preset: str = field(
-        default="vit-small-patch16", metadata={"help": "Student shape: tiny, vit-small-patch16 or vit-base-patch16."}
+        default="vit-small-patch16",
+        metadata={"help": "Student shape: tiny, tiny-64, vit-small-patch16 or vit-base-patch16."},
     )
     image_size: int | None = field(default=None, metadata={"help": "Input size; defaults to the preset's."})
     drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth of the student."})

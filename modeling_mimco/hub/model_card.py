@@ -44,6 +44,9 @@ three kinds of file and turns each into the card's own schema:
 3. The `eval_results.json` (or `all_results.json`) that the `Trainer` of `mimco-finetune` writes: the fractions
    `eval_accuracy` and `eval_top5_accuracy`. It does not name its data, so the dataset must be given
    (`dataset=`, `--dataset`).
+4. The `eval_results.json` (or `all_results.json`) of `mimco-segment`: the fractions `eval_mean_iou`,
+   `eval_mean_accuracy` and `eval_overall_accuracy` (the card's `segmentation_*` results); the dataset must be
+   given as for fine-tuning.
 
 Fractions are turned into percent. Any other file is refused with a message naming it.
 """
@@ -75,6 +78,18 @@ RESULT_METRICS = {
     "knn_top5": ("k-NN", 5),
     "finetune_top1": ("Fine-tuning", 1),
     "finetune_top5": ("Fine-tuning", 5),
+}
+# results key -> what the card calls the segmentation metric (`mimco-segment`, UperNet)
+SEGMENTATION_METRICS = {
+    "segmentation_mean_iou": "mean IoU",
+    "segmentation_mean_accuracy": "mean accuracy",
+    "segmentation_pixel_accuracy": "pixel accuracy",
+}
+# Trainer metric (fraction) of `mimco-segment` -> results key (percent)
+SEGMENTATION_TRAINER_METRICS = {
+    "eval_mean_iou": "segmentation_mean_iou",
+    "eval_mean_accuracy": "segmentation_mean_accuracy",
+    "eval_overall_accuracy": "segmentation_pixel_accuracy",
 }
 # The top-level keys of the card's results schema.
 RESULTS_KEYS = ("model_name", "dataset", "results", "pretraining", "license", "base_model")
@@ -135,6 +150,8 @@ def load_results(
         results = _from_linear_probe(data, source, checkpoint_dir, model)
     elif kind == "finetune":
         results = _from_finetune(data, source, dataset)
+    elif kind == "segmentation":
+        results = _from_segmentation(data, source, dataset)
     else:
         results = dict(data)
         if model is not None:
@@ -146,7 +163,7 @@ def load_results(
 
 
 def results_kind(data: Any, source: str = "results") -> str:
-    """`"card"`, `"linear_probe"` or `"finetune"`: which of the schemas in this module's docstring `data` follows.
+    """`"card"`, `"linear_probe"`, `"finetune"` or `"segmentation"`: which of the schemas in this module's docstring `data` follows.
     Raises `ValueError` (one line, naming `source`) for anything else."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: the top level must be a JSON object, got {type(data).__name__}.")
@@ -154,13 +171,16 @@ def results_kind(data: Any, source: str = "results") -> str:
         return "linear_probe"
     if "eval_accuracy" in data:
         return "finetune"
+    if "eval_mean_iou" in data:
+        return "segmentation"
     unknown = sorted(set(data) - set(RESULTS_KEYS))
     if not unknown:
         return "card"
     raise ValueError(
         f"{source}: unknown results schema (unexpected keys: {', '.join(unknown)}); expected the model-card results "
         f"schema (keys {', '.join(RESULTS_KEYS)}), a linear probe's {LINEAR_PROBE_RESULTS_NAME} (a `models` list) "
-        "or a fine-tuning eval_results.json / all_results.json (with `eval_accuracy`)."
+        "or a fine-tuning eval_results.json / all_results.json (with `eval_accuracy`, or `eval_mean_iou` for "
+        "segmentation)."
     )
 
 
@@ -244,6 +264,18 @@ def _from_finetune(metrics: dict[str, Any], source: str, dataset: str | None) ->
     }
 
 
+def _from_segmentation(metrics: dict[str, Any], source: str, dataset: str | None) -> dict[str, Any]:
+    if dataset is None:
+        raise ValueError(
+            f"{source}: a segmentation eval file does not name its evaluation data; pass the dataset (--dataset)."
+        )
+    return {
+        "results": {
+            key: _percent(metrics.get(name), f"{source}: {name}") for name, key in SEGMENTATION_TRAINER_METRICS.items()
+        }
+    }
+
+
 def _override_dataset(current: Any, dataset: str | None, split: str | None, source: str) -> dict[str, Any]:
     if dataset is None:
         if current is None:
@@ -265,8 +297,9 @@ def validate_results(results: Any, source: str = "results") -> None:
     if not isinstance(metrics, dict):
         raise ValueError(f"{source}: `results` must be an object of {{metric: accuracy in percent}}.")
     for key, value in metrics.items():
-        if key not in RESULT_METRICS:
-            raise ValueError(f"{source}: unknown metric `results.{key}`; known metrics: {sorted(RESULT_METRICS)}.")
+        if key not in RESULT_METRICS and key not in SEGMENTATION_METRICS:
+            known = sorted([*RESULT_METRICS, *SEGMENTATION_METRICS])
+            raise ValueError(f"{source}: unknown metric `results.{key}`; known metrics: {known}.")
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise ValueError(f"{source}: `results.{key}` must be a number (percent) or null, got {value!r}.")
     pretraining = results.get("pretraining") or {}
@@ -305,6 +338,14 @@ def measured_metrics(results: dict[str, Any]) -> list[tuple[str, str, int, float
     ]
 
 
+def measured_segmentation_metrics(results: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """`(key, name, value)` for each segmentation number present in `results["results"]`."""
+    metrics = results.get("results") or {}
+    return [
+        (key, name, float(metrics[key])) for key, name in SEGMENTATION_METRICS.items() if metrics.get(key) is not None
+    ]
+
+
 def format_accuracy(value: float) -> str:
     """How an accuracy (percent) is written in the card's table: two decimals."""
     return f"{value:.2f}"
@@ -315,6 +356,8 @@ def format_accuracy(value: float) -> str:
 
 
 def _architecture(config: dict[str, Any]) -> dict[str, Any]:
+    if config.get("model_type") == "upernet" and isinstance(config.get("backbone_config"), dict):
+        config = config["backbone_config"]  # the MimCo backbone under the UperNet head
     return {
         "image_size": config.get("image_size"),
         "patch_size": config.get("patch_size"),
@@ -433,6 +476,26 @@ def _eval_results(dataset: EvaluationDataset | None, metrics: list[tuple[str, st
     ]
 
 
+def _segmentation_eval_results(
+    dataset: EvaluationDataset | None, metrics: list[tuple[str, str, float]]
+) -> list[EvalResult]:
+    """The `model-index` entries of a segmentation checkpoint: mean IoU, mean and pixel accuracy."""
+    return [
+        EvalResult(
+            task_type="image-segmentation",
+            task_name="Semantic Segmentation",
+            dataset_type=dataset.id,
+            dataset_name=dataset.name,
+            dataset_split=dataset.split,
+            dataset_config=dataset.config,
+            metric_type="mean_iou" if key == "segmentation_mean_iou" else "accuracy",
+            metric_name=name,
+            metric_value=value,
+        )
+        for key, name, value in metrics
+    ]
+
+
 def _evaluation_rows(metrics: list[tuple[str, str, int, float]]) -> list[dict[str, str]]:
     """The rows of the card's evaluation table: one per protocol, with its top-1 and top-5 (`–` when absent)."""
     protocols: dict[str, dict[int, str]] = {}
@@ -468,11 +531,14 @@ def build_model_card(
     model_name = results.get("model_name") or repo_id.split("/")[-1]
     architectures = config.get("architectures") or ["MimCoModel"]
     is_classifier = "MimCoForImageClassification" in architectures
+    is_segmenter = config.get("model_type") == "upernet"
     pipeline_tag = "image-classification" if is_classifier else "image-feature-extraction"
+    pipeline_tag = "image-segmentation" if is_segmenter else pipeline_tag
     dataset = evaluation_dataset(results)
     metrics = measured_metrics(results)
+    segmentation = measured_segmentation_metrics(results)
     pretraining = results.get("pretraining") or {}
-    eval_results = _eval_results(dataset, metrics)
+    eval_results = _eval_results(dataset, metrics) + _segmentation_eval_results(dataset, segmentation)
     card_data = ModelCardData(
         model_name=model_name,
         license=card_license or results.get("license") or "apache-2.0",
@@ -480,7 +546,7 @@ def build_model_card(
         pipeline_tag=pipeline_tag,
         tags=CARD_TAGS + [pipeline_tag],
         datasets=_card_datasets(pretraining, dataset) or None,
-        metrics=["accuracy"] if eval_results else None,
+        metrics=(["mean_iou"] if segmentation else []) + (["accuracy"] if eval_results else []) or None,
         base_model=results.get("base_model"),
         eval_results=eval_results or None,
     )
@@ -495,6 +561,8 @@ def build_model_card(
         # a pre-training checkpoint is used for its student: `AutoModel` loads it as a `MimCoModel`, teacher skipped
         auto_class="AutoModelForImageClassification" if is_classifier else "AutoModel",
         is_classifier=is_classifier,
+        is_segmenter=is_segmenter,
+        segmentation_rows=[{"name": name, "value": format_accuracy(value)} for _, name, value in segmentation],
         num_labels=len(config.get("id2label") or {}),
         num_parameters=f"{parameters / 1e6:.1f}M" if parameters else None,
         recipe=_training_recipe(config, pretraining),

@@ -73,7 +73,7 @@ def _remote_code_files(folder: Path, auto_map: dict[str, Any]) -> tuple[list[str
 def collect_upload_files(checkpoint_dir: str | Path, pending: Collection[str] = ()) -> tuple[list[str], list[str]]:
     """The files of `checkpoint_dir` to upload, and those left out.
 
-    Uploaded: `config.json` (which must hold an `auto_map`), the safetensors weights (and their shard index), the
+    Uploaded: `config.json` (which must hold an `auto_map`, unless it is an UperNet segmentation model), the safetensors weights (and their shard index), the
     code files that `auto_map` names together with the modules they import relatively, `preprocessor_config.json`
     and `README.md`. Anything else in the folder (optimizer states, pickles, logs...) stays local. `pending` names
     required files that are not written yet but will be before the upload (a generated `README.md`). Raises
@@ -102,12 +102,16 @@ def collect_upload_files(checkpoint_dir: str | Path, pending: Collection[str] = 
         except json.JSONDecodeError as error:
             raise ValueError(f"{folder / 'config.json'}: not valid JSON ({error}).") from None
         auto_map = config.get("auto_map")
-        if not auto_map:
+        if not auto_map and config.get("model_type") == "upernet":
+            # UperNet is transformers' own class; its MimCo backbone loads once `modeling_mimco` is imported (the card
+            # says so), so a segmentation folder carries no remote code
+            auto_map = {}
+        elif not auto_map:
             missing.append(
                 "`auto_map` in config.json (save the model after `import modeling_mimco`, which registers it for "
                 "remote code)"
             )
-        else:
+        if auto_map:
             code_files, missing_code = _remote_code_files(folder, auto_map)
             files += code_files
             missing += missing_code

@@ -1,0 +1,558 @@
+"""Semantic-segmentation data: where images and their label masks come from, and how both are augmented together.
+
+- `SegmentationDataArguments`: the data flags of `mimco-segment` (a Hub dataset or local dataset folder in the ADE20K
+  `scene_parse_150` layout, parquet files, two folders of images and same-named masks, or the built-in synthetic
+  `digit-canvas` data), `load_segmentation_splits` (a train and an evaluation split, checked columns, the classes).
+- `load_digit_canvas_dataset`: the built-in synthetic set, scikit-learn's digits pasted at random positions and
+  scales on a cluttered, textured canvas, with per-pixel labels (background + 10 digits); deterministic by seed.
+- `build_segmentation_transforms`: joint augmentations of an image and its mask (random resize, crop, flip; the mask
+  always with nearest-neighbour resampling and padded with the ignore index), `SegmentationExampleTransform` (decode,
+  check, `--reduce_labels`, augment) and `SegmentationCollator`.
+
+A bad row is an expected error naming it (`errors.EXPECTED_ERRORS`): a mask whose size differs from its image, a
+label value outside the classes other than the ignore index, a mask that is not single-channel.
+Imports `digits`, `decoding`, `pipeline` and `sources` of this folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFilter
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from modeling_mimco.data.decoding import _read_image_bytes, decode_image
+from modeling_mimco.data.pipeline import ROW_INDEX_COLUMN, _ExampleTransform
+from modeling_mimco.data.sources import load_image_dataset
+
+
+logger = logging.getLogger(__name__)
+
+
+IGNORE_INDEX = 255
+"""The label of pixels that count in neither the loss nor the metric (ADE20K's convention, and the padding value)."""
+DIGIT_CANVAS_DATASET = "digit-canvas"
+"""The `--dataset_name` of the built-in synthetic segmentation set (also the default when no source is given)."""
+DIGIT_CANVAS_CLASSES = ["background"] + [str(digit) for digit in range(10)]
+MASK_MODES = ("L", "P", "I", "I;16", "1")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the synthetic set
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """An RGB field that varies slowly across the canvas: a coarse random grid upsampled bilinearly."""
+    coarse = rng.uniform(0, 255, size=(cells, cells, 3)).astype(np.uint8)
+    return np.asarray(PIL.Image.fromarray(coarse).resize((size, size), PIL.Image.Resampling.BILINEAR), np.float32)
+
+
+def _digit_ink(digit: np.ndarray, side: int) -> np.ndarray:
+    """One 8x8 digit (ink 0..16) as an ink map in [0, 1] of `side` x `side` pixels."""
+    image = PIL.Image.fromarray(np.uint8(np.clip(digit * (255.0 / 16.0), 0, 255)))
+    return np.asarray(image.resize((side, side), PIL.Image.Resampling.BILINEAR), np.float32) / 255.0
+
+
+def make_digit_canvas(
+    rng: np.random.Generator,
+    digits: np.ndarray,
+    labels: np.ndarray,
+    canvas_size: int = 64,
+    max_digits: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic scene: `(image uint8 (S, S, 3), mask uint8 (S, S))`, mask 0 = background, 1 + d = digit d.
+
+    The background is a smooth colour field with some pixel noise and clutter: lines and boxes in random colours, and
+    fragments of other digits (a quarter of one, at low contrast), so that "bright strokes" alone do not say "digit".
+    1 to `max_digits` digits of random scale (3/8 to 5/8 of the canvas side) and position, in a colour that contrasts
+    with the background under them, are pasted on top,
+    later ones over earlier ones; a pixel is labelled with the digit whose ink covers it by more than 0.3, widened by
+    one pixel (a 3x3 maximum filter).
+    """
+    size = canvas_size
+    canvas = 0.85 * _smooth_noise(rng, size, 4) + 0.15 * rng.uniform(0, 255, size=(size, size, 3))
+    clutter = PIL.Image.fromarray(np.uint8(canvas))
+    draw = PIL.ImageDraw.Draw(clutter)
+    for _ in range(rng.integers(3, 7)):
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, size, size=4))
+        if rng.random() < 0.5:
+            draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 3)))
+        else:
+            draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), outline=colour)
+    canvas = np.asarray(clutter, np.float32).copy()
+    for _ in range(rng.integers(1, 3)):  # digit fragments: clutter that looks like ink but is background
+        side = int(rng.integers(size // 4, size // 2 + 1))
+        ink = _digit_ink(digits[rng.integers(len(digits))], side)
+        half = side // 2
+        quarter = ink[:half, :half] if rng.random() < 0.5 else ink[half:, half:]
+        y, x = (int(v) for v in rng.integers(0, size - quarter.shape[0] + 1, size=2))
+        colour = rng.uniform(0, 255, size=3)
+        alpha = 0.6 * quarter[..., None]
+        region = canvas[y : y + quarter.shape[0], x : x + quarter.shape[1]]
+        region[:] = (1 - alpha) * region + alpha * colour
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(rng.integers(1, max_digits + 1)):
+        index = int(rng.integers(len(digits)))
+        side = int(rng.integers(3 * size // 8, 5 * size // 8 + 1))
+        ink = _digit_ink(digits[index], side)
+        y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+        region = canvas[y : y + side, x : x + side]
+        # each channel at the far end from the background under it: the digit is visible, the clutter in random
+        # colours not always
+        dark = region.mean(axis=(0, 1)) < 128
+        colour = np.where(dark, rng.uniform(200, 255, size=3), rng.uniform(0, 55, size=3))
+        region[:] = (1 - ink[..., None]) * region + ink[..., None] * colour
+        # the digit's shape, its strokes widened by a pixel: a label a few patches wide, not a 2-px line
+        shape = PIL.Image.fromarray(np.uint8(ink > 0.3) * 255).filter(PIL.ImageFilter.MaxFilter(3))
+        mask[y : y + side, x : x + side][np.asarray(shape) > 0] = 1 + int(labels[index])
+    return np.uint8(np.clip(np.round(canvas), 0, 255)), mask
+
+
+def load_digit_canvas_dataset(
+    split: str = "train", num_images: int = 512, canvas_size: int = 64, seed: int = 0
+) -> datasets.Dataset:
+    """The built-in synthetic segmentation set: `num_images` scenes of `make_digit_canvas`, columns `"image"` (RGB)
+    and `"annotation"` (L mode mask: 0 background, 1 + d digit d), in the ADE20K layout.
+
+    The training scenes draw their digits from the digits' training images and the evaluation scenes from the test
+    images (the split of `digits.load_digits_dataset`), so evaluation digits are unseen handwriting. The same
+    arguments always give the same images; the evaluation split uses another stream of the seed than the training one.
+    """
+    from sklearn.datasets import load_digits
+
+    from modeling_mimco.data.digits import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION
+
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"Unknown split {split!r} of {DIGIT_CANVAS_DATASET!r}; available: train, validation, test.")
+    if num_images <= 0 or canvas_size < 16:
+        raise ValueError(f"Need num_images > 0 and canvas_size >= 16, got {num_images} and {canvas_size}.")
+    bundled = load_digits()
+    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(bundled.target))
+    num_train = int(round(len(order) * (1.0 - DIGITS_TEST_FRACTION)))
+    indices = order[:num_train] if split == "train" else order[num_train:]
+    digits, labels = bundled.images[indices], bundled.target[indices]
+    # one independent stream per split, so that the training set does not change with the evaluation set's size
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    images, masks = [], []
+    for _ in range(num_images):
+        image, mask = make_digit_canvas(rng, digits, labels, canvas_size)
+        images.append(PIL.Image.fromarray(image))
+        masks.append(PIL.Image.fromarray(mask, mode="L"))
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    return datasets.Dataset.from_dict({"image": images, "annotation": masks}, features=features)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class SegmentationDataArguments:
+    """Where `mimco-segment`'s images and masks come from. Exactly one source: `--dataset_name` (a Hub dataset such as
+    `scene_parse_150`, a local dataset folder, or `digit-canvas`), `--train_file` / `--validation_file` or
+    `--data_files` (parquet), or `--train_dir` with `--train_masks_dir` (images and same-named masks). Without any,
+    the built-in `digit-canvas` set is used."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset (e.g. scene_parse_150), a local dataset folder, or 'digit-canvas'."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    train_file: str | None = field(default=None, metadata={"help": "A parquet file of training rows."})
+    validation_file: str | None = field(default=None, metadata={"help": "A parquet file of evaluation rows."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files (split 'train')."})
+    train_dir: str | None = field(default=None, metadata={"help": "A folder of training images."})
+    train_masks_dir: str | None = field(
+        default=None, metadata={"help": "Their masks: same file names (any image extension) as in --train_dir."}
+    )
+    validation_dir: str | None = field(default=None, metadata={"help": "A folder of evaluation images."})
+    validation_masks_dir: str | None = field(default=None, metadata={"help": "Their masks, named as the images."})
+    image_column: str = field(default="image", metadata={"help": "Column of the images."})
+    annotation_column: str = field(default="annotation", metadata={"help": "Column of the label masks."})
+    train_split: str = field(default="train")
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
+    )
+    train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N evaluation rows."})
+    reduce_labels: bool = field(
+        default=False,
+        metadata={"help": "Label 0 (ADE20K's 'other') becomes the ignore index 255 and every other label drops by 1."},
+    )
+    id2label_file: str | None = field(
+        default=None, metadata={"help": "A JSON file {id: name} of the classes (after --reduce_labels)."}
+    )
+    num_labels: int | None = field(
+        default=None,
+        metadata={"help": "Number of classes, when there is no --id2label_file (default: read off the masks)."},
+    )
+    synthetic_train_images: int = field(default=512, metadata={"help": "digit-canvas: training scenes."})
+    synthetic_eval_images: int = field(default=128, metadata={"help": "digit-canvas: evaluation scenes."})
+    synthetic_canvas_size: int = field(default=64, metadata={"help": "digit-canvas: side of a scene in pixels."})
+
+    def __post_init__(self):
+        for name in ("max_train_samples", "max_eval_samples", "num_labels"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name} must be positive, got {value}.")
+        if (self.train_dir is None) != (self.train_masks_dir is None):
+            raise ValueError("--train_dir and --train_masks_dir go together: images and their masks.")
+        if (self.validation_dir is None) != (self.validation_masks_dir is None):
+            raise ValueError("--validation_dir and --validation_masks_dir go together: images and their masks.")
+        if self.validation_file is not None and self.train_file is None:
+            raise ValueError("--validation_file needs --train_file.")
+        sources = [
+            flag
+            for flag, value in (
+                ("--dataset_name", self.dataset_name),
+                ("--train_file", self.train_file),
+                ("--data_files", self.data_files),
+                ("--train_dir", self.train_dir),
+            )
+            if value is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"Give one data source, got {', '.join(sources)}.")
+
+    @property
+    def source_name(self) -> str:
+        """The data source as the results and the model card name it."""
+        return (
+            self.dataset_name
+            or self.train_file
+            or self.train_dir
+            or (", ".join(self.data_files) if self.data_files else DIGIT_CANVAS_DATASET)
+        )
+
+
+@dataclass
+class SegmentationData:
+    """A train and an evaluation split with undecoded image and mask columns, and the classes."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    image_column: str
+    annotation_column: str
+    id2label: dict[int, str]
+    eval_split: str
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: index for index, name in self.id2label.items()}
+
+
+def _folder_pairs(images_dir: str, masks_dir: str, images_flag: str) -> datasets.Dataset:
+    """Images of `images_dir` and the masks of the same name (any image extension) in `masks_dir`."""
+    for folder in (images_dir, masks_dir):
+        if not os.path.isdir(folder):
+            raise ValueError(f"{folder!r} is not a directory.")
+    masks = {}
+    for name in sorted(os.listdir(masks_dir)):
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            masks.setdefault(os.path.splitext(name)[0], os.path.join(masks_dir, name))
+    image_paths, mask_paths = [], []
+    for name in sorted(os.listdir(images_dir)):
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        mask = masks.get(os.path.splitext(name)[0])
+        if mask is None:
+            raise ValueError(f"{images_flag}: image {name!r} has no mask of the same name in {masks_dir!r}.")
+        image_paths.append(os.path.join(images_dir, name))
+        mask_paths.append(mask)
+    if not image_paths:
+        raise ValueError(f"{images_flag} {images_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    features = datasets.Features({"image": datasets.Image(decode=False), "annotation": datasets.Image(decode=False)})
+    return datasets.Dataset.from_dict({"image": image_paths, "annotation": mask_paths}, features=features)
+
+
+def _check_columns(dataset: datasets.Dataset, args: SegmentationDataArguments, what: str) -> None:
+    for flag, column in (("--image_column", args.image_column), ("--annotation_column", args.annotation_column)):
+        if column not in dataset.column_names:
+            kind = "annotation (label mask)" if flag == "--annotation_column" else "image"
+            raise ValueError(
+                f"The {what} has no {kind} column {column!r} ({flag}); its columns are {dataset.column_names}."
+            )
+
+
+def _undecoded(dataset: datasets.Dataset, columns: Sequence[str]) -> datasets.Dataset:
+    # decoding happens in the example transform, where a bad row can be named
+    for column in columns:
+        feature = dataset.features.get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def load_segmentation_splits(
+    args: SegmentationDataArguments, seed: int = 42, cache_dir: str | None = None, token: str | bool | None = None
+) -> SegmentationData:
+    """The training and evaluation splits of `args`, their columns checked, images and masks left undecoded.
+
+    The evaluation rows are `--validation_dir` / `--validation_file` when given, else the split `--eval_split`, else
+    `validation`, else `test`, else a seeded `--train_val_split` of the training rows. The classes come from
+    `--id2label_file`, else `--num_labels`, else (named `0..N-1`) the largest label in the training masks.
+    """
+    hub = {"cache_dir": cache_dir, "token": token}
+    eval_dataset, eval_name = None, None
+    if (
+        args.dataset_name in (None, DIGIT_CANVAS_DATASET)
+        and args.train_file is None
+        and not (args.data_files or args.train_dir)
+    ):
+        canvas = {"canvas_size": args.synthetic_canvas_size, "seed": seed}
+        train = load_digit_canvas_dataset("train", args.synthetic_train_images, **canvas)
+        eval_dataset = load_digit_canvas_dataset("validation", args.synthetic_eval_images, **canvas)
+        eval_name = "validation"
+    elif args.train_dir is not None:
+        train = _folder_pairs(args.train_dir, args.train_masks_dir, "--train_dir")
+    elif args.train_file is not None:
+        files = {"train": [args.train_file]}
+        if args.validation_file is not None:
+            files["validation"] = [args.validation_file]
+        train = load_image_dataset(data_files=files, split="train", **hub)
+        if args.validation_file is not None:
+            eval_dataset = load_image_dataset(data_files=files, split="validation", **hub)
+            eval_name = "validation"
+    else:
+        source = {"dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name}
+        source = source if args.dataset_name is not None else {"data_files": args.data_files}
+        train = load_image_dataset(**source, split=args.train_split, **hub)
+        candidates = [args.eval_split] if args.eval_split is not None else ["validation", "test"]
+        if args.validation_dir is None:
+            for candidate in candidates:
+                if candidate == args.train_split:
+                    continue
+                try:
+                    eval_dataset = load_image_dataset(**source, split=candidate, **hub)
+                except ValueError:
+                    if args.eval_split is not None:
+                        raise
+                    continue
+                eval_name = candidate
+                break
+    if args.validation_dir is not None:
+        eval_dataset = _folder_pairs(args.validation_dir, args.validation_masks_dir, "--validation_dir")
+        eval_name = f"--validation_dir {args.validation_dir}"
+    _check_columns(train, args, "training data")
+    columns = (args.image_column, args.annotation_column)
+    train = _undecoded(train, columns)
+    if eval_dataset is None:
+        if not 0.0 < args.train_val_split < 1.0:
+            raise ValueError(f"No evaluation split; set --train_val_split in (0, 1), got {args.train_val_split}.")
+        parts = train.train_test_split(test_size=args.train_val_split, seed=seed)
+        train, eval_dataset = parts["train"], parts["test"]
+        eval_name = f"{args.train_split}[split off {args.train_val_split:.0%}]"
+    else:
+        _check_columns(eval_dataset, args, "evaluation data")
+        eval_dataset = _undecoded(eval_dataset, columns)
+    if args.max_train_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples is not None:
+        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(min(args.max_eval_samples, len(eval_dataset))))
+    id2label = _classes(args, train)
+    return SegmentationData(train, eval_dataset, args.image_column, args.annotation_column, id2label, eval_name)
+
+
+def _classes(args: SegmentationDataArguments, train: datasets.Dataset) -> dict[int, str]:
+    if args.id2label_file is not None:
+        try:
+            with open(args.id2label_file, encoding="utf-8") as handle:
+                mapping = json.load(handle)
+            id2label = {int(key): str(value) for key, value in mapping.items()}
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(
+                f"--id2label_file {args.id2label_file!r}: not a JSON object {{id: name}} ({error})."
+            ) from None
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(f"--id2label_file {args.id2label_file!r}: the ids must be 0..N-1.")
+        return id2label
+    if args.num_labels is not None:
+        return {index: str(index) for index in range(args.num_labels)}
+    if (
+        args.dataset_name in (None, DIGIT_CANVAS_DATASET)
+        and args.train_file is None
+        and not (args.data_files or args.train_dir)
+    ):
+        return dict(enumerate(DIGIT_CANVAS_CLASSES))
+    logger.info("Reading the training masks for the number of classes (give --num_labels or --id2label_file to skip).")
+    largest = -1
+    for row, value in enumerate(train[args.annotation_column]):
+        mask = read_mask(value, f"row {row} (0-based) of the training data")
+        labels = np.unique(reduce_labels(mask) if args.reduce_labels else mask)
+        labels = labels[labels != IGNORE_INDEX]
+        if labels.size:
+            largest = max(largest, int(labels.max()))
+    if largest < 0:
+        raise ValueError("The training masks hold no labels other than the ignore index 255.")
+    return {index: str(index) for index in range(largest + 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# masks and joint transforms
+
+
+def read_mask(value: Any, where: str | None = None) -> np.ndarray:
+    """A stored label mask (an undecoded record, bytes, a path or a PIL image) as an int64 array `(H, W)`.
+
+    Raises `ValueError` naming `where` for a mask that is not single-channel (class indices, not colours)."""
+    if isinstance(value, PIL.Image.Image):
+        image = value
+    else:
+        image = PIL.Image.open(io.BytesIO(_read_image_bytes(value, None)))
+    if image.mode not in MASK_MODES:
+        raise ValueError(
+            f"The mask of {where or 'an example'} is a {image.mode} image; a label mask must be single-channel "
+            f"({', '.join(MASK_MODES)}) with one class index per pixel."
+        )
+    return np.asarray(image, dtype=np.int64)
+
+
+def reduce_labels(mask: np.ndarray) -> np.ndarray:
+    """ADE20K's `reduce_labels`: 0 ('other') becomes the ignore index 255, every other label drops by one (255
+    stays 255)."""
+    reduced = mask - 1
+    reduced[(mask == 0) | (mask == IGNORE_INDEX)] = IGNORE_INDEX
+    return reduced
+
+
+def build_segmentation_transforms(
+    crop_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    min_scale: float = 0.5,
+    max_scale: float = 2.0,
+    horizontal_flip: bool = True,
+    interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+) -> tuple[v2.Compose, v2.Compose]:
+    """`(train, eval)` joint transforms of a `tv_tensors.Image` uint8 and a `tv_tensors.Mask` `(H, W)`.
+
+    Training: the short side resized to a random size in `[min_scale, max_scale] * crop_size`, a random
+    `crop_size` crop (padded where the image is smaller: pixels with 0, the mask with the ignore index), a horizontal
+    flip with probability 1/2 (`horizontal_flip`). Evaluation: both resized to `crop_size` x `crop_size`. Then the
+    image becomes normalised float32 and the mask int64. torchvision's v2 resamples a `Mask` with nearest neighbour
+    whatever `interpolation` the image gets, so labels are never blended.
+    """
+    if not 0 < min_scale <= max_scale:
+        raise ValueError(f"Need 0 < --min_scale <= --max_scale, got {min_scale} and {max_scale}.")
+    finish = [
+        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
+        v2.Normalize(list(image_mean), list(image_std)),
+    ]
+    train = [
+        # RandomResize draws the short side in [min, max); + 1 keeps max_scale reachable
+        v2.RandomResize(int(min_scale * crop_size), int(max_scale * crop_size) + 1, interpolation=interpolation),
+        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+    ]
+    if horizontal_flip:
+        train.append(v2.RandomHorizontalFlip())
+    evaluation = [v2.Resize((crop_size, crop_size), interpolation=interpolation)]
+    return v2.Compose(train + finish), v2.Compose(evaluation + finish)
+
+
+class SegmentationExampleTransform(_ExampleTransform):
+    """Decodes an image and its mask, checks them, applies `--reduce_labels` and a joint transform.
+
+    Output per example: `"pixel_values"` float32 `(3, H, W)` and `"labels"` int64 `(H, W)`. Raises `ValueError`
+    naming the row (and the files, when they have names) for a mask of another size than its image, a label value
+    that is neither a class (`0..num_labels-1`) nor the ignore index, or a mask that is not single-channel.
+    """
+
+    def __init__(
+        self,
+        transform: v2.Compose,
+        image_column: str,
+        annotation_column: str,
+        num_labels: int,
+        reduce: bool = False,
+    ):
+        super().__init__(image_column)
+        self.transform = transform
+        self.annotation_column = annotation_column
+        self.num_labels = num_labels
+        self.reduce = reduce
+
+    def __call__(self, examples: dict[str, Any]) -> dict[str, Any]:
+        images, masks = examples[self.image_column], examples[self.annotation_column]
+        rows = examples.get(ROW_INDEX_COLUMN)
+        if not isinstance(images, list):
+            return self.process(images, masks, rows)
+        rows = rows if rows is not None else [None] * len(images)
+        processed = [self.process(image, mask, row) for image, mask, row in zip(images, masks, rows)]
+        return {key: [item[key] for item in processed] for key in ("pixel_values", "labels")}
+
+    def _where(self, image_value: Any, mask_value: Any, row: int | None) -> str:
+        parts = [self.describe_row(row) or "an example"]
+        for kind, value in (("image", image_value), ("mask", mask_value)):
+            name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+            if name:
+                parts.append(f"{kind} {os.path.basename(str(name))!r}")
+        return ", ".join(parts)
+
+    def process(self, image_value: Any, mask_value: Any, row: int | None = None) -> dict[str, torch.Tensor]:
+        """One example: checked, reduced and jointly transformed."""
+        where = self._where(image_value, mask_value, row)
+        image = decode_image(image_value, where=where)
+        mask = read_mask(mask_value, where)
+        if mask.shape != (image.height, image.width):
+            raise ValueError(
+                f"The mask of {where} is {mask.shape[1]}x{mask.shape[0]} (width x height) but its image is "
+                f"{image.width}x{image.height}; a mask must have its image's size."
+            )
+        if self.reduce:
+            mask = reduce_labels(mask)
+        bad = mask[(mask != IGNORE_INDEX) & ((mask < 0) | (mask >= self.num_labels))]
+        if bad.size:
+            raise ValueError(
+                f"Label value {int(bad[0])} in {where} is outside the {self.num_labels} classes (0..{self.num_labels - 1}"
+                f"{', after --reduce_labels' if self.reduce else ''}) and not the ignore index {IGNORE_INDEX}; "
+                "check --num_labels / --id2label_file / --reduce_labels."
+            )
+        pixels = tv_tensors.Image(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+        pixels, labels = self.transform(pixels, tv_tensors.Mask(torch.from_numpy(mask)))
+        return {"pixel_values": pixels.as_subclass(torch.Tensor), "labels": labels.as_subclass(torch.Tensor)}
+
+
+class SegmentationCollator:
+    """Stacks `pixel_values` `(B, 3, H, W)` and `labels` `(B, H, W)`."""
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+            "labels": torch.stack([example["labels"] for example in examples]),
+        }
+
+
+__all__ = [
+    "DIGIT_CANVAS_CLASSES",
+    "DIGIT_CANVAS_DATASET",
+    "IGNORE_INDEX",
+    "SegmentationCollator",
+    "SegmentationData",
+    "SegmentationDataArguments",
+    "SegmentationExampleTransform",
+    "build_segmentation_transforms",
+    "load_digit_canvas_dataset",
+    "load_segmentation_splits",
+    "make_digit_canvas",
+    "read_mask",
+    "reduce_labels",
+]
