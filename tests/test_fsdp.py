@@ -15,6 +15,7 @@ to test_launch's stage-1 bounds elsewhere.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,7 +201,7 @@ def test_sigkill_under_fsdp_resumes_from_the_last_checkpoint_like_the_uninterrup
     # A late kill may have left more: keep the state of a run killed right after checkpoint-1.
     for checkpoint in list_checkpoints(str(output_dir / "checkpoints")):
         if not checkpoint.endswith("checkpoint-1"):
-            subprocess.run(["rm", "-rf", checkpoint], check=True)
+            shutil.rmtree(checkpoint)
     for name in ("model.safetensors", "train_results.json"):
         (output_dir / name).unlink(missing_ok=True)
     resumed = _ok(_launch_fsdp(root, "run_pretraining.py", [*args, "--resume_from_checkpoint", "latest"]))
@@ -222,3 +223,20 @@ def test_a_sharded_checkpoint_is_refused_by_a_run_without_fsdp(runs):
     errors = [line for line in completed.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and "written by an FSDP run" in errors[0], completed.stderr[-3000:]
     assert "step 1/" not in completed.stdout
+
+
+def test_a_sharded_checkpoint_of_two_processes_resumes_on_one_fsdp_process(runs):
+    """The shards of 2 processes reshard onto 1 FSDP process (batch 8, the same global batch), which finishes as the
+    uninterrupted 2-process run."""
+    root = runs["root"]
+    output_dir = root / "stage2_fsdp_resumed_on_one"
+    (output_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(runs["stage2_fsdp"] / "checkpoints" / "checkpoint-1", output_dir / "checkpoints" / "checkpoint-1")
+    config = root / "fsdp_one.yaml"
+    config.write_text(FSDP_CONFIG)
+    launcher = ("--config_file", str(config), "--num_processes", "1", "--main_process_port", str(_free_port()))
+    args = [*runs["stage2_args"], "--per_device_train_batch_size", str(PER_PROCESS_BATCH * NUM_PROCESSES)]
+    args += ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"]
+    completed = _ok(_launch("run_pretraining.py", args, _env(root), *launcher))
+    assert "Resumed from" in completed.stdout and "processes = 1, FSDP2" in completed.stdout
+    _assert_same_run(output_dir, runs["stage2_fsdp"], ("model.safetensors",))

@@ -188,10 +188,11 @@ def create_accelerator(args: PreTrainingArguments) -> Accelerator:
     Build it before anything else asks which process it is (data sharding), so that the launcher's settings
     (`accelerate launch`'s environment, e.g. `ACCELERATE_USE_CPU`) take effect. An FSDP config (`fsdp_version: 2`) is
     taken over by the loop (`sharding.take_fsdp_request`): Accelerate sets up plain processes, the loop shards. Raises
-    `ValueError` for a setup that cannot train: FSDP1 or FSDP options the loop does not support, processes that do not
-    see each other, fp16 without a GPU, a missing tracker with `--with_tracking`.
+    `ValueError` for a setup that cannot train: FSDP1, FSDP options the loop does not support or `--torch_compile` with
+    FSDP, processes that do not see each other, fp16 without a GPU, a missing tracker with `--with_tracking`.
     """
-    take_fsdp_request()  # before the Accelerator reads the launcher's FSDP flag
+    if take_fsdp_request() and args.torch_compile:  # before the Accelerator reads the launcher's FSDP flag
+        raise ValueError("--torch_compile is not supported with FSDP yet: leave it out, or launch with DDP.")
     mixed_precision = args.mixed_precision
     if mixed_precision is None and "ACCELERATE_MIXED_PRECISION" not in os.environ:
         # the paper-scale recipe trains in bf16; a GPU that supports it gets it unless told otherwise

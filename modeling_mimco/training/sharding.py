@@ -151,8 +151,9 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def gather_for_saving(sharded: ShardedModel, accelerator: Accelerator) -> nn.Module | None:
     """The trained model, unsharded, on the main process's CPU (`None` elsewhere); every process must call it.
 
-    The full state dict is all-gathered block by block onto the main process's CPU and assigned into the skeleton,
-    so the final folder is written by the model's own `save_pretrained`, as a DDP run writes it.
+    The full state dict is all-gathered parameter by parameter onto the main process's CPU and assigned into the
+    skeleton (whose buffers, copied when the model was sharded, are replaced too), so the final folder is written by
+    the model's own `save_pretrained`, as a DDP run writes it.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(sharded.model, options=options)
