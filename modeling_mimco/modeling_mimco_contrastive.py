@@ -155,9 +155,20 @@ class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
 
     @torch.no_grad()
     def update_momentum_branch(self, momentum: float) -> None:
-        """EMA step: `momentum_param = momentum * momentum_param + (1 - momentum) * base_param`."""
-        base_params, momentum_params = zip(*self._momentum_pairs())
-        torch._foreach_lerp_(list(momentum_params), list(base_params), 1.0 - momentum)
+        """EMA step: `momentum_param = momentum * momentum_param + (1 - momentum) * base_param`.
+
+        Under FSDP the momentum branch is whole on every process while a base weight may be a DTensor shard (a
+        block's, resharded after its forward): such a weight is all-gathered first, so that every process applies
+        the same update to its whole copy. The all-gathers are collectives, taken in the same order everywhere.
+        """
+        weight = 1.0 - momentum
+        whole, sharded = [], []
+        for base, momentum_param in self._momentum_pairs():
+            (sharded if hasattr(base, "full_tensor") else whole).append((momentum_param, base))
+        if whole:
+            torch._foreach_lerp_([m for m, _ in whole], [b for _, b in whole], weight)
+        for momentum_param, base in sharded:
+            momentum_param.lerp_(base.full_tensor(), weight)
 
     def momentum_at(self, progress: float) -> float:
         """The cosine momentum schedule: `momentum` at `progress` 0, rising to `momentum_final` at 1."""

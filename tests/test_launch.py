@@ -322,35 +322,3 @@ def test_launcher_mixed_precision_is_what_the_run_records(tmp_path, runs):
     hparams = list((output_dir / "logs").rglob("events.out.tfevents.*"))
     assert hparams, "TensorBoard wrote no event file"
     assert any(b"bf16" in path.read_bytes() for path in hparams)
-
-
-def test_fsdp_config_is_refused_before_the_first_step(tmp_path, runs):
-    config_file = tmp_path / "fsdp.yaml"
-    config_file.write_text(
-        "compute_environment: LOCAL_MACHINE\n"
-        "distributed_type: FSDP\n"
-        f"num_processes: {NUM_PROCESSES}\n"
-        "num_machines: 1\n"
-        "machine_rank: 0\n"
-        "main_process_ip: 127.0.0.1\n"
-        f"main_process_port: {_free_port()}\n"
-        "mixed_precision: 'no'\n"
-        "use_cpu: false\n"
-        "fsdp_config:\n"
-        "  fsdp_sharding_strategy: FULL_SHARD\n"
-        "  fsdp_auto_wrap_policy: NO_WRAP\n"
-    )
-    output_dir = tmp_path / "fsdp"
-    args = [*COMMON, *STAGE2, "--teacher_name_or_path", str(runs["stage1_two"]), "--output_dir", str(output_dir)]
-    completed = _launch(
-        "run_pretraining.py",
-        [*args, "--per_device_train_batch_size", "4"],
-        _env(tmp_path),
-        "--config_file",
-        str(config_file),
-    )
-    assert completed.returncode != 0
-    assert "FSDP is not supported" in completed.stderr
-    assert "--multi_gpu" in completed.stderr  # says what to do instead
-    assert "Running training" not in completed.stdout
-    assert not (output_dir / "model.safetensors").exists()

@@ -29,6 +29,7 @@ from modeling_mimco.data.transforms import build_contrastive_transforms
 from modeling_mimco.interop.model_folders import save_image_processor
 from modeling_mimco.training.arguments import PreTrainingArguments
 from modeling_mimco.training.loop import TrainingResult, create_accelerator, train
+from modeling_mimco.training.sharding import ShardingPlan
 
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,16 @@ def warn_about_accumulation(training_args: ContrastivePreTrainingArguments) -> N
         )
 
 
+def sharding_plan(model: MimCoForContrastivePreTraining) -> ShardingPlan:
+    """FSDP shards the base encoder block by block (projector, predictor and embeddings with the root); the momentum
+    encoder and projector stay whole on every process: they take no gradient, and each process computes the keys of
+    its images with them (the EMA reads the base encoder's gathered weights, `update_momentum_branch`)."""
+    return ShardingPlan(
+        blocks=list(model.base_encoder.layers),
+        replicated=[model.momentum_encoder, model.momentum_projector],
+    )
+
+
 def run_contrastive_pretraining(
     model_args: ModelArguments, data_args: DataArguments, training_args: ContrastivePreTrainingArguments
 ) -> TrainingResult:
@@ -199,6 +210,7 @@ def run_contrastive_pretraining(
         project_name="mimco-contrastive",
         run_config={**vars(model_args), **vars(data_args), **vars(training_args)},
         accelerator=accelerator,
+        sharding_plan=sharding_plan(model),
     )
     accelerator.print(f"Contrastive teacher ({model_args.export_encoder} encoder) saved to {result.output_dir}.")
     return result

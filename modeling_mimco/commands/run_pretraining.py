@@ -35,6 +35,7 @@ from modeling_mimco.training.loop import (
     stream_batches,
     train,
 )
+from modeling_mimco.training.sharding import ShardingPlan
 
 
 logger = logging.getLogger(__name__)
@@ -263,6 +264,12 @@ def save_student(model: MimCoForPreTraining, output_dir: str) -> None:
     save_image_processor(output_dir, model.config.image_size, model.config.image_mean, model.config.image_std)
 
 
+def sharding_plan(model: MimCoForPreTraining) -> ShardingPlan:
+    """FSDP shards the student block by block (heads and embeddings with the root); the frozen teacher stays whole
+    on every process: it takes no gradient and no optimizer state, so sharding it would only add all-gathers."""
+    return ShardingPlan(blocks=list(model.mimco.layers), replicated=[model.teacher])
+
+
 def run_pretraining(
     model_args: ModelArguments, data_args: DataArguments, training_args: MimCoPreTrainingArguments
 ) -> TrainingResult:
@@ -288,6 +295,7 @@ def run_pretraining(
         project_name="mimco-pretraining",
         run_config={**vars(model_args), **vars(data_args), **vars(training_args)},
         accelerator=accelerator,
+        sharding_plan=sharding_plan(model),
     )
     accelerator.print(f"MimCo student saved to {result.output_dir} after {result.global_step} steps.")
     return result

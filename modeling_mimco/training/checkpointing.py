@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from modeling_mimco.errors import MimCoError, one_line
+from modeling_mimco.training.sharding import check_checkpoint_layout, load_sharded, save_sharded
 
 
 logger = logging.getLogger(__name__)
@@ -141,8 +142,19 @@ def resume_candidates(output_dir: str, resume_from_checkpoint: str) -> Iterator[
         yield folder
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state: dict, keep: int | None) -> str:
-    """Writes `checkpoint-{step}` atomically: into a temporary folder, completed by a manifest, then renamed."""
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str,
+    step: int,
+    state: dict,
+    keep: int | None,
+    sharded: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None,
+) -> str:
+    """Writes `checkpoint-{step}` atomically: into a temporary folder, completed by a manifest, then renamed.
+
+    `sharded`: the FSDP-sharded model and its optimizer, which Accelerate does not hold; every process writes its
+    shards of them into `sharded_model/` (torch.distributed.checkpoint), Accelerate the rest.
+    """
     checkpoint_root = os.path.join(output_dir, "checkpoints")
     final = os.path.join(checkpoint_root, f"{CHECKPOINT_PREFIX}{step}")
     temporary = os.path.join(checkpoint_root, f".tmp-{CHECKPOINT_PREFIX}{step}")
@@ -152,6 +164,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(temporary, safe_serialization=True)
+        if sharded is not None:
+            save_sharded(temporary, *sharded)
     except RuntimeError as error:
         # torch.save reports a full disk as "basic_ios::clear: iostream error"; say what happened
         if "iostream" not in str(error) and shutil.disk_usage(checkpoint_root).free > 1 << 20:
@@ -190,16 +204,26 @@ def save_final_atomically(save_final: Callable[[torch.nn.Module, str], None], mo
     os.rmdir(temporary)
 
 
-def resume(accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str) -> dict | None:
+def resume(
+    accelerator: Accelerator,
+    output_dir: str,
+    resume_from_checkpoint: str,
+    sharded: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None,
+) -> dict | None:
     """Loads the newest usable checkpoint into the prepared objects and returns its trainer state.
 
     With `latest`, a checkpoint that fails to verify or to load is skipped with a warning and the previous one is
     tried; `None` when none is usable (the run starts from scratch). A checkpoint given by path must load.
+    `sharded`: the FSDP-sharded model and optimizer, loaded from the checkpoint's `sharded_model/`; a checkpoint of
+    the other kind (sharded for an unsharded run, or the reverse) is refused, never skipped.
     """
     for checkpoint in resume_candidates(output_dir, resume_from_checkpoint):
+        check_checkpoint_layout(checkpoint, sharded is not None)
         try:
             state = read_trainer_state(checkpoint)
             accelerator.load_state(checkpoint)
+            if sharded is not None:
+                load_sharded(checkpoint, *sharded)
         except (CheckpointError, SafetensorError, RuntimeError, OSError, ValueError, EOFError) as error:
             message = f"Checkpoint {checkpoint} could not be loaded ({one_line(error)})"
             if resume_from_checkpoint != "latest":

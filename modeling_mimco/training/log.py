@@ -14,6 +14,7 @@ from accelerate import Accelerator
 
 from modeling_mimco.errors import MimCoError
 from modeling_mimco.training.arguments import PreTrainingArguments
+from modeling_mimco.training.sharding import fsdp_enabled
 
 
 # --- unreadable images --------------------------------------------------------------------------------------------
@@ -196,6 +197,7 @@ def run_facts(accelerator: Accelerator) -> dict:
     return {
         "mixed_precision": accelerator.mixed_precision,
         "distributed_type": str(accelerator.distributed_type.value),
+        "fsdp": fsdp_enabled(),  # the loop's own FSDP2 (Accelerate's distributed type stays that of plain processes)
         "num_processes": accelerator.num_processes,
         "device": accelerator.device.type,
     }
@@ -219,7 +221,8 @@ def start_banner(
         f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}",
         f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
         f"  Total optimization steps = {max_train_steps}",
-        f"  Distributed type = {accelerator.distributed_type.value}, processes = {accelerator.num_processes}",
+        f"  Distributed type = {accelerator.distributed_type.value}, processes = {accelerator.num_processes}"
+        + (", FSDP2 (trained weights sharded)" if fsdp_enabled() else ""),
         f"  Mixed precision = {accelerator.mixed_precision}",
     ]
     return "\n".join(lines)

@@ -28,7 +28,6 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     ProjectConfiguration,
     is_tensorboard_available,
-    parse_flag_from_env,
     set_seed,
 )
 from torch.utils.data import DataLoader
@@ -54,6 +53,16 @@ from modeling_mimco.training.log import (
     start_banner,
 )
 from modeling_mimco.training.optimization import build_adamw, skip_update_if
+from modeling_mimco.training.sharding import (
+    ShardedModel,
+    ShardingPlan,
+    fsdp_enabled,
+    full_tensor,
+    gather_for_saving,
+    shard_model,
+    state_bytes,
+    take_fsdp_request,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -197,17 +206,13 @@ def create_accelerator(args: PreTrainingArguments) -> Accelerator:
     """The run's `Accelerator`: devices, processes, mixed precision and the tracker.
 
     Build it before anything else asks which process it is (data sharding), so that the launcher's settings
-    (`accelerate launch`'s environment, e.g. `ACCELERATE_USE_CPU`) take effect. Raises `ValueError` for a setup that
-    cannot train: FSDP, processes that do not see each other, fp16 without a GPU, a missing tracker with
-    `--with_tracking`.
+    (`accelerate launch`'s environment, e.g. `ACCELERATE_USE_CPU`) take effect. An FSDP config (`fsdp_version: 2`) is
+    taken over by the loop (`sharding.take_fsdp_request`): Accelerate sets up plain processes, the loop shards. Raises
+    `ValueError` for a setup that cannot train: FSDP1, FSDP options the loop does not support or `--torch_compile` with
+    FSDP, processes that do not see each other, fp16 without a GPU, a missing tracker with `--with_tracking`.
     """
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch` for an FSDP config
-        # refused before the Accelerator is built: on a machine without GPUs, building it would already fail
-        raise ValueError(
-            "FSDP is not supported by the MimCo pre-training scripts: the frozen teacher and the momentum encoder "
-            "would be sharded with the trained weights. Use DDP (`accelerate launch --multi_gpu ...`, or "
-            "`distributed_type: MULTI_GPU` in the accelerate config); a ViT-S/B student fits one GPU."
-        )
+    if take_fsdp_request() and args.torch_compile:  # before the Accelerator reads the launcher's FSDP flag
+        raise ValueError("--torch_compile is not supported with FSDP yet: leave it out, or launch with DDP.")
     mixed_precision = args.mixed_precision
     if mixed_precision is None and "ACCELERATE_MIXED_PRECISION" not in os.environ:
         # the paper-scale recipe trains in bf16; a GPU that supports it gets it unless told otherwise
@@ -347,6 +352,7 @@ class _Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any  # Accelerate's wrapper of the learning-rate scheduler
+    sharded: ShardedModel | None  # with FSDP: the sharded model (`model`) and its unsharded skeleton
     dataloader: DataLoader
     train_dataset: Any
     seeded_dataset: SeededBatches | None  # None for a streaming dataset
@@ -367,12 +373,15 @@ def train(
     project_name: str = "mimco",
     run_config: dict | None = None,
     accelerator: Accelerator | None = None,
+    sharding_plan: ShardingPlan | None = None,
 ) -> TrainingResult:
     """Trains `model` on `train_dataset` and saves the result with `save_final(unwrapped_model, output_dir)`.
 
     `compute_loss(model, batch, progress)` returns the loss and a dict of extra scalars to log; `progress` runs from
     0 to 1 over training (the stage-1 momentum schedule reads it). `accelerator` is the one `create_accelerator`
-    built for the run (a new one by default). Returns a `TrainingResult`.
+    built for the run (a new one by default). `sharding_plan` says how FSDP shards the model (its blocks, and the
+    frozen modules it keeps whole on every process); required when the run was launched with FSDP. Returns a
+    `TrainingResult`.
     """
     if accelerator is None:
         accelerator = create_accelerator(args)
@@ -383,7 +392,16 @@ def train(
         raise OutputDirInUseError(refusal or f"--output_dir {args.output_dir!r} is in use by another run.")
     try:
         return _train(
-            args, accelerator, model, train_dataset, collator, compute_loss, save_final, project_name, run_config
+            args,
+            accelerator,
+            model,
+            train_dataset,
+            collator,
+            compute_loss,
+            save_final,
+            project_name,
+            run_config,
+            sharding_plan,
         )
     finally:
         if lock is not None:
@@ -400,12 +418,15 @@ def _train(
     save_final: Callable[[torch.nn.Module, str], None],
     project_name: str,
     run_config: dict | None,
+    sharding_plan: ShardingPlan | None,
 ) -> TrainingResult:
     """`train` once the output folder is locked: set up, train to the last step, save."""
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    run, state = _set_up(args, accelerator, model, train_dataset, collator, compute_loss, project_name, run_config)
+    run, state = _set_up(
+        args, accelerator, model, train_dataset, collator, compute_loss, project_name, run_config, sharding_plan
+    )
     with _Preemption() as preemption:
         with run.progress_bar:
             while state.global_step < run.max_train_steps:
@@ -434,9 +455,19 @@ def _set_up(
     compute_loss: Callable,
     project_name: str,
     run_config: dict | None,
+    sharding_plan: ShardingPlan | None = None,
 ) -> tuple[_Run, TrainingState]:
-    """Everything before the first step: data, optimizer, schedule, `accelerator.prepare`, resume, trackers, banner."""
+    """Everything before the first step: data, optimizer, schedule, `accelerator.prepare`, resume, trackers, banner.
+
+    With FSDP the model is sharded here, before the optimizer is built over its shards; Accelerate then prepares
+    only the data and the schedule (it would wrap the model in DDP, and its `save_state` cannot hold shards).
+    """
     streaming = not hasattr(train_dataset, "__len__")
+    sharded = None
+    if fsdp_enabled():
+        if sharding_plan is None:
+            raise ValueError("FSDP: this program does not say how its model is sharded (no sharding plan).")
+        sharded = shard_model(model, sharding_plan, accelerator.device)
     dataloader, seeded_dataset = build_dataloader(args, train_dataset, collator)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     learning_rate = args.learning_rate * global_batch / 256
@@ -448,7 +479,13 @@ def _set_up(
         num_warmup_steps=args.warmup_steps(max_train_steps),
         num_training_steps=max_train_steps,
     )
-    if streaming:
+    if sharded is not None:
+        # the sharded model and its optimizer stay outside Accelerate (a stream's loader too, as below)
+        if streaming:
+            scheduler = accelerator.prepare(scheduler)
+        else:
+            dataloader, scheduler = accelerator.prepare(dataloader, scheduler)
+    elif streaming:
         # A streaming dataset is already sharded per process (`shard_for_process`); Accelerate must not shard it
         # again or dispatch it from the main process, so only the batches' device placement is done here.
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -467,7 +504,7 @@ def _set_up(
         "lr_scheduler_type": str(args.lr_scheduler_type),
         "learning_rate": learning_rate,
     }
-    state = _restore(args, accelerator, window, plan)
+    state = _restore(args, accelerator, window, plan, None if sharded is None else (model, optimizer))
     _start_tracking(args, accelerator, project_name, run_config)
     accelerator.print(start_banner(accelerator, args, num_examples, max_train_steps, steps_per_epoch))
     progress_bar = tqdm(
@@ -482,6 +519,7 @@ def _set_up(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
+        sharded=sharded,
         dataloader=dataloader,
         train_dataset=train_dataset,
         seeded_dataset=seeded_dataset,
@@ -505,13 +543,20 @@ def _start_tracking(
         accelerator.init_trackers(project_name, config=config)
 
 
-def _restore(args: PreTrainingArguments, accelerator: Accelerator, window: LogWindow, plan: dict) -> TrainingState:
+def _restore(
+    args: PreTrainingArguments,
+    accelerator: Accelerator,
+    window: LogWindow,
+    plan: dict,
+    sharded: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None,
+) -> TrainingState:
     """A fresh state, or that of the checkpoint `--resume_from_checkpoint` finds, whose logging window goes back
-    into `window` (the prepared objects are loaded by `checkpointing.resume`). `plan` is what this run will do; a
-    checkpoint of a run with another global batch or data is refused (`check_resumable`)."""
+    into `window` (the prepared objects, and with FSDP the sharded model and optimizer, are loaded by
+    `checkpointing.resume`). `plan` is what this run will do; a checkpoint of a run with another global batch or data
+    is refused (`check_resumable`)."""
     saved = None
     if args.resume_from_checkpoint:
-        saved = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+        saved = resume(accelerator, args.output_dir, args.resume_from_checkpoint, sharded)
     if saved is not None:
         check_resumable(saved.get("run_plan"), plan, accelerator)
     if saved is not None and saved.get("log_window") is not None:  # older checkpoints have none
@@ -596,12 +641,19 @@ def _train_on_batch(run: _Run, state: TrainingState, batch: dict) -> bool:
     if any_process(accelerator, run.window.add_batch(batch) == 0):
         return False
     with accelerator.accumulate(run.model):
-        loss, parts = run.compute_loss(run.model, batch, state.global_step / run.max_train_steps)
+        if run.sharded is None:
+            loss, parts = run.compute_loss(run.model, batch, state.global_step / run.max_train_steps)
+        else:
+            # the sharded model was not prepared by Accelerate, which would have put its forward under autocast
+            with accelerator.autocast():
+                loss, parts = run.compute_loss(run.model, batch, state.global_step / run.max_train_steps)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             _clip_and_check_gradient(run, state)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        if run.sharded is None or accelerator.sync_gradients:
+            # Accelerate's optimizer wrapper waits for the end of an accumulation itself; the sharded one does not
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
     # a step with a NaN/Inf loss is skipped, and kept out of the logged averages as well
     run.window.add_step(loss, parts)
     return accelerator.sync_gradients
@@ -615,6 +667,7 @@ def _clip_and_check_gradient(run: _Run, state: TrainingState) -> None:
     grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
     if not isinstance(grad_norm, torch.Tensor):  # DeepSpeed clips inside its own step
         grad_norm = torch.tensor(float(grad_norm or 0.0), device=run.accelerator.device)
+    grad_norm = full_tensor(grad_norm)  # with FSDP, the norm of sharded gradients is a DTensor reduced over processes
     bad = ~torch.isfinite(grad_norm)
     skip_update_if(run.optimizer, bad, run.accelerator)
     state.bad_steps += bad.long()
@@ -636,7 +689,12 @@ def _finish_optimizer_step(run: _Run, state: TrainingState, preemption: _Preempt
     if (args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0) or stop:
         trainer_state = state.to_checkpoint(run.window, accelerator)
         folder = save_checkpoint(
-            accelerator, args.output_dir, state.global_step, trainer_state, args.checkpoints_total_limit
+            accelerator,
+            args.output_dir,
+            state.global_step,
+            trainer_state,
+            args.checkpoints_total_limit,
+            sharded=None if run.sharded is None else (run.model, run.optimizer),
         )
         accelerator.print(f"Saved checkpoint {folder}")
     if stop:
@@ -669,11 +727,17 @@ def _stop_if_diverged(args: PreTrainingArguments, state: TrainingState) -> None:
 def _save_final(run: _Run, state: TrainingState, save_final: Callable[[torch.nn.Module, str], None]) -> None:
     """Once every process is done: the final model and `train_results.json`, written by the main process."""
     bad_steps = int(state.bad_steps)
+    memory = state_bytes(run.model, run.optimizer)  # before the gather: what training held
     run.accelerator.wait_for_everyone()
+    if run.sharded is not None:
+        # every process sends its shards; the main process gets the whole model, as a DDP run has it
+        final_model = gather_for_saving(run.sharded, run.accelerator)
+    else:
+        final_model = run.accelerator.unwrap_model(run.model)
     if not run.accelerator.is_main_process:
         return
     # still under the SIGTERM handler: a SIGTERM now lets the final model be written whole first
-    save_final_atomically(save_final, run.accelerator.unwrap_model(run.model), run.args.output_dir)
+    save_final_atomically(save_final, final_model, run.args.output_dir)
     write_json_atomically(
         os.path.join(run.args.output_dir, "train_results.json"),
         {
@@ -681,6 +745,7 @@ def _save_final(run: _Run, state: TrainingState, save_final: Callable[[torch.nn.
             "bad_steps": bad_steps,
             "skipped_images": run.skipped.num_skipped,
             **run_facts(run.accelerator),
+            "state_bytes_per_process": memory,
             "log_history": state.log_history,
         },
     )
