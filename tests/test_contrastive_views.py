@@ -169,6 +169,11 @@ def test_parameters_follow_moco_v3s_distributions():
         assert area.min() >= 0.08 * 0.97 and area.max() <= 1.0
         aspect = boxes[:, 3] / boxes[:, 2]
         assert aspect.min() >= 0.75 * 0.97 and aspect.max() <= 4 / 3 * 1.03
+        # inside the image, at a uniform position: the top edge's share of the free rows averages one half
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 375).all()
+        assert (boxes[:, 1] + boxes[:, 3] <= 500).all()
+        free = (375 - boxes[:, 2]) > 20
+        assert abs((boxes[free, 0] / (375 - boxes[free, 2])).mean() - 0.5) < 0.02
     assert close(rate("view_1", lambda p: p.blur_sigma > 0), 1.0) and close(
         rate("view_2", lambda p: p.blur_sigma > 0), 0.1
     )
@@ -222,6 +227,14 @@ def test_collator_stacks_crops_and_parameters_for_the_device():
     assert batch["photometric_2"]["jitter_order"].shape == (3, 4) and int(batch["num_skipped"]) == 1
     finished = views.apply_photometric(batch["pixel_values_1"], batch["photometric_1"], MEAN, STD)
     assert finished.dtype == torch.float32 and finished.shape == (3, 3, 32, 32)
+
+
+def test_the_crop_is_torchvisions_resized_crop():
+    image = decode_image(make_jpegs(1, (500, 375))[0], fast_jpeg=True)
+    for box in [(0, 0, 375, 500), (10, 20, 100, 130), (40, 60, 300, 280), (3, 7, 20, 30)]:
+        parameters = views.ViewParameters(box, False, False, (1.0, 1.0, 1.0, 0.0), (0, 1, 2, 3), False, 0.0, False)
+        expected = TF.resized_crop(image, *box, [64, 64], TF.InterpolationMode.BILINEAR, antialias=True)
+        assert torch.equal(views.crop_view(image, parameters, 64), expected)
 
 
 def test_a_view_from_a_pil_image_equals_the_view_from_its_tensor():

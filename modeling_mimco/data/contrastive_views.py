@@ -37,7 +37,6 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 
@@ -83,23 +82,24 @@ def moco_v3_view_recipes(
 # --- 1. parameters ------------------------------------------------------------------------------------------------
 
 
-def _uniform(low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand(()))
-
-
 def draw_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, ...]:
-    """`(top, left, crop_height, crop_width)`, drawn as torchvision's `RandomResizedCrop` draws it: up to 10 tries
-    of a random area fraction in `scale` and log-uniform aspect ratio in `ratio`, else the central crop."""
+    """`(top, left, crop_height, crop_width)`, drawn from torchvision's `RandomResizedCrop` distribution: up to 10
+    tries of a random area fraction in `scale` and log-uniform aspect ratio in `ratio`, a uniform position for the
+    first that fits, else the central crop. The draws of all tries come from one call (the generator's per-call
+    cost is most of the drawing's)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * _uniform(*scale)
-        aspect_ratio = math.exp(_uniform(*log_ratio))
+    draws = torch.rand(40).tolist()
+    for attempt in range(10):
+        scale_u, ratio_u, top_u, left_u = draws[4 * attempt : 4 * attempt + 4]
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * scale_u)
+        aspect_ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * ratio_u)
         crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
         crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
         if 0 < crop_width <= width and 0 < crop_height <= height:
-            top = int(torch.randint(0, height - crop_height + 1, ()))
-            left = int(torch.randint(0, width - crop_width + 1, ()))
+            # uniform over the height - crop_height + 1 positions (min: a draw of exactly 1.0 cannot overflow)
+            top = min(int(top_u * (height - crop_height + 1)), height - crop_height)
+            left = min(int(left_u * (width - crop_width + 1)), width - crop_width)
             return top, left, crop_height, crop_width
     in_ratio = width / height
     if in_ratio < min(ratio):
@@ -173,9 +173,11 @@ def crop_view(image: torch.Tensor, parameters: ViewParameters, image_size: int) 
     """The view's crop of the uint8 image `(3, H, W)`, resized (bilinear, antialiased) to `image_size` and
     flipped if drawn so: uint8 `(3, image_size, image_size)`."""
     top, left, height, width = parameters.crop_box
-    crop = TF.resized_crop(
-        image, top, left, height, width, [image_size, image_size], InterpolationMode.BILINEAR, antialias=True
-    )
+    region = image[None, :, top : top + height, left : left + width]
+    # torch's own call, which `TF.resized_crop` makes too (tested equal), without the wrapper's per-call cost
+    crop = F.interpolate(region, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)[
+        0
+    ]
     return crop.flip(-1) if parameters.flip else crop
 
 
