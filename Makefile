@@ -17,10 +17,12 @@ $(STAMP): setup.cfg pyproject.toml tests/helpers/fetch_transformers_tests.py
 	$(BIN)/python tests/helpers/fetch_transformers_tests.py --output_dir $(VENV)/transformers-tests
 	touch $(STAMP)
 
+# One pytest-xdist worker per core (CI has 2), a test file's tests on one worker so that its fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

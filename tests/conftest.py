@@ -16,6 +16,10 @@ for _variable in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", 
 atexit.register(shutil.rmtree, _TEST_HF_HOME, ignore_errors=True)
 # huggingface_hub may otherwise ask the Hub for telemetry settings while it builds request headers
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Under pytest-xdist (`make test` runs one worker per core) every worker and the processes its tests start use one
+# thread, so that the workers do not oversubscribe the cores between them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import huggingface_hub.constants  # noqa: E402 (after the cache is set)
 import pytest  # noqa: E402 (after the cache is set)

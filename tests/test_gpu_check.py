@@ -29,7 +29,9 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--smoke", "--output_dir", str(output)],
+        # the data part's smoke budget (8 s) can run out on a loaded machine before its last check; 30 s cannot
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--smoke", "--budget_data", "30"]
+        + ["--output_dir", str(output)],
         capture_output=True,
         text=True,
         timeout=300,
