@@ -277,16 +277,17 @@ def adjust_hue_one(image: np.ndarray, factor: float) -> np.ndarray:
             ramp -= f32(1.0)
         else:
             np.subtract(f32(2.0), ramp, out=ramp)
-        np.clip(ramp, np.float32(0.0), np.float32(1.0), out=ramp)
+        torch.from_numpy(ramp).clamp_(0.0, 1.0)
         ramp *= chroma
         ramp += smallest
     return shifted
 
 
 def _clip_levels(values: np.ndarray) -> np.ndarray:
-    """Clamps to [0, 255] in place: `np.clip`, several times faster than `np.maximum` / `np.minimum` with a
-    scalar."""
-    return np.clip(values, np.float32(0.0), np.float32(255.0), out=values)
+    """Clamps to [0, 255] in place, with torch's kernel on the same memory (NumPy's `clip` costs twice as much at
+    this size, its `maximum` / `minimum` with a scalar several times)."""
+    torch.from_numpy(values).clamp_(0.0, 255.0)
+    return values
 
 
 def _gray_one(image: np.ndarray) -> np.ndarray:
@@ -313,7 +314,10 @@ def _jitter_one(image: np.ndarray, op_index: int, factor: float) -> np.ndarray:
         return _clip_levels(image * np.float32(factor))
     if op_index == 1:
         # the mean of the grayscale image is the weighted sum of the channel means
-        mean = float(np.dot(image.reshape(3, -1).mean(axis=1), np.asarray(GRAY_WEIGHTS, dtype=np.float32)))
+        # (as a matrix-vector product: several times faster than NumPy's `mean` here)
+        pixels = image.reshape(3, -1)
+        channel_means = pixels @ np.full(pixels.shape[1], 1.0 / pixels.shape[1], dtype=np.float32)
+        mean = float(np.dot(channel_means, np.asarray(GRAY_WEIGHTS, dtype=np.float32)))
         return _blend_one(image, factor, mean)
     if op_index == 2:
         return _blend_one(image, factor, _gray_one(image))
