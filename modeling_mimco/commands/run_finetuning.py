@@ -41,7 +41,12 @@ from modeling_mimco.data.pipeline import MimCoPretrainingCollator, PretrainingEx
 from modeling_mimco.data.sources import ClassificationData, LabelledDataArguments
 from modeling_mimco.data.transforms import build_eval_transform
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.evaluation.finetuning import FineTuningTrainer, SoftTargetCrossEntropy, build_batch_mixer
+from modeling_mimco.evaluation.finetuning import (
+    FineTuningTrainer,
+    SoftTargetCrossEntropy,
+    build_batch_mixer,
+    push_trainer_output,
+)
 from modeling_mimco.evaluation.metrics import ClassificationMetrics, reported_top_k, top_k_predictions
 from modeling_mimco.interop.model_folders import load_classifier, load_image_processor, processor_side
 
@@ -236,7 +241,7 @@ def build_trainer(
     """The `FineTuningTrainer` of the recipe: soft-target loss, layer decay, MixUp / CutMix, top-k accuracy.
 
     It never talks to the Hub (`push_to_hub` is off in its copy of the arguments): `--push_to_hub` uploads once, at
-    the end, through `modeling_mimco.hub.upload.push_to_hub` (`push_finetuned_model`)."""
+    the end, through `modeling_mimco.hub.upload.push_to_hub` (`evaluation.finetuning.push_trainer_output`)."""
     trainer_args = copy.copy(training_args)
     trainer_args.push_to_hub = False
     top_k = max(reported_top_k(num_labels))
@@ -276,36 +281,6 @@ def train_and_evaluate(trainer: FineTuningTrainer, training_args: FineTuningArgu
     return metrics
 
 
-def push_finetuned_model(
-    trainer: FineTuningTrainer, training_args: FineTuningArguments, dataset: str, eval_split: str
-) -> None:
-    """Uploads the output folder in one commit through the package's checked path (`hub.push_to_hub`: model card,
-    file list, secret check), from the main process; the card gets the eval accuracy on `dataset` / `eval_split`
-    when it was measured. Called on every process."""
-    from modeling_mimco.hub.model_card import load_results
-    from modeling_mimco.hub.upload import push_to_hub
-
-    output_dir = training_args.output_dir
-    if not training_args.do_train:
-        trainer.save_model()  # the model to upload: the one that was evaluated
-    if not trainer.is_world_process_zero():
-        return
-    results = None
-    if training_args.do_eval:
-        results = load_results(
-            os.path.join(output_dir, "eval_results.json"), dataset=dataset, dataset_split=eval_split
-        )
-    push_to_hub(
-        output_dir,
-        training_args.hub_model_id,
-        token=training_args.hub_token,
-        private=bool(training_args.hub_private_repo),
-        commit_message="Upload MimCo fine-tuned model",
-        revision=training_args.hub_revision,
-        results=results,
-    )
-
-
 def run_finetuning(
     model_args: ModelArguments, data_args: DataTrainingArguments, training_args: FineTuningArguments
 ) -> dict:
@@ -334,7 +309,8 @@ def run_finetuning(
     )
     metrics = train_and_evaluate(trainer, training_args)
     if training_args.push_to_hub:
-        push_finetuned_model(trainer, training_args, data_args.dataset_name or "digits", data.eval_split)
+        dataset = data_args.dataset_name or "digits"
+        push_trainer_output(trainer, training_args, dataset, data.eval_split, "Upload MimCo fine-tuned model")
     if training_args.do_train:
         logger.info(f"Fine-tuned model saved to {os.path.abspath(training_args.output_dir)}.")
     return metrics

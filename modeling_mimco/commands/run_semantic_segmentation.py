@@ -59,7 +59,7 @@ from modeling_mimco.data.segmentation import (
     load_segmentation_splits,
 )
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.evaluation.finetuning import FineTuningTrainer
+from modeling_mimco.evaluation.finetuning import FineTuningTrainer, push_trainer_output
 from modeling_mimco.evaluation.segmentation_metrics import SegmentationMetrics, upsampled_predictions
 from modeling_mimco.interop.model_folders import load_image_processor
 
@@ -240,7 +240,7 @@ def build_trainer(
     model, image_processor, train_dataset, eval_dataset, data: SegmentationData, model_args, training_args
 ) -> FineTuningTrainer:
     """The Trainer with layer-wise lr decay (`FineTuningTrainer`, no batch mixing) and the IoU metrics. It never
-    talks to the Hub: `--push_to_hub` uploads once, at the end, through `push_segmentation_model`."""
+    talks to the Hub: `--push_to_hub` uploads once, at the end, through `evaluation.finetuning.push_trainer_output`."""
     trainer_args = copy.copy(training_args)
     trainer_args.push_to_hub = False
     return FineTuningTrainer(
@@ -297,33 +297,6 @@ def train_and_evaluate(trainer: FineTuningTrainer, training_args: SegmentationTr
     return metrics
 
 
-def push_segmentation_model(trainer: FineTuningTrainer, training_args, dataset: str, eval_split: str) -> None:
-    """Uploads the output folder in one commit through the package's checked path (`hub.push_to_hub`: model card
-    with the mean IoU, file list, secret check), from the main process. Called on every process."""
-    from modeling_mimco.hub.model_card import load_results
-    from modeling_mimco.hub.upload import push_to_hub
-
-    output_dir = training_args.output_dir
-    if not training_args.do_train:
-        trainer.save_model()
-    if not trainer.is_world_process_zero():
-        return
-    results = None
-    if training_args.do_eval:
-        results = load_results(
-            os.path.join(output_dir, "eval_results.json"), dataset=dataset, dataset_split=eval_split
-        )
-    push_to_hub(
-        output_dir,
-        training_args.hub_model_id,
-        token=training_args.hub_token,
-        private=bool(training_args.hub_private_repo),
-        commit_message="Upload MimCo UperNet segmentation model",
-        revision=training_args.hub_revision,
-        results=results,
-    )
-
-
 def run_semantic_segmentation(
     model_args: ModelArguments,
     data_args: SegmentationAugmentationArguments,
@@ -344,7 +317,8 @@ def run_semantic_segmentation(
     trainer = build_trainer(model, image_processor, train_dataset, eval_dataset, data, model_args, training_args)
     metrics = train_and_evaluate(trainer, training_args)
     if training_args.push_to_hub:
-        push_segmentation_model(trainer, training_args, data_args.source_name, data.eval_split)
+        commit_message = "Upload MimCo UperNet segmentation model"
+        push_trainer_output(trainer, training_args, data_args.source_name, data.eval_split, commit_message)
     if training_args.do_train:
         logger.info(f"Segmentation model saved to {os.path.abspath(training_args.output_dir)}.")
     return metrics

@@ -130,4 +130,34 @@ class FineTuningTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-__all__ = ["FineTuningTrainer", "SoftTargetCrossEntropy", "build_batch_mixer"]
+def push_trainer_output(trainer: Trainer, training_args, dataset: str, eval_split: str, commit_message: str) -> None:
+    """Uploads a Trainer command's output folder in one commit through the package's checked path
+    (`hub.upload.push_to_hub`: model card, file list, secret check), from the main process; the card gets the eval
+    results on `dataset` / `eval_split` when they were measured. Called on every process."""
+    import os
+
+    from modeling_mimco.hub.model_card import load_results
+    from modeling_mimco.hub.upload import push_to_hub
+
+    output_dir = training_args.output_dir
+    if not training_args.do_train:
+        trainer.save_model()  # the model to upload: the one that was evaluated
+    if not trainer.is_world_process_zero():
+        return
+    results = None
+    if training_args.do_eval:
+        results = load_results(
+            os.path.join(output_dir, "eval_results.json"), dataset=dataset, dataset_split=eval_split
+        )
+    push_to_hub(
+        output_dir,
+        training_args.hub_model_id,
+        token=training_args.hub_token,
+        private=bool(training_args.hub_private_repo),
+        commit_message=commit_message,
+        revision=training_args.hub_revision,
+        results=results,
+    )
+
+
+__all__ = ["FineTuningTrainer", "SoftTargetCrossEntropy", "build_batch_mixer", "push_trainer_output"]
