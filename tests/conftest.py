@@ -98,3 +98,24 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     yield attempts
     assert not attempts, f"the code tried to reach the network: {attempts}"
+
+
+# The longest test files (measured: minutes each), collected first. pytest-xdist hands its workers whole files in
+# collection order (`--dist loadfile`), so a long file collected last would keep one worker busy while the other
+# idles at the end of the run.
+LONGEST_FILES_FIRST = (
+    "test_launch.py",
+    "test_fsdp.py",
+    "test_faults.py",
+    "test_bad_inputs.py",
+    "test_reproduce.py",
+    "test_shards.py",
+    "test_segmentation.py",
+    "test_training.py",
+    "test_wheel.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
