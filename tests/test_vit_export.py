@@ -282,7 +282,7 @@ def test_export_loads_in_stock_transformers_and_matches(tmp_path, case):
         tmp_path,
     )
     assert child.returncode == 0, child.stderr[-3000:]
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
     assert results["importable"] is False
     assert results["config_class"] == "ViTConfig"
     assert results["auto_class"] == "transformers.models.vit.modeling_vit.ViTModel"
