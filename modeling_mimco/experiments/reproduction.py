@@ -679,18 +679,9 @@ PRETRAINING_SETTINGS = (
 )
 
 
-# The settings the shared teacher of `--seeds` depends on (it is trained with the first seed).
-TEACHER_SETTINGS = (
-    "dataset",
-    "smoke",
-    "model_preset",
-    "seed",
-    "stage1_crop_min_scale",
-    "batch_size",
-    "base_learning_rate",
-    "pretrain_steps",
-    "projector_hidden_size",
-    "projection_size",
+# The settings the shared teacher of `--seeds` depends on (it is trained with the first seed): all but the students'.
+TEACHER_SETTINGS = tuple(
+    key for key in PRETRAINING_SETTINGS if key not in ("matched_pixel_mim_steps", "head_hidden_size")
 )
 
 
