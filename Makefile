@@ -45,16 +45,17 @@ bench: $(STAMP)
 # the small-scale reproduction on CIFAR-10: 3 pre-training seeds sharing one teacher, about 2 hours on 2 CPU cores;
 # results (and the comparisons against the seed spread) go to docs/results/
 reproduce: $(STAMP)
-	$(BIN)/python scripts/reproduce.py --seeds 0 1 2
+	$(BIN)/python scripts/reproduce.py --seeds 0 1 2 --rows pixels random_init teacher pixel_mim pixel_mim_matched mimco
 
 # The GPU check on one CUDA GPU, at most 8 minutes: correctness against the CPU, bf16 / torch.compile / SDPA / fused
-# AdamW, ViT-S training throughput and MFU, the loader against the step, a short CIFAR-10 run. Report in
+# AdamW, ViT-S training throughput and MFU, the loader against the step, the CIFAR-10 reproduction. Report in
 # outputs/gpu_check/report.{md,json}, to be copied to docs/gpu/. On a machine whose Python already has the
 # dependencies (a lent GPU machine), `make gpu-check GPU_PYTHON=python3` skips building .venv.
 GPU_PYTHON ?=
+GPU_CHECK_FLAGS ?=
 gpu-check:
 	$(if $(GPU_PYTHON),,$(MAKE) install)
-	$(if $(GPU_PYTHON),$(GPU_PYTHON),$(BIN)/python) scripts/gpu_check.py --output_dir outputs/gpu_check
+	$(if $(GPU_PYTHON),$(GPU_PYTHON),$(BIN)/python) scripts/gpu_check.py --output_dir outputs/gpu_check $(GPU_CHECK_FLAGS)
 
 # Wheels of the packages that the lent GPU machines' image (Python 3.12) lacks, into the ignored .whl/, to travel with
 # the device run (docs/gpu/README.md has the command).

@@ -176,6 +176,54 @@ def test_digits_unknown_split_lists_splits():
         load_digits_dataset("dev")
 
 
+def test_cluttered_digits_place_each_split_digit_on_a_new_canvas():
+    """`make demo`'s data: every digit of a split at a random place and scale on its own cluttered canvas."""
+    from modeling_mimco.data.digits import (
+        CLUTTERED_DIGITS_DATASET,
+        digits_of_split,
+        load_cluttered_digits_dataset,
+    )
+
+    train = load_image_dataset(CLUTTERED_DIGITS_DATASET, split="train", digits_image_size=32)
+    test = load_image_dataset(CLUTTERED_DIGITS_DATASET, split="validation", digits_image_size=32)
+    train_digits, train_labels = digits_of_split("train", CLUTTERED_DIGITS_DATASET)
+    test_digits, test_labels = digits_of_split("test", CLUTTERED_DIGITS_DATASET)
+    assert (len(train), len(test)) == (4 * len(train_digits), 2 * len(test_digits)) == (6108, 540)
+    assert train["label"] == 4 * [int(label) for label in train_labels]  # placement after placement, in split order
+    assert test["label"] == 2 * [int(label) for label in test_labels]
+    # the test split's handwriting is the digits' test split: none of it in training
+    assert not {digit.tobytes() for digit in train_digits} & {digit.tobytes() for digit in test_digits}
+    images = np.stack([np.asarray(image, np.float32) for image in train["image"][:200]])
+    assert images.shape == (200, 32, 32, 3)
+    assert images.std(axis=0).mean() > 40  # backgrounds, clutter and places differ from image to image
+    # the same digit in two placements: different images
+    assert not np.array_equal(np.asarray(train[0]["image"]), np.asarray(train[len(train_digits)]["image"]))
+    again = load_cluttered_digits_dataset("validation", image_size=32)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again["image"][:20], test["image"][:20]))
+    again.set_transform(lambda batch: {"only": [0] * len(batch["label"])})  # drawn once, but each call its own view
+    assert set(load_cluttered_digits_dataset("validation", image_size=32)[0]) == {"image", "label"}
+    other_seed = load_cluttered_digits_dataset("validation", image_size=32, seed=1, placements=1)
+    assert not np.array_equal(np.asarray(other_seed[0]["image"]), np.asarray(test[0]["image"]))
+    with pytest.raises(ValueError, match="at least 16"):
+        load_cluttered_digits_dataset("train", image_size=8)
+    with pytest.raises(ValueError, match=r"'cluttered-digits'.*'train', 'test'"):
+        load_cluttered_digits_dataset("dev")
+
+
+def test_paste_digit_paints_the_ink_in_a_contrasting_colour_where_it_says():
+    from modeling_mimco.data.digits import digits_of_split, paste_digit
+
+    digits, _ = digits_of_split("train", "digits")
+    canvas = np.full((32, 32, 3), 20.0, np.float32)  # dark: the digit must come out bright
+    ink, top, left = paste_digit(np.random.default_rng(0), canvas, digits[0], 16)
+    assert ink.shape == (16, 16) and 0 <= top <= 16 and 0 <= left <= 16
+    inside = canvas[top : top + 16, left : left + 16]
+    assert inside[ink > 0.9].min() > 150  # strong ink: the bright colour
+    outside = np.ones((32, 32), bool)
+    outside[top : top + 16, left : left + 16] = False
+    assert (canvas[outside] == 20.0).all()  # nothing painted outside the digit's square
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # sources and columns
 

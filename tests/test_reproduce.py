@@ -234,6 +234,13 @@ def test_step_plan_follows_the_budget():
     reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW
     assert only_mimco["pretrain_steps"] == int((60 * 60 - reserve) / 0.5) // 10 * 10
     assert module.plan_steps(module.parse_args(["--budget_minutes", "1"]), seconds)["pretrain_steps"] == 20
+    # a machine that evaluates faster (the GPU check's) sets its own reserve; the steps follow it
+    flags = ["--budget_minutes", "4", "--rows", "mimco", "--eval_seconds_per_row", "8", "--fixed_seconds", "25"]
+    fast = module.plan_steps(module.parse_args(flags), seconds)
+    assert fast["seconds_reserved_for_evaluation"] == 25 + 8
+    assert fast["pretrain_steps"] == int((4 * 60 - 33) / 0.5) // 10 * 10
+    with pytest.raises(SystemExit):
+        module.parse_args(["--fixed_seconds", "-1"])
 
 
 def test_markdown_table_lists_rows_in_table_order_and_marks_missing_values():

@@ -27,13 +27,13 @@ from typing import Any
 import datasets
 import numpy as np
 import PIL.Image
-import PIL.ImageDraw
 import PIL.ImageFilter
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from modeling_mimco.data.decoding import _read_image_bytes, decode_image
+from modeling_mimco.data.digits import cluttered_background, digits_of_split, paste_digit
 from modeling_mimco.data.pipeline import ROW_INDEX_COLUMN, _ExampleTransform
 from modeling_mimco.data.sources import load_image_dataset
 
@@ -54,18 +54,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # the synthetic set
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """An RGB field that varies slowly across the canvas: a coarse random grid upsampled bilinearly."""
-    coarse = rng.uniform(0, 255, size=(cells, cells, 3)).astype(np.uint8)
-    return np.asarray(PIL.Image.fromarray(coarse).resize((size, size), PIL.Image.Resampling.BILINEAR), np.float32)
-
-
-def _digit_ink(digit: np.ndarray, side: int) -> np.ndarray:
-    """One 8x8 digit (ink 0..16) as an ink map in [0, 1] of `side` x `side` pixels."""
-    image = PIL.Image.fromarray(np.uint8(np.clip(digit * (255.0 / 16.0), 0, 255)))
-    return np.asarray(image.resize((side, side), PIL.Image.Resampling.BILINEAR), np.float32) / 255.0
-
-
 def make_digit_canvas(
     rng: np.random.Generator,
     digits: np.ndarray,
@@ -75,47 +63,19 @@ def make_digit_canvas(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic scene: `(image uint8 (S, S, 3), mask uint8 (S, S))`, mask 0 = background, 1 + d = digit d.
 
-    The background is a smooth colour field with some pixel noise and clutter: lines and boxes in random colours, and
-    fragments of other digits (a quarter of one, at low contrast), so that "bright strokes" alone do not say "digit".
-    1 to `max_digits` digits of random scale (3/8 to 5/8 of the canvas side) and position, in a colour that contrasts
-    with the background under them, are pasted on top,
-    later ones over earlier ones; a pixel is labelled with the digit whose ink covers it by more than 0.3, widened by
+    The background is `digits.cluttered_background` (a smooth colour field, pixel noise, lines, boxes and digit
+    fragments). 1 to `max_digits` digits of random scale (3/8 to 5/8 of the canvas side) and position, in a colour
+    that contrasts with the background under them (`digits.paste_digit`), are pasted on top, later ones over earlier
+    ones; a pixel is labelled with the digit whose ink covers it by more than 0.3, widened by
     one pixel (a 3x3 maximum filter).
     """
     size = canvas_size
-    canvas = 0.85 * _smooth_noise(rng, size, 4) + 0.15 * rng.uniform(0, 255, size=(size, size, 3))
-    clutter = PIL.Image.fromarray(np.uint8(canvas))
-    draw = PIL.ImageDraw.Draw(clutter)
-    for _ in range(rng.integers(3, 7)):
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, size, size=4))
-        if rng.random() < 0.5:
-            draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 3)))
-        else:
-            draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), outline=colour)
-    canvas = np.asarray(clutter, np.float32).copy()
-    for _ in range(rng.integers(1, 3)):  # digit fragments: clutter that looks like ink but is background
-        side = int(rng.integers(size // 4, size // 2 + 1))
-        ink = _digit_ink(digits[rng.integers(len(digits))], side)
-        half = side // 2
-        quarter = ink[:half, :half] if rng.random() < 0.5 else ink[half:, half:]
-        y, x = (int(v) for v in rng.integers(0, size - quarter.shape[0] + 1, size=2))
-        colour = rng.uniform(0, 255, size=3)
-        alpha = 0.6 * quarter[..., None]
-        region = canvas[y : y + quarter.shape[0], x : x + quarter.shape[1]]
-        region[:] = (1 - alpha) * region + alpha * colour
+    canvas = cluttered_background(rng, size, digits)
     mask = np.zeros((size, size), np.uint8)
     for _ in range(rng.integers(1, max_digits + 1)):
         index = int(rng.integers(len(digits)))
         side = int(rng.integers(3 * size // 8, 5 * size // 8 + 1))
-        ink = _digit_ink(digits[index], side)
-        y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-        region = canvas[y : y + side, x : x + side]
-        # each channel at the far end from the background under it: the digit is visible, the clutter in random
-        # colours not always
-        dark = region.mean(axis=(0, 1)) < 128
-        colour = np.where(dark, rng.uniform(200, 255, size=3), rng.uniform(0, 55, size=3))
-        region[:] = (1 - ink[..., None]) * region + ink[..., None] * colour
+        ink, y, x = paste_digit(rng, canvas, digits[index], side)
         # the digit's shape, its strokes widened by a pixel: a label a few patches wide, not a 2-px line
         shape = PIL.Image.fromarray(np.uint8(ink > 0.3) * 255).filter(PIL.ImageFilter.MaxFilter(3))
         mask[y : y + side, x : x + side][np.asarray(shape) > 0] = 1 + int(labels[index])
@@ -132,19 +92,11 @@ def load_digit_canvas_dataset(
     images (the split of `digits.load_digits_dataset`), so evaluation digits are unseen handwriting. The same
     arguments always give the same images; the evaluation split uses another stream of the seed than the training one.
     """
-    from sklearn.datasets import load_digits
-
-    from modeling_mimco.data.digits import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION
-
     if split not in ("train", "validation", "test"):
         raise ValueError(f"Unknown split {split!r} of {DIGIT_CANVAS_DATASET!r}; available: train, validation, test.")
     if num_images <= 0 or canvas_size < 16:
         raise ValueError(f"Need num_images > 0 and canvas_size >= 16, got {num_images} and {canvas_size}.")
-    bundled = load_digits()
-    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(bundled.target))
-    num_train = int(round(len(order) * (1.0 - DIGITS_TEST_FRACTION)))
-    indices = order[:num_train] if split == "train" else order[num_train:]
-    digits, labels = bundled.images[indices], bundled.target[indices]
+    digits, labels = digits_of_split(split, DIGIT_CANVAS_DATASET)
     # one independent stream per split, so that the training set does not change with the evaluation set's size
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     images, masks = [], []

@@ -32,7 +32,12 @@ import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 from datasets.table import list_table_cache_files
 
-from modeling_mimco.data.digits import DIGITS_DATASET, load_digits_dataset
+from modeling_mimco.data.digits import (
+    CLUTTERED_DIGITS_DATASET,
+    DIGITS_DATASET,
+    load_cluttered_digits_dataset,
+    load_digits_dataset,
+)
 from modeling_mimco.data.webdataset import (
     check_shard_files,
     check_shards_for_workers,
@@ -56,7 +61,10 @@ class ImageSourceArguments:
     digits data. Every script's data arguments extend this class, so a new kind of source is added here once."""
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, or 'digits'."}
+        default=None,
+        metadata={
+            "help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, 'digits' or 'cluttered-digits' (built in)."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
     train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
@@ -363,7 +371,8 @@ def load_image_dataset(
 
     - `dataset_name`: a Hub dataset (`"ILSVRC/imagenet-1k"`, gated: `token`, or the environment / cached login) or a
       local dataset folder (e.g. a parquet folder in the Hub layout), read with `datasets.load_dataset`;
-      `dataset_config_name` picks a configuration. `"digits"` is reserved for the built-in demo dataset.
+      `dataset_config_name` picks a configuration. `"digits"` and `"cluttered-digits"` are reserved for the built-in
+      datasets (`data/digits.py`).
     - `train_dir`: a local folder of class sub-folders (`train_dir/<class>/<image>`), read with the `"imagefolder"`
       builder; class names become a `ClassLabel` `"label"` column. Every image is in the split `"train"`, whatever
       its file name; sub-folders named after splits (`train_dir/train/<class>/...`, `train_dir/val/<class>/...`)
@@ -373,7 +382,8 @@ def load_image_dataset(
       image field (`jpg`, `png`, ...) becomes the `"image"` column, its `cls` the `"label"` column, and `__key__`
       (the sample's name) is kept. A list or a string gives the single split `"train"`; a dict maps split names to
       files. A missing shard, or shards mixed with parquet files, raise `ValueError` in one line.
-    - none of them, or `dataset_name="digits"`: `load_digits_dataset(split, digits_image_size)`.
+    - none of them, or `dataset_name="digits"`: `load_digits_dataset(split, digits_image_size)`;
+      `dataset_name="cluttered-digits"`: `load_cluttered_digits_dataset(split, digits_image_size)` (the demo's).
 
     Args:
         split: The split to load; an unknown split raises `ValueError` listing the available ones.
@@ -381,7 +391,7 @@ def load_image_dataset(
             `to_iterable_dataset`).
         cache_dir: Where `datasets` caches downloads and prepared Arrow files.
         token: Hub token for gated or private datasets; `None` uses the cached login / `HF_TOKEN`.
-        digits_image_size: Side of the digits images, when the digits demo is the source.
+        digits_image_size: Side of the images, when a built-in digits dataset is the source.
         report_skipped_links: With `train_dir`, warn about the symbolic links that `"imagefolder"` drops without a
             word (dangling links, link loops, links to folders), naming up to 10 of them and counting all
             (`find_skipped_links`). Loading further splits of a folder already reported can turn this off.
@@ -397,6 +407,9 @@ def load_image_dataset(
     _check_one_source(dataset_name, train_dir, data_files)
     if (dataset_name is None and train_dir is None and data_files is None) or dataset_name == DIGITS_DATASET:
         dataset = load_digits_dataset(split=split, image_size=digits_image_size)
+        return dataset.to_iterable_dataset(num_shards=_digits_num_shards(len(dataset))) if streaming else dataset
+    if dataset_name == CLUTTERED_DIGITS_DATASET:
+        dataset = load_cluttered_digits_dataset(split=split, image_size=digits_image_size)
         return dataset.to_iterable_dataset(num_shards=_digits_num_shards(len(dataset))) if streaming else dataset
 
     hub_kwargs = {"cache_dir": cache_dir, "token": token}

@@ -156,41 +156,10 @@ def student_arguments(args: argparse.Namespace, data_file: str, output_dir: str,
 
 
 def pretrain_pixel_mim(args: argparse.Namespace, data_file: str, output_dir: str, teacher_dir: str, seed: int) -> None:
-    """SimMIM with transformers' `ViTForMaskedImageModeling` of the student's shape, through the student's pipeline
-    and the shared loop (the method of `experiments/reproduction.pretrain_simmim`, at the canvas size)."""
-    from transformers import ViTConfig, ViTForMaskedImageModeling, set_seed
+    """SimMIM (`experiments.pixel_mim`) with the student's arguments: same shape, data, masks, loop and schedule."""
+    from modeling_mimco.experiments.pixel_mim import run_pixel_mim
 
-    from modeling_mimco import MimCoConfig
-    from modeling_mimco.configuration_mimco import preset_backbone_kwargs
-    from modeling_mimco.data.pipeline import build_pretraining_pipeline
-    from modeling_mimco.data.sources import load_training_images
-    from modeling_mimco.experiments.reproduction import pixel_mim_loss
-    from modeling_mimco.interop.model_folders import save_image_processor
-    from modeling_mimco.training.loop import train
-
-    model_args, data_args, training_args = student_arguments(args, data_file, output_dir, teacher_dir, seed)
-    shape = preset_backbone_kwargs(PRESET)
-    config = MimCoConfig(**shape, mask_strategy=model_args.mask_strategy, mask_ratio=model_args.mask_ratio)
-    vit_config = ViTConfig(
-        **{key: shape[key] for key in ("image_size", "patch_size", "hidden_size", "num_hidden_layers")},
-        num_attention_heads=shape["num_attention_heads"],
-        intermediate_size=shape["intermediate_size"],
-        layer_norm_eps=config.layer_norm_eps,
-        qkv_bias=config.qkv_bias,
-        encoder_stride=shape["patch_size"],
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    set_seed(seed)
-    model = ViTForMaskedImageModeling(vit_config)
-    dataset, image_column = load_training_images(data_args, config.image_size, seed=seed)
-    dataset, collator = build_pretraining_pipeline(dataset, image_column, config, model_args.crop_min_scale)
-
-    def save_final(unwrapped_model, final_dir: str) -> None:
-        unwrapped_model.save_pretrained(final_dir)
-        save_image_processor(final_dir, config.image_size, config.image_mean, config.image_std)
-
-    train(training_args, model, dataset, collator, pixel_mim_loss, save_final, project_name="pixel-mim")
+    run_pixel_mim(*student_arguments(args, data_file, output_dir, teacher_dir, seed))
 
 
 def pretrain_all(args: argparse.Namespace, seed: int, seed_dir: str) -> dict[str, str]:

@@ -152,6 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune_learning_rate", type=float, default=2e-3)
     parser.add_argument("--tsne_points", type=int, default=1500)
     parser.add_argument("--num_threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores).")
+    parser.add_argument(
+        "--eval_device",
+        choices=["cpu", "auto"],
+        default="cpu",
+        help="Where the probe's features are extracted and the fine-tune runs: cpu, or auto (the GPU when there is "
+        "one). Pre-training always runs on Accelerate's default device.",
+    )
+    parser.add_argument(
+        "--eval_seconds_per_row",
+        type=float,
+        default=None,
+        help=f"Seconds the step plan sets aside for each row's evaluation (default {EVAL_SECONDS_PER_ROW:g}, "
+        "measured on 2 CPU cores).",
+    )
+    parser.add_argument(
+        "--fixed_seconds",
+        type=float,
+        default=None,
+        help=f"Seconds the step plan sets aside once, for loading the data, the t-SNE and the card (default "
+        f"{FIXED_SECONDS:g}, measured on 2 CPU cores).",
+    )
     parser.add_argument("--num_workers", type=int, default=1, help="Data-loading worker processes.")
     parser.add_argument("--rows", nargs="+", default=None, help="Only these rows (keys); default all.")
     return parser
@@ -188,6 +209,9 @@ def parse_args(argv: list[str] | None = None, local_dataset: str | None = None) 
         parser.error(f"--rows: unknown rows {sorted(unknown)}; known: {[key for key, *_ in ROWS]}")
     if args.budget_minutes <= 0:
         parser.error("--budget_minutes must be positive.")
+    for name in ("eval_seconds_per_row", "fixed_seconds"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}.")
     if args.eval_repeats < 1:
         parser.error("--eval_repeats must be at least 1.")
     if args.finetune_epochs < 0:
@@ -223,32 +247,9 @@ def backbone_kwargs(args) -> dict:
 PROJECTOR_HIDDEN_SIZE, PROJECTION_SIZE, HEAD_HIDDEN_SIZE = 512, 128, 256
 
 
-def simmim_config(args):
-    """A `ViTConfig` with the MimCo backbone's shape, for `ViTForMaskedImageModeling` (SimMIM's decoder: one linear
-    layer + pixel shuffle with stride = patch size)."""
-    from transformers import ViTConfig
-
-    from modeling_mimco import MimCoConfig
-
-    shape = backbone_kwargs(args)
-    mimco = MimCoConfig(**shape)
-    return ViTConfig(
-        image_size=shape["image_size"],
-        patch_size=shape["patch_size"],
-        hidden_size=shape["hidden_size"],
-        num_hidden_layers=shape["num_hidden_layers"],
-        num_attention_heads=shape["num_attention_heads"],
-        intermediate_size=shape["intermediate_size"],
-        layer_norm_eps=mimco.layer_norm_eps,
-        qkv_bias=mimco.qkv_bias,
-        encoder_stride=shape["patch_size"],
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-
-
 def time_pretraining_steps(args, repeats: int = 3) -> dict[str, float]:
-    """Seconds per optimizer step of each objective at the run's batch size, on synthetic tensors (1 warm-up step)."""
+    """Seconds per optimizer step of each objective at the run's batch size, on synthetic tensors (1 warm-up step), on
+    the device pre-training will use (the GPU when there is one, as Accelerate picks it)."""
     import torch
     from transformers import ViTForMaskedImageModeling
 
@@ -258,10 +259,12 @@ def time_pretraining_steps(args, repeats: int = 3) -> dict[str, float]:
         MimCoForContrastivePreTraining,
         MimCoForPreTraining,
     )
+    from modeling_mimco.experiments.pixel_mim import vit_config_like
 
     shape = backbone_kwargs(args)
     batch = args.batch_size
-    pixels = torch.randn(batch, 3, shape["image_size"], shape["image_size"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pixels = torch.randn(batch, 3, shape["image_size"], shape["image_size"], device=device)
     contrastive = MimCoForContrastivePreTraining(
         MimCoContrastiveConfig(
             backbone_config=MimCoConfig(**shape, position_embedding_type="sincos"),
@@ -272,8 +275,10 @@ def time_pretraining_steps(args, repeats: int = 3) -> dict[str, float]:
     student = MimCoForPreTraining(
         MimCoConfig(**shape, head_hidden_size=HEAD_HIDDEN_SIZE, teacher_config=MimCoConfig(**shape))
     )
-    simmim = ViTForMaskedImageModeling(simmim_config(args))
-    mask = student.mask_generator.batch(batch)
+    simmim = ViTForMaskedImageModeling(vit_config_like(MimCoConfig(**shape)))
+    for model in (contrastive, student, simmim):
+        model.to(device)
+    mask = student.mask_generator.batch(batch).to(device)
     objectives = {
         "contrastive": (contrastive, lambda: contrastive(pixel_values_1=pixels, pixel_values_2=pixels).loss),
         "mimco": (student, lambda: student(pixels, bool_masked_pos=mask).loss),
@@ -284,12 +289,21 @@ def time_pretraining_steps(args, repeats: int = 3) -> dict[str, float]:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         for step in range(repeats + 1):
             if step == 1:
+                _synchronize(device)
                 start = time.perf_counter()
             loss_fn().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
         seconds[name] = (time.perf_counter() - start) / repeats
     return seconds
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # Seconds set aside per row for evaluation at the default sizes, and once for startup, t-SNE and the card. Measured on
@@ -327,7 +341,9 @@ def plan_steps(args, step_seconds: dict[str, float], num_seeds: int = 1) -> dict
         cost = step_seconds[kind] * (matched_ratio if key == COMPUTE_MATCHED_ROW else 1.0)
         per_step += cost if key == "teacher" else cost * num_seeds
     evaluated = len(selected) * num_seeds - ((num_seeds - 1) if "teacher" in selected else 0)
-    reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * evaluated
+    per_row = args.eval_seconds_per_row if args.eval_seconds_per_row is not None else EVAL_SECONDS_PER_ROW
+    fixed = args.fixed_seconds if args.fixed_seconds is not None else FIXED_SECONDS
+    reserve = fixed + per_row * evaluated
     available = max(args.budget_minutes * 60.0 - reserve, 0.0)
     steps = max(int(available / per_step) // 10 * 10, 20) if per_step > 0 else 20
     return {
@@ -435,48 +451,12 @@ def pretrain_mimco(args, steps: int, output_dir: str, teacher_dir: str, override
     return run_pretraining.run_pretraining(*mimco_arguments(args, steps, output_dir, teacher_dir, overrides))
 
 
-def pixel_mim_loss(wrapped_model, batch: dict, progress: float):
-    outputs = wrapped_model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
-    return outputs.loss, {}
-
-
 def pretrain_simmim(args, steps: int, output_dir: str, teacher_dir: str):
-    """Pixel MIM with transformers' `ViTForMaskedImageModeling`, trained exactly like the MimCo student: the stage-2
-    command's arguments (the dataclasses of `run_pretraining`, so defaults cannot drift), its input pipeline
-    (`data.build_pretraining_pipeline`: same augmentation, same `MimCoMaskGenerator` masks), and the shared
-    `training.train` loop (same AdamW groups, lr scaling, cosine schedule, clipping, checkpoints and resume)."""
-    from transformers import ViTForMaskedImageModeling, set_seed
+    """Pixel MIM (`experiments.pixel_mim`: transformers' `ViTForMaskedImageModeling`, SimMIM) trained with the MimCo
+    row's own arguments: same shape, data, augmentation, masks, optimizer, schedule and loop."""
+    from modeling_mimco.experiments.pixel_mim import run_pixel_mim
 
-    from modeling_mimco import MimCoConfig
-    from modeling_mimco.data.pipeline import build_pretraining_pipeline
-    from modeling_mimco.data.sources import load_training_images
-    from modeling_mimco.interop.model_folders import save_image_processor
-    from modeling_mimco.training.loop import train
-
-    model_args, data_args, training_args = mimco_arguments(args, steps, output_dir, teacher_dir, {})
-    # the student's masking settings, from the same config fields the MimCo rows use
-    student_config = MimCoConfig(
-        **backbone_kwargs(args), mask_strategy=model_args.mask_strategy, mask_ratio=model_args.mask_ratio
-    )
-    set_seed(training_args.seed)
-    model = ViTForMaskedImageModeling(simmim_config(args))
-    dataset, image_column = load_training_images(data_args, student_config.image_size, seed=training_args.seed)
-    dataset, collator = build_pretraining_pipeline(dataset, image_column, student_config, model_args.crop_min_scale)
-
-    def save_final(unwrapped_model, final_dir: str) -> None:
-        unwrapped_model.save_pretrained(final_dir)
-        save_image_processor(final_dir, student_config.image_size, student_config.image_mean, student_config.image_std)
-
-    return train(
-        training_args,
-        model,
-        dataset,
-        collator,
-        pixel_mim_loss,
-        save_final,
-        project_name="pixel-mim",
-        run_config={**vars(model_args), **vars(data_args), **vars(training_args)},
-    )
+    return run_pixel_mim(*mimco_arguments(args, steps, output_dir, teacher_dir, {}))
 
 
 def save_random_init(args, output_dir: str) -> None:
@@ -542,7 +522,9 @@ def frozen_feature_scores(args, splits: list, checkpoint: str, key: str, feature
     for index, (eval_seed, data) in enumerate(zip(eval_seeds, splits)):
         probe = LinearProbeConfig(epochs=args.probe_epochs, seed=eval_seed)
         for pooling in POOLINGS if index == 0 else ("cls",):
-            common = dict(pooling=pooling, batch_size=256, num_workers=args.num_workers, device="cpu")
+            common = dict(
+                pooling=pooling, batch_size=256, num_workers=args.num_workers, device=evaluation_device(args)
+            )
             train_x, train_y = extract_features(backbone, data.train, data.image_column, data.label_column, **common)
             test_x, test_y = extract_features(backbone, data.eval, data.image_column, data.label_column, **common)
             result = evaluate_frozen_features(train_x, train_y, test_x, test_y, data.num_labels, probe)
@@ -560,6 +542,13 @@ def frozen_feature_scores(args, splits: list, checkpoint: str, key: str, feature
     scores["evaluation_seeds"] = eval_seeds
     scores["evaluation_spread"] = {metric: spread(values) for metric, values in probe_scores.items()}
     return scores
+
+
+def evaluation_device(args) -> str:
+    """`--eval_device` resolved: "cpu", or "cuda" when `auto` finds a GPU."""
+    import torch
+
+    return "cuda" if args.eval_device == "auto" and torch.cuda.is_available() else "cpu"
 
 
 def evaluation_seeds(args) -> list[int]:
@@ -615,7 +604,7 @@ def finetune_arguments(args, checkpoint: str, output_dir: str) -> tuple:
         seed=args.eval_seed,
         dataloader_num_workers=args.num_workers,
         logging_steps=20,
-        use_cpu=True,
+        use_cpu=evaluation_device(args) == "cpu",
         disable_tqdm=True,
     )
     return model_args, data_args, training_args

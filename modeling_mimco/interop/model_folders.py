@@ -40,6 +40,7 @@ from transformers.image_utils import (
     PILImageResampling,
 )
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import logging as transformers_logging
 
 from modeling_mimco import (
     MimCoConfig,
@@ -252,9 +253,16 @@ def _pretrained_backbone_model(
         part = {"MimCoForPreTraining": " (student)", "MimCoForImageClassification": " (backbone)"}
         model = MimCoModel.from_pretrained(name_or_path, **hub_kwargs)
         return model, f"{architecture} checkpoint{part.get(architecture, '')}", ()
-    model, loading_info = AutoModel.from_pretrained(
-        name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True, **hub_kwargs
-    )
+    # a pre-training folder (e.g. `ViTForMaskedImageModeling`) holds heads the backbone drops and lacks the pooler:
+    # transformers' warning table about them would alarm for nothing, and the results record the untrained weights
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, loading_info = AutoModel.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True, **hub_kwargs
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     untrained_weights = tuple(sorted(loading_info.get("missing_keys", ())))
     return model, f"{architecture} checkpoint via AutoModel ({type(model).__name__})", untrained_weights
 

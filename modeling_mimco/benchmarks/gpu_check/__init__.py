@@ -1,7 +1,7 @@
 """The GPU check kit: everything worth knowing about this package on one CUDA GPU, in one run of at most 8 minutes.
 
     python scripts/gpu_check.py                       # on a GPU machine: outputs/gpu_check/report.{json,md}
-    python scripts/gpu_check.py --smoke               # every part on the CPU at tiny sizes, under 2 minutes
+    python scripts/gpu_check.py --smoke               # every part on the CPU at tiny sizes, about 2 minutes
 
 Parts, each stopped by its own time budget (`--budget_<part>` seconds) and by the run's `--max_minutes`:
 
@@ -20,8 +20,11 @@ Parts, each stopped by its own time budget (`--budget_<part>` seconds) and by th
   `MimCoPretrainingCollator` and the training loop's seeded batches in a DataLoader with one worker per core) on
   generated 500x375 JPEGs, against the step's images/s; and GPU JPEG decoding (`torchvision.io.decode_jpeg(...,
   device="cuda")`), an opt-in path that the training scripts do not use.
-- `reproduce`: a short `scripts/reproduce.py` run on CIFAR-10 (`../shared/datasets/cifar10` beside the repository
-  root, or `--dataset_dir`), skipped when the data is absent.
+- `reproduce`: `make reproduce`'s design (3 seeds sharing one teacher; raw pixels, random init, teacher, pixel MIM,
+  pixel MIM at MimCo's compute and MimCo; probe, kNN and fine-tune; MimCo against each row beside the seed spread),
+  sized by the reproduction's step planner to the part's budget, on CIFAR-10 (`../shared/datasets/cifar10` beside
+  the repository root, or `--dataset_dir`); skipped when the data is absent. `--smoke` runs the same flags at the
+  reproduction's smoke sizes with 2 seeds.
 
 With `--smoke` (or `--device cpu`) the parts run on the CPU: the device-vs-CPU comparisons then compare the CPU
 with itself (they exercise the code, nothing more), and what needs CUDA (datasheet peaks, per-step peak memory) says
