@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import ViTConfig, ViTModel
 
 from modeling_mimco.configuration_mimco import MimCoConfig, MimCoContrastiveConfig
+from modeling_mimco.interop.vit_export import vit_shape_kwargs
 from modeling_mimco.modeling_mimco import MimCoForPreTraining
 from modeling_mimco.modeling_mimco_contrastive import MimCoForContrastivePreTraining
 from modeling_mimco.training.optimization import build_adamw
@@ -39,18 +40,7 @@ from modeling_mimco.training.optimization import build_adamw
 
 def vit_config_like(config: MimCoConfig) -> ViTConfig:
     """A `transformers.ViTConfig` of the same shape as a MimCo backbone (SDPA attention)."""
-    return ViTConfig(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        layer_norm_eps=config.layer_norm_eps,
-        qkv_bias=config.qkv_bias,
-        hidden_act=config.hidden_act,
-        attn_implementation="sdpa",
-    )
+    return ViTConfig(**vit_shape_kwargs(config), hidden_act=config.hidden_act, attn_implementation="sdpa")
 
 
 def copy_backbone_into_vit(source, vit: ViTModel) -> None:

@@ -16,20 +16,14 @@ from modeling_mimco.configuration_mimco import MimCoConfig
 from modeling_mimco.data.pipeline import build_pretraining_pipeline
 from modeling_mimco.data.sources import DataArguments, load_training_images
 from modeling_mimco.interop.model_folders import save_image_processor
+from modeling_mimco.interop.vit_export import vit_shape_kwargs
 from modeling_mimco.training.loop import TrainingResult, train
 
 
 def vit_config_like(config: MimCoConfig) -> ViTConfig:
     """A `ViTConfig` of the MimCo backbone's shape (no dropout, SimMIM's decoder stride = patch size)."""
     return ViTConfig(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        layer_norm_eps=config.layer_norm_eps,
-        qkv_bias=config.qkv_bias,
+        **vit_shape_kwargs(config),
         encoder_stride=config.patch_size,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,

@@ -135,6 +135,25 @@ def check_vit_exportable(config: MimCoConfig) -> None:
         raise ValueError(f"`position_embedding_type` {config.position_embedding_type!r} has no ViT counterpart.")
 
 
+# The fields that give a `ViTConfig` a MimCo backbone's shape (the same names in both configs).
+VIT_SHAPE_FIELDS = (
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "layer_norm_eps",
+    "qkv_bias",
+)
+
+
+def vit_shape_kwargs(config: MimCoConfig) -> dict:
+    """`ViTConfig` keyword arguments for a model of `config`'s shape (`VIT_SHAPE_FIELDS`), for the stock-transformers
+    models that the benchmarks and the pixel-MIM baseline build beside MimCo; `vit_config_for` is the exact export."""
+    return {name: getattr(config, name) for name in VIT_SHAPE_FIELDS}
+
+
 def vit_config_for(config: MimCoConfig, classifier: bool, image_size: int | None = None) -> ViTConfig:
     """The `ViTConfig` of the export: the backbone fields of `config` (at `image_size` when given), the identity
     pooler (`pooler_act="linear"`, `pooler_output_size=hidden_size`) and, for a classifier, the labels (`id2label`,
