@@ -364,3 +364,17 @@ def test_teacher_crop_scale_reaches_stage_one(monkeypatch):
         module.pretrain_contrastive(args, 3, "unused")
         assert seen[-1].crop_min_scale == expected
         assert module.settings_of(args, {"pretrain_steps": 3})["stage1_crop_min_scale"] == expected
+
+
+def test_the_readme_reproduce_command_is_make_reproduce():
+    """The README's command is the Makefile's `reproduce` recipe, and its flags parse to the main rows and 3 seeds."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- reproduce command:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\nreproduce:", 1)[1].splitlines()[1].strip()
+    assert recipe.replace("$(BIN)/python ", "python ") == block
+    module = _load_script()
+    args = module.parse_args(block.split()[2:])
+    assert args.seeds == [0, 1, 2] and args.budget_minutes == 120
+    assert args.rows == ["pixels", "random_init", "teacher", "pixel_mim", "pixel_mim_matched", "mimco"]
+    assert set(args.rows) == set(module.COMPARED_ROWS) | {"mimco"}  # every row MimCo is compared with
