@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""`make demo`: both MimCo stages on the built-in digits data, then a frozen-feature evaluation; CPU, no network.
+"""`make demo`: both MimCo stages and pixel MIM on built-in cluttered digits, then a frozen-feature evaluation; CPU,
+no network.
 
 The program lives in `modeling_mimco/experiments/demo.py`; `python scripts/demo.py --help` lists its flags.
 """

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_demo(output_dir: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
+    command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output_dir), *flags]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_demo_prints_the_table_with_the_pixel_baseline(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(tmp_path / "demo")]
-    command += ["--stage1_steps", "3", "--stage2_steps", "3", "--batch_size", "16"]
-    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    tiny = ("--stage1_steps", "3", "--stage2_steps", "3", "--batch_size", "16")
+    completed = run_demo(tmp_path / "demo", *tiny)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = [line for line in completed.stdout.splitlines() if line.startswith("| ") and "%" in line]
     names = [row.split("|")[1].strip() for row in rows][-5:]  # the demo's own table, after the probe's
@@ -40,6 +46,82 @@ def test_demo_prints_the_table_with_the_pixel_baseline(tmp_path):
     assert pixel_mim["architectures"] == ["ViTForMaskedImageModeling"]
     for field in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
         assert pixel_mim[field] == student[field], field  # the baseline has the student's shape
+    # pixel MIM and the baseline rows ran in the second process, whose output went to its log
+    log = (tmp_path / "demo" / "baselines.log").read_text()
+    assert "pixel MIM (SimMIM): linear probe" in log and "raw pixels: linear probe" in log
+    assert "pixel MIM (SimMIM): linear probe" not in completed.stdout
+
+    # --sequential does the same work in one process, and gets the same weights and the same table
+    sequential = run_demo(tmp_path / "sequential", *tiny, "--sequential")
+    assert sequential.returncode == 0, sequential.stderr[-3000:]
+    assert "pixel MIM (SimMIM): linear probe" in sequential.stdout
+    assert not (tmp_path / "sequential" / "baselines.log").exists()
+    for model in ("pixel_mim", "student"):
+        weights = [(tmp_path / run / model / "model.safetensors").read_bytes() for run in ("demo", "sequential")]
+        assert weights[0] == weights[1], model
+    results = [
+        json.loads((tmp_path / run / "evaluation" / "linear_probe_results.json").read_text())["models"]
+        for run in ("demo", "sequential")
+    ]
+    for row in results[0] + results[1]:
+        del row["model_name_or_path"], row["source"]  # these name the run's folders
+    assert results[0] == results[1]
+
+
+@pytest.mark.slow
+def test_demo_bad_data_is_one_line_and_stops_the_second_process(tmp_path):
+    marker = f"demo-test-{os.getpid()}-{tmp_path.name}"  # every process of this run inherits it
+    completed = run_demo(
+        tmp_path / "demo", "--dataset_name", str(tmp_path / "no-such-folder"), env={"MIMCO_TEST_RUN": marker}
+    )
+    assert completed.returncode != 0
+    assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
+    error_lines = [line for line in completed.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "no-such-folder" in error_lines[0], completed.stderr[-3000:]
+    # the second process (and any loader worker) was stopped with the first; multiprocessing's resource tracker may
+    # take a moment to notice that the first has ended
+    deadline = time.monotonic() + 15
+    while processes_with_environment("MIMCO_TEST_RUN", marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_with_environment("MIMCO_TEST_RUN", marker) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_both_processes(tmp_path):
+    """Ctrl-C while the teacher trains: the first process ends, and stops the second, which trains pixel MIM."""
+    marker = f"demo-test-{os.getpid()}-{tmp_path.name}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env["MIMCO_TEST_RUN"] = marker
+    command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(tmp_path / "demo")]
+    demo = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = tmp_path / "demo" / "baselines.log"
+        deadline = time.monotonic() + 120
+        while "Training" not in (log.read_text() if log.is_file() else "") and time.monotonic() < deadline:
+            time.sleep(0.5)  # until pixel MIM trains in the second process
+        assert len(processes_with_environment("MIMCO_TEST_RUN", marker)) >= 2
+        demo.send_signal(signal.SIGINT)
+        demo.communicate(timeout=60)
+    finally:
+        demo.kill()
+    assert demo.returncode != 0
+    deadline = time.monotonic() + 15
+    while processes_with_environment("MIMCO_TEST_RUN", marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_with_environment("MIMCO_TEST_RUN", marker) == []
+
+
+def processes_with_environment(name: str, value: str) -> list[str]:
+    """The ids of the processes whose environment sets `name` to `value` (Linux's /proc)."""
+    entry = f"{name}={value}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry in environ.read_bytes().split(b"\0"):
+                found.append(environ.parent.name)
+        except OSError:  # a process that ended meanwhile, or one we may not inspect
+            continue
+    return found
 
 
 def test_demo_reading_is_computed_from_the_table():
@@ -68,11 +150,11 @@ def test_demo_reading_is_computed_from_the_table():
 @pytest.mark.slow
 def test_demo_image_size_and_mask_block_reach_both_stages(tmp_path):
     """The flags of the measured demo variants (docs/benchmarks.md) change the models the demo trains."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(tmp_path / "demo")]
-    command += ["--stage1_steps", "2", "--stage2_steps", "2", "--batch_size", "8", "--skip_pixel_mim"]
-    command += ["--image_size", "16", "--mask_patch_size", "4", "--dataset_name", "digits"]
-    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    completed = run_demo(
+        tmp_path / "demo",
+        *("--stage1_steps", "2", "--stage2_steps", "2", "--batch_size", "8", "--skip_pixel_mim"),
+        *("--image_size", "16", "--mask_patch_size", "4", "--dataset_name", "digits"),
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     teacher = json.loads((tmp_path / "demo" / "teacher" / "config.json").read_text())
     student = json.loads((tmp_path / "demo" / "student" / "config.json").read_text())

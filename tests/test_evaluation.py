@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from helpers.scripts import load_script
-from transformers import ViTForMaskedImageModeling, ViTModel
+from transformers import HfArgumentParser, ViTForMaskedImageModeling, ViTModel
 
 from modeling_mimco import (
     MimCoContrastiveConfig,
@@ -38,7 +38,7 @@ from modeling_mimco.evaluation.frozen_features import (
     train_linear_probe,
 )
 from modeling_mimco.evaluation.metrics import ClassificationMetrics, TopKAccuracy, load_accuracy_metric
-from modeling_mimco.interop.model_folders import RANDOM_INIT, load_backbone
+from modeling_mimco.interop.model_folders import PIXELS, RANDOM_INIT, load_backbone
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -375,6 +375,34 @@ def test_run_linear_probe_compares_two_models_and_writes_json_and_png(tmp_path, 
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     width, height = PIL.Image.open(io.BytesIO(png)).size
     assert width > height  # two panels side by side
+
+
+@pytest.mark.slow
+def test_rows_measured_apart_give_the_report_of_one_run(tmp_path, tiny_mimco_config, no_network):
+    """Rows measured apart (`measure_models`, as the demo measures its rows in two processes) make, with
+    `report_results`, the same report as one run over all the models."""
+    script = load_script("run_linear_probe")
+    torch.manual_seed(0)
+    MimCoModel(tiny_mimco_config()).save_pretrained(tmp_path / "saved")
+    flags = ["--random_init_config", str(tmp_path / "saved"), "--max_train_samples", "120", "--max_eval_samples"]
+    flags += ["40", "--probe_epochs", "5", "--batch_size", "64"]
+    parser = HfArgumentParser((script.ModelArguments, script.DataArguments, script.EvaluationArguments))
+
+    def arguments(models: list[str], output_dir: str) -> tuple:
+        return parser.parse_args_into_dataclasses(
+            args=["--model_name_or_path", *models, "--output_dir", str(tmp_path / output_dir), *flags]
+        )
+
+    whole = script.run_linear_probe(*arguments([PIXELS, RANDOM_INIT, str(tmp_path / "saved")], "whole"))
+    earlier = script.measure_models(*arguments([PIXELS, RANDOM_INIT], "apart"))
+    later = script.measure_models(*arguments([str(tmp_path / "saved")], "apart"))
+    assert not (tmp_path / "apart").exists()  # measuring writes nothing
+    _, data_args, eval_args = arguments([PIXELS], "apart")
+    data = data_args.load_splits(eval_args.seed)
+    apart = script.report_results([*earlier, *later], data, data_args, eval_args)
+    assert [row["name"] for row in apart["models"]] == [PIXELS, RANDOM_INIT, "saved"]
+    assert apart["models"] == whole["models"]
+    assert json.loads((tmp_path / "apart" / "linear_probe_results.json").read_text())["models"] == whole["models"]
 
 
 def test_pixels_baseline_features_are_the_normalised_images():

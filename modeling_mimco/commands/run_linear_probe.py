@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -203,27 +204,56 @@ def plot_results(results: list[FrozenFeatureResult], data: ClassificationData, e
     )
 
 
-def run_linear_probe(model_args: ModelArguments, data_args: DataArguments, eval_args: EvaluationArguments) -> dict:
-    """Evaluates every model as `mimco-probe` does; returns the report written to `linear_probe_results.json`,
-    with `results_file` and, with `--plot`, `plot_file`."""
+def _check_pooling(model_args: ModelArguments) -> None:
     if model_args.pooling not in FEATURE_POOLINGS:
         raise ValueError(f"--pooling must be one of {FEATURE_POOLINGS}, got {model_args.pooling!r}.")
+
+
+def measure_models(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    eval_args: EvaluationArguments,
+    data: ClassificationData | None = None,
+) -> list[FrozenFeatureResult]:
+    """Measures every `--model_name_or_path` entry on `data` (default: the splits `data_args` names) and returns the
+    results, in order, writing nothing. Results measured apart (in another process, say) with the same data and
+    settings make one report together (`report_results`)."""
+    _check_pooling(model_args)
     names = _display_names(model_args.model_name_or_path, model_args.model_names)
     probe_config = build_probe_config(eval_args)
-    data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
-
+    if data is None:
+        data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
     device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = [
+    return [
         evaluate_model(name, path, data, model_args, data_args, eval_args, probe_config, device)
         for name, path in zip(names, model_args.model_name_or_path)
     ]
-    report = write_report(results, data, data_args, eval_args, probe_config)
+
+
+def report_results(
+    results: Sequence[FrozenFeatureResult],
+    data: ClassificationData,
+    data_args: DataArguments,
+    eval_args: EvaluationArguments,
+) -> dict:
+    """Writes `linear_probe_results.json` (and, with `--plot`, the t-SNE) for `results` and prints their table;
+    returns the report, with `results_file` and, with `--plot`, `plot_file`."""
+    results = list(results)
+    report = write_report(results, data, data_args, eval_args, build_probe_config(eval_args))
     if eval_args.plot:
         report["plot_file"] = plot_results(results, data, eval_args)
     print()
     print(results_table(results, knn_k=eval_args.knn_k, knn_temperature=eval_args.knn_temperature))
     print(f"Results: {report['results_file']}" + (f"; t-SNE: {report['plot_file']}" if eval_args.plot else ""))
     return report
+
+
+def run_linear_probe(model_args: ModelArguments, data_args: DataArguments, eval_args: EvaluationArguments) -> dict:
+    """Evaluates every model as `mimco-probe` does (`measure_models`, then `report_results`); returns the report
+    written to `linear_probe_results.json`, with `results_file` and, with `--plot`, `plot_file`."""
+    _check_pooling(model_args)  # before the data loads
+    data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
+    return report_results(measure_models(model_args, data_args, eval_args, data), data, data_args, eval_args)
 
 
 @reports_errors

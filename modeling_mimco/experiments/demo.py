@@ -7,24 +7,31 @@ and 540 test images (test handwriting unseen). Objects that move among distracto
 a linear classifier on the raw pixels is at chance there. (`--dataset_name digits` gives the earlier demo's centred
 digits, on which the raw pixels beat every model.)
 
-1. Stage 1 trains a tiny MoCo v3 teacher.
-2. Stage 2 trains a MimCo student against it.
-3. Pixel MIM (SimMIM, transformers' `ViTForMaskedImageModeling`) trains with the student's shape, data, masks, steps
-   and schedule (`experiments/pixel_mim.py`): the method the paper compares MimCo with.
-4. A linear probe and a weighted k-NN classifier measure the normalised pixels (the baseline that learned features
-   must beat) and the CLS features of an untrained model of the student's shape, pixel MIM, the teacher and the
-   student (one `run_linear_probe` run for all five), and a t-SNE picture of their test features is written.
+Two processes share the work, so that both cores of a small machine are busy (`experiments/background.py`):
+1. The first trains stage 1, a tiny MoCo v3 teacher, then stage 2, a MimCo student against it.
+2. Meanwhile the second (at a lower priority, its output in `OUTPUT_DIR/baselines.log`) trains pixel MIM (SimMIM,
+   transformers' `ViTForMaskedImageModeling`, `experiments/pixel_mim.py`) with the student's shape, data, masks, steps
+   and schedule: the method the paper compares MimCo with. Then it measures the rows that need neither teacher nor
+   student: the normalised pixels (the baseline that learned features must beat), an untrained model of the
+   student's shape (its config is written to `OUTPUT_DIR/random_init` first) and pixel MIM.
+3. The first process measures the teacher and the student the same way, then writes one report of all five rows
+   (`run_linear_probe.report_results`): linear probe and weighted k-NN on the CLS features, and a t-SNE picture of
+   the test features.
+`--sequential` does the same work in one process, one step after the other, and gets the same weights and the same
+table (tests/test_demo.py checks this).
 
 The script prints how the losses moved, a table of the accuracies, a reading of the table against the demo's aims
 (the student above the pixels, above pixel MIM, and within a point of the teacher or above it, on both metrics), and
-where the checkpoints and the picture are. One torch thread trains while a loader worker prepares the next batch on
-the other core, and freed tensors are kept for the next step (`host_memory.keep_freed_memory`); docs/benchmarks.md has
-the wall times and every variant of the data that was tried, with its table.
+where the checkpoints and the picture are. In each process one torch thread trains while a loader worker prepares the
+next batch, and freed tensors are kept for the next step (`host_memory.keep_freed_memory`); docs/benchmarks.md has
+the wall times and every variant of the data and of the step counts that was tried, with its table.
 
 Settings that differ from the paper-scale defaults, for a 4-layer, 64-wide ViT on 32-px images, chosen by measurement
-on the earlier, centred digits (docs/benchmarks.md):
-- 200 stage-1 and 600 stage-2 steps of batch 64 (a stage-2 step costs about half a stage-1 step, which runs two
-  views through two encoders); 500 teacher steps gave the same teacher on the cluttered digits;
+(docs/benchmarks.md):
+- 200 stage-1 and 400 stage-2 (and pixel-MIM) steps of batch 64. On the cluttered digits, 400 student steps gave
+  the best student of 300, 400, 500 and 600 (linear / kNN 38.7 / 19.1 against 36.1 / 17.0, 38.0 / 17.0 and
+  35.9 / 15.0), and at 300 pixel MIM's kNN was ahead of the student's; 150 teacher steps gave a teacher below the
+  untrained network and a student below pixel MIM, and 500 teacher steps no better teacher than 200;
 - no horizontal flip in either stage (a mirrored 2, 3, 5 or 7 is no digit) and crops of at least 60 % (stage 1) and
   67 % (stage 2) of the image; MoCo v3's 8 % crops leave a stroke;
 - base learning rates 5e-3 (stage 1) and 1.5e-3 (stage 2);
@@ -36,6 +43,7 @@ on the earlier, centred digits (docs/benchmarks.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 import torch
@@ -49,7 +57,8 @@ from modeling_mimco.commands import (
 )
 from modeling_mimco.data.digits import CLUTTERED_DIGITS_DATASET
 from modeling_mimco.data.sources import DataArguments
-from modeling_mimco.evaluation.frozen_features import results_table
+from modeling_mimco.evaluation.frozen_features import FrozenFeatureResult, results_table
+from modeling_mimco.experiments.background import BackgroundRun
 from modeling_mimco.experiments.pixel_mim import run_pixel_mim
 from modeling_mimco.training.host_memory import keep_freed_memory
 from modeling_mimco.training.loop import TrainingResult
@@ -66,9 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stage1_steps", type=int, default=200)
     parser.add_argument(
-        "--stage2_steps", type=int, default=600, help="Steps of the MimCo student and of the pixel-MIM baseline."
+        "--stage2_steps", type=int, default=400, help="Steps of the MimCo student and of the pixel-MIM baseline."
     )
     parser.add_argument("--skip_pixel_mim", action="store_true", help="Leave the pixel-MIM row out (faster).")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="Train pixel MIM and measure the baseline rows (pixels, random init, pixel MIM) after the student, in "
+        "this process, instead of in a second process beside stages 1 and 2 (the same numbers; slower on a machine "
+        "with two or more cores).",
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42, help="Seed of both stages and of pixel MIM.")
     parser.add_argument("--image_size", type=int, default=32, help="Side of the built-in images.")
@@ -99,7 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--teacher_autocast", choices=["bf16"], default=None, help="Run stage 2's frozen teacher under bf16 autocast."
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("stage1_crop_min_scale", "stage2_crop_min_scale"):  # the stages' own messages name --crop_min_scale
+        if not 0.0 < getattr(args, flag) <= 1.0:
+            parser.error(f"--{flag} must lie in (0, 1], got {getattr(args, flag)}.")
+    return args
 
 
 def demo_training_arguments(arguments_class: type, args: argparse.Namespace, output_dir: str, **settings):
@@ -172,9 +192,13 @@ def train_student(args: argparse.Namespace, teacher_dir: str, student_dir: str) 
 
 
 def train_pixel_mim(args: argparse.Namespace, teacher_dir: str, pixel_mim_dir: str) -> TrainingResult:
-    """The pixel-MIM baseline: SimMIM of the student's shape, with the student's data, masks, steps and schedule."""
+    """The pixel-MIM baseline: SimMIM of the student's shape, with the student's data, masks, steps and schedule. It
+    reads no teacher (`teacher_dir` only completes the student's arguments), so it can train before the teacher
+    exists."""
     return run_pixel_mim(*student_arguments(args, teacher_dir, pixel_mim_dir))
 
+
+SECOND_PROCESS_LOG = "baselines.log"
 
 ROW_NAMES = {
     "pixels": "raw pixels",
@@ -183,24 +207,65 @@ ROW_NAMES = {
     "teacher": "teacher (MoCo v3, stage 1)",
     "student": "student (MimCo, stage 2)",
 }
+MIMCO_ROWS = ("teacher", "student")
 
 
-def evaluate(args: argparse.Namespace, folders: dict[str, str], evaluation_dir: str) -> dict:
-    """Frozen CLS features of the models in `folders` (row key -> checkpoint) and of the raw pixels (the baseline),
-    in one probe run; "random init" and "pixels" copy the student's shape. Every image is seen whole (no centre
-    crop): a digit may sit at the canvas's edge."""
-    keys = ["pixels", "random"] + [key for key in ("pixel_mim", "teacher", "student") if key in folders]
+def demo_folders(args: argparse.Namespace) -> dict[str, str]:
+    """Where each model goes: `teacher`, `student`, `pixel_mim` (unless skipped), and `random_init`, the config of
+    the untrained row."""
+    keys = ("teacher", "student", "random_init") + (() if args.skip_pixel_mim else ("pixel_mim",))
+    return {key: os.path.join(args.output_dir, key) for key in keys}
+
+
+def baseline_rows(folders: dict[str, str]) -> list[str]:
+    """The rows that need neither the teacher nor the student: raw pixels, random init and pixel MIM."""
+    return ["pixels", "random"] + (["pixel_mim"] if "pixel_mim" in folders else [])
+
+
+def write_random_init_config(args: argparse.Namespace, folders: dict[str, str]) -> None:
+    """Writes the student's config to `random_init/`, before any stage trains: the random-init row is an untrained
+    model of that shape, and can then be measured while the student trains."""
+    model_args, _, _ = student_arguments(args, folders["teacher"], folders["student"])
+    run_pretraining.build_config(model_args).save_pretrained(folders["random_init"])
+
+
+def probe_arguments(args: argparse.Namespace, keys: list[str], folders: dict[str, str], evaluation_dir: str) -> tuple:
+    """`run_linear_probe`'s arguments for the rows `keys`: CLS features, every image seen whole (no centre crop: a
+    digit may sit at the canvas's edge), the t-SNE picture on."""
     paths = {"pixels": "pixels", "random": "random-init", **folders}
     model_args = run_linear_probe.ModelArguments(
         model_name_or_path=[paths[key] for key in keys],
         model_names=[ROW_NAMES[key] for key in keys],
-        random_init_config=folders["student"],
+        random_init_config=folders["random_init"],
     )
     data_args = run_linear_probe.DataArguments(dataset_name=args.dataset_name, crop_pct=1.0)
     eval_args = run_linear_probe.EvaluationArguments(output_dir=evaluation_dir, plot=True)
-    report = run_linear_probe.run_linear_probe(model_args, data_args, eval_args)
-    report["row_keys"] = keys
-    return report
+    return model_args, data_args, eval_args
+
+
+def train_and_measure_baselines(
+    args: argparse.Namespace, folders: dict[str, str], evaluation_dir: str, train: bool
+) -> tuple[TrainingResult | None, list[FrozenFeatureResult]]:
+    """Trains pixel MIM (when `train` and the row is not skipped), then measures the baseline rows (`baseline_rows`);
+    returns pixel MIM's training result (or `None`) and the rows' results."""
+    baseline = (
+        train_pixel_mim(args, folders["teacher"], folders["pixel_mim"]) if train and "pixel_mim" in folders else None
+    )
+    rows = run_linear_probe.measure_models(*probe_arguments(args, baseline_rows(folders), folders, evaluation_dir))
+    return baseline, rows
+
+
+def baselines_in_second_process(
+    args: argparse.Namespace, folders: dict[str, str], evaluation_dir: str, train: bool
+) -> tuple[TrainingResult | None, list[FrozenFeatureResult]]:
+    """`train_and_measure_baselines` as the demo's second process runs it (`BackgroundRun`), with the first process's
+    memory and thread settings, so that it computes the same numbers. Its results are needed only once the student
+    has trained, so it runs at a lower priority (nice 10) and takes the CPU that stages 1 and 2 leave."""
+    os.nice(10)
+    keep_freed_memory()
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    return train_and_measure_baselines(args, folders, evaluation_dir, train)
 
 
 def loss_summary(name: str, log_history: list[dict], keys: tuple[str, ...]) -> str:
@@ -299,22 +364,47 @@ def main(argv: list[str] | None = None) -> dict:
     keep_freed_memory()  # no page faults for the memory each step frees and takes again (training/host_memory.py)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    folders = {key: os.path.join(args.output_dir, key) for key in ("teacher", "student", "pixel_mim")}
-    if args.skip_pixel_mim:
-        del folders["pixel_mim"]
+    folders = demo_folders(args)
+    evaluation_dir = os.path.join(args.output_dir, "evaluation")
+    write_random_init_config(args, folders)
 
     summaries = []
-    if not args.skip_pretraining:
-        stage1 = train_teacher(args, folders["teacher"])
-        summaries.append(loss_summary("Stage 1 (MoCo v3 teacher)", stage1.log_history, ("loss",)))
-        stage2 = train_student(args, folders["teacher"], folders["student"])
-        summaries.append(
-            loss_summary("Stage 2 (MimCo student)", stage2.log_history, ("loss", "patch_loss", "image_loss"))
-        )
-        if "pixel_mim" in folders:
-            baseline = train_pixel_mim(args, folders["teacher"], folders["pixel_mim"])
-            summaries.append(loss_summary("Pixel MIM (SimMIM, the student's steps)", baseline.log_history, ("loss",)))
-    report = evaluate(args, folders, os.path.join(args.output_dir, "evaluation"))
+    with contextlib.ExitStack() as stack:
+        second_process = None
+        if not args.sequential:
+            log_path = os.path.join(args.output_dir, SECOND_PROCESS_LOG)
+            second_process = stack.enter_context(
+                BackgroundRun(
+                    baselines_in_second_process,
+                    (args, folders, evaluation_dir, not args.skip_pretraining),
+                    log_path=log_path,
+                    description="The demo's second process (pixel MIM and the baseline rows)",
+                )
+            )
+            what = "pixel MIM trains and " if "pixel_mim" in folders and not args.skip_pretraining else ""
+            print(f"In a second process, {what}the baseline rows are measured; its log: {log_path}")
+        if not args.skip_pretraining:
+            stage1 = train_teacher(args, folders["teacher"])
+            summaries.append(loss_summary("Stage 1 (MoCo v3 teacher)", stage1.log_history, ("loss",)))
+            stage2 = train_student(args, folders["teacher"], folders["student"])
+            summaries.append(
+                loss_summary("Stage 2 (MimCo student)", stage2.log_history, ("loss", "patch_loss", "image_loss"))
+            )
+        # the teacher's and the student's rows, while the second process may still be measuring its own
+        model_args, data_args, eval_args = probe_arguments(args, list(MIMCO_ROWS), folders, evaluation_dir)
+        data = data_args.load_splits(eval_args.seed)
+        mimco_results = run_linear_probe.measure_models(model_args, data_args, eval_args, data)
+        if second_process is not None:
+            print("Waiting for the second process ...")
+            baseline, baseline_results = second_process.result()
+        else:
+            baseline, baseline_results = train_and_measure_baselines(
+                args, folders, evaluation_dir, not args.skip_pretraining
+            )
+    if baseline is not None:
+        summaries.append(loss_summary("Pixel MIM (SimMIM, the student's steps)", baseline.log_history, ("loss",)))
+    report = run_linear_probe.report_results([*baseline_results, *mimco_results], data, data_args, eval_args)
+    report["row_keys"] = baseline_rows(folders) + list(MIMCO_ROWS)
     print_report(summaries, report, folders)
     return report
 
