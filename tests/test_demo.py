@@ -93,7 +93,17 @@ def test_ctrl_c_stops_both_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env["MIMCO_TEST_RUN"] = marker
     command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(tmp_path / "demo")]
-    demo = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as a terminal's Ctrl-C would: the test itself may run where SIGINT is ignored (a shell's background job), and
+    # a child inherits that
+    demo = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         log = tmp_path / "demo" / "baselines.log"
         deadline = time.monotonic() + 120
