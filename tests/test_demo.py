@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 
@@ -121,17 +122,13 @@ def test_ctrl_c_stops_both_processes(tmp_path):
     assert processes_with_environment("MIMCO_TEST_RUN", marker) == []
 
 
-def processes_with_environment(name: str, value: str) -> list[str]:
-    """The ids of the processes whose environment sets `name` to `value` (Linux's /proc)."""
-    entry = f"{name}={value}".encode()
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if entry in environ.read_bytes().split(b"\0"):
-                found.append(environ.parent.name)
-        except OSError:  # a process that ended meanwhile, or one we may not inspect
-            continue
-    return found
+def processes_with_environment(name: str, value: str) -> list[int]:
+    """The ids of the processes whose environment sets `name` to `value`."""
+    return [
+        process.pid
+        for process in psutil.process_iter(["environ"])
+        if (process.info["environ"] or {}).get(name) == value  # None where it may not be read
+    ]
 
 
 def test_demo_reading_is_computed_from_the_table():
