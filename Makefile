@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench reproduce gpu-check gpu-wheels clean
+.PHONY: install test lint format demo teachers cards bench reproduce gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -34,6 +34,21 @@ format: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# The shipped stage-1 teachers (model_cards/teachers/: the demo's, on the cluttered digits, and CIFAR-10's at the
+# reproduction's shape), each trained until its linear probe stops rising, probed every few hundred steps; about an
+# hour each on 2 CPU cores. Stopped and started again, it goes on from the last probe (outputs/teachers/).
+teachers: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/train_teachers.py --max_minutes 90
+
+# The committed model cards: every model_cards/<name>/ with a results.json, its README.md rendered again by
+# mimco-card from the config.json and results.json beside it (model_cards/README.md; tests/test_model_cards_committed.py
+# fails when a committed card differs from what this writes).
+cards: $(STAMP)
+	for card in $(patsubst %/results.json,%,$(wildcard model_cards/*/results.json)); do \
+		$(BIN)/python scripts/make_model_card.py --checkpoint_dir $$card --results_file $$card/results.json \
+			--hub_model_id your-namespace/$$(basename $$card) --overwrite_output || exit 1; \
+	done
 
 # ViT-S/16 at 224, batch 16, on this machine's CPU: MimCo step vs compute floor vs stock-transformers reference,
 # and the data pipeline vs run_mim.py's. One thread and CPU time, so that a shared machine still gives steady ratios

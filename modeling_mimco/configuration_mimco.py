@@ -8,6 +8,7 @@ from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
+from transformers.models.upernet.configuration_upernet import UperNetConfig
 
 
 IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
@@ -423,6 +424,38 @@ class MimCoContrastiveConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must lie in [0, 1], got {value}.")
 
 
+class MimCoUperNetConfig(UperNetConfig):
+    r"""
+    Configuration of `MimCoForSemanticSegmentation`: transformers' `UperNetConfig` (the UperNet head, the auxiliary
+    FCN head, the loss) whose `backbone_config` is a `MimCoConfig`.
+
+    It keeps `model_type = "upernet"`, so that its `config.json` is an UperNet config: where `modeling_mimco` is
+    installed, `UperNetForSemanticSegmentation.from_pretrained` reads the folder as it always did. What it adds is
+    that it builds the `MimCoConfig` itself, so that the folder's own copy of this file reads it where transformers
+    does not know `model_type` "mimco" (remote code).
+
+    Args:
+        backbone_config (`MimCoConfig` or `dict`, *optional*): The MimCo backbone (its `out_features` are the maps
+            that UperNet reads). Defaults to `MimCoConfig()`.
+        Every other argument is `UperNetConfig`'s.
+    """
+
+    # declared so that the attention-implementation and dtype setters reach the backbone, as in composite models
+    sub_configs_defaults = {"backbone_config": MimCoConfig}
+
+    def __post_init__(self, **kwargs):
+        if self.backbone_config is None:
+            self.backbone_config = MimCoConfig()
+        elif isinstance(self.backbone_config, dict):
+            model_type = self.backbone_config.get("model_type", MimCoConfig.model_type)
+            if model_type != MimCoConfig.model_type:
+                raise ValueError(f"`backbone_config` must be a MimCo config, got model_type {model_type!r}.")
+            self.backbone_config = MimCoConfig.from_dict(self.backbone_config)
+        elif not isinstance(self.backbone_config, MimCoConfig):
+            raise ValueError(f"`backbone_config` must be a MimCoConfig, got {type(self.backbone_config).__name__}.")
+        super().__post_init__(**kwargs)
+
+
 class MimCoConfigValidationError(StrictDataclassClassValidationError, ValueError):
     """An invalid MimCo config: a `ValueError` naming the field, and the error that `@strict` configs raise."""
 
@@ -514,6 +547,7 @@ __all__ = [
     "MODEL_PRESETS",
     "MimCoConfig",
     "MimCoContrastiveConfig",
+    "MimCoUperNetConfig",
     "check_feature_pyramid",
     "preset_backbone_kwargs",
 ]

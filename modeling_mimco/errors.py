@@ -18,6 +18,14 @@ class MimCoError(RuntimeError):
     """A failure the package detects on purpose, with a message that says what happened and what to do."""
 
 
+class ProcessGroupFailure(MimCoError):
+    """Another process of a multi-process run died or stopped answering within `--ddp_timeout`.
+
+    Every surviving process reports it (the processes may run on different machines), and a command then ends the
+    process at once: a process group whose peer is gone can hang while it is torn down.
+    """
+
+
 # What the commands report as one line; a SafetensorError is a damaged or truncated weights file.
 EXPECTED_ERRORS = (MimCoError, ValueError, OSError, SafetensorError)
 
@@ -44,4 +52,4 @@ def describe_load_error(flag: str, name_or_path: str, error: BaseException) -> s
     return f"{flag} {name_or_path!r}: {one_line(error)}"
 
 
-__all__ = ["EXPECTED_ERRORS", "MimCoError", "describe_load_error", "one_line"]
+__all__ = ["EXPECTED_ERRORS", "MimCoError", "ProcessGroupFailure", "describe_load_error", "one_line"]

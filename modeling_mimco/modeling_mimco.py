@@ -324,39 +324,52 @@ class MimCoAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, sample_seeds: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        sample_seeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_mask`: the mask that `create_bidirectional_mask` prepared for the configured kernel (None: every
+        token attends to every token). `head_mask` `(num_heads,)`: a factor per head on its attention probabilities
+        (0 switches a head off), as ViT's `head_mask` was; applied to each head's output, which is the same product
+        and works with every attention kernel."""
         batch_size, num_tokens, hidden_size = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
         if sample_seeds is not None and self.training and self.attention_dropout > 0:
             # a fused kernel draws its dropout from the global generator: per-image seeds need the plain product
-            attn_weights = nn.functional.softmax(
-                torch.matmul(query, key.transpose(-1, -2)) * self.scaling, dim=-1, dtype=torch.float32
-            ).to(query.dtype)
+            scores = torch.matmul(query, key.transpose(-1, -2)) * self.scaling
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            attn_weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
             attn_weights = dropout(attn_weights, self.attention_dropout, True, sample_seeds, self.site)
             attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-            attn_output = self.proj(attn_output.reshape(batch_size, num_tokens, hidden_size))
-            return attn_output, (attn_weights if output_attentions else None)
-
-        # Attention probabilities only exist in the eager kernel, so asking for them selects it for this call.
-        attention_interface: Callable = eager_attention_forward
-        if not output_attentions:
-            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
+        else:
+            # Attention probabilities only exist in the eager kernel, so asking for them selects it for this call.
+            attention_interface: Callable = eager_attention_forward
+            if not output_attentions:
+                attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                    self.config._attn_implementation, eager_attention_forward
+                )
+            attn_output, attn_weights = attention_interface(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=self.attention_dropout if self.training else 0.0,
+                scaling=self.scaling,
+                is_causal=False,
             )
-
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            None,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=False,
-        )
+        if head_mask is not None:
+            # (probabilities * m) @ values == m * (probabilities @ values): one factor per head on its output
+            head_mask = head_mask.to(attn_output.dtype)
+            attn_output = attn_output * head_mask.view(1, 1, self.num_heads, 1)
+            if output_attentions and attn_weights is not None:
+                attn_weights = attn_weights * head_mask.view(1, self.num_heads, 1, 1)
         attn_output = self.proj(attn_output.reshape(batch_size, num_tokens, hidden_size))
         return attn_output, (attn_weights if output_attentions else None)
 
@@ -391,11 +404,17 @@ class MimCoLayer(GradientCheckpointingLayer):
         self.mlp_drop_path = MimCoDropPath(drop_path_rate, site=site + 5)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, sample_seeds: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        sample_seeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`sample_seeds` `(batch_size,)`: per-image seeds of stochastic depth and dropout (None: global RNG)."""
+        """`sample_seeds` `(batch_size,)`: per-image seeds of stochastic depth and dropout (None: global RNG);
+        `attention_mask` and `head_mask` (this layer's row): see `MimCoAttention.forward`."""
         attention_output, attn_weights = self.attention(
-            self.layernorm_before(hidden_states), output_attentions, sample_seeds
+            self.layernorm_before(hidden_states), output_attentions, sample_seeds, attention_mask, head_mask
         )
         hidden_states = hidden_states + self.drop_path(self.dropout(attention_output, sample_seeds), sample_seeds)
         mlp_output = self.mlp(self.layernorm_after(hidden_states), sample_seeds)
@@ -441,6 +460,8 @@ class MimCoPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # every MimCo forward traces as one graph (tests/test_vit_api.py compiles each with `fullgraph=True`)
+    _can_compile_fullgraph = True
     # A pre-training checkpoint also holds the teacher and the heads; the backbone and classifier skip them quietly.
     _keys_to_ignore_on_load_unexpected = [f"^{re.escape(prefix)}" for prefix in PRETRAINING_ONLY_PREFIXES]
 
@@ -492,11 +513,81 @@ class MimCoPreTrainedModel(PreTrainedModel):
         self.freeze_untrained_parameters()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # List every MimCo class in `auto_map`, so that a checkpoint of any of them loads as remote code into any
-        # Auto class (a pre-training checkpoint into `AutoModelForImageClassification`, for instance).
+        """As `PreTrainedModel.save_pretrained`, and the folder loads anywhere and serves the pipelines: the config's
+        `auto_map` names every Auto class that the folder loads into as remote code (`_remote_auto_map`: a
+        pre-training checkpoint into `AutoModelForImageClassification`, for instance), and the image processor of
+        the model's inputs (`default_image_processor`) is written as `preprocessor_config.json`, unless the folder
+        already holds one (the `Trainer`'s, a command's). With `push_to_hub=True` a processor written here is
+        uploaded after the model, in a commit of its own."""
+        import os
+
         if getattr(type(self), "_auto_class", None) is not None:
-            self.config.auto_map = dict(MIMCO_AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+            self.config.auto_map = self._remote_auto_map()
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        if not is_main_process or not os.path.isdir(save_directory):
+            return result
+        if os.path.isfile(os.path.join(save_directory, "preprocessor_config.json")):
+            return result
+        processor = self.default_image_processor()
+        if processor is None:
+            logger.warning(f"{save_directory}: no image processor saved (transformers' processors do not import).")
+            return result
+        if kwargs.get("push_to_hub"):
+            hub_kwargs = {key: kwargs[key] for key in ("repo_id", "token", "create_pr", "private") if key in kwargs}
+            repo_id = hub_kwargs.pop("repo_id", os.fspath(save_directory).split(os.path.sep)[-1])
+            processor.save_pretrained(os.fspath(save_directory), push_to_hub=True, repo_id=repo_id, **hub_kwargs)
+        else:
+            processor.save_pretrained(save_directory)
+        return result
+
+    def _remote_auto_map(self) -> dict[str, str]:
+        """The `auto_map` saved with this model: each Auto class its folder loads into, and the class it gets."""
+        return dict(MIMCO_AUTO_MAP)
+
+    def _pixel_config(self) -> MimCoConfig:
+        """The `MimCoConfig` that describes this model's input images (a composite config's backbone)."""
+        return self.config if isinstance(self.config, MimCoConfig) else self.config.backbone_config
+
+    def default_image_processor(self):
+        """The image processor that turns images into this model's `pixel_values`, saved with it: transformers'
+        `ViTImageProcessor` (its PIL variant where torchvision is missing), a bicubic resize to the config's
+        `image_size`, then rescaling and the config's `image_mean` / `image_std`. `None` where neither imports."""
+        from transformers.image_utils import PILImageResampling
+
+        size, mean, std = pixel_normalisation(self._pixel_config())
+        return stock_image_processor(
+            ("ViTImageProcessor", "ViTImageProcessorPil"),
+            size={"height": size, "width": size},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=mean,
+            image_std=std,
+        )
+
+
+def stock_image_processor(class_names: tuple[str, ...], **kwargs):
+    """The first of transformers' image processor classes `class_names` that can be built here (torchvision or PIL
+    may be missing), built with `kwargs`; `None` when none can."""
+    import transformers
+
+    for name in class_names:
+        try:
+            return getattr(transformers, name)(**kwargs)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def pixel_normalisation(config: MimCoConfig) -> tuple[int, list[float], list[float]]:
+    """`(image_size, image_mean, image_std)` of a config, the mean and std one value per channel (a config whose
+    fields were set to a single number after it was built, as transformers' common tests do, included)."""
+
+    def per_channel(value) -> list[float]:
+        if isinstance(value, (list, tuple)):
+            return [float(item) for item in value]
+        return [float(value)] * config.num_channels
+
+    return int(config.image_size), per_channel(config.image_mean), per_channel(config.image_std)
 
 
 def _select_hidden_states(
@@ -511,19 +602,71 @@ def _select_hidden_states(
     return tuple(state if index in kept else None for index, state in enumerate(hidden_states))
 
 
+# the attention kernels that take `attention_mask` as the additive `(batch, 1, 1, tokens)` bias built below
+_ADDITIVE_MASK_KERNELS = ("eager", "sdpa")
+
+
+def prepare_attention_mask(
+    attention_mask: torch.Tensor | None, embeddings: torch.Tensor, attn_implementation: str | None
+) -> torch.Tensor | None:
+    """ViT's `attention_mask` `(batch_size, 1 + num_patches)` (1 or `True`: a token others attend to; 0: one they
+    ignore; CLS first) as the additive bias `(batch_size, 1, 1, tokens)` of the eager and SDPA kernels."""
+    if attention_mask is None:
+        return None
+    batch_size, num_tokens = embeddings.shape[:2]
+    if tuple(attention_mask.shape) != (batch_size, num_tokens):
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)} but (batch_size, 1 + num_patches) = "
+            f"{(batch_size, num_tokens)} was expected (the CLS token first, as ViT's)."
+        )
+    implementation = attn_implementation or "eager"
+    if implementation not in _ADDITIVE_MASK_KERNELS:
+        raise ValueError(
+            f"`attention_mask` works with the {' and '.join(_ADDITIVE_MASK_KERNELS)} attention kernels; this model "
+            f"runs {implementation!r}. Load it with attn_implementation='sdpa' to mask tokens."
+        )
+    dtype = embeddings.dtype
+    ignored = 1.0 - attention_mask.to(device=embeddings.device, dtype=dtype)
+    return (ignored * torch.finfo(dtype).min)[:, None, None, :]
+
+
+def prepare_head_mask(head_mask: torch.Tensor | None, num_layers: int, num_heads: int) -> list[torch.Tensor | None]:
+    """`head_mask` `(num_heads,)` (every layer) or `(num_layers, num_heads)`, as ViT's was, as one row per layer (or
+    `None` for each without a mask): 1 keeps a head, 0 switches it off, other values scale it."""
+    if head_mask is None:
+        return [None] * num_layers
+    if head_mask.shape == (num_heads,):
+        return [head_mask] * num_layers
+    if head_mask.shape == (num_layers, num_heads):
+        return list(head_mask.unbind(0))
+    raise ValueError(
+        f"`head_mask` has shape {tuple(head_mask.shape)} but (num_heads,) = ({num_heads},) or (num_hidden_layers, "
+        f"num_heads) = ({num_layers}, {num_heads}) was expected."
+    )
+
+
 class MimCoModel(MimCoPreTrainedModel):
     """The bare MimCo Vision Transformer, returning the normalised tokens `[CLS, patches]` and a pooled feature."""
 
-    def __init__(self, config: MimCoConfig):
+    def __init__(self, config: MimCoConfig, add_pooling_layer: bool = True):
+        r"""
+        add_pooling_layer (`bool`, *optional*, defaults to `True`):
+            Whether to compute `pooler_output` (as ViTModel's): without, it is `None`, and with `pooling="mean"` the
+            pooling LayerNorm (`pooler_norm`) is not built, so that a checkpoint's `pooler_norm.*` weights are left
+            unused.
+        """
         super().__init__(config)
         self.config = config
+        self.add_pooling_layer = add_pooling_layer
         self.embeddings = MimCoEmbeddings(config)
         self.layers = nn.ModuleList(
             [MimCoLayer(config, rate, index) for index, rate in enumerate(drop_path_rates(config))]
         )
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler_norm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else None
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            if config.pooling == "mean" and add_pooling_layer
+            else None
         )
         self.post_init()
         self.freeze_untrained_parameters()
@@ -540,9 +683,13 @@ class MimCoModel(MimCoPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | int | list[int] | None = None,
         sample_seeds: torch.LongTensor | None = None,
-        **kwargs,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPooling:
         r"""
+        Every argument is named here: any other keyword is a `TypeError` (`return_dict`, which `can_return_tuple`
+        reads, excepted), never silently ignored.
+
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Normalised images (see `ViTImageProcessor`).
@@ -558,11 +705,17 @@ class MimCoModel(MimCoPreTrainedModel):
                 One seed per image (the training commands pass the data pipeline's per-image seeds). In training,
                 stochastic depth and dropout are then drawn from each image's seed, so that an image gets the same
                 draws whichever process or micro-batch it lands in. Without it they come from torch's generator.
+            attention_mask (`torch.Tensor` of shape `(batch_size, 1 + num_patches)`, *optional*):
+                As ViT's: 1 for the tokens (CLS first) that the others attend to, 0 for those they ignore (mean
+                pooling averages the kept patches). Eager and SDPA attention only (`prepare_attention_mask`).
+            head_mask (`torch.Tensor` of shape `(num_heads,)` or `(num_hidden_layers, num_heads)`, *optional*):
+                As ViT's was: each head's attention probabilities are multiplied by its entry (0 switches the head
+                off), in every layer or per layer. Works with every attention kernel.
 
         Returns:
             `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, 1 + num_patches, hidden_size)` after the
             final LayerNorm (CLS first); `pooler_output` `(batch_size, hidden_size)`, the CLS token or the normalised
-            mean of the patch tokens.
+            mean of the patch tokens (`None` when built with `add_pooling_layer=False`).
         """
         if pixel_values is None:
             raise ValueError("You have to specify `pixel_values`.")
@@ -577,18 +730,33 @@ class MimCoModel(MimCoPreTrainedModel):
             interpolate_pos_encoding=bool(interpolate_pos_encoding),
             sample_seeds=sample_seeds,
         )
+        token_mask = attention_mask
+        attention_mask = prepare_attention_mask(
+            attention_mask, hidden_states, "eager" if output_attentions else self.config._attn_implementation
+        )
+        head_masks = prepare_head_mask(head_mask, len(self.layers), self.config.num_attention_heads)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, output_attentions, sample_seeds)
+        for layer, layer_head_mask in zip(self.layers, head_masks):
+            hidden_states, attn_weights = layer(
+                hidden_states, output_attentions, sample_seeds, attention_mask, layer_head_mask
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
                 all_attentions += (attn_weights,)
 
         sequence_output = self.layernorm(hidden_states)
-        if self.pooler_norm is not None:
-            pooled_output = self.pooler_norm(hidden_states[:, 1:].mean(dim=1))
+        if not self.add_pooling_layer:
+            pooled_output = None
+        elif self.pooler_norm is not None:
+            patch_tokens = hidden_states[:, 1:]
+            if token_mask is None:
+                pooled_output = self.pooler_norm(patch_tokens.mean(dim=1))
+            else:
+                # the mean of the patches that `attention_mask` keeps
+                kept = token_mask[:, 1:, None].to(device=patch_tokens.device, dtype=patch_tokens.dtype)
+                pooled_output = self.pooler_norm((patch_tokens * kept).sum(1) / kept.sum(1).clamp(min=1))
         else:
             pooled_output = sequence_output[:, 0]
 
@@ -619,6 +787,13 @@ class MimCoForPreTrainingOutput(ModelOutput):
             final tokens on the masked input.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): The student's embeddings and layer outputs.
         attentions (`tuple(torch.FloatTensor)`, *optional*): The student's attention probabilities.
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`): The mask the student saw (`True`:
+            masked), the one passed in or the one the mask generator drew. Row `i` of `patch_predictions` is the
+            patch `bool_masked_pos.nonzero()[i]` (image index, patch index in row-major grid order).
+        masked_positions (`torch.LongTensor` of shape `(batch_size, num_masked)`, *optional*): When every image
+            masks as many patches (every mask the package draws), the masked patch indices of each image, ascending:
+            `patch_predictions.unflatten(0, masked_positions.shape)[b, k]` is the prediction for patch
+            `masked_positions[b, k]` of image `b`. `None` for masks of varying counts (use `bool_masked_pos`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -629,6 +804,9 @@ class MimCoForPreTrainingOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    # last, so that the tuple form's earlier positions are unchanged
+    bool_masked_pos: torch.BoolTensor | None = None
+    masked_positions: torch.LongTensor | None = None
 
 
 def build_teacher(teacher_config: PreTrainedConfig) -> PreTrainedModel:
@@ -765,21 +943,31 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         return self.teacher_adapter.split_tokens(last_hidden_state)
 
     def _patch_loss(
-        self, student_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor, bool_masked_pos: torch.BoolTensor
+        self,
+        student_tokens: torch.Tensor,
+        teacher_patch_tokens: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor,
+        masked_positions: torch.LongTensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The patch loss and the patch head's predictions for the masked patches; `(None, None)` without a head."""
+        """The patch loss and the patch head's predictions for the masked patches; `(None, None)` without a head.
+        `masked_positions`: `self.masked_positions(bool_masked_pos)`."""
         if self.patch_head is None:
             return None, None
         config = self.config
         # Only masked patches are predicted, so the head never runs on the visible ones.
-        masked_positions = self.masked_positions(bool_masked_pos)
+        # The head runs on (num_masked_in_batch, width) rows either way, so that the predictions it returns, in the
+        # row-major order of `bool_masked_pos.nonzero()`, are a tensor of their own: a view (a reshape of the head's
+        # output) returned by an FSDP2 root would lose its pre-backward hook on an in-place op, and FSDP2 warns.
         if masked_positions is None:
             # masks of varying counts: a boolean index, whose shape depends on the data
             patch_predictions = self.patch_head(student_tokens[:, 1:][bool_masked_pos])
+            predictions_for_loss = patch_predictions
         else:
-            patch_predictions = self.patch_head(gather_tokens(student_tokens[:, 1:], masked_positions))
+            masked_tokens = gather_tokens(student_tokens[:, 1:], masked_positions)
+            patch_predictions = self.patch_head(masked_tokens.flatten(0, 1))
+            predictions_for_loss = patch_predictions.unflatten(0, masked_positions.shape)
         patch_loss = compute_patch_loss(
-            patch_predictions,
+            predictions_for_loss,
             teacher_patch_tokens,
             bool_masked_pos,
             config.patch_loss_type,
@@ -787,8 +975,7 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
             negatives=config.patch_negatives,
             masked_positions=masked_positions,
         )
-        # (num_masked_in_batch, dim) either way, in the row-major order of `bool_masked_pos.nonzero()`
-        return patch_loss, patch_predictions.flatten(0, -2)
+        return patch_loss, patch_predictions
 
     def masked_positions(self, bool_masked_pos: torch.BoolTensor) -> torch.LongTensor | None:
         """The masked patch indices `(batch_size, num_masked)`, ascending per image, when every image masks as many
@@ -837,9 +1024,11 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | int | list[int] | None = None,
         sample_seeds: torch.LongTensor | None = None,
-        **kwargs,
+        head_mask: torch.Tensor | None = None,
     ) -> MimCoForPreTrainingOutput:
         r"""
+        Every argument is named here: any other keyword is a `TypeError` (`return_dict` excepted).
+
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
                 The unmasked images, normalised with the config's `image_mean`/`image_std`.
@@ -848,6 +1037,12 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
                 one mask per image.
             sample_seeds (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Per-image seeds of the student's stochastic depth and dropout (see `MimCoModel.forward`).
+            head_mask (`torch.Tensor` of shape `(num_heads,)` or `(num_hidden_layers, num_heads)`, *optional*):
+                The student's head mask (see `MimCoModel.forward`); the teacher always runs whole.
+
+        Returns:
+            `MimCoForPreTrainingOutput`, with the mask the student saw (`bool_masked_pos`) and, for masks of equal
+            counts, `masked_positions`, which place each row of `patch_predictions` on the patch grid.
         """
         if pixel_values is None:
             raise ValueError("You have to specify `pixel_values`.")
@@ -861,10 +1056,14 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             sample_seeds=sample_seeds,
+            head_mask=head_mask,
         )
         student_tokens = student_outputs.last_hidden_state
         teacher_image_features, teacher_patch_tokens = self.teacher_features(pixel_values)
-        patch_loss, patch_predictions = self._patch_loss(student_tokens, teacher_patch_tokens, bool_masked_pos)
+        masked_positions = self.masked_positions(bool_masked_pos)
+        patch_loss, patch_predictions = self._patch_loss(
+            student_tokens, teacher_patch_tokens, bool_masked_pos, masked_positions
+        )
         image_loss, image_predictions = self._image_loss(student_tokens, teacher_image_features)
 
         loss = 0.0
@@ -881,6 +1080,8 @@ class MimCoForPreTraining(MimCoPreTrainedModel):
             last_hidden_state=student_tokens,
             hidden_states=student_outputs.hidden_states,
             attentions=student_outputs.attentions,
+            bool_masked_pos=bool_masked_pos,
+            masked_positions=masked_positions,
         )
 
 
@@ -911,18 +1112,25 @@ class MimCoForImageClassification(MimCoPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | int | list[int] | None = None,
-        **kwargs,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
     ) -> ImageClassifierOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices for a cross-entropy loss (or float targets for regression / multi-label classification,
             following `config.problem_type`).
+        attention_mask, head_mask (*optional*): as `MimCoModel.forward`'s.
+
+        Every argument is named here: any other keyword is a `TypeError` (`return_dict` excepted). So the Trainer
+        passes no `num_items_in_batch`, and divides this mean loss by its gradient-accumulation steps itself.
         """
         outputs = self.mimco(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            attention_mask=attention_mask,
+            head_mask=head_mask,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = None
@@ -1017,7 +1225,9 @@ class MimCoBackbone(BackboneMixin, MimCoPreTrainedModel):
         output_hidden_states: bool | int | list[int] | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        interpolate_pos_encoding: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
     ) -> BackboneOutput | tuple:
         r"""
         Args:
@@ -1030,8 +1240,12 @@ class MimCoBackbone(BackboneMixin, MimCoPreTrainedModel):
                 Also return each block's attention probabilities `(batch_size, num_heads, tokens, tokens)`.
             return_dict (`bool`, *optional*):
                 `False` returns a tuple of the outputs that are not `None`.
-            kwargs: Accepted and ignored, as decoders may pass their backbone what other backbones take
-                (`interpolate_pos_encoding` among them: positions are always resampled to the input).
+            interpolate_pos_encoding (`bool`, *optional*):
+                Taken because decoders pass it to ViT-like backbones; it changes nothing: the positions are always
+                resampled to the input's patch grid.
+            attention_mask, head_mask (*optional*): as `MimCoModel.forward`'s.
+
+        Any other keyword is a `TypeError`, never silently ignored.
 
         Returns:
             `BackboneOutput`: `feature_maps`, one tensor per `out_features` stage in `stage_names` order: `(batch_size,
@@ -1051,10 +1265,16 @@ class MimCoBackbone(BackboneMixin, MimCoPreTrainedModel):
         # Always resampled to the input's grid: at `image_size` that is the trained table itself, and dense tasks
         # run at other sizes (512-pixel crops...) without a flag that a decoder would not know to pass.
         hidden_state = self.mimco.embeddings(pixel_values, interpolate_pos_encoding=True)
+        attention_mask = prepare_attention_mask(
+            attention_mask, hidden_state, "eager" if output_attentions else config._attn_implementation
+        )
+        head_masks = prepare_head_mask(head_mask, len(self.mimco.layers), config.num_attention_heads)
         hidden_states = (hidden_state,)
         attentions = () if output_attentions else None
-        for layer in self.mimco.layers:
-            hidden_state, attn_weights = layer(hidden_state, output_attentions)
+        for layer, layer_head_mask in zip(self.mimco.layers, head_masks):
+            hidden_state, attn_weights = layer(
+                hidden_state, output_attentions, attention_mask=attention_mask, head_mask=layer_head_mask
+            )
             hidden_states += (hidden_state,)
             if output_attentions:
                 attentions += (attn_weights,)
@@ -1121,5 +1341,7 @@ __all__ = [
     "PRETRAINING_ONLY_PREFIXES",
     "build_teacher",
     "get_2d_sincos_position_embeddings",
+    "pixel_normalisation",
+    "stock_image_processor",
     "resample_position_embeddings",
 ]

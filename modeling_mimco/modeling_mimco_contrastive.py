@@ -135,6 +135,13 @@ class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
         self.momentum_encoder.requires_grad_(False)
         self.momentum_projector.requires_grad_(False)
 
+    def _remote_auto_map(self) -> dict[str, str]:
+        # a stage-1 folder is a stage-1 model: its own config class, loaded by `AutoModelForPreTraining`
+        return {
+            "AutoConfig": "configuration_mimco.MimCoContrastiveConfig",
+            "AutoModelForPreTraining": "modeling_mimco_contrastive.MimCoForContrastivePreTraining",
+        }
+
     def _after_loading(self, missing_keys: set[str]) -> None:
         if any(name.startswith(("momentum_encoder.", "momentum_projector.")) for name in missing_keys):
             # a backbone checkpoint: MoCo starts with the momentum branch equal to the base branch, not random
@@ -192,9 +199,15 @@ class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
         pixel_values_2: torch.Tensor | None = None,
         momentum: float | None = None,
         sample_seeds: torch.LongTensor | None = None,
-        **kwargs,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> MimCoContrastiveOutput:
         r"""
+        Every argument is named here: any other keyword is a `TypeError` (`return_dict` excepted).
+        `output_hidden_states` / `output_attentions` are taken because transformers' generic callers pass them to
+        every model; the MoCo output has no per-layer states, so they change nothing (the encoders' own are
+        `model.base_encoder(pixel_values, output_hidden_states=True)`).
+
         Args:
             pixel_values_1, pixel_values_2 (`torch.FloatTensor` of shape `(batch_size, channels, height, width)`):
                 Two augmented views of the same images.

@@ -81,6 +81,15 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session")
+def clean_venv_python(tmp_path_factory):
+    """The Python of a virtual environment with this one's packages but not `modeling_mimco` (made once per test
+    session, see `helpers.clean_process.make_clean_venv`): where a saved folder must load as a user's would."""
+    from helpers.clean_process import make_clean_venv
+
+    return make_clean_venv(tmp_path_factory.mktemp("clean-venv") / "venv")
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Hub offline mode plus a socket guard: any attempt to open a network connection fails the test."""
@@ -106,6 +115,7 @@ def no_network(monkeypatch):
 LONGEST_FILES_FIRST = (
     "test_launch.py",
     "test_fsdp.py",
+    "test_distributed_failures.py",
     "test_faults.py",
     "test_bad_inputs.py",
     "test_reproduce.py",

@@ -84,8 +84,12 @@ def test_todays_models_keep_the_recorded_layout(tmp_path, class_name):
 
 
 # What the config has gained since the record: `MimCoBackbone`'s fields, saved in every MimCo config (the student's,
-# its teacher's, stage 1's encoder), and the backbone in `auto_map`. An earlier release keeps them as unknown
-# attributes and loads the folder as before.
+# its teacher's, stage 1's encoder), the backbone in `auto_map`, and stage 1's own `auto_map` (its folder loads as
+# remote code too). An earlier release keeps them as unknown attributes and loads the folder as before.
+STAGE1_AUTO_MAP = {
+    "AutoConfig": "configuration_mimco.MimCoContrastiveConfig",
+    "AutoModelForPreTraining": "modeling_mimco_contrastive.MimCoForContrastivePreTraining",
+}
 BACKBONE_FIELDS = (
     "out_features",
     "out_indices",
@@ -110,6 +114,8 @@ def without_backbone_fields(config: dict) -> dict:
             "reshape_hidden_states": True,
             "use_feature_pyramid": False,
         }
+    if config.get("model_type") == "mimco_contrastive":
+        assert config.pop("auto_map") == STAGE1_AUTO_MAP
     if "auto_map" in config:
         config["auto_map"] = dict(config["auto_map"])
         assert config["auto_map"].pop("AutoBackbone") == "modeling_mimco.MimCoBackbone"

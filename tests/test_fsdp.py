@@ -93,7 +93,7 @@ def runs(tmp_path_factory) -> dict:
     stage1 = [*COMMON, *STAGE1]
     _ok(_launch_ddp(root, "run_contrastive_pretraining.py", [*stage1, "--output_dir", str(folders["stage1_ddp"])]))
     checkpoints = ["--checkpointing_steps", "1"]
-    _ok(
+    folders["stage1_launch"] = _ok(
         _launch_fsdp(
             root,
             "run_contrastive_pretraining.py",
@@ -122,6 +122,15 @@ def test_stage2_fsdp_trains_like_ddp_on_the_same_global_batch(runs):
     saved = load_file(ddp / "model.safetensors")
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[name], rtol=0, atol=ATOL)
+
+
+def test_fsdp_runs_print_no_view_warning(runs):
+    """FSDP2 warns when a sharded module returns a view tensor (an in-place op on it would drop the pre-backward hook
+    and give wrong gradients); neither stage's root returns one."""
+    for launch in ("stage1_launch", "stage2_launch"):
+        output = runs[launch].stdout + runs[launch].stderr
+        assert "FSDP2 (trained weights sharded)" in runs[launch].stdout, launch  # the run did shard
+        assert "returned a view tensor" not in output, output[-3000:]
 
 
 def test_stage1_fsdp_trains_like_ddp_on_the_same_global_batch(runs):

@@ -18,6 +18,7 @@ MODEL_FILES = {
     "configuration_mimco",
     "modeling_mimco",
     "modeling_mimco_contrastive",
+    "modeling_mimco_segmentation",
     "losses",
     "masking",
     "teacher",

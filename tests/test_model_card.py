@@ -13,7 +13,14 @@ from helpers.scripts import load_script
 from huggingface_hub import ModelCard
 from transformers import ViTImageProcessor
 
-from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel
+from modeling_mimco import (
+    MimCoConfig,
+    MimCoContrastiveConfig,
+    MimCoForContrastivePreTraining,
+    MimCoForImageClassification,
+    MimCoForPreTraining,
+    MimCoModel,
+)
 from modeling_mimco.hub import model_card
 
 
@@ -42,6 +49,8 @@ def tiny_config(**overrides) -> MimCoConfig:
 
 def save_checkpoint(folder: Path, model_class=MimCoModel, **overrides) -> Path:
     config = tiny_config(num_labels=3, **overrides) if model_class is MimCoForImageClassification else tiny_config()
+    if model_class is MimCoForContrastivePreTraining:
+        config = MimCoContrastiveConfig(backbone_config=config, projector_hidden_size=16, projection_size=8)
     model_class(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
@@ -155,7 +164,9 @@ def test_validate_model_card_rejects_broken_metadata():
         model_card.validate_model_card("---\nlibrary_name: transformers\n---\n# card\n", expect_eval_results=True)
 
 
-@pytest.mark.parametrize("model_class", [MimCoForPreTraining, MimCoForImageClassification])
+@pytest.mark.parametrize(
+    "model_class", [MimCoForPreTraining, MimCoForImageClassification, MimCoForContrastivePreTraining]
+)
 def test_the_cards_remote_code_example_runs(tmp_path, monkeypatch, model_class):
     """The "transformers only" snippet of a generated card works on the checkpoint it describes."""
     import re
@@ -173,6 +184,13 @@ def test_the_cards_remote_code_example_runs(tmp_path, monkeypatch, model_class):
     exec(compile(snippet, "card-example", "exec"), namespace)
     if model_class is MimCoForImageClassification:
         assert namespace["predicted_class"] in namespace["model"].config.id2label.values()
+    elif model_class is MimCoForContrastivePreTraining:
+        # a stage-1 folder maps only AutoModelForPreTraining: the card loads it so, and feeds it two views
+        assert "AutoModelForPreTraining.from_pretrained(repo_id, trust_remote_code=True)" in content
+        assert "model_type: mimco_contrastive" in content and "| Architecture | ViT, 2 blocks, width 32" in content
+        assert type(namespace["model"]).__name__ == "MimCoForContrastivePreTraining"
+        assert namespace["loss"].ndim == 0 and tuple(namespace["features"].shape) == (1, 32)
+        assert "| InfoNCE temperature |" in content
     else:
         assert type(namespace["model"]).__name__ == "MimCoModel"
         assert tuple(namespace["features"].shape) == (1, 32)

@@ -1,4 +1,5 @@
-"""A saved MimCo folder loads as remote code in a Python process that cannot import this package."""
+"""A saved MimCo folder loads as remote code in a Python process that cannot import this package (a virtual
+environment without it, `clean_venv_python`)."""
 
 import json
 import textwrap
@@ -46,7 +47,7 @@ CHILD_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["mimco", "vit"])
-def test_saved_folder_loads_as_remote_code_in_a_clean_process(tmp_path, teacher):
+def test_saved_folder_loads_as_remote_code_in_a_clean_process(tmp_path, teacher, clean_venv_python):
     from transformers import ViTConfig
 
     teacher_config = None
@@ -88,7 +89,9 @@ def test_saved_folder_loads_as_remote_code_in_a_clean_process(tmp_path, teacher)
         expected_tokens = model.mimco(pixel_values).last_hidden_state
         expected_loss = model(pixel_values, bool_masked_pos=bool_masked_pos).loss
 
-    result = run_without_package(CHILD_SCRIPT, [checkpoint, tmp_path / "inputs.pt", tmp_path / "out.pt"], tmp_path)
+    result = run_without_package(
+        CHILD_SCRIPT, [checkpoint, tmp_path / "inputs.pt", tmp_path / "out.pt"], tmp_path, python=clean_venv_python
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     results = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -135,7 +138,7 @@ BACKBONE_CHILD_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_saved_backbone_loads_as_remote_code_in_a_clean_process(tmp_path):
+def test_saved_backbone_loads_as_remote_code_in_a_clean_process(tmp_path, clean_venv_python):
     """A saved `MimCoBackbone` (with its pyramid) and a stage-2 folder load with `AutoBackbone` and
     `trust_remote_code` where the package cannot be imported."""
     config = MimCoConfig(
@@ -167,7 +170,10 @@ def test_saved_backbone_loads_as_remote_code_in_a_clean_process(tmp_path):
 
     checkpoints = [tmp_path / "backbone", tmp_path / "pretraining"]
     result = run_without_package(
-        BACKBONE_CHILD_SCRIPT, [tmp_path / "inputs.pt", tmp_path / "out.pt", *checkpoints], tmp_path
+        BACKBONE_CHILD_SCRIPT,
+        [tmp_path / "inputs.pt", tmp_path / "out.pt", *checkpoints],
+        tmp_path,
+        python=clean_venv_python,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -21,7 +21,8 @@ runs `main` and returns the exit code. `scripts/<module>.py` runs the same `cli(
 
 Exit codes: 0 done; 1 an expected error (`modeling_mimco.errors`), shown as one `PROGRAM: error: MESSAGE` line on
 stderr; 2 a command line that argparse could not parse (with the usage); 143 stopped by SIGTERM after writing a
-checkpoint (pre-training).
+checkpoint (pre-training). Under a launcher with several processes, the main process prints the `error:` line and
+the others exit with the same code silently, except for a lost or hung peer, which every survivor reports.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from modeling_mimco.errors import EXPECTED_ERRORS, one_line
+from modeling_mimco.errors import EXPECTED_ERRORS, ProcessGroupFailure, one_line
 
 
 def reports_errors(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], object]:
@@ -42,6 +43,11 @@ def reports_errors(main: Callable[[list[str] | None], object]) -> Callable[[list
     This is the one place where expected errors (`modeling_mimco.errors.EXPECTED_ERRORS`) become
     `PROGRAM: error: MESSAGE` (raised as `SystemExit`, so exit code 1 and the line on stderr), for every command;
     a new command gets it by decorating its `main`. Other exceptions are bugs and keep their traceback.
+
+    Under a launcher (`accelerate launch`, `torchrun`) every process meets the same refusal; only the main process
+    prints it, the others exit with the same code silently. A `ProcessGroupFailure` (another process died or hung)
+    is printed by every process that sees it, which then ends at once (`os._exit`): its process group can hang in
+    the teardown of a normal exit.
     """
 
     @functools.wraps(main)
@@ -53,9 +59,25 @@ def reports_errors(main: Callable[[list[str] | None], object]) -> Callable[[list
                 raise
             sys.stdout.flush()
             program = os.path.basename(sys.argv[0]) or "mimco"
-            raise SystemExit(f"{program}: error: {one_line(error)}") from None
+            line = f"{program}: error: {one_line(error)}"
+            if isinstance(error, ProcessGroupFailure):
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+                os._exit(1)
+            if not _is_main_process():
+                raise SystemExit(1) from None
+            raise SystemExit(line) from None
 
     return main_reporting_errors
+
+
+def _is_main_process() -> bool:
+    """Whether this is the main process of a launch: rank 0 of the process group where one exists, else of the
+    launcher's `RANK` (set for every process it starts), without creating a process group."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_command(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:

@@ -5,8 +5,11 @@ with `huggingface_hub.ModelCard.from_template` and filled from the folder's `con
 file. It gets YAML metadata (license, `library_name: transformers`, tags including `mimco` and `vision`,
 `pipeline_tag` `image-feature-extraction` or `image-classification`, datasets, and a `model-index` with the
 measured metrics), how to load the model with and without the `mimco` package, the training recipe, the evaluation
-table, limitations and the MimCo citation. The result is parsed back with `huggingface_hub.ModelCard` before it is
-written.
+table, limitations and the MimCo citation. The snippets load the folder with the Auto class its `auto_map` names:
+`AutoModel` for a backbone or a stage-2 pre-training folder (its student), `AutoModelForImageClassification` for a
+classifier, `AutoModelForPreTraining` (two image views) for a stage-1 folder. The result is parsed back with
+`huggingface_hub.ModelCard` before it is written. In a clone, `make cards` renders the committed cards of
+`model_cards/` with this command (`model_cards/README.md`).
 
 `--results_file` takes any of:
 

@@ -4,6 +4,8 @@
 Each shard `OUTPUT/train-NNNNNN.tar` holds samples `KEY.jpg` (the file's bytes, not re-encoded) + `KEY.cls` (the
 class index, classes in sorted order, listed in `OUTPUT/classes.txt`), spread round-robin so that every shard holds
 every class. The command prints the `--data_files` pattern to train on, e.g. `OUTPUT/train-{000000..000099}.tar`.
+A file that is no image, or whose header gives more than `--max_image_pixels` pixels, is left out with a warning
+naming it (its header is read, nothing is decoded).
 
 Example:
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.data.decoding import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_mimco.data.webdataset import shard_pattern, write_shards
 
 
@@ -35,11 +38,21 @@ class ShardArguments:
         metadata={"help": "Exactly this many shards; a multiple of processes x DataLoader workers splits evenly."},
     )
     prefix: str = field(default="train", metadata={"help": "Shard names: PREFIX-000000.tar, ..."})
+    max_image_pixels: int | None = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": "Leave out (named) every image whose header gives more pixels (width x height) than this, as the "
+            "training commands' --max_image_pixels would skip it; 0 for no limit. Default: PIL's "
+            "Image.MAX_IMAGE_PIXELS."
+        },
+    )
 
 
 def make_shards(args: ShardArguments) -> str:
     """Writes the shards and returns the brace pattern that names them for `--data_files`."""
-    paths = write_shards(args.train_dir, args.output_dir, args.shard_size, args.prefix, args.num_shards)
+    paths = write_shards(
+        args.train_dir, args.output_dir, args.shard_size, args.prefix, args.num_shards, args.max_image_pixels
+    )
     return shard_pattern(paths)
 
 

@@ -48,6 +48,13 @@ class ModelArguments:
     projection_size: int = field(default=256, metadata={"help": "Output width of projector and predictor."})
     temperature: float = field(default=0.2, metadata={"help": "InfoNCE temperature."})
     momentum: float = field(default=0.99, metadata={"help": "Initial EMA momentum (rises to 1 on a cosine)."})
+    momentum_final: float = field(
+        default=1.0,
+        metadata={
+            "help": "EMA momentum at the last step (the cosine's end). Equal to --momentum: a constant momentum, for a "
+            "run that is extended step budget by step budget (`make teachers`)."
+        },
+    )
     freeze_patch_embeddings: bool = field(
         default=True, metadata={"help": "Keep the random patch projection frozen (MoCo v3's stability trick)."}
     )
@@ -100,6 +107,7 @@ def build_config(model_args: ModelArguments) -> MimCoContrastiveConfig:
         projection_size=model_args.projection_size,
         temperature=model_args.temperature,
         momentum=model_args.momentum,
+        momentum_final=model_args.momentum_final,
         freeze_patch_embeddings=model_args.freeze_patch_embeddings,
     )
 
@@ -129,7 +137,10 @@ def build_data(
         photometric_on_device=model_args.augment_on_device,
         normalize=False,  # 8-bit views, normalised in the training step on its device
     )
-    return apply_example_transform(dataset, ContrastiveExampleTransform(transform_1, transform_2, image_column))
+    example_transform = ContrastiveExampleTransform(
+        transform_1, transform_2, image_column, max_image_pixels=data_args.max_image_pixels
+    )
+    return apply_example_transform(dataset, example_transform)
 
 
 def finish_views_on_device(batch: dict, backbone: MimCoConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,6 @@ files, no access token); the `Trainer` itself never creates a repository or push
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
@@ -42,10 +41,12 @@ from modeling_mimco.data.sources import ClassificationData, LabelledDataArgument
 from modeling_mimco.data.transforms import build_eval_transform
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.evaluation.finetuning import (
+    CpuProcessGroupTimeout,
     FineTuningTrainer,
     SoftTargetCrossEntropy,
     build_batch_mixer,
     push_trainer_output,
+    trainer_arguments,
 )
 from modeling_mimco.evaluation.metrics import ClassificationMetrics, reported_top_k, top_k_predictions
 from modeling_mimco.interop.model_folders import load_classifier, load_image_processor, processor_side
@@ -95,8 +96,9 @@ class DataTrainingArguments(LabelledDataArguments):
 
 
 @dataclass
-class FineTuningArguments(TrainingArguments):
-    """`TrainingArguments` with the fine-tuning recipe's defaults (every other flag as in transformers)."""
+class FineTuningArguments(CpuProcessGroupTimeout, TrainingArguments):
+    """`TrainingArguments` with the fine-tuning recipe's defaults (every other flag as in transformers; its
+    `--ddp_timeout` holds on CPUs too)."""
 
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the head (AdamW)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, tokens)."})
@@ -200,11 +202,12 @@ def prepare_datasets(data: ClassificationData, image_processor, data_args: DataT
     mean, std = image_processor.image_mean, image_processor.image_std
     train_transform = build_train_transform(image_size, mean, std, data_args)
     eval_transform = build_eval_transform(image_size, mean, std, crop_pct=data_args.eval_crop_pct)
+    limit = {"max_image_pixels": data_args.max_image_pixels}
     train_dataset = apply_example_transform(
-        data.train, PretrainingExampleTransform(train_transform, data.image_column, data.label_column)
+        data.train, PretrainingExampleTransform(train_transform, data.image_column, data.label_column, **limit)
     )
     eval_dataset = apply_example_transform(
-        data.eval, PretrainingExampleTransform(eval_transform, data.image_column, data.label_column)
+        data.eval, PretrainingExampleTransform(eval_transform, data.image_column, data.label_column, **limit)
     )
     logger.info(
         f"{len(data.train)} training and {len(data.eval)} evaluation images ({data.eval_split}), "
@@ -240,10 +243,10 @@ def build_trainer(
 ) -> FineTuningTrainer:
     """The `FineTuningTrainer` of the recipe: soft-target loss, layer decay, MixUp / CutMix, top-k accuracy.
 
-    It never talks to the Hub (`push_to_hub` is off in its copy of the arguments): `--push_to_hub` uploads once, at
-    the end, through `modeling_mimco.hub.upload.push_to_hub` (`evaluation.finetuning.push_trainer_output`)."""
-    trainer_args = copy.copy(training_args)
-    trainer_args.push_to_hub = False
+    It never talks to the Hub and never sees the token (its copy of the arguments, `trainer_arguments`, has
+    `push_to_hub` off and no `hub_token`, so that its `training_args.bin` holds none): `--push_to_hub` uploads once,
+    at the end, through `modeling_mimco.hub.upload.push_to_hub` (`evaluation.finetuning.push_trainer_output`)."""
+    trainer_args = trainer_arguments(training_args)
     top_k = max(reported_top_k(num_labels))
     return FineTuningTrainer(
         model=model,

@@ -158,6 +158,7 @@ def evaluate_model(
         crop_pct=data_args.crop_pct,
         num_workers=eval_args.dataloader_num_workers,
         device=device,
+        max_image_pixels=data_args.max_image_pixels,
     )
     print(f"{name}: linear probe {result.linear_probe_top1:.2%}, k-NN {result.knn_top1:.2%}")
     return result

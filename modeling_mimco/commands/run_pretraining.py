@@ -197,7 +197,12 @@ def _data_for_process(
         num_workers=training_args.dataloader_num_workers,
     )
     return build_pretraining_pipeline(
-        dataset, image_column, config, model_args.crop_min_scale, model_args.horizontal_flip
+        dataset,
+        image_column,
+        config,
+        model_args.crop_min_scale,
+        model_args.horizontal_flip,
+        max_image_pixels=data_args.max_image_pixels,
     )
 
 

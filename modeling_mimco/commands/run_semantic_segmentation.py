@@ -4,8 +4,9 @@
         --dataset_name scene_parse_150 --reduce_labels --id2label_file ade20k_id2label.json
 
 `--model_name_or_path` is any MimCo checkpoint folder (a stage-2 pre-training folder gives its student; the teacher
-and heads are not loaded): `MimCoBackbone.from_pretrained` reads the backbone, which feeds transformers'
-`UperNetForSemanticSegmentation` (UperNet head and auxiliary FCN head new) through `UperNetConfig(backbone_config=...)`.
+and heads are not loaded): `MimCoBackbone.from_pretrained` reads the backbone, which feeds transformers' UperNet head
+and auxiliary FCN head (new) in `MimCoForSemanticSegmentation`, the model of transformers'
+`UperNetForSemanticSegmentation` on this backbone, with its config (`MimCoUperNetConfig`, `model_type` "upernet").
 With `--use_feature_pyramid` (the default) the four feature maps of `--out_indices` (default: blocks at 1/3, 1/2,
 2/3 and all of the depth) are resampled to 4x, 2x, 1x and 1/2x of the patch grid, as BEiT / MAE feed UperNet.
 Without a checkpoint, a randomly initialised `--model_preset` is trained.
@@ -20,15 +21,15 @@ others by one (ADE20K). Training images and masks get one random resize (`--min_
 The recipe's defaults are the paper-scale ADE20K ones of BEiT / MAE / MimCo: 512x512 crops, 160k iterations of batch
 16 (`--per_device_train_batch_size 2` on 8 GPUs), AdamW lr 1e-4, weight decay 0.05, layer-wise lr decay 0.65,
 1500 warmup steps, then linear decay. Metrics: mean IoU, mean accuracy, pixel accuracy and one IoU per class, with
-no network (`evaluation.segmentation_metrics`). The output folder holds the UperNet model (it reloads with
-`UperNetForSemanticSegmentation.from_pretrained` after `import modeling_mimco`), a `SegformerImageProcessor` and
-`eval_results.json`, which `mimco-card` reads; `--push_to_hub --hub_model_id ORG/NAME` uploads it once, at the end,
+no network (`evaluation.segmentation_metrics`). The output folder holds the model (it reloads with
+`UperNetForSemanticSegmentation.from_pretrained` after `import modeling_mimco`, and anywhere else with
+`AutoModelForSemanticSegmentation.from_pretrained(..., trust_remote_code=True)` from the model files saved with it),
+a `SegformerImageProcessor` and `eval_results.json`, which `mimco-card` reads; `--push_to_hub --hub_model_id ORG/NAME` uploads it once, at the end,
 through `hub.upload.push_to_hub`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
@@ -40,12 +41,10 @@ from transformers import (
     HfArgumentParser,
     SegformerImageProcessor,
     TrainingArguments,
-    UperNetConfig,
-    UperNetForSemanticSegmentation,
     set_seed,
 )
 
-from modeling_mimco import MimCoConfig
+from modeling_mimco import MimCoConfig, MimCoForSemanticSegmentation, MimCoUperNetConfig
 from modeling_mimco.commands import reports_errors, run_command
 from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 from modeling_mimco.data.pipeline import apply_example_transform
@@ -59,7 +58,12 @@ from modeling_mimco.data.segmentation import (
     load_segmentation_splits,
 )
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.evaluation.finetuning import FineTuningTrainer, push_trainer_output
+from modeling_mimco.evaluation.finetuning import (
+    CpuProcessGroupTimeout,
+    FineTuningTrainer,
+    push_trainer_output,
+    trainer_arguments,
+)
 from modeling_mimco.evaluation.segmentation_metrics import SegmentationMetrics, upsampled_predictions
 from modeling_mimco.interop.model_folders import load_image_processor
 
@@ -106,8 +110,9 @@ class SegmentationAugmentationArguments(SegmentationDataArguments):
 
 
 @dataclass
-class SegmentationTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the ADE20K UperNet recipe's defaults (every other flag as in transformers)."""
+class SegmentationTrainingArguments(CpuProcessGroupTimeout, TrainingArguments):
+    """`TrainingArguments` with the ADE20K UperNet recipe's defaults (every other flag as in transformers; its
+    `--ddp_timeout` holds on CPUs too)."""
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head (AdamW)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, tokens)."})
@@ -177,10 +182,10 @@ def load_backbone_model(model_args: ModelArguments):
         raise ValueError(describe_load_error("--model_name_or_path", path, error)) from error
 
 
-def build_model(model_args: ModelArguments, data: SegmentationData) -> UperNetForSemanticSegmentation:
+def build_model(model_args: ModelArguments, data: SegmentationData) -> MimCoForSemanticSegmentation:
     """UperNet (new head) on the MimCo backbone, the backbone's weights copied from `load_backbone_model`."""
     backbone = load_backbone_model(model_args)
-    config = UperNetConfig(
+    config = MimCoUperNetConfig(
         backbone_config=backbone.config,
         hidden_size=model_args.decoder_hidden_size,
         use_auxiliary_head=model_args.auxiliary_head,
@@ -189,7 +194,7 @@ def build_model(model_args: ModelArguments, data: SegmentationData) -> UperNetFo
         id2label=data.id2label,
         label2id=data.label2id,
     )
-    model = UperNetForSemanticSegmentation(config)
+    model = MimCoForSemanticSegmentation(config)
     # strict: every backbone weight must land in UperNet's backbone, or the transfer would be silently partial
     model.backbone.load_state_dict(backbone.state_dict())
     return model
@@ -226,6 +231,7 @@ def prepare_datasets(data: SegmentationData, image_processor, data_args: Segment
         annotation_column=data.annotation_column,
         num_labels=data.num_labels,
         reduce=data_args.reduce_labels,
+        max_image_pixels=data_args.max_image_pixels,
     )
     train = apply_example_transform(data.train, SegmentationExampleTransform(train_transform, **common))
     evaluation = apply_example_transform(data.eval, SegmentationExampleTransform(eval_transform, **common))
@@ -240,9 +246,9 @@ def build_trainer(
     model, image_processor, train_dataset, eval_dataset, data: SegmentationData, model_args, training_args
 ) -> FineTuningTrainer:
     """The Trainer with layer-wise lr decay (`FineTuningTrainer`, no batch mixing) and the IoU metrics. It never
-    talks to the Hub: `--push_to_hub` uploads once, at the end, through `evaluation.finetuning.push_trainer_output`."""
-    trainer_args = copy.copy(training_args)
-    trainer_args.push_to_hub = False
+    talks to the Hub nor sees the token (`trainer_arguments`: no `training_args.bin` holds it): `--push_to_hub`
+    uploads once, at the end, through `evaluation.finetuning.push_trainer_output`."""
+    trainer_args = trainer_arguments(training_args)
     return FineTuningTrainer(
         model=model,
         args=trainer_args,

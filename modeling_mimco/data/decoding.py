@@ -6,6 +6,15 @@ float, CMYK, with alpha) into RGB (`to_rgb`), and decodes a large JPEG at a redu
 allows it (`reduced_decode_size`), or straight to a uint8 tensor (`fast_jpeg`). An empty, truncated or non-image
 value raises `UnreadableImageError` naming the file, which `pipeline.py`'s example transforms turn into a skipped
 example. Imports nothing of the package.
+
+One size limit for every decoder: before any pixel is decoded, the image's width and height are read from its header
+(PIL's lazy `Image.open`, or for the fast JPEG path the frame header, `jpeg_frame_size`) and `check_image_pixels`
+refuses an image of more than `max_image_pixels` pixels (`--max_image_pixels`, by default PIL's
+`Image.MAX_IMAGE_PIXELS`, 89,478,485; `None` or 0 for no limit) as an `UnreadableImageError` naming the file, its
+size and the limit. A 2 MB JPEG can claim 13,441 x 13,441 pixels (half a gigabyte decoded) or 65,000 x 65,000
+(12.7 GB); none is decoded. PIL's own guard (a warning above its limit, an error above twice that) is lifted while
+the header is read, so that the limit given here is the one that holds, on every path alike; the segmentation masks
+(`segmentation.read_mask`) and `webdataset.write_shards` call the same check.
 """
 
 from __future__ import annotations
@@ -15,7 +24,10 @@ import logging
 import math
 import os
 import re
-from typing import Any
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 import numpy as np
 import PIL.Image
@@ -28,6 +40,11 @@ from torchvision.io import decode_image as decode_image_tensor
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_MAX_IMAGE_PIXELS: int | None = PIL.Image.MAX_IMAGE_PIXELS
+"""The default `max_image_pixels`: PIL's `Image.MAX_IMAGE_PIXELS` when this module is imported (89,478,485, about
+9,459 x 9,459 pixels, unless changed before)."""
+
+
 class UnreadableImageError(OSError):
     """An image that cannot be decoded: empty, truncated, not an image, or of an unsupported kind.
 
@@ -38,6 +55,98 @@ class UnreadableImageError(OSError):
     def __init__(self, description: str, path: str | None = None):
         super().__init__(description)
         self.path = path
+
+
+def check_image_pixels(
+    width: int,
+    height: int,
+    label: str,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    path: str | None = None,
+) -> None:
+    """Refuses an image whose header gives it more than `max_image_pixels` pixels, before it is decoded.
+
+    The one size check of every path that turns stored bytes into pixels. `label` names the image in the message
+    (e.g. `"'train/n01440764_10026.JPEG'"`), `path` is kept on the error. `None` or 0 sets no limit.
+
+    Raises:
+        UnreadableImageError: naming the image, its width x height and the limit.
+    """
+    if not max_image_pixels or max_image_pixels < 0:
+        return
+    pixels = int(width) * int(height)
+    if pixels > max_image_pixels:
+        raise UnreadableImageError(
+            f"Unreadable image {label}: its header gives {width} x {height} = {pixels:,} pixels, more than the limit "
+            f"of {max_image_pixels:,} (--max_image_pixels; a possible decompression bomb); not decoded.",
+            path=path,
+        )
+
+
+_PIL_GUARD_LOCK = threading.Lock()
+
+
+@contextmanager
+def pil_size_guard_lifted() -> Iterator[None]:
+    """PIL's own decompression-bomb guard switched off while a header is read (`PIL.Image.open`), so that
+    `check_image_pixels` with the caller's limit is the one that holds (PIL would warn above its limit and refuse
+    above twice that, whatever the caller's limit). Only the header is parsed meanwhile; a lock keeps threads from
+    restoring each other's setting."""
+    with _PIL_GUARD_LOCK:
+        saved = PIL.Image.MAX_IMAGE_PIXELS
+        PIL.Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            PIL.Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_checked(
+    data: bytes | BinaryIO,
+    label: str,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    path: str | None = None,
+) -> PIL.Image.Image:
+    """`PIL.Image.open` of encoded bytes or an open binary file (the header only, nothing decoded yet) and
+    `check_image_pixels` on the size it reads; the lazily opened image, to `load()` or `draft()`. PIL's errors for
+    data that is no image pass through as they are."""
+    with pil_size_guard_lifted():
+        image = PIL.Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+    check_image_pixels(*image.size, label, max_image_pixels, path)
+    return image
+
+
+# SOF0..SOF15 but DHT (C4), JPG (C8) and DAC (CC): the frame headers, which hold the image's height and width
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """`(width, height)` from a JPEG's frame header (SOFn), found by walking the marker segments from the start;
+    `None` when `data` is not a JPEG or no frame header comes before the scan. Costs microseconds: the fast path
+    checks the size without PIL's header parse."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte
+            position += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # the end, or a scan, before any frame header
+            return None
+        if marker in _JPEG_FRAME_MARKERS:
+            if position + 9 > end:
+                return None
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            return width, height
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -138,6 +247,7 @@ def decode_image(
     draft_for: tuple[int, float] | None = None,
     fast_jpeg: bool = False,
     where: str | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> PIL.Image.Image | torch.Tensor:
     """Opens, fully loads and converts one image to 8-bit RGB (see `to_rgb`).
 
@@ -152,13 +262,17 @@ def decode_image(
             (faster); other images are still returned as PIL images. For transforms that accept both.
         where: Where the value came from (e.g. `"row 7 (0-based) of '/data/train.parquet'"`), named in the error
             when the value carries no file name.
+        max_image_pixels: The largest width x height decoded (`check_image_pixels`, on the size the header gives,
+            before decoding, on every path: PIL, the reduced-size JPEG, the fast JPEG, a PIL image given); `None` or
+            0 for no limit. Default: PIL's `Image.MAX_IMAGE_PIXELS`.
 
     The pixels are read completely (`Image.load()`), so a truncated file fails here rather than later. The EXIF
     orientation is applied, as `datasets` does when it decodes images itself. Note that PIL decodes truncated files
     without error if some code sets `PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`.
 
     Raises:
-        UnreadableImageError: for empty, truncated or non-image data; the message names the file when known.
+        UnreadableImageError: for empty, truncated or non-image data, or an image of more than `max_image_pixels`
+            pixels; the message names the file when known.
     """
     name = _describe_image_value(value)
     if name:
@@ -168,17 +282,21 @@ def decode_image(
     try:
         if isinstance(value, PIL.Image.Image):
             image = value
+            check_image_pixels(*image.size, label, max_image_pixels, name)
             image.load()
         else:
             data = _read_image_bytes(value, token)
             if len(data) == 0:
                 raise UnreadableImageError(f"Unreadable image {label}: the file is empty (0 bytes).", path=name)
             if fast_jpeg and draft_for is None:
-                # nothing to read from the header first: PIL's parsing of it costs a third of the decoding
-                tensor = _decode_jpeg_to_tensor(data)
-                if tensor is not None:
-                    return tensor
-            image = PIL.Image.open(io.BytesIO(data))
+                # the size from the frame header alone: PIL's parsing of the header costs a third of the decoding
+                size = jpeg_frame_size(data)
+                if size is not None:
+                    check_image_pixels(*size, label, max_image_pixels, name)
+                    tensor = _decode_jpeg_to_tensor(data)
+                    if tensor is not None:
+                        return tensor
+            image = open_checked(data, label, max_image_pixels, name)
             reduced = None
             if draft_for is not None and image.format == "JPEG":
                 reduced = reduced_decode_size(*image.size, *draft_for)

@@ -49,7 +49,7 @@ from datasets.table import InMemoryTable, concat_tables
 
 from modeling_mimco.configuration_mimco import MimCoConfig
 from modeling_mimco.data.contrastive_views import stack_parameters
-from modeling_mimco.data.decoding import UnreadableImageError, decode_image
+from modeling_mimco.data.decoding import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageError, decode_image
 from modeling_mimco.data.sources import row_sources
 from modeling_mimco.data.transforms import ToNormalizedFloat, build_pretraining_transform
 from modeling_mimco.masking import MimCoMaskGenerator
@@ -81,16 +81,26 @@ class _ExampleTransform:
     Called with a *batch* (the image column holds a list, as `Dataset.with_transform` and `map(batched=True)` give)
     it returns a dict of lists; called with *one example* (as `IterableDataset.map` gives by default) it returns a
     dict of single values. `apply_example_transform` attaches it the right way for either kind of dataset.
+
+    `max_image_pixels` (`--max_image_pixels`) travels with the transform into the DataLoader workers: an image whose
+    header gives more pixels is not decoded but skipped as unreadable (`decoding.check_image_pixels`).
     """
 
     pixel_keys: tuple[str, ...] = ()
 
     fast_jpeg = False
 
-    def __init__(self, image_column: str, label_column: str | None = None, draft_for: tuple[int, float] | None = None):
+    def __init__(
+        self,
+        image_column: str,
+        label_column: str | None = None,
+        draft_for: tuple[int, float] | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         self.image_column = image_column
         self.label_column = label_column
         self.draft_for = draft_for
+        self.max_image_pixels = max_image_pixels
         self.row_sources = None
         self._warned: set[str] = set()
 
@@ -144,7 +154,13 @@ class _ExampleTransform:
     def _process(self, value: Any, row: int | None = None) -> dict[str, Any]:
         where = self.describe_row(row)
         try:
-            image = decode_image(value, draft_for=self.draft_for, fast_jpeg=self.fast_jpeg, where=where)
+            image = decode_image(
+                value,
+                draft_for=self.draft_for,
+                fast_jpeg=self.fast_jpeg,
+                where=where,
+                max_image_pixels=self.max_image_pixels,
+            )
         except UnreadableImageError as err:
             marker = err.path or where or str(err)
             if marker not in self._warned:
@@ -163,6 +179,7 @@ class PretrainingExampleTransform(_ExampleTransform):
         label_column: If given, its values are passed on as `"labels"`.
         draft_for: `(image_size, min_crop_scale)` of `transform`'s random crop: large JPEGs are then decoded at a
             reduced size when the crop allows it (see `decode_image`). Leave `None` for transforms without one.
+        max_image_pixels: Images of more pixels (by their header) are skipped undecoded; `None` or 0: no limit.
 
     Output per example: `"pixel_values"`, the normalised float32 tensor `(3, H, W)` or `None` when the image is
     unreadable; `"unreadable_image"`, `None` or the bad file's name; optionally `"labels"`. Never raises for a bad
@@ -179,8 +196,9 @@ class PretrainingExampleTransform(_ExampleTransform):
         image_column: str,
         label_column: str | None = None,
         draft_for: tuple[int, float] | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
-        super().__init__(image_column, label_column, draft_for)
+        super().__init__(image_column, label_column, draft_for, max_image_pixels)
         self.transform = transform
 
     def _augment(self, image: PIL.Image.Image) -> dict[str, torch.Tensor]:
@@ -194,6 +212,7 @@ class ContrastiveExampleTransform(_ExampleTransform):
         transform_1, transform_2: The two view transforms (`build_contrastive_transforms`).
         image_column: Column holding the image.
         label_column: If given, its values are passed on as `"labels"`.
+        max_image_pixels: Images of more pixels (by their header) are skipped undecoded; `None` or 0: no limit.
 
     Output per example: `"pixel_values_1"` and `"pixel_values_2"`, normalised float32 tensors `(3, H, W)` of the
     same image (both `None` when it is unreadable), `"unreadable_image"`, optionally `"labels"`.
@@ -202,9 +221,14 @@ class ContrastiveExampleTransform(_ExampleTransform):
     pixel_keys = ("pixel_values_1", "pixel_values_2")
 
     def __init__(
-        self, transform_1: Callable, transform_2: Callable, image_column: str, label_column: str | None = None
+        self,
+        transform_1: Callable,
+        transform_2: Callable,
+        image_column: str,
+        label_column: str | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
-        super().__init__(image_column, label_column)
+        super().__init__(image_column, label_column, max_image_pixels=max_image_pixels)
         self.transform_1 = transform_1
         self.transform_2 = transform_2
 
@@ -410,29 +434,36 @@ def build_pretraining_pipeline(
     config: MimCoConfig,
     crop_min_scale: float = 0.67,
     hflip: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, MimCoPretrainingCollator]:
     """Stage 2's input pipeline over a dataset of undecoded images (`sources.load_training_images`).
 
     Each example is decoded (large JPEGs at a reduced size when the crop allows it) and augmented by
     `build_pretraining_transform` with crop areas from `crop_min_scale` to 1, kept as uint8; the collator draws one
     `MimCoMaskGenerator.from_config(config)` mask per image and normalises the whole batch with the config's mean
-    and std. `config` is the student's (image size, patch grid, masking, mean and std).
+    and std. `config` is the student's (image size, patch grid, masking, mean and std). An image of more than
+    `max_image_pixels` pixels (`--max_image_pixels`; `None` or 0: no limit) is skipped undecoded.
 
     Returns:
         `(dataset, collator)`: the dataset with its example transform attached (`apply_example_transform`) and the
         `MimCoPretrainingCollator` that batches it.
     """
-    example_transform = pretraining_example_transform(image_column, config, crop_min_scale, hflip)
+    example_transform = pretraining_example_transform(image_column, config, crop_min_scale, hflip, max_image_pixels)
     dataset = apply_example_transform(dataset, example_transform)
     collator = pretraining_collator(config)
     return dataset, collator
 
 
 def pretraining_example_transform(
-    image_column: str, config: MimCoConfig, crop_min_scale: float = 0.67, hflip: bool = True
+    image_column: str,
+    config: MimCoConfig,
+    crop_min_scale: float = 0.67,
+    hflip: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> PretrainingExampleTransform:
-    """Stage 2's per-example step: decode (large JPEGs at a reduced size when the crop allows it) and augment with
-    crop areas from `crop_min_scale` to 1, kept as uint8 (the collator normalises whole batches)."""
+    """Stage 2's per-example step: decode (large JPEGs at a reduced size when the crop allows it; none of more than
+    `max_image_pixels` pixels) and augment with crop areas from `crop_min_scale` to 1, kept as uint8 (the collator
+    normalises whole batches)."""
     transform = build_pretraining_transform(
         config.image_size,
         config.image_mean,
@@ -441,7 +472,9 @@ def pretraining_example_transform(
         hflip=hflip,
         normalize=False,
     )
-    return PretrainingExampleTransform(transform, image_column, draft_for=(config.image_size, crop_min_scale))
+    return PretrainingExampleTransform(
+        transform, image_column, draft_for=(config.image_size, crop_min_scale), max_image_pixels=max_image_pixels
+    )
 
 
 def pretraining_collator(config: MimCoConfig) -> MimCoPretrainingCollator:

@@ -16,7 +16,6 @@ Imports `digits`, `decoding`, `pipeline` and `sources` of this folder.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -32,7 +31,14 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from modeling_mimco.data.decoding import _read_image_bytes, decode_image
+from modeling_mimco.data.decoding import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    _describe_image_value,
+    _read_image_bytes,
+    check_image_pixels,
+    decode_image,
+    open_checked,
+)
 from modeling_mimco.data.digits import cluttered_background, digits_of_split, paste_digit
 from modeling_mimco.data.pipeline import ROW_INDEX_COLUMN, _ExampleTransform
 from modeling_mimco.data.sources import load_image_dataset
@@ -156,12 +162,22 @@ class SegmentationDataArguments:
     synthetic_train_images: int = field(default=512, metadata={"help": "digit-canvas: training scenes."})
     synthetic_eval_images: int = field(default=128, metadata={"help": "digit-canvas: evaluation scenes."})
     synthetic_canvas_size: int = field(default=64, metadata={"help": "digit-canvas: side of a scene in pixels."})
+    max_image_pixels: int | None = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": "Largest image or mask decoded, in pixels (width x height, read from the file's header first): a "
+            "larger one is an unreadable image, never decoded (a decompression bomb). 0 for no limit. Default: PIL's "
+            "Image.MAX_IMAGE_PIXELS."
+        },
+    )
 
     def __post_init__(self):
         for name in ("max_train_samples", "max_eval_samples", "num_labels"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}.")
+        if self.max_image_pixels is not None and self.max_image_pixels < 0:
+            raise ValueError(f"--max_image_pixels must be 0 (no limit) or positive, got {self.max_image_pixels}.")
         if (self.train_dir is None) != (self.train_masks_dir is None):
             raise ValueError("--train_dir and --train_masks_dir go together: images and their masks.")
         if (self.validation_dir is None) != (self.validation_masks_dir is None):
@@ -348,7 +364,7 @@ def _classes(args: SegmentationDataArguments, train: datasets.Dataset) -> dict[i
     logger.info("Reading the training masks for the number of classes (give --num_labels or --id2label_file to skip).")
     largest = -1
     for row, value in enumerate(train[args.annotation_column]):
-        mask = read_mask(value, f"row {row} (0-based) of the training data")
+        mask = read_mask(value, f"row {row} (0-based) of the training data", args.max_image_pixels)
         labels = np.unique(reduce_labels(mask) if args.reduce_labels else mask)
         labels = labels[labels != IGNORE_INDEX]
         if labels.size:
@@ -362,14 +378,21 @@ def _classes(args: SegmentationDataArguments, train: datasets.Dataset) -> dict[i
 # masks and joint transforms
 
 
-def read_mask(value: Any, where: str | None = None) -> np.ndarray:
+def read_mask(
+    value: Any, where: str | None = None, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """A stored label mask (an undecoded record, bytes, a path or a PIL image) as an int64 array `(H, W)`.
 
-    Raises `ValueError` naming `where` for a mask that is not single-channel (class indices, not colours)."""
+    Raises `ValueError` naming `where` for a mask that is not single-channel (class indices, not colours), and
+    `decoding.UnreadableImageError` for a mask whose header gives more than `max_image_pixels` pixels (not decoded;
+    `None` or 0: no limit), as for the images (`decoding.check_image_pixels`)."""
+    name = _describe_image_value(value)
+    label = f"(the mask of {where or 'an example'})"
     if isinstance(value, PIL.Image.Image):
         image = value
+        check_image_pixels(*image.size, label, max_image_pixels, name)
     else:
-        image = PIL.Image.open(io.BytesIO(_read_image_bytes(value, None)))
+        image = open_checked(_read_image_bytes(value, None), label, max_image_pixels, name)
     if image.mode not in MASK_MODES:
         raise ValueError(
             f"The mask of {where or 'an example'} is a {image.mode} image; a label mask must be single-channel "
@@ -425,7 +448,9 @@ class SegmentationExampleTransform(_ExampleTransform):
 
     Output per example: `"pixel_values"` float32 `(3, H, W)` and `"labels"` int64 `(H, W)`. Raises `ValueError`
     naming the row (and the files, when they have names) for a mask of another size than its image, a label value
-    that is neither a class (`0..num_labels-1`) nor the ignore index, or a mask that is not single-channel.
+    that is neither a class (`0..num_labels-1`) nor the ignore index, or a mask that is not single-channel, and
+    `decoding.UnreadableImageError` for an unreadable image, or an image or mask of more than `max_image_pixels`
+    pixels (refused from its header, never decoded).
     """
 
     def __init__(
@@ -435,8 +460,9 @@ class SegmentationExampleTransform(_ExampleTransform):
         annotation_column: str,
         num_labels: int,
         reduce: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
-        super().__init__(image_column)
+        super().__init__(image_column, max_image_pixels=max_image_pixels)
         self.transform = transform
         self.annotation_column = annotation_column
         self.num_labels = num_labels
@@ -462,8 +488,8 @@ class SegmentationExampleTransform(_ExampleTransform):
     def process(self, image_value: Any, mask_value: Any, row: int | None = None) -> dict[str, torch.Tensor]:
         """One example: checked, reduced and jointly transformed."""
         where = self._where(image_value, mask_value, row)
-        image = decode_image(image_value, where=where)
-        mask = read_mask(mask_value, where)
+        image = decode_image(image_value, where=where, max_image_pixels=self.max_image_pixels)
+        mask = read_mask(mask_value, where, self.max_image_pixels)
         if mask.shape != (image.height, image.width):
             raise ValueError(
                 f"The mask of {where} is {mask.shape[1]}x{mask.shape[0]} (width x height) but its image is "

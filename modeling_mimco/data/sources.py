@@ -1,7 +1,7 @@
 """Where images come from: the one place that knows the data sources the scripts accept.
 
 - `ImageSourceArguments`: the source flags every script shares (`--dataset_name`, `--train_dir`, `--data_files`,
-  `--train_split`, `--image_column`, `--max_train_samples`); `DataArguments` (pre-training) and
+  `--train_split`, `--image_column`, `--max_train_samples`, `--max_image_pixels`); `DataArguments` (pre-training) and
   `LabelledDataArguments` (fine-tuning, frozen-feature evaluation) extend it.
 - `load_image_dataset`: one split from a Hub dataset or local dataset folder, a folder of class sub-folders, parquet
   files, WebDataset `.tar` shards (`webdataset.py`), or the built-in digits (`digits.load_digits_dataset`), optionally streaming. It checks local parquet files by name,
@@ -11,7 +11,7 @@
   until `decoding.decode_image`), `shard_for_process` (a stream split between processes).
 - `load_training_images` (pre-training) and `load_classification_splits` (a labelled train and evaluation split).
 
-Imports only `digits`, `webdataset` (shards) and `errors`; the augmentations and collators that consume these datasets are in
+Imports only `digits`, `webdataset` (shards), `decoding` (the default size limit) and `errors`; the augmentations and collators that consume these datasets are in
 `transforms.py` and `pipeline.py`.
 """
 
@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 from datasets.table import list_table_cache_files
 
+from modeling_mimco.data.decoding import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_mimco.data.digits import (
     CLUTTERED_DIGITS_DATASET,
     DIGITS_DATASET,
@@ -84,10 +85,20 @@ class ImageSourceArguments:
             "class); with --streaming, the first N of the stream."
         },
     )
+    max_image_pixels: int | None = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": "Largest image decoded, in pixels (width x height, read from the file's header first): a larger "
+            "one is skipped as unreadable, within --max_skipped_fraction, and never decoded (a decompression bomb). "
+            "0 for no limit. Default: PIL's Image.MAX_IMAGE_PIXELS."
+        },
+    )
 
     def __post_init__(self):
         if self.max_train_samples is not None and not self.max_train_samples > 0:
             raise ValueError(f"--max_train_samples must be positive, got {self.max_train_samples}.")
+        if self.max_image_pixels is not None and self.max_image_pixels < 0:
+            raise ValueError(f"--max_image_pixels must be 0 (no limit) or positive, got {self.max_image_pixels}.")
 
     def source_kwargs(self) -> dict:
         """The `load_image_dataset` arguments that name the source (all but the split)."""
@@ -439,7 +450,29 @@ def load_image_dataset(
     if path == "webdataset":
         renames = webdataset_columns(dataset.column_names or [])
         if renames:
-            dataset = dataset.rename_columns(renames)
+            dataset = _rename_undecoded(dataset, renames)
+    return dataset
+
+
+def _rename_undecoded(
+    dataset: datasets.Dataset | datasets.IterableDataset, renames: dict[str, str]
+) -> datasets.Dataset | datasets.IterableDataset:
+    """`dataset.rename_columns(renames)`, the image columns renamed undecoded. A stream renames in a step of its own
+    that would decode every image with PIL, so that a truncated file or an image over the size limit stopped the
+    stream there instead of being skipped by `decoding.decode_image` (and every image was decoded and re-encoded
+    once more); the renamed columns get their decoding back."""
+    if not isinstance(dataset, datasets.IterableDataset) or dataset.features is None:
+        return dataset.rename_columns(renames)
+    images = {
+        name: feature
+        for name, feature in dataset.features.items()
+        if name in renames and isinstance(feature, datasets.Image) and feature.decode
+    }
+    for name, feature in images.items():
+        dataset = dataset.cast_column(name, datasets.Image(mode=feature.mode, decode=False))
+    dataset = dataset.rename_columns(renames)
+    for name, feature in images.items():
+        dataset = dataset.cast_column(renames[name], feature)
     return dataset
 
 

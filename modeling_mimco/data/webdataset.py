@@ -6,7 +6,8 @@
 - `check_shard_files`: the shard list after expansion, each name or glob checked on the local disk.
 - `check_shards_for_workers`: whether the shards can be split between processes and DataLoader workers.
 - `webdataset_columns`: the builder's `jpg` / `cls` columns named `image` / `label`, as every other source gives.
-- `write_shards`: a folder of class sub-folders (ImageNet's layout) written as shards with the stdlib `tarfile`.
+- `write_shards`: a folder of class sub-folders (ImageNet's layout) written as shards with the stdlib `tarfile`;
+  an image whose header cannot be read or gives more than `--max_image_pixels` pixels is left out, named.
 
 How a stream of shards is split: `datasets.distributed.split_dataset_by_node` hands process `r` of `n` the shards
 `r, r + n, r + 2n, ...` when the number of shards is divisible by `n`; inside a process the DataLoader's `m` workers
@@ -15,7 +16,7 @@ read by exactly one worker of one process per epoch. With fewer shards than `n *
 shard, so `check_shards_for_workers` refuses that; a number of shards not divisible by `n` still works but makes
 every process read every shard and keep every `n`-th image, which it warns about.
 
-Imports only `errors`.
+Imports only `decoding` (the image size limit) and `errors`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import re
 import tarfile
 from collections.abc import Iterable, Sequence
 
+from modeling_mimco.data.decoding import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageError, open_checked
 from modeling_mimco.errors import MimCoError
 
 
@@ -202,6 +204,40 @@ def _field_name(image_path: str) -> str:
     return {"jpeg": "jpg", "tif": "tiff"}.get(extension, extension)
 
 
+def _header_problem(image_path: str, max_image_pixels: int | None) -> str | None:
+    """Why no reader would decode `image_path`, from its header alone (nothing is decoded): not an image, or more
+    than `max_image_pixels` pixels (`decoding.check_image_pixels`); `None` when its header is fine."""
+    try:
+        with open(image_path, "rb") as file:
+            open_checked(file, repr(image_path), max_image_pixels, image_path)
+    except UnreadableImageError as error:
+        return str(error)
+    except Exception as error:  # PIL raises many kinds of errors for a file that is no image
+        return f"Unreadable image {image_path!r}: {type(error).__name__}: {error}"
+    return None
+
+
+def _readable_images(
+    images: list[tuple[str, int]], max_image_pixels: int | None, train_dir: str
+) -> list[tuple[str, int]]:
+    """`images` without those whose header no reader would decode, each named in a warning, then counted."""
+    kept = []
+    for image_path, label in images:
+        problem = _header_problem(image_path, max_image_pixels)
+        if problem is None:
+            kept.append((image_path, label))
+        else:
+            logger.warning("Leaving out an unreadable image: %s", problem)
+    if len(kept) < len(images):
+        logger.warning(
+            "Left %d of the %d images of --train_dir %r out of the shards (named above).",
+            len(images) - len(kept),
+            len(images),
+            train_dir,
+        )
+    return kept
+
+
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -210,7 +246,12 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(
-    train_dir: str, output_dir: str, shard_size: int = 1000, prefix: str = "train", num_shards: int | None = None
+    train_dir: str,
+    output_dir: str,
+    shard_size: int = 1000,
+    prefix: str = "train",
+    num_shards: int | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[str]:
     """Writes the images of a class-folder tree (`train_dir/<class>/<image>`) as WebDataset shards.
 
@@ -218,6 +259,11 @@ def write_shards(
     class index, classes numbered in sorted order); `output_dir/classes.txt` lists the class names, one a line.
     The images are spread over the shards round-robin, in class then file-name order, so every shard holds every
     class and the shards' sizes differ by at most one (processes then see as many batches each).
+
+    Every image's header is read first (nothing is decoded): a file that is no image, or whose header gives more
+    than `max_image_pixels` pixels (`None` or 0: no limit), is left out of the shards with a warning naming it,
+    since no reader would decode it. A file whose pixels are damaged past the header is copied as it is; the readers
+    skip it.
 
     Args:
         shard_size: Images per shard when `num_shards` is not given.
@@ -235,6 +281,9 @@ def write_shards(
     classes, images = _class_folder_images(train_dir)
     if not images:
         raise ShardError(f"--train_dir {train_dir!r} holds no images.")
+    images = _readable_images(images, max_image_pixels, train_dir)
+    if not images:
+        raise ShardError(f"--train_dir {train_dir!r} holds no readable images (see the warnings above).")
     extensions = sorted({_field_name(path) for path, _ in images})
     if len(extensions) > 1:
         # datasets' builder takes its columns from a shard's first samples: one image field for all samples

@@ -5,18 +5,27 @@ This module owns the parts of the recipe that the `Trainer` does not have: `Soft
 `build_batch_mixer` (MixUp / CutMix of a training batch) and `FineTuningTrainer` (a `Trainer` whose optimizer uses
 the layer-wise learning-rate decay groups of `optimization.layer_decay_parameter_groups` and whose training steps,
 never its evaluation steps, mix their batches). `mimco-finetune` (`commands/run_finetuning.py`) puts them together.
-It imports torch, torchvision, transformers and `optimization` of this package.
+`trainer_arguments` is the copy of the arguments that such a `Trainer` gets (no upload, no token), and
+`CpuProcessGroupTimeout` makes their `--ddp_timeout` hold for processes on CPUs. It imports torch, torchvision,
+transformers, accelerate and `optimization` and `log` of this package.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from torch import nn
 from torchvision.transforms import v2
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
+from modeling_mimco.training.failures import RunPosition, collective_failure
+from modeling_mimco.training.log import without_secrets
 from modeling_mimco.training.optimization import layer_decay_parameter_groups
 
 
@@ -123,11 +132,44 @@ class FineTuningTrainer(Trainer):
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, except that a collective whose peer died or hung (`--ddp_timeout`) ends the run with the
+        one-line `ProcessGroupFailure` of the pre-training commands, naming the step and the checkpoint to resume
+        from, instead of a traceback from inside torch."""
+        try:
+            return super().train(*args, **kwargs)
+        except RuntimeError as error:
+            last_checkpoint = (
+                get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            )
+            failure = collective_failure(
+                error,
+                last_checkpoint=last_checkpoint,
+                ddp_timeout=self.args.ddp_timeout,
+                rank=self.args.process_index,
+                num_processes=self.args.world_size,
+                position=RunPosition(state=self.state, max_train_steps=self.state.max_steps),
+                resume_flag=f"--resume_from_checkpoint {last_checkpoint}" if last_checkpoint else "no change",
+            )
+            if failure is None:
+                raise
+            raise failure from error
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.batch_mixer is not None and inputs.get("labels") is not None and len(inputs["labels"]) > 0:
             inputs = dict(inputs)
             inputs["pixel_values"], inputs["labels"] = self.batch_mixer(inputs["pixel_values"], inputs["labels"])
         return super().training_step(model, inputs, num_items_in_batch)
+
+
+def trainer_arguments(training_args):
+    """The copy of a command's `TrainingArguments` that its `Trainer` gets: `push_to_hub` off (the command uploads
+    once, at the end, through `push_trainer_output`) and no token (`training.log.without_secrets`), since the
+    `Trainer` pickles its arguments into `training_args.bin` in the output folder and in every checkpoint. The
+    command's own arguments keep the token for that upload."""
+    trainer_args = without_secrets(training_args)
+    trainer_args.push_to_hub = False
+    return trainer_args
 
 
 def push_trainer_output(trainer: Trainer, training_args, dataset: str, eval_split: str, commit_message: str) -> None:
@@ -160,4 +202,27 @@ def push_trainer_output(trainer: Trainer, training_args, dataset: str, eval_spli
     )
 
 
-__all__ = ["FineTuningTrainer", "SoftTargetCrossEntropy", "build_batch_mixer", "push_trainer_output"]
+class CpuProcessGroupTimeout:
+    """Put before `TrainingArguments` in a subclass's bases: `--ddp_timeout` then holds for processes on CPUs too.
+
+    transformers hands `ddp_timeout` to the process group only when it sets up GPUs; processes on CPUs (`--use_cpu`,
+    or `ACCELERATE_USE_CPU=1 accelerate launch`) get torch's default of 30 minutes whatever the flag says. So the
+    gloo group of such a launch is created here, before transformers sets up its devices, with the flag's timeout;
+    transformers then finds it and trains in it.
+    """
+
+    def __post_init__(self):
+        on_cpus = self.use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+        if on_cpus and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            PartialState(cpu=True, backend=self.ddp_backend, timeout=timedelta(seconds=self.ddp_timeout))
+        super().__post_init__()
+
+
+__all__ = [
+    "CpuProcessGroupTimeout",
+    "FineTuningTrainer",
+    "SoftTargetCrossEntropy",
+    "build_batch_mixer",
+    "push_trainer_output",
+    "trainer_arguments",
+]

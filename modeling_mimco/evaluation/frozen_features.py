@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from modeling_mimco.data.decoding import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_mimco.data.pipeline import MimCoPretrainingCollator, PretrainingExampleTransform, apply_example_transform
 from modeling_mimco.data.transforms import build_eval_transform
 from modeling_mimco.evaluation.metrics import load_accuracy_metric
@@ -84,11 +85,13 @@ def extract_features(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     desc: str = "Extracting features",
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features `(N, D)` (float32, on the CPU) and labels `(N,)` of every readable image of `dataset`.
 
     Images go through the evaluation transform at the backbone's own size and normalisation
-    (`data.build_eval_transform`); unreadable images are skipped with a warning. A tqdm bar shows the progress.
+    (`data.build_eval_transform`); unreadable images, and images of more than `max_image_pixels` pixels (never
+    decoded; `None` or 0: no limit), are skipped with a warning. A tqdm bar shows the progress.
     """
     if pooling not in FEATURE_POOLINGS:
         raise ValueError(f"`pooling` must be one of {FEATURE_POOLINGS}, got {pooling!r}.")
@@ -99,7 +102,10 @@ def extract_features(
             "the checkpoint), so its `pooler_output` would come from random weights. Use --pooling cls or mean."
         )
     transform = build_eval_transform(backbone.image_size, backbone.image_mean, backbone.image_std, crop_pct=crop_pct)
-    prepared = apply_example_transform(dataset, PretrainingExampleTransform(transform, image_column, label_column))
+    example_transform = PretrainingExampleTransform(
+        transform, image_column, label_column, max_image_pixels=max_image_pixels
+    )
+    prepared = apply_example_transform(dataset, example_transform)
     loader = DataLoader(
         prepared,
         batch_size=batch_size,
@@ -378,11 +384,19 @@ def evaluate_backbone(
     crop_pct: float = 0.875,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> FrozenFeatureResult:
     """The frozen-feature results of one backbone: features of both splits of `data` (`extract_features`), then the
     linear probe and the k-NN on them (`evaluate_frozen_features`). The backbone is moved back to the CPU before the
     probe trains; the result keeps the test features and labels for the t-SNE."""
-    common = dict(pooling=pooling, batch_size=batch_size, crop_pct=crop_pct, num_workers=num_workers, device=device)
+    common = dict(
+        pooling=pooling,
+        batch_size=batch_size,
+        crop_pct=crop_pct,
+        num_workers=num_workers,
+        device=device,
+        max_image_pixels=max_image_pixels,
+    )
     train_features, train_labels = extract_features(
         backbone, data.train, data.image_column, data.label_column, desc=f"{name}: train features", **common
     )

@@ -9,7 +9,9 @@ what it returned. An expected error in the second process (`errors.EXPECTED_ERRO
 its end before it sent a result (killed), is raised here as a `MimCoError` of one line that names the log, which
 the commands print as their one `error:` line; any other exception (a bug) is raised as a `RuntimeError`, its
 traceback in the log. Leaving the `with` block stops a second process that is still running (an error or Ctrl-C in
-the first one).
+the first one). If the first process is killed outright (SIGKILL, out of memory), the second is killed with it
+(`training.orphans.end_with_parent` with SIGKILL): no one is left to read its result, and its loader workers follow
+within seconds, as they do whenever their process dies.
 
 As with any `spawn` process, the second one imports the script that started the first again, so a script that uses
 this must start its work under `if __name__ == "__main__":` (as `scripts/demo.py` does).
@@ -20,16 +22,20 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 from modeling_mimco.errors import EXPECTED_ERRORS, MimCoError, one_line
+from modeling_mimco.training.orphans import end_with_parent
 
 
-def _run_with_log(function: Callable, args: tuple, log_path: str, connection) -> None:
+def _run_with_log(function: Callable, args: tuple, log_path: str, connection, first_pid: int) -> None:
     """The second process: `function(*args)` with stdout and stderr in `log_path`; sends `("ok", result)` or
-    `("expected" or "bug", "TypeName: message")` through `connection`."""
+    `("expected" or "bug", "TypeName: message")` through `connection`. It is killed if the first process
+    (`first_pid`) ends before it."""
+    end_with_parent(first_pid, getattr(signal, "SIGKILL", signal.SIGTERM))  # Windows has no SIGKILL
     with open(log_path, "w", buffering=1) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
@@ -63,7 +69,9 @@ class BackgroundRun:
         self._connection, child_connection = context.Pipe(duplex=False)
         # not a daemon: the second process starts DataLoader workers of its own, which a daemon may not
         self._process = context.Process(
-            target=_run_with_log, args=(self.function, self.args, self.log_path, child_connection), daemon=False
+            target=_run_with_log,
+            args=(self.function, self.args, self.log_path, child_connection, os.getpid()),
+            daemon=False,
         )
         self._process.start()
         child_connection.close()  # only the second process writes to it now, so `recv` sees its end

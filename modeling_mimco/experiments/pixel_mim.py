@@ -50,7 +50,12 @@ def run_pixel_mim(
         data_args, student_config.image_size, seed=training_args.seed, num_workers=training_args.dataloader_num_workers
     )
     dataset, collator = build_pretraining_pipeline(
-        dataset, image_column, student_config, model_args.crop_min_scale, model_args.horizontal_flip
+        dataset,
+        image_column,
+        student_config,
+        model_args.crop_min_scale,
+        model_args.horizontal_flip,
+        max_image_pixels=data_args.max_image_pixels,
     )
 
     def save_final(unwrapped_model: ViTForMaskedImageModeling, final_dir: str) -> None:

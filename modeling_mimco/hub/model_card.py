@@ -355,9 +355,15 @@ def format_accuracy(value: float) -> str:
 # Model card
 
 
+# the `model_type` of a stage-1 folder (`MimCoForContrastivePreTraining`, MoCo v3), whose ViT is its `backbone_config`
+CONTRASTIVE_MODEL_TYPE = "mimco_contrastive"
+
+
 def _architecture(config: dict[str, Any]) -> dict[str, Any]:
-    if config.get("model_type") == "upernet" and isinstance(config.get("backbone_config"), dict):
-        config = config["backbone_config"]  # the MimCo backbone under the UperNet head
+    if config.get("model_type") in ("upernet", CONTRASTIVE_MODEL_TYPE) and isinstance(
+        config.get("backbone_config"), dict
+    ):
+        config = config["backbone_config"]  # the MimCo backbone under the UperNet head, or stage 1's encoder
     return {
         "image_size": config.get("image_size"),
         "patch_size": config.get("patch_size"),
@@ -370,9 +376,10 @@ def _architecture(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def count_parameters(checkpoint_dir: str | Path) -> int | None:
+def count_parameters(checkpoint_dir: str | Path, only_prefix: str | None = None) -> int | None:
     """Parameters of the backbone (and classifier) stored in the folder's safetensors files, read from their headers
-    only; a pre-training checkpoint's teacher and heads are not counted. `None` without safetensors files."""
+    only; a pre-training checkpoint's teacher and heads are not counted, and with `only_prefix` only the weights
+    under it are (`base_encoder.`: a stage-1 folder's trained ViT). `None` without safetensors files."""
     from safetensors import safe_open
 
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
@@ -383,6 +390,8 @@ def count_parameters(checkpoint_dir: str | Path) -> int | None:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 if name.startswith(PRETRAINING_ONLY_PREFIXES):
+                    continue
+                if only_prefix is not None and not name.startswith(only_prefix):
                     continue
                 count = 1
                 for size in handle.get_slice(name).get_shape():
@@ -411,6 +420,11 @@ def _training_recipe(config: dict[str, Any], pretraining: dict[str, Any]) -> lis
         ("Image loss temperature / weight", ("image_temperature", "image_loss_weight")),
         ("Head hidden size", "head_hidden_size"),
         ("Stochastic depth", "drop_path_rate"),
+        # stage 1 (MoCo v3), from a `mimco_contrastive` config
+        ("Projector hidden / output size", ("projector_hidden_size", "projection_size")),
+        ("InfoNCE temperature", "temperature"),
+        ("Momentum (start / end, cosine)", ("momentum", "momentum_final")),
+        ("Frozen patch projection", "freeze_patch_embeddings"),
     ]
     for label, names in fields:
         if isinstance(names, tuple):
@@ -507,6 +521,17 @@ def _evaluation_rows(metrics: list[tuple[str, str, int, float]]) -> list[dict[st
     ]
 
 
+def _auto_class(is_classifier: bool, is_contrastive: bool) -> str:
+    """The Auto class the card's snippets load the folder with: the one its `auto_map` names for its class."""
+    if is_classifier:
+        return "AutoModelForImageClassification"
+    if is_contrastive:
+        # a stage-1 folder maps only `AutoModelForPreTraining` (`MimCoForContrastivePreTraining`): two image views in
+        return "AutoModelForPreTraining"
+    # a pre-training checkpoint is used for its student: `AutoModel` loads it as a `MimCoModel`, teacher skipped
+    return "AutoModel"
+
+
 def build_model_card(
     checkpoint_dir: str | Path,
     results: dict[str, Any] | None = None,
@@ -518,7 +543,9 @@ def build_model_card(
 
     The metadata gets `library_name: transformers`, the MimCo tags, the pipeline tag (`image-classification` for a
     `MimCoForImageClassification` checkpoint, `image-feature-extraction` otherwise), the datasets, and a
-    `model-index` with one `accuracy` metric per measured number. The card is parsed back with
+    `model-index` with one `accuracy` metric per measured number. The snippets load the folder with the Auto class
+    of its `auto_map` (`_auto_class`); a stage-1 folder (`mimco_contrastive`) gets its encoder's shape, its MoCo v3
+    settings in the recipe and a snippet that feeds two views. The card is parsed back with
     `huggingface_hub.ModelCard` before it is returned, so a card that the Hub would misread raises `ValueError`.
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -532,6 +559,7 @@ def build_model_card(
     architectures = config.get("architectures") or ["MimCoModel"]
     is_classifier = "MimCoForImageClassification" in architectures
     is_segmenter = config.get("model_type") == "upernet"
+    is_contrastive = config.get("model_type") == CONTRASTIVE_MODEL_TYPE
     pipeline_tag = "image-classification" if is_classifier else "image-feature-extraction"
     pipeline_tag = "image-segmentation" if is_segmenter else pipeline_tag
     dataset = evaluation_dataset(results)
@@ -550,7 +578,7 @@ def build_model_card(
         base_model=results.get("base_model"),
         eval_results=eval_results or None,
     )
-    parameters = count_parameters(checkpoint_dir)
+    parameters = count_parameters(checkpoint_dir, only_prefix="base_encoder." if is_contrastive else None)
     card = ModelCard.from_template(
         card_data,
         template_str=template,
@@ -558,9 +586,9 @@ def build_model_card(
         model_name=model_name,
         architecture=_architecture(config),
         architectures=architectures,
-        # a pre-training checkpoint is used for its student: `AutoModel` loads it as a `MimCoModel`, teacher skipped
-        auto_class="AutoModelForImageClassification" if is_classifier else "AutoModel",
+        auto_class=_auto_class(is_classifier, is_contrastive),
         is_classifier=is_classifier,
+        is_contrastive=is_contrastive,
         is_segmenter=is_segmenter,
         segmentation_rows=[{"name": name, "value": format_accuracy(value)} for _, name, value in segmentation],
         num_labels=len(config.get("id2label") or {}),

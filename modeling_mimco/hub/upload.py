@@ -25,7 +25,7 @@ from modeling_mimco.hub.model_card import build_model_card
 # Files that are uploaded besides the weights and the code files that `auto_map` needs.
 REQUIRED_FILES = {
     "config.json": "save the model with `save_pretrained` (after `import modeling_mimco`)",
-    "preprocessor_config.json": "save a `ViTImageProcessor` next to the model",
+    "preprocessor_config.json": "save the model with `save_pretrained`, which writes its image processor",
     "README.md": "write the model card with `mimco-card`",
 }
 DEFAULT_COMMIT_MESSAGE = "Upload MimCo model"
@@ -73,9 +73,9 @@ def _remote_code_files(folder: Path, auto_map: dict[str, Any]) -> tuple[list[str
 def collect_upload_files(checkpoint_dir: str | Path, pending: Collection[str] = ()) -> tuple[list[str], list[str]]:
     """The files of `checkpoint_dir` to upload, and those left out.
 
-    Uploaded: `config.json` (which must hold an `auto_map`, unless it is an UperNet segmentation model), the safetensors weights (and their shard index), the
-    code files that `auto_map` names together with the modules they import relatively, `preprocessor_config.json`
-    and `README.md`. Anything else in the folder (optimizer states, pickles, logs...) stays local. `pending` names
+    Uploaded: `config.json` (which must hold an `auto_map`; an UperNet folder written before `mimco-segment` saved
+    one may go without), the safetensors weights (and their shard index), the code files that `auto_map` names
+    together with the modules they import relatively, `preprocessor_config.json` and `README.md`. Anything else in the folder (optimizer states, pickles, logs...) stays local. `pending` names
     required files that are not written yet but will be before the upload (a generated `README.md`). Raises
     `ValueError` listing everything that is missing.
     """
@@ -103,8 +103,8 @@ def collect_upload_files(checkpoint_dir: str | Path, pending: Collection[str] = 
             raise ValueError(f"{folder / 'config.json'}: not valid JSON ({error}).") from None
         auto_map = config.get("auto_map")
         if not auto_map and config.get("model_type") == "upernet":
-            # UperNet is transformers' own class; its MimCo backbone loads once `modeling_mimco` is imported (the card
-            # says so), so a segmentation folder carries no remote code
+            # an UperNet folder of an earlier `mimco-segment`, without remote code: it loads as transformers'
+            # UperNet once `modeling_mimco` is imported (today's folders carry an `auto_map` and load anywhere)
             auto_map = {}
         elif not auto_map:
             missing.append(

@@ -5,7 +5,8 @@ tooling. `read_folder_kind` reads a folder's `config.json` and says which kind i
 folder, any other MimCo checkpoint, or anything else, loaded through the Auto classes); `momentum_encoder_state`
 gives the stage-1 momentum encoder as a `MimCoModel` state. On these rest `load_backbone` (a frozen feature
 extractor for the linear probe and k-NN, or the `random-init` and `pixels` baselines) and `load_classifier` (a model
-with a fresh head, to fine-tune). `save_image_processor` is the one writer of `preprocessor_config.json`;
+with a fresh head, to fine-tune). `save_image_processor` is the commands' writer of `preprocessor_config.json` (a
+model's own `save_pretrained` writes the same `ViTImageProcessor` for its config where the folder has none);
 `load_image_processor` reads one back; `load_mimco_checkpoint` reads a MimCo folder's config and raw weights
 without building the model (the export to timm). It imports torch, transformers, the package's model classes and
 `vit_checkpoints` (reading weight files), never the commands.

@@ -62,6 +62,13 @@ class PreTrainingArguments:
         },
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "Seconds a process waits in a collective for the others (as transformers' TrainingArguments): "
+            "when one hangs or is stopped, the rest stop after this long with one line naming the last checkpoint."
+        },
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log losses, lr, grad norm and images/s every N steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "Tracker for accelerate: tensorboard or none."})
     with_tracking: bool = field(
@@ -102,6 +109,7 @@ class PreTrainingArguments:
         _check_positive("num_train_epochs", self.num_train_epochs)
         _check_positive("logging_steps", self.logging_steps)
         _check_positive("max_consecutive_bad_steps", self.max_consecutive_bad_steps)
+        _check_positive("ddp_timeout", self.ddp_timeout)
         for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))

@@ -120,6 +120,15 @@ def list_checkpoints(checkpoint_root: str) -> list[str]:
     return [os.path.join(checkpoint_root, f"{CHECKPOINT_PREFIX}{step}") for step in sorted(steps)]
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint of `output_dir` that was completely written (it has its manifest), or `None`; quick,
+    since it reads no checksum: what a failing run names as the checkpoint `latest` will resume from."""
+    for folder in reversed(list_checkpoints(os.path.join(output_dir, "checkpoints"))):
+        if os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
+            return folder
+    return None
+
+
 def find_resume_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
     """Resolves `--resume_from_checkpoint`: `latest` picks the newest checkpoint that verifies (skipping damaged
     ones with a warning) or `None` when there is none; a path must verify."""
@@ -309,6 +318,7 @@ __all__ = [
     "OutputDirLock",
     "check_output_dir",
     "find_resume_checkpoint",
+    "last_complete_checkpoint",
     "list_checkpoints",
     "resume",
     "save_checkpoint",

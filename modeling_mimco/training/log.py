@@ -2,12 +2,20 @@
 device between logging steps), the unreadable-image count that stops a run with too many, the start banner, the
 plain `step N/M | ...` line of each logging step, and the facts of the run recorded beside its hyper-parameters.
 
-It imports torch, Accelerate, `errors` and `arguments`; `loop` imports it.
+It also holds the one rule for secrets that every program's writers follow (`is_secret_name`, `mask_secrets`,
+`without_secrets`): an argument named `token` or ending in `_token` (`--hub_token`, `--token`) never reaches a file
+that a program writes (tracker hyper-parameters and events, logs, results, checkpoints, the `Trainer`'s
+`training_args.bin`).
+
+It imports torch, Accelerate, `errors` and `arguments`; `loop` and `evaluation.finetuning` import it.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -189,6 +197,56 @@ class LogWindow:
             self.skipped = torch.tensor(state["skipped"], device=self.device)
 
 
+# --- secrets ------------------------------------------------------------------------------------------------------
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an argument or setting named `name` holds a secret: `token` and every name ending in `_token`."""
+    return name == "token" or name.endswith("_token")
+
+
+def _secret_values(value: Any, name: str = "") -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*(_secret_values(item, str(key)) for key, item in value.items()))
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_secret_values(item) for item in value))
+    return {value} if is_secret_name(name) and isinstance(value, str) and value else set()
+
+
+def _masked(value: Any, secrets: set[str], name: str = "") -> Any:
+    if isinstance(value, dict):
+        return {key: _masked(item, secrets, str(key)) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        masked = [_masked(item, secrets) for item in value]
+        return masked if isinstance(value, list) else tuple(masked)
+    if not isinstance(value, str) or not value:
+        return value
+    if is_secret_name(name):
+        return f"<{name.upper()}>"
+    for secret in secrets:
+        value = value.replace(secret, "<SECRET>")
+    return value
+
+
+def mask_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `values` fit to be written: each secret string (under a key that `is_secret_name` names, at any
+    depth of dicts and lists) reads `<KEY>`, as transformers' `TrainingArguments.to_dict` writes `<HUB_TOKEN>`, and
+    any other string that contains one of those secrets (a flag line, an object's repr) has it replaced by
+    `<SECRET>`. `None`, booleans and numbers under such keys stay: they are no secret."""
+    return _masked(values, _secret_values(values))
+
+
+def without_secrets(arguments: Any) -> Any:
+    """A shallow copy of the dataclass `arguments` whose secret string fields are `None`, for an object that gets
+    saved whole (the `Trainer` pickles its arguments into `training_args.bin`); the original keeps its token for the
+    upload at the end."""
+    cleaned = copy.copy(arguments)
+    for entry in dataclasses.fields(arguments):
+        if is_secret_name(entry.name) and isinstance(getattr(arguments, entry.name, None), str):
+            setattr(cleaned, entry.name, None)
+    return cleaned
+
+
 # --- what a run prints and records --------------------------------------------------------------------------------
 
 
@@ -243,6 +301,9 @@ __all__ = [
     "SkippedImageTracker",
     "TooManyUnreadableImagesError",
     "format_log_record",
+    "is_secret_name",
+    "mask_secrets",
     "run_facts",
     "start_banner",
+    "without_secrets",
 ]

@@ -5,8 +5,9 @@ AdamW with a linearly scaled learning rate and its schedule, `accelerator.prepar
 accumulation and clipping, skipping NaN/Inf steps, logging steps, checkpoints every N steps, SIGTERM (a checkpoint,
 then exit code 143), the final model and `train_results.json`. The scripts supply the model, the dataset, the
 collator, `compute_loss` and `save_final`. It imports `arguments` (the flags), `log` (what a run counts and
-prints), `checkpointing` (checkpoint folders, resume, the output-folder lock), `optimization` (AdamW) and `errors`,
-and `hub.upload` only for `--push_to_hub`.
+prints), `checkpointing` (checkpoint folders, resume, the output-folder lock), `optimization` (AdamW), `orphans`
+(SIGTERM when the launcher dies), `failures` (a lost or hung peer as one line) and `errors`, and `hub.upload` only
+for `--push_to_hub`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import random
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any, NoReturn
 
 import numpy as np
@@ -26,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     is_tensorboard_available,
     set_seed,
@@ -40,19 +43,23 @@ from modeling_mimco.training.checkpointing import (
     OutputDirInUseError,
     OutputDirLock,
     check_output_dir,
+    last_complete_checkpoint,
     resume,
     save_checkpoint,
     save_final_atomically,
     write_json_atomically,
 )
+from modeling_mimco.training.failures import RunPosition, collective_failure
 from modeling_mimco.training.log import (
     LogWindow,
     SkippedImageTracker,
     format_log_record,
+    mask_secrets,
     run_facts,
     start_banner,
 )
 from modeling_mimco.training.optimization import build_adamw, skip_update_if
+from modeling_mimco.training.orphans import end_with_launcher
 from modeling_mimco.training.sharding import (
     ShardedModel,
     ShardingPlan,
@@ -210,7 +217,11 @@ def create_accelerator(args: PreTrainingArguments) -> Accelerator:
     taken over by the loop (`sharding.take_fsdp_request`): Accelerate sets up plain processes, the loop shards. Raises
     `ValueError` for a setup that cannot train: FSDP1, FSDP options the loop does not support or `--torch_compile` with
     FSDP, processes that do not see each other, fp16 without a GPU, a missing tracker with `--with_tracking`.
+
+    A process started by a launcher gets SIGTERM when the launcher dies (`orphans.end_with_launcher`), so that it
+    checkpoints and exits 143, as on preemption, instead of training on with the output folder locked.
     """
+    end_with_launcher()
     if take_fsdp_request() and args.torch_compile:  # before the Accelerator reads the launcher's FSDP flag
         raise ValueError("--torch_compile is not supported with FSDP yet: leave it out, or launch with DDP.")
     mixed_precision = args.mixed_precision
@@ -233,6 +244,8 @@ def create_accelerator(args: PreTrainingArguments) -> Accelerator:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
+        # how long a collective waits for a hung or stopped process before it fails (`failures`)
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
         raise ValueError(
@@ -390,6 +403,7 @@ def train(
     # every process must stop, not only the one that holds the lock
     if any_process(accelerator, refusal is not None):
         raise OutputDirInUseError(refusal or f"--output_dir {args.output_dir!r} is in use by another run.")
+    position = RunPosition()
     try:
         return _train(
             args,
@@ -402,7 +416,21 @@ def train(
             project_name,
             run_config,
             sharding_plan,
+            position,
         )
+    except RuntimeError as error:
+        # another process died or hung: one line naming the step and the checkpoint to resume from
+        failure = collective_failure(
+            error,
+            last_checkpoint=last_complete_checkpoint(args.output_dir),
+            ddp_timeout=args.ddp_timeout,
+            rank=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            position=position,
+        )
+        if failure is None:
+            raise
+        raise failure from error
     finally:
         if lock is not None:
             lock.release()
@@ -419,14 +447,17 @@ def _train(
     project_name: str,
     run_config: dict | None,
     sharding_plan: ShardingPlan | None,
+    position: RunPosition,
 ) -> TrainingResult:
-    """`train` once the output folder is locked: set up, train to the last step, save."""
+    """`train` once the output folder is locked: set up, train to the last step, save; `position` follows the
+    run's state, for the message of a failed collective."""
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     run, state = _set_up(
         args, accelerator, model, train_dataset, collator, compute_loss, project_name, run_config, sharding_plan
     )
+    position.state, position.max_train_steps = state, run.max_train_steps
     with _Preemption() as preemption:
         with run.progress_bar:
             while state.global_step < run.max_train_steps:
@@ -535,12 +566,13 @@ def _set_up(
 def _start_tracking(
     args: PreTrainingArguments, accelerator: Accelerator, project_name: str, run_config: dict | None
 ) -> None:
-    """Starts the tracker (main process) with the run's settings and `run_facts` as its hyper-parameters."""
+    """Starts the tracker (main process) with the run's settings and `run_facts` as its hyper-parameters; a token
+    among them is masked (`mask_secrets`): TensorBoard writes them to `hparams.yml` and to its events file."""
     run_config = {**(run_config or asdict(args)), **run_facts(accelerator)}
     if accelerator.is_main_process and accelerator.log_with:
-        # tracker hyper-parameters must be scalars
+        # tracker hyper-parameters must be scalars; masked after `str`, which may spell out a token inside an object
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_config.items()}
-        accelerator.init_trackers(project_name, config=config)
+        accelerator.init_trackers(project_name, config=mask_secrets(config))
 
 
 def _restore(

@@ -353,12 +353,16 @@ def subprocess_env(fake: FakeHub, token: str, tmp_path: Path) -> dict[str, str]:
 
 
 def use_in_process(fake: FakeHub, monkeypatch, token: str | None = None) -> None:
-    """Points this process's huggingface_hub at `fake` (HfApi objects created afterwards use it), turns Xet and
-    telemetry off, sets `HF_TOKEN` when `token` is given, and lets sockets connect to 127.0.0.1 only (for the test's
-    duration)."""
+    """Points this process's huggingface_hub at `fake` (its module-level functions and the HfApi objects created
+    afterwards use it), turns Xet and telemetry off, sets `HF_TOKEN` when `token` is given, and lets sockets connect
+    to 127.0.0.1 only (for the test's duration)."""
     import huggingface_hub.constants
+    import huggingface_hub.hf_api
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake.endpoint)
+    # the module-level functions (`create_repo`, `upload_folder`, ... as transformers' `push_to_hub` calls them) are
+    # methods of one `HfApi` made when `hf_api` was first imported, with the endpoint of that moment
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", fake.endpoint)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     # with telemetry on, building the request headers fetches `{ENDPOINT}/api/agent-harnesses` once a day
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)

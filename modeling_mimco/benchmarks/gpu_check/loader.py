@@ -156,6 +156,10 @@ def device_decode_rate(jpegs: list[bytes], batch_size: int, device: str, seconds
     from torchvision.io import decode_jpeg
     from torchvision.transforms import v2
 
+    from modeling_mimco.data.decoding import check_image_pixels, jpeg_frame_size
+
+    for index, data in enumerate(jpegs):  # the size limit of every decoder, from the frame header, as decode_image
+        check_image_pixels(*(jpeg_frame_size(data) or (0, 0)), f"(benchmark JPEG {index})")
     encoded = [torch.frombuffer(bytearray(jpegs[i % len(jpegs)]), dtype=torch.uint8) for i in range(batch_size)]
     crop = v2.Compose(
         [
