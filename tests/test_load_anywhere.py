@@ -335,7 +335,7 @@ def test_every_folder_loads_without_the_package_with_the_same_outputs(saved, cle
         CHILD_SCRIPT, [root / "spec.json", tmp_path / "results.pt"], tmp_path, python=clean_venv_python
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
 
     classes = {
         "stage1": "MimCoForContrastivePreTraining",

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -363,6 +364,11 @@ def use_in_process(fake: FakeHub, monkeypatch, token: str | None = None) -> None
     # the module-level functions (`create_repo`, `upload_folder`, ... as transformers' `push_to_hub` calls them) are
     # methods of one `HfApi` made when `hf_api` was first imported, with the endpoint of that moment
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", fake.endpoint)
+    # ... and so is transformers' own shared `HfApi` (`transformers.utils.hub.hf_api()`), once a test has used it:
+    # dropped here, it is made again with the fake endpoint, and the one before comes back after the test
+    transformers_hub = sys.modules.get("transformers.utils.hub")
+    if transformers_hub is not None:
+        monkeypatch.setattr(transformers_hub, "_hf_api", None, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     # with telemetry on, building the request headers fetches `{ENDPOINT}/api/agent-harnesses` once a day
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
