@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.scripts import finish_all
 from test_training import (
     _encoded,
     _noise_pixels,
@@ -169,15 +170,7 @@ def runs(inputs) -> dict[str, subprocess.CompletedProcess]:
         )
         for name, (script, args) in _cases(inputs, root).items()
     }
-    results = {}
-    for name, process in processes.items():
-        try:
-            stdout, stderr = process.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            stdout, stderr = process.communicate()
-        results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    return results
+    return finish_all(processes)
 
 
 def _assert_went_on(result: subprocess.CompletedProcess, name: str) -> str:

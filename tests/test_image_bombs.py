@@ -22,6 +22,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers.scripts import finish_all
 from test_training import _script_command, _subprocess_env, stage1_args, stage2_args
 
 from modeling_mimco import MimCoConfig, MimCoModel
@@ -465,15 +466,7 @@ def runs(command_inputs) -> dict[str, subprocess.CompletedProcess]:
         )
         for name, (script, args) in _cases(command_inputs).items()
     }
-    results = {}
-    for name, process in processes.items():
-        try:
-            stdout, stderr = process.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            stdout, stderr = process.communicate()
-        results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    return results
+    return finish_all(processes)
 
 
 def _went_on(result: subprocess.CompletedProcess, name: str) -> str:
