@@ -240,6 +240,11 @@ class MimCoForContrastivePreTraining(MimCoPreTrainedModel):
         return teacher
 
 
+# Marked for remote code where the class is defined, so that every `save_pretrained` writes the `auto_map` and copies
+# the model files, however the class was imported (the package's Auto-class registration is separate, and lazy).
+MimCoForContrastivePreTraining.register_for_auto_class("AutoModelForPreTraining")
+
+
 __all__ = [
     "MimCoBatchNorm1d",
     "MimCoContrastiveOutput",

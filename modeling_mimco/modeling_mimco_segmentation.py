@@ -132,4 +132,9 @@ MIMCO_SEGMENTATION_AUTO_MAP = {
 }
 
 
+# Marked for remote code where the class is defined, so that every `save_pretrained` writes the `auto_map` and copies
+# the model files, however the class was imported (the package's Auto-class registration is separate, and lazy).
+MimCoForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+
+
 __all__ = ["MIMCO_SEGMENTATION_AUTO_MAP", "MimCoForSemanticSegmentation"]

@@ -5,8 +5,9 @@
     python scripts/reproduce.py --smoke                  # every row end to end on a few hundred images
     python scripts/reproduce.py --help                   # rows, columns, budget and every flag
 
-The program lives in `modeling_mimco/experiments/reproduction.py`. From a clone, the default data is the CIFAR-10
-copy (Hub `uoft-cs/cifar10` layout) in `shared/datasets/cifar10` beside the repository, when it is there.
+The program lives in `modeling_mimco/experiments/reproduction.py` and the `reproduction_*.py` modules beside it.
+From a clone, the default data is the CIFAR-10 copy (Hub `uoft-cs/cifar10` layout) in `shared/datasets/cifar10`
+beside the repository, when it is there.
 """
 
 import os

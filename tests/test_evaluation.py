@@ -24,7 +24,7 @@ from modeling_mimco import (
     MimCoModel,
 )
 from modeling_mimco.data.decoding import decode_image
-from modeling_mimco.data.sources import load_classification_splits
+from modeling_mimco.data.sources import load_classification_splits, load_labelled_splits
 from modeling_mimco.data.transforms import build_eval_transform
 from modeling_mimco.evaluation.frozen_features import (
     LinearProbeConfig,
@@ -398,7 +398,7 @@ def test_rows_measured_apart_give_the_report_of_one_run(tmp_path, tiny_mimco_con
     later = script.measure_models(*arguments([str(tmp_path / "saved")], "apart"))
     assert not (tmp_path / "apart").exists()  # measuring writes nothing
     _, data_args, eval_args = arguments([PIXELS], "apart")
-    data = data_args.load_splits(eval_args.seed)
+    data = load_labelled_splits(data_args, eval_args.seed)
     apart = script.report_results([*earlier, *later], data, data_args, eval_args)
     assert [row["name"] for row in apart["models"]] == [PIXELS, RANDOM_INIT, "saved"]
     assert apart["models"] == whole["models"]

@@ -274,7 +274,9 @@ def test_train_transform_takes_pil_images_and_uint8_tensors():
 
 
 def test_recipe_defaults_are_the_documented_ones(tmp_path):
-    parser = finetuning.HfArgumentParser(
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
         (finetuning.ModelArguments, finetuning.DataTrainingArguments, finetuning.FineTuningArguments)
     )
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path)])

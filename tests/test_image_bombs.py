@@ -430,6 +430,7 @@ def _cases(inputs: dict) -> dict[str, tuple[str, list[str]]]:
     segment = ["--model_name_or_path", str(inputs["backbone"]), "--train_dir", str(inputs["scenes"])]
     segment += ["--train_masks_dir", str(inputs["masks"]), "--train_val_split", "0.4", "--num_labels", "2"]
     segment += ["--crop_size", "32", "--decoder_hidden_size", "16", "--max_steps", "2", "--eval_strategy", "no"]
+    segment += ["--do_eval"]  # the evaluation images are held to the limit too
     segment += ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--seed", "1"]
     return {
         "stage1": ("run_contrastive_pretraining", stage1_args(root / "stage1", *source, *tolerant, steps=3)),

@@ -35,13 +35,6 @@ ROW_KEYS = {
 METRICS = ("linear_probe_top1_cls", "linear_probe_top1_mean", "knn_top1_cls", "knn_top1_mean", "finetune_top1")
 
 
-def _load_script():
-    """The reproduction's module, which `scripts/reproduce.py` runs."""
-    from modeling_mimco.experiments import reproduction
-
-    return reproduction
-
-
 def _run(*flags: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     start = time.perf_counter()
@@ -191,60 +184,65 @@ def test_smoke_on_digits(tmp_path):
 
 
 def test_smoke_falls_back_to_digits_without_the_local_cifar10(monkeypatch, tmp_path):
-    module = _load_script()
+    from modeling_mimco.experiments.reproduction_arguments import HUB_CIFAR10, parse_args
+
     local = str(tmp_path / "absent")
-    assert module.parse_args(["--smoke"], local).dataset_name == "digits"
-    assert module.parse_args([], local).dataset_name == module.HUB_CIFAR10
+    assert parse_args(["--smoke"], local).dataset_name == "digits"
+    assert parse_args([], local).dataset_name == HUB_CIFAR10
     (tmp_path / "cifar10").mkdir()
     local = str(tmp_path / "cifar10")
-    assert os.path.samefile(module.parse_args(["--smoke"], local).dataset_name, tmp_path / "cifar10")
-    assert os.path.samefile(module.parse_args([], local).dataset_name, tmp_path / "cifar10")
+    assert os.path.samefile(parse_args(["--smoke"], local).dataset_name, tmp_path / "cifar10")
+    assert os.path.samefile(parse_args([], local).dataset_name, tmp_path / "cifar10")
 
 
 def test_unknown_rows_and_bad_budget_are_refused():
-    module = _load_script()
+    from modeling_mimco.experiments.reproduction_arguments import parse_args
+
     with pytest.raises(SystemExit):
-        module.parse_args(["--rows", "mimco", "moco"])
+        parse_args(["--rows", "mimco", "moco"])
     with pytest.raises(SystemExit):
-        module.parse_args(["--budget_minutes", "0"])
+        parse_args(["--budget_minutes", "0"])
     with pytest.raises(SystemExit):
-        module.parse_args(["--eval_repeats", "0"])
+        parse_args(["--eval_repeats", "0"])
     with pytest.raises(SystemExit):
-        module.parse_args(["--seeds", "1", "1"])
+        parse_args(["--seeds", "1", "1"])
 
 
 def test_step_plan_follows_the_budget():
-    module = _load_script()
+    from modeling_mimco.experiments.reproduction_arguments import EVAL_SECONDS_PER_ROW, FIXED_SECONDS, ROWS, parse_args
+    from modeling_mimco.experiments.reproduction_budget import plan_steps
+
     seconds = {"contrastive": 1.0, "mimco": 0.5, "simmim": 0.3}
-    small = module.plan_steps(module.parse_args(["--budget_minutes", "60"]), seconds)["pretrain_steps"]
-    large = module.plan_steps(module.parse_args(["--budget_minutes", "120"]), seconds)["pretrain_steps"]
+    small = plan_steps(parse_args(["--budget_minutes", "60"]), seconds)["pretrain_steps"]
+    large = plan_steps(parse_args(["--budget_minutes", "120"]), seconds)["pretrain_steps"]
     assert small % 10 == 0 and large % 10 == 0 and 20 <= small < large
     # the pixels and random-init rows cost no steps; the compute-matched pixel-MIM row costs a teacher + a student
     per_step = 1.0 + 0.3 + (1.0 + 0.5) + 4 * 0.5
-    reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW * len(module.ROWS)
+    reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * len(ROWS)
     assert small == int((60 * 60 - reserve) / per_step) // 10 * 10
-    plan = module.plan_steps(module.parse_args(["--budget_minutes", "60"]), seconds)
+    plan = plan_steps(parse_args(["--budget_minutes", "60"]), seconds)
     assert plan["matched_pixel_mim_steps"] == round(small * (1.0 + 0.5) / 0.3)
     # three seeds share one teacher: its steps and its evaluation are counted once
-    three = module.plan_steps(module.parse_args(["--budget_minutes", "240"]), seconds, num_seeds=3)
-    reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW * (3 * len(module.ROWS) - 2)
+    three = plan_steps(parse_args(["--budget_minutes", "240"]), seconds, num_seeds=3)
+    reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * (3 * len(ROWS) - 2)
     assert three["pretrain_steps"] == int((240 * 60 - reserve) / (1.0 + 3 * (per_step - 1.0))) // 10 * 10 > 20
     # fewer pre-training rows leave more steps to each; a budget below the evaluation reserve still trains a little
-    only_mimco = module.plan_steps(module.parse_args(["--budget_minutes", "60", "--rows", "mimco"]), seconds)
-    reserve = module.FIXED_SECONDS + module.EVAL_SECONDS_PER_ROW
+    only_mimco = plan_steps(parse_args(["--budget_minutes", "60", "--rows", "mimco"]), seconds)
+    reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW
     assert only_mimco["pretrain_steps"] == int((60 * 60 - reserve) / 0.5) // 10 * 10
-    assert module.plan_steps(module.parse_args(["--budget_minutes", "1"]), seconds)["pretrain_steps"] == 20
+    assert plan_steps(parse_args(["--budget_minutes", "1"]), seconds)["pretrain_steps"] == 20
     # a machine that evaluates faster (the GPU check's) sets its own reserve; the steps follow it
     flags = ["--budget_minutes", "4", "--rows", "mimco", "--eval_seconds_per_row", "8", "--fixed_seconds", "25"]
-    fast = module.plan_steps(module.parse_args(flags), seconds)
+    fast = plan_steps(parse_args(flags), seconds)
     assert fast["seconds_reserved_for_evaluation"] == 25 + 8
     assert fast["pretrain_steps"] == int((4 * 60 - 33) / 0.5) // 10 * 10
     with pytest.raises(SystemExit):
-        module.parse_args(["--fixed_seconds", "-1"])
+        parse_args(["--fixed_seconds", "-1"])
 
 
 def test_markdown_table_lists_rows_in_table_order_and_marks_missing_values():
-    module = _load_script()
+    from modeling_mimco.experiments.reproduction_report import markdown_table
+
     state = {
         "rows": {
             "mimco": {
@@ -263,7 +261,7 @@ def test_markdown_table_lists_rows_in_table_order_and_marks_missing_values():
             "random_init": {key: 0.1 for key in METRICS} | {"pretraining_seconds": None},
         }
     }
-    lines = module.markdown_table(state).splitlines()
+    lines = markdown_table(state).splitlines()
     assert len(lines) == 4
     assert lines[2].startswith("| random initialisation | 10.0 |") and lines[2].endswith("| – / – | 10.0 | – |")
     assert lines[3] == (
@@ -272,10 +270,10 @@ def test_markdown_table_lists_rows_in_table_order_and_marks_missing_values():
 
 
 def test_seed_summary_is_mean_and_sample_std_over_the_seeds():
-    module = _load_script()
+    from modeling_mimco.experiments.reproduction_report import SEED_METRICS, seed_summary, seed_summary_table
 
     def run(linear: float, finetune: float | None, seconds: float) -> dict:
-        metrics = dict.fromkeys(module.SEED_METRICS, 0.5) | {"linear_probe_top1_cls": linear}
+        metrics = dict.fromkeys(SEED_METRICS, 0.5) | {"linear_probe_top1_cls": linear}
         return metrics | {"finetune_top1": finetune, "pretraining_seconds": seconds}
 
     states = {
@@ -283,13 +281,13 @@ def test_seed_summary_is_mean_and_sample_std_over_the_seeds():
         1: {"rows": {"mimco": run(0.44, 0.6, 90.0), "teacher": run(0.3, 0.4, 120.0)}},
         2: {"rows": {"mimco": run(0.42, 0.7, 120.0)}},  # this seed has no teacher row
     }
-    summary = module.seed_summary(states)
+    summary = seed_summary(states)
     assert summary["seeds"] == [0, 1, 2] and set(summary["rows"]) == {"mimco"}  # only rows every seed has
     mimco = summary["rows"]["mimco"]
     assert mimco["linear_probe_top1_cls"]["mean"] == pytest.approx(0.42)
     assert mimco["linear_probe_top1_cls"]["std"] == pytest.approx(0.02)  # n - 1 in the denominator
     assert mimco["finetune_top1"]["values"] == [0.5, 0.6, 0.7]
-    line = module.seed_summary_table(summary).splitlines()[2]
+    line = seed_summary_table(summary).splitlines()[2]
     assert (
         line == "| MimCo student (patch + image InfoNCE) | 42.0 ± 2.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 "
         "| 60.0 ± 10.0 | 1.5 min |"
@@ -344,37 +342,107 @@ def test_seeds_run_every_row_per_seed_on_the_same_evaluation_images(tmp_path):
 
 
 def test_checkpoints_trained_under_other_settings_are_not_resumed(tmp_path):
-    module = _load_script()
-    settings = module.settings_of(module.parse_args(["--smoke"]), {"pretrain_steps": 3})
-    module.check_pretraining_settings(str(tmp_path), settings)
-    module.check_pretraining_settings(str(tmp_path), {**settings, "probe_epochs": 1})  # evaluation only: fine
+    from modeling_mimco.experiments.reproduction_arguments import parse_args
+    from modeling_mimco.experiments.reproduction_results import check_pretraining_settings, settings_of
+
+    settings = settings_of(parse_args(["--smoke"]), {"pretrain_steps": 3})
+    check_pretraining_settings(str(tmp_path), settings)
+    check_pretraining_settings(str(tmp_path), {**settings, "probe_epochs": 1})  # evaluation only: fine
     with pytest.raises(SystemExit, match="pretrain_steps"):
-        module.check_pretraining_settings(str(tmp_path), {**settings, "pretrain_steps": 4})
+        check_pretraining_settings(str(tmp_path), {**settings, "pretrain_steps": 4})
 
 
 def test_teacher_crop_scale_reaches_stage_one(monkeypatch):
     """reproduce.py's teacher uses 25 % crops unless told otherwise (docs/results.md has the measurement)."""
     from modeling_mimco.commands import run_contrastive_pretraining as stage1
+    from modeling_mimco.experiments.reproduction_arguments import parse_args
+    from modeling_mimco.experiments.reproduction_pretraining import pretrain_contrastive
+    from modeling_mimco.experiments.reproduction_results import settings_of
 
-    module = _load_script()
     seen = []
     monkeypatch.setattr(stage1, "run_contrastive_pretraining", lambda model_args, *rest: seen.append(model_args))
     for argv, expected in (([], 0.25), (["--stage1_crop_min_scale", "0.08"], 0.08)):
-        args = module.parse_args(["--smoke", *argv])
-        module.pretrain_contrastive(args, 3, "unused")
+        args = parse_args(["--smoke", *argv])
+        pretrain_contrastive(args, 3, "unused")
         assert seen[-1].crop_min_scale == expected
-        assert module.settings_of(args, {"pretrain_steps": 3})["stage1_crop_min_scale"] == expected
+        assert settings_of(args, {"pretrain_steps": 3})["stage1_crop_min_scale"] == expected
 
 
-def test_the_readme_reproduce_command_is_make_reproduce():
-    """The README's command is the Makefile's `reproduce` recipe, and its flags parse to the main rows and 3 seeds."""
-    readme = (REPO / "README.md").read_text()
+def test_the_documented_reproduce_command_is_make_reproduce():
+    """docs/results.md's command is the Makefile's `reproduce` recipe, and its flags parse to the main rows and 3
+    seeds."""
+    readme = (REPO / "docs" / "results.md").read_text()
     block = readme.split("<!-- reproduce command:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
     makefile = (REPO / "Makefile").read_text()
     recipe = makefile.split("\nreproduce:", 1)[1].splitlines()[1].strip()
     assert recipe.replace("$(BIN)/python ", "python ") == block
-    module = _load_script()
-    args = module.parse_args(block.split()[2:])
+    from modeling_mimco.experiments.reproduction_arguments import COMPARED_ROWS, parse_args
+
+    args = parse_args(block.split()[2:])
     assert args.seeds == [0, 1, 2] and args.budget_minutes == 120
     assert args.rows == ["pixels", "random_init", "teacher", "pixel_mim", "pixel_mim_matched", "mimco"]
-    assert set(args.rows) == set(module.COMPARED_ROWS) | {"mimco"}  # every row MimCo is compared with
+    assert set(args.rows) == set(COMPARED_ROWS) | {"mimco"}  # every row MimCo is compared with
+
+
+SHIPPED_CIFAR10_TEACHER = REPO / "model_cards" / "teachers" / "cifar10"
+
+
+def test_a_given_teacher_costs_no_steps_and_the_matched_row_matches_the_student_alone():
+    """`--teacher_name_or_path` (the paper's setting): the plan gives the teacher no steps, and pixel MIM at matched
+    compute costs what the student costs, not teacher + student."""
+    from modeling_mimco.experiments.reproduction_arguments import EVAL_SECONDS_PER_ROW, FIXED_SECONDS, ROWS, parse_args
+    from modeling_mimco.experiments.reproduction_budget import compute_matched_steps, plan_steps
+
+    seconds = {"contrastive": 1.0, "mimco": 0.5, "simmim": 0.25}
+    assert compute_matched_steps(100, seconds) == 600 and compute_matched_steps(100, seconds, False) == 200
+    args = parse_args(["--budget_minutes", "60", "--teacher_name_or_path", str(SHIPPED_CIFAR10_TEACHER)])
+    plan = plan_steps(args, seconds)
+    per_step = 0.25 + 0.25 * 2 + 4 * 0.5  # pixel MIM, pixel MIM at the student's compute, four students
+    reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * len(ROWS)
+    assert plan["pretrain_steps"] == int((60 * 60 - reserve) / per_step) // 10 * 10
+    assert plan["matched_pixel_mim_steps"] == 2 * plan["pretrain_steps"]
+    with pytest.raises(SystemExit):
+        parse_args(["--teacher_name_or_path", str(REPO / "no-such-teacher")])
+
+
+@pytest.mark.slow
+def test_smoke_from_the_shipped_teacher_evaluates_it_without_training_it(tmp_path):
+    """`make reproduce-given-teacher` at smoke size: the students learn from the shipped CIFAR-10 teacher, whose row
+    is evaluated from its folder (nothing trained or written there), and the rows say what they are."""
+    before = sorted(os.listdir(SHIPPED_CIFAR10_TEACHER))
+    flags = ("--smoke", "--output_dir", str(tmp_path / "out"), "--results_dir", str(tmp_path / "results"))
+    _run(
+        *flags,
+        "--teacher_name_or_path",
+        str(SHIPPED_CIFAR10_TEACHER),
+        "--rows",
+        "teacher",
+        "mimco",
+        "pixel_mim_matched",
+    )
+    state = json.loads((tmp_path / "results" / "reproduce_results.json").read_text())
+    assert state["settings"]["given_teacher"] == str(SHIPPED_CIFAR10_TEACHER)
+    teacher = state["rows"]["teacher"]
+    assert teacher["checkpoint"] == str(SHIPPED_CIFAR10_TEACHER) and teacher["pretraining_steps"] == 0
+    assert teacher["name"].startswith("MoCo v3 teacher (given")
+    assert state["rows"]["pixel_mim_matched"]["name"] == "pixel MIM at the student's compute"
+    assert not (tmp_path / "out" / "teacher").exists()
+    assert sorted(os.listdir(SHIPPED_CIFAR10_TEACHER)) == before
+    assert "given, not trained here" in (tmp_path / "results" / "mimco_student_model_card.md").read_text()
+
+
+def test_the_given_teacher_target_is_documented_and_parses(monkeypatch):
+    """`make reproduce-given-teacher`: the Makefile's recipe parses to the main rows, 3 seeds, the shipped teacher
+    and the main table's 690 steps, with outputs of its own."""
+    from modeling_mimco.experiments.reproduction_arguments import parse_args
+
+    monkeypatch.chdir(REPO)  # the recipe's paths are relative to the repository, where make runs it
+
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\nreproduce-given-teacher:", 1)[1].split("\n\n", 1)[0]
+    command = " ".join(line.strip().rstrip("\\") for line in recipe.splitlines()[1:]).split()
+    args = parse_args(command[2:])
+    assert args.seeds == [0, 1, 2] and args.pretrain_steps == 690
+    assert args.teacher_name_or_path == "model_cards/teachers/cifar10"
+    assert args.output_dir != "outputs/reproduce" and args.results_dir != "docs/results"
+    assert "make reproduce-given-teacher" in (REPO / "docs" / "results.md").read_text()

@@ -364,7 +364,7 @@ def evaluate_folder(
 def test_mimco_segment_trains_evaluates_saves_and_reloads(tmp_path, tiny_mimco_config):
     checkpoint = tiny_checkpoint(tmp_path, tiny_mimco_config)
     output_dir = tmp_path / "segmenter"
-    arguments = ["--model_name_or_path", str(checkpoint), "--output_dir", str(output_dir), *TINY_RUN]
+    arguments = ["--model_name_or_path", str(checkpoint), "--output_dir", str(output_dir), *TINY_RUN, "--do_eval"]
     process = run_segment(arguments, tmp_path)
     assert process.returncode == 0, process.stderr[-3000:]
     config = json.loads((output_dir / "config.json").read_text())
@@ -395,6 +395,22 @@ def test_mimco_segment_trains_evaluates_saves_and_reloads(tmp_path, tiny_mimco_c
 
 
 @needs_backbone
+def test_eval_strategy_no_evaluates_nothing_unless_do_eval_is_given(tmp_path, tiny_mimco_config):
+    """`--eval_strategy no` trains and saves without evaluating (no eval metrics, no `eval_results.json`);
+    `--do_eval` still asks for the evaluation at the end."""
+    from modeling_mimco.commands.run_semantic_segmentation import main
+
+    checkpoint = tiny_checkpoint(tmp_path, tiny_mimco_config)
+    arguments = ["--model_name_or_path", str(checkpoint), *TINY_RUN, "--max_steps", "1"]
+    metrics = main([*arguments, "--output_dir", str(tmp_path / "no_eval")])
+    assert not any(name.startswith("eval_") for name in metrics)
+    assert (tmp_path / "no_eval" / "config.json").is_file()
+    assert not (tmp_path / "no_eval" / "eval_results.json").exists()
+    metrics = main([*arguments, "--output_dir", str(tmp_path / "eval"), "--do_eval"])
+    assert "eval_mean_iou" in metrics and (tmp_path / "eval" / "eval_results.json").is_file()
+
+
+@needs_backbone
 def test_the_backbone_weights_come_from_the_checkpoint(tmp_path, tiny_mimco_config):
     from modeling_mimco.commands.run_semantic_segmentation import ModelArguments, build_model
 
@@ -412,7 +428,7 @@ def test_the_backbone_weights_come_from_the_checkpoint(tmp_path, tiny_mimco_conf
 def test_mimco_segment_pushes_once_through_the_checked_path(tmp_path, tiny_mimco_config):
     checkpoint = tiny_checkpoint(tmp_path, tiny_mimco_config)
     output_dir = tmp_path / "segmenter"
-    arguments = ["--model_name_or_path", str(checkpoint), "--output_dir", str(output_dir), *TINY_RUN]
+    arguments = ["--model_name_or_path", str(checkpoint), "--output_dir", str(output_dir), *TINY_RUN, "--do_eval"]
     arguments += ["--push_to_hub", "--hub_model_id", "me/mimco-segmenter"]
     with FakeHub(token=FAKE_TOKEN, max_requests=40, timeout_s=TIMEOUT_S + 30) as fake:
         env = subprocess_env(fake, FAKE_TOKEN, tmp_path)
@@ -470,27 +486,27 @@ def test_the_card_reads_a_segmentation_eval_file(tmp_path, tiny_mimco_config):
 
 
 def readme_segmentation_commands() -> list[list[str]]:
-    """The command lines of the README's segmentation block (continuations joined, comments dropped)."""
-    text = (ROOT / "README.md").read_text()
+    """The command lines of the segmentation block of docs/finetuning.md (continuations joined, comments dropped)."""
+    text = (ROOT / "docs" / "finetuning.md").read_text()
     block = re.search(r"<!-- segmentation commands:.*?-->\n```bash\n(.*?)```", text, re.DOTALL).group(1)
     joined = re.sub(r"\\\n\s*", " ", block)
     return [line.split() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def test_the_readme_block_holds_the_three_commands():
-    programs = [command[0] if command[0] != "accelerate" else command[5] for command in readme_segmentation_commands()]
-    assert programs == ["mimco-segment", "scripts/run_semantic_segmentation.py", "python"]
+    programs = [command[0] if command[0] != "accelerate" else command[6] for command in readme_segmentation_commands()]
+    assert programs == ["mimco-segment", "modeling_mimco.commands.run_semantic_segmentation", "python"]
 
 
 @needs_backbone
 @pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1])
 def test_the_readme_segmentation_commands_run(tmp_path, tiny_mimco_config, index):
-    """Each `mimco-segment` line of the README, as printed, with tiny overrides appended (the last value of a flag
+    """Each `mimco-segment` line of docs/finetuning.md, as printed, with tiny overrides appended (the last value of a flag
     wins): a tiny checkpoint, the digit canvases instead of ADE20K (10 classes once --reduce_labels drops the
     background), a few steps."""
     command = readme_segmentation_commands()[index]
-    arguments = command[command.index("scripts/run_semantic_segmentation.py") + 1 :] if index == 1 else command[1:]
+    arguments = command[command.index("-m") + 2 :] if index == 1 else command[1:]
     overrides = ["--model_name_or_path", str(tiny_checkpoint(tmp_path, tiny_mimco_config))]
     overrides += ["--output_dir", str(tmp_path / "out"), *TINY_RUN]
     if index == 1:
@@ -499,12 +515,13 @@ def test_the_readme_segmentation_commands_run(tmp_path, tiny_mimco_config, index
     assert process.returncode == 0, process.stderr[-3000:]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert len(config["id2label"]) == (10 if index == 1 else 11)
-    assert (tmp_path / "out" / "eval_results.json").is_file()
+    # the CPU-sized line asks for one evaluation at the end (--do_eval); with --eval_strategy no the other evaluates none
+    assert (tmp_path / "out" / "eval_results.json").is_file() == ("--do_eval" in command)
 
 
 @pytest.mark.slow
 def test_the_readme_dense_transfer_command_runs_every_row_with_tiny_settings(tmp_path):
-    """The README's dense-transfer line, its flags as printed plus tiny settings appended."""
+    """The dense-transfer line of docs/finetuning.md, its flags as printed plus tiny settings appended."""
     from modeling_mimco.experiments import dense_transfer
 
     command = readme_segmentation_commands()[2]

@@ -6,13 +6,14 @@ its DataLoader workers read can be listed with `run_pretraining.training_stream_
 `mimco-pretrain` does. Checked: every image seen exactly once per epoch over 2 real processes x 2 workers; a run of
 `mimco-pretrain` on shards with 2 processes; a run resumed mid-epoch continues with the images (and the losses) of
 the uninterrupted run; the bad inputs (a missing shard, shards mixed with parquet, fewer shards than workers x
-processes) fail in one line; `scripts/make_shards.py` and the README's shard commands run as printed.
+processes) fail in one line; `scripts/make_shards.py` and the shard commands of docs/pretraining.md run as printed.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -303,31 +304,66 @@ def test_make_shards_writes_every_image_once_with_its_class(tmp_path, capsys):
     assert "\n" not in str(exit_info.value) and "error: --train_dir" in str(exit_info.value)
 
 
-def _readme_shard_commands() -> list[list[str]]:
-    text = (REPO / "README.md").read_text()
+def test_make_shards_max_samples_writes_a_seeded_subset_and_opens_no_other_file(tmp_path, caplog):
+    """`--max_samples N` writes N images drawn with `--seed` (the same N for the same seed), their classes those of
+    the whole tree; the files left out are never opened (unreadable ones here would be warned about)."""
+    tree = _class_tree(tmp_path / "train", num_classes=3, per_class=5)
+    module = load_script("make_shards")
+
+    def subset(output: Path, seed: str) -> list[tuple[int, int]]:
+        module.main(["--train_dir", str(tree), "--output_dir", str(output), "--num_shards", "2"]
+                    + ["--max_samples", "4", "--seed", seed])  # fmt: skip
+        pattern = str(output / "train-{000000..000001}.tar")
+        examples = list(load_image_dataset(data_files=[pattern], streaming=True))
+        pixels = sorted((int(np.asarray(example["image"]).mean().round()), example["label"]) for example in examples)
+        assert (output / "classes.txt").read_text().split() == [f"n{label:08d}" for label in range(3)]
+        return pixels
+
+    first = subset(tmp_path / "a", "0")
+    assert len(first) == 4 and all(label == value // 5 for value, label in first)
+    assert subset(tmp_path / "b", "0") == first
+    # with every file left out of the subset unreadable, the subset is written without a warning about them
+    kept = {value for value, _ in first}
+    for label in range(3):
+        for index in range(5):
+            if label * 5 + index not in kept:
+                (tree / f"n{label:08d}" / f"img_{index:04d}.JPEG").write_bytes(b"not an image")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert subset(tmp_path / "c", "0") == first
+    assert not [record.getMessage() for record in caplog.records if "img_" in record.getMessage()]
+    with caplog.at_level(logging.WARNING):  # the whole tree: the unreadable files are named
+        module.main(["--train_dir", str(tree), "--output_dir", str(tmp_path / "d"), "--num_shards", "2"])
+    assert [record.getMessage() for record in caplog.records if "img_" in record.getMessage()]
+
+
+def _documented_shard_commands() -> list[list[str]]:
+    text = (REPO / "docs" / "pretraining.md").read_text()
     block = re.search(r"```bash\n(# WebDataset shards.*?)```", text, re.DOTALL).group(1)
     lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
     return [shlex.split(line) for line in lines]
 
 
 @pytest.mark.slow
-def test_readme_shard_commands_run_as_printed(teacher, tmp_path):
-    """The README's two commands, paths pointed at a tiny class tree and teacher, the training one run by one
-    process for 2 steps of a tiny student (the flags appended last win)."""
-    make, train = _readme_shard_commands()
-    assert make[:2] == ["python", "scripts/make_shards.py"]
+def test_documented_shard_commands_run_as_printed(teacher, tmp_path):
+    """docs/pretraining.md's two commands, paths pointed at a tiny class tree and teacher: the console command
+    `mimco-make-shards`, then the training one (`accelerate launch -m ...`) run by one process as `python -m` for 2
+    steps of a tiny student (the flags appended last win)."""
+    make, train = _documented_shard_commands()
+    assert make[0] == "mimco-make-shards"
     assert train[:2] == ["accelerate", "launch"] and "--streaming" in train
+    assert train[train.index("-m") + 1] == "modeling_mimco.commands.run_pretraining"
     assert "shards/train-{000000..000099}.tar" in train
     tree = _class_tree(tmp_path / "imagenet" / "train", num_classes=4, per_class=25)  # 100 images, 100 shards
     env = _env(tmp_path)
     env.pop("ACCELERATE_USE_CPU")
 
     def localise(argument: str) -> str:
-        argument = argument.replace("/data/imagenet/train", str(tree))
-        return str(REPO / argument) if argument.startswith("scripts/") else argument
+        return argument.replace("/data/imagenet/train", str(tree))
 
+    console_command = str(Path(sys.executable).parent / make[0])
     completed = subprocess.run(
-        [sys.executable, *map(localise, make[1:])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [console_command, *map(localise, make[1:])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "shards/train-{000000..000099}.tar" in completed.stdout
@@ -335,7 +371,7 @@ def test_readme_shard_commands_run_as_printed(teacher, tmp_path):
         example["label"] for example in load_image_dataset(data_files=[str(tmp_path / "shards/*.tar")], streaming=True)
     ]
     assert sorted(labels) == sorted(label for label in range(4) for _ in range(25))
-    program = [localise(argument) for argument in train[train.index("launch") + 1 :]]
+    program = [localise(argument) for argument in train[train.index("-m") :]]
     program = [str(teacher) if argument == "out/teacher" else argument for argument in program]
     program += ["--max_train_steps", "2", "--per_device_train_batch_size", "4", "--dataloader_num_workers", "2"]
     program += ["--model_preset", "tiny", "--head_hidden_size", "32"]  # the tiny teacher's 32-px images

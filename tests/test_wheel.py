@@ -126,3 +126,38 @@ def test_model_card_from_an_installed_wheel(installed):
     assert "library_name: transformers" in card
     assert "mimco" in card
     assert "Wrote the model card" in completed.stdout
+
+
+def test_accelerate_launch_of_a_module_from_an_installed_wheel(installed):
+    """A wheel has no `scripts/` folder: `accelerate launch -m modeling_mimco.commands.run_pretraining` trains from
+    it, and its messages name the console command."""
+    teacher = installed["cwd"] / "tiny-teacher"
+    script = (
+        "import modeling_mimco, sys\n"
+        "from modeling_mimco.configuration_mimco import preset_backbone_kwargs\n"
+        "config = modeling_mimco.MimCoConfig(**preset_backbone_kwargs('tiny', None))\n"
+        "modeling_mimco.MimCoModel(config).save_pretrained(sys.argv[1])\n"
+    )
+    _run([installed["python"], "-c", script, teacher], cwd=installed["cwd"], env=installed["env"])
+    env = {**installed["env"], "HF_HOME": str(installed["cwd"] / "hf_home"), "TQDM_DISABLE": "1"}
+    launch = [installed["python"], "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    module = ["-m", "modeling_mimco.commands.run_pretraining"]
+    output_dir = installed["cwd"] / "student"
+    args = ["--teacher_name_or_path", teacher, "--output_dir", output_dir, "--model_preset", "tiny"]
+    args += ["--head_hidden_size", "32", "--max_train_steps", "1", "--per_device_train_batch_size", "4"]
+    args += ["--report_to", "none", "--max_train_samples", "16"]
+    _run([*launch, *module, *args], cwd=installed["cwd"], env=env, timeout=600)
+    assert (output_dir / "config.json").is_file()
+    assert list(output_dir.glob("*.safetensors"))
+
+    completed = subprocess.run(
+        [str(part) for part in [*launch, *module, "--no_such_flag"]],
+        cwd=installed["cwd"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode != 0
+    assert "mimco-pretrain: error:" in completed.stderr, completed.stderr[-2000:]
+    assert "usage: mimco-pretrain" in completed.stderr, completed.stderr[-2000:]

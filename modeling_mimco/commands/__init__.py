@@ -17,7 +17,15 @@ Each module has a library function that takes the argument dataclasses in the pa
 command produced (e.g. `run_pretraining.run_pretraining(model_args, data_args, training_args)`), for callers in
 Python such as `scripts/demo.py`, `scripts/reproduce.py` and the tests; the dataclasses' defaults are the command
 line's. `main(argv)` parses a command line into those dataclasses and calls it; `cli()`, the console entry point,
-runs `main` and returns the exit code. `scripts/<module>.py` runs the same `cli()` from a clone.
+runs `main` and returns the exit code. `scripts/<module>.py` runs the same `cli()` from a clone, and
+`python -m modeling_mimco.commands.<module>` (or `accelerate launch -m modeling_mimco.commands.<module>`) from any
+install, a wheel included. The usage and `error:` lines name the program as it was started: the console command,
+the script's file name, and under `-m` the console command (`program_name`).
+
+The modules import only the standard library, `transformers`' argument parser and the argument dataclasses at the
+top; torch, the models, Accelerate, `datasets` and the data pipeline are imported by the functions that do the work,
+so that `--help` and a bad flag answer within a second. `mimco-finetune` and `mimco-segment` are the exception: their
+arguments extend `transformers.TrainingArguments`, whose module imports torch.
 
 Exit codes: 0 done; 1 an expected error (`modeling_mimco.errors`), shown as one `PROGRAM: error: MESSAGE` line on
 stderr; 2 a command line that argparse could not parse (with the usage); 143 stopped by SIGTERM after writing a
@@ -29,12 +37,49 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modeling_mimco.errors import EXPECTED_ERRORS, ProcessGroupFailure, one_line
+
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
+
+
+# module -> console command (setup.cfg's `console_scripts`), the name a module run with `python -m` goes by
+CONSOLE_COMMANDS = {
+    "modeling_mimco.commands.run_contrastive_pretraining": "mimco-contrastive",
+    "modeling_mimco.commands.run_pretraining": "mimco-pretrain",
+    "modeling_mimco.commands.run_finetuning": "mimco-finetune",
+    "modeling_mimco.commands.run_semantic_segmentation": "mimco-segment",
+    "modeling_mimco.commands.run_linear_probe": "mimco-probe",
+    "modeling_mimco.commands.convert_checkpoint": "mimco-convert",
+    "modeling_mimco.commands.make_model_card": "mimco-card",
+    "modeling_mimco.commands.push_to_hub": "mimco-push",
+    "modeling_mimco.commands.make_shards": "mimco-make-shards",
+}
+
+
+def program_name() -> str:
+    """The program's name as its messages give it: the console command (`mimco-pretrain`) or the script
+    (`run_pretraining.py`) as the user started it, and the console command for a module run with `python -m` or
+    `accelerate launch -m`, whose `sys.argv[0]` is the module's file path."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if main_spec is not None and main_spec.name in CONSOLE_COMMANDS:
+        return CONSOLE_COMMANDS[main_spec.name]
+    return os.path.basename(sys.argv[0]) or "mimco"
+
+
+def argument_parser(dataclass_types) -> HfArgumentParser:
+    """The `HfArgumentParser` of a command's argument dataclasses, under the program's name (`program_name`)."""
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(dataclass_types, prog=program_name())
 
 
 def reports_errors(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], object]:
@@ -58,8 +103,7 @@ def reports_errors(main: Callable[[list[str] | None], object]) -> Callable[[list
             if os.environ.get("MIMCO_TRACEBACK"):
                 raise
             sys.stdout.flush()
-            program = os.path.basename(sys.argv[0]) or "mimco"
-            line = f"{program}: error: {one_line(error)}"
+            line = f"{program_name()}: error: {one_line(error)}"
             if isinstance(error, ProcessGroupFailure):
                 sys.stderr.write(line + "\n")
                 sys.stderr.flush()
@@ -86,8 +130,56 @@ def run_command(main: Callable[[list[str] | None], object], argv: list[str] | No
     `main` returns a result object for callers in Python; a console entry point must not hand that object to
     `sys.exit`, which would print it and exit with 1.
     """
+    plain_library_logs()
+    show_package_info()
     main(sys.argv[1:] if argv is None else argv)
     return 0
+
+
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _WithoutTerminalCodes(logging.Filter):
+    """Removes terminal escape codes (transformers' bold `LOAD REPORT` title) from the records a handler writes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\x1b[" in message:
+            record.msg, record.args = _TERMINAL_CODES.sub("", message), None
+        return True
+
+
+class _UntilLoggingIsSetUp(logging.StreamHandler):
+    """Writes the package's records on stderr, the message alone (as Python's last-resort handler writes
+    warnings), until the program sets up logging itself (a root handler: `logging.basicConfig`), which then writes
+    them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+def show_package_info() -> None:
+    """Lets the main process show the package's info lines (what a folder reads: `Reading N images in C classes
+    from DIR`) where no logging is set up yet; warnings are shown as before, in every process."""
+    package = logging.getLogger("modeling_mimco")
+    if not any(isinstance(handler, _UntilLoggingIsSetUp) for handler in package.handlers):
+        package.addHandler(_UntilLoggingIsSetUp())
+    if package.level == logging.NOTSET and os.environ.get("RANK", "0") == "0":
+        package.setLevel(logging.INFO)
+
+
+def plain_library_logs() -> None:
+    """Makes transformers' log handler write plain text where its stream is no terminal (a log file, a pipe): no
+    raw escape codes such as `\\x1b[1m` end up in the file. Called by `run_command` for every console command."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.get_logger()  # sets up the library's handler
+    for handler in logging.getLogger("transformers").handlers:
+        stream = getattr(handler, "stream", None)
+        is_terminal = stream is not None and hasattr(stream, "isatty") and stream.isatty()
+        if not is_terminal and not any(isinstance(item, _WithoutTerminalCodes) for item in handler.filters):
+            handler.addFilter(_WithoutTerminalCodes())
 
 
 def recipe_default(arguments: type, name: str, default: Any) -> Any:

@@ -54,9 +54,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
-from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.commands import argument_parser, reports_errors, run_command
 
 
 # What `--to` can name: a MimCo folder, a timm state dict, a stock transformers ViT folder.
@@ -225,6 +223,28 @@ def convert_to_vit(args: ConversionArguments):
     return model
 
 
+def exports_line(config) -> str:
+    """One line saying which exports the MimCo checkpoint folder of `config` (a `MimCoConfig`) allows: `--to timm`
+    always, `--to vit` only what a stock ViT computes exactly (`vit_export.check_vit_exportable`: CLS pooling), and
+    ONNX through `interop.onnx_export.export_onnx`. `mimco-finetune` prints it when it has saved its model."""
+    from modeling_mimco.errors import one_line
+    from modeling_mimco.interop.vit_export import check_vit_exportable
+
+    try:
+        check_vit_exportable(config)
+        vit = "--to vit (a stock transformers ViT) works"
+    except ValueError as error:
+        if config.pooling != "cls":
+            vit = f"--to vit needs CLS pooling (this model pools by {config.pooling}; fine-tune with --pooling cls)"
+        else:
+            vit = f"--to vit is refused ({one_line(error)})"
+    pooling = "global_pool='avg'" if config.pooling == "mean" else "global_pool='token'"
+    return (
+        f"Exports (mimco-convert --input_path FOLDER): --to timm works ({pooling}); {vit}; ONNX: "
+        "modeling_mimco.interop.onnx_export.export_onnx works (needs the onnx extra)."
+    )
+
+
 def conversion_target(args: ConversionArguments) -> str:
     """The output `args` asks for: `--to`, or by default `timm` for a folder input and `mimco` for a file. Raises
     `ValueError` when `--to` does not fit the input (a folder to MimCo, a file to timm or ViT)."""
@@ -257,7 +277,7 @@ def convert_checkpoint(args: ConversionArguments):
 @reports_errors
 def main(argv: list[str] | None = None):
     """Parses the arguments and converts. Errors end the program with a one-paragraph message (no traceback)."""
-    parser = HfArgumentParser(ConversionArguments)
+    parser = argument_parser(ConversionArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     return convert_checkpoint(args)
 

@@ -52,9 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser
-
-from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.commands import argument_parser, reports_errors, run_command
 from modeling_mimco.hub.model_card import build_model_card, load_results
 
 
@@ -148,7 +146,7 @@ def make_model_card(args: ModelCardArguments, results_args: ResultsArguments | N
 
 @reports_errors
 def main(argv: list[str] | None = None) -> Path:
-    parser = HfArgumentParser((ModelCardArguments, ResultsArguments))
+    parser = argument_parser((ModelCardArguments, ResultsArguments))
     args, results_args = parser.parse_args_into_dataclasses(args=argv)
     return make_model_card(args, results_args)
 

@@ -19,11 +19,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from modeling_mimco.commands import reports_errors, run_command
-from modeling_mimco.data.decoding import DEFAULT_MAX_IMAGE_PIXELS
-from modeling_mimco.data.webdataset import shard_pattern, write_shards
+from modeling_mimco.commands import argument_parser, reports_errors, run_command
+from modeling_mimco.data.arguments import DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -46,19 +43,36 @@ class ShardArguments:
             "Image.MAX_IMAGE_PIXELS."
         },
     )
+    max_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Write a subset of N images, drawn with --seed before any file is read (kept in class order; "
+            "classes.txt still lists every class)."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Draws the --max_samples subset."})
 
 
 def make_shards(args: ShardArguments) -> str:
     """Writes the shards and returns the brace pattern that names them for `--data_files`."""
+    from modeling_mimco.data.webdataset import shard_pattern, write_shards  # torch and the decoders: not for --help
+
     paths = write_shards(
-        args.train_dir, args.output_dir, args.shard_size, args.prefix, args.num_shards, args.max_image_pixels
+        args.train_dir,
+        args.output_dir,
+        args.shard_size,
+        args.prefix,
+        args.num_shards,
+        args.max_image_pixels,
+        max_samples=args.max_samples,
+        seed=args.seed,
     )
     return shard_pattern(paths)
 
 
 @reports_errors
 def main(argv: list[str] | None = None) -> str:
-    (args,) = HfArgumentParser(ShardArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = argument_parser(ShardArguments).parse_args_into_dataclasses(args=argv)
     pattern = make_shards(args)
     print(f"Wrote {pattern}; train with --data_files '{pattern}' --streaming")
     return pattern

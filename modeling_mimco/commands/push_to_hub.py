@@ -32,9 +32,8 @@ import sys
 from dataclasses import dataclass, field
 
 from huggingface_hub import CommitInfo
-from transformers import HfArgumentParser
 
-from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.commands import argument_parser, reports_errors, run_command
 from modeling_mimco.commands.make_model_card import ResultsArguments
 from modeling_mimco.hub import upload
 
@@ -68,7 +67,7 @@ def push(args: PushArguments, results_args: ResultsArguments | None = None) -> C
 
 @reports_errors
 def main(argv: list[str] | None = None) -> CommitInfo | None:
-    parser = HfArgumentParser((PushArguments, ResultsArguments))
+    parser = argument_parser((PushArguments, ResultsArguments))
     args, results_args = parser.parse_args_into_dataclasses(args=argv)
     return push(args, results_args)
 

@@ -13,23 +13,23 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import datasets
-import torch
-from accelerate import Accelerator
-from transformers import HfArgumentParser, set_seed
-
-from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining
-from modeling_mimco.commands import recipe_default, reports_errors, run_command
-from modeling_mimco.configuration_mimco import preset_backbone_kwargs
-from modeling_mimco.data.contrastive_views import apply_photometric, normalize_views
-from modeling_mimco.data.pipeline import ContrastiveCollator, ContrastiveExampleTransform, apply_example_transform
-from modeling_mimco.data.sources import DataArguments, load_training_images
-from modeling_mimco.data.transforms import build_contrastive_transforms
-from modeling_mimco.interop.model_folders import save_image_processor
+from modeling_mimco.commands import argument_parser, recipe_default, reports_errors, run_command
+from modeling_mimco.data.arguments import DataArguments
 from modeling_mimco.training.arguments import PreTrainingArguments
-from modeling_mimco.training.loop import TrainingResult, create_accelerator, train
-from modeling_mimco.training.sharding import ShardingPlan
+
+
+# torch, transformers' models, Accelerate, datasets and the data pipeline are imported by the functions that use
+# them, so that `--help` and a bad flag answer without loading them
+if TYPE_CHECKING:
+    import datasets
+    import torch
+    from accelerate import Accelerator
+
+    from modeling_mimco import MimCoConfig, MimCoContrastiveConfig, MimCoForContrastivePreTraining
+    from modeling_mimco.training.loop import TrainingResult
+    from modeling_mimco.training.sharding import ShardingPlan
 
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ class ContrastivePreTrainingArguments(PreTrainingArguments):
 
 def build_config(model_args: ModelArguments) -> MimCoContrastiveConfig:
     """The contrastive model of `model_args`: a sin-cos ViT of the preset's shape, its projector and predictor."""
+    from modeling_mimco import MimCoConfig, MimCoContrastiveConfig
+    from modeling_mimco.configuration_mimco import preset_backbone_kwargs
+
     if model_args.export_encoder not in ("momentum", "base"):
         raise ValueError(f"--export_encoder must be 'momentum' or 'base', got {model_args.export_encoder!r}.")
     backbone = MimCoConfig(
@@ -120,6 +123,10 @@ def build_data(
     accelerator: Accelerator,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """This process's share of the training images, each turned into two augmented views."""
+    from modeling_mimco.data.pipeline import ContrastiveExampleTransform, apply_example_transform
+    from modeling_mimco.data.sources import load_training_images
+    from modeling_mimco.data.transforms import build_contrastive_transforms
+
     dataset, image_column = load_training_images(
         data_args,
         backbone.image_size,
@@ -146,6 +153,10 @@ def build_data(
 def finish_views_on_device(batch: dict, backbone: MimCoConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The two views of a batch as normalised floats, on the batch's device: the loader hands over 8-bit views
     (normalised here), or with `--augment_on_device` the uint8 crops, whose photometric half is applied here."""
+    import torch
+
+    from modeling_mimco.data.contrastive_views import apply_photometric, normalize_views
+
     views = []
     for view in ("1", "2"):
         pixel_values = batch[f"pixel_values_{view}"]
@@ -173,6 +184,8 @@ def sharding_plan(model: MimCoForContrastivePreTraining) -> ShardingPlan:
     """FSDP shards the base encoder block by block (projector, predictor and embeddings with the root); the momentum
     encoder and projector stay whole on every process: they take no gradient, and each process computes the keys of
     its images with them (the EMA reads the base encoder's gathered weights, `update_momentum_branch`)."""
+    from modeling_mimco.training.sharding import ShardingPlan
+
     return ShardingPlan(
         blocks=list(model.base_encoder.layers),
         replicated=[model.momentum_encoder, model.momentum_projector],
@@ -183,6 +196,13 @@ def run_contrastive_pretraining(
     model_args: ModelArguments, data_args: DataArguments, training_args: ContrastivePreTrainingArguments
 ) -> TrainingResult:
     """Pre-trains the teacher as `mimco-contrastive` does and exports it to `--output_dir`; returns the run's result."""
+    from transformers import set_seed
+
+    from modeling_mimco import MimCoForContrastivePreTraining
+    from modeling_mimco.data.pipeline import ContrastiveCollator
+    from modeling_mimco.interop.model_folders import save_image_processor
+    from modeling_mimco.training.loop import create_accelerator, train
+
     config = build_config(model_args)
     backbone = config.backbone_config
     accelerator = create_accelerator(training_args)
@@ -229,7 +249,7 @@ def run_contrastive_pretraining(
 
 @reports_errors
 def main(argv: list[str] | None = None) -> TrainingResult:
-    parser = HfArgumentParser((ModelArguments, DataArguments, ContrastivePreTrainingArguments))
+    parser = argument_parser((ModelArguments, DataArguments, ContrastivePreTrainingArguments))
     return run_contrastive_pretraining(*parser.parse_args_into_dataclasses(args=argv))
 
 

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from torchvision.transforms import v2
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from modeling_mimco import MimCoForImageClassification
-from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.commands import argument_parser, reports_errors, run_command
 from modeling_mimco.data.pipeline import MimCoPretrainingCollator, PretrainingExampleTransform, apply_example_transform
-from modeling_mimco.data.sources import ClassificationData, LabelledDataArguments
+from modeling_mimco.data.sources import ClassificationData, LabelledDataArguments, load_labelled_splits
 from modeling_mimco.data.transforms import build_eval_transform
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
 from modeling_mimco.evaluation.finetuning import (
@@ -291,7 +291,7 @@ def run_finetuning(
 
     `training_args.learning_rate` is set from `--base_learning_rate` when that is given."""
     check_arguments(model_args, training_args)
-    data = data_args.load_splits(training_args.seed, cache_dir=model_args.cache_dir, token=model_args.token)
+    data = load_labelled_splits(data_args, training_args.seed, cache_dir=model_args.cache_dir, token=model_args.token)
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
@@ -316,12 +316,16 @@ def run_finetuning(
         push_trainer_output(trainer, training_args, dataset, data.eval_split, "Upload MimCo fine-tuned model")
     if training_args.do_train:
         logger.info(f"Fine-tuned model saved to {os.path.abspath(training_args.output_dir)}.")
+        if isinstance(model, MimCoForImageClassification) and trainer.is_world_process_zero():
+            from modeling_mimco.commands.convert_checkpoint import exports_line
+
+            print(exports_line(model.config), flush=True)
     return metrics
 
 
 @reports_errors
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FineTuningArguments))
+    parser = argument_parser((ModelArguments, DataTrainingArguments, FineTuningArguments))
     return run_finetuning(*parser.parse_args_into_dataclasses(args=argv))
 
 

@@ -20,22 +20,19 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import HfArgumentParser
-
-from modeling_mimco.commands import reports_errors, run_command
-from modeling_mimco.data.sources import ClassificationData, LabelledDataArguments
+from modeling_mimco.commands import argument_parser, reports_errors, run_command
+from modeling_mimco.data.arguments import LabelledDataArguments
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.evaluation.frozen_features import (
-    FEATURE_POOLINGS,
-    FrozenFeatureResult,
-    LinearProbeConfig,
-    evaluate_backbone,
-    plot_tsne,
-    results_table,
-)
-from modeling_mimco.interop.model_folders import PIXELS, RANDOM_INIT, Backbone, load_backbone
+
+
+# torch, the models and the evaluation code are imported by the functions that use them, so that `--help` and a bad
+# flag answer without loading them
+if TYPE_CHECKING:
+    from modeling_mimco.data.sources import ClassificationData
+    from modeling_mimco.evaluation.frozen_features import FrozenFeatureResult, LinearProbeConfig
+    from modeling_mimco.interop.model_folders import Backbone
 
 
 RESULTS_NAME = "linear_probe_results.json"
@@ -89,6 +86,8 @@ class EvaluationArguments:
 
 
 def _display_names(paths: list[str], names: list[str] | None) -> list[str]:
+    from modeling_mimco.interop.model_folders import PIXELS, RANDOM_INIT
+
     if names is not None:
         if len(names) != len(paths):
             raise ValueError(f"--model_names has {len(names)} names for {len(paths)} models.")
@@ -102,6 +101,8 @@ def _display_names(paths: list[str], names: list[str] | None) -> list[str]:
 def _load_backbone(path: str, model_args: ModelArguments, seed: int, cache_dir: str | None) -> Backbone:
     """`load_backbone` for one `--model_name_or_path` entry; a checkpoint that does not load fails with a message
     naming the flag and the path (a missing folder, tried as a Hub id too; a damaged weights file)."""
+    from modeling_mimco.interop.model_folders import PIXELS, RANDOM_INIT, load_backbone
+
     try:
         return load_backbone(
             path,
@@ -123,6 +124,8 @@ def _load_backbone(path: str, model_args: ModelArguments, seed: int, cache_dir: 
 
 def build_probe_config(eval_args: EvaluationArguments) -> LinearProbeConfig:
     """The linear probe's training settings from the `--probe_*` flags."""
+    from modeling_mimco.evaluation.frozen_features import LinearProbeConfig
+
     return LinearProbeConfig(
         epochs=eval_args.probe_epochs,
         batch_size=eval_args.probe_batch_size,
@@ -144,6 +147,8 @@ def evaluate_model(
     device: str,
 ) -> FrozenFeatureResult:
     """Loads one `--model_name_or_path` entry and measures its frozen features (`evaluation.evaluate_backbone`)."""
+    from modeling_mimco.evaluation.frozen_features import evaluate_backbone
+
     backbone = _load_backbone(path, model_args, eval_args.seed, data_args.cache_dir)
     result = evaluate_backbone(
         backbone,
@@ -192,6 +197,8 @@ def write_report(
 
 def plot_results(results: list[FrozenFeatureResult], data: ClassificationData, eval_args: EvaluationArguments) -> str:
     """Writes `OUTPUT_DIR/tsne.png`, one t-SNE panel of the eval features per model; returns its path."""
+    from modeling_mimco.evaluation.frozen_features import plot_tsne
+
     panels = [
         (f"{r.name}\nlinear {r.linear_probe_top1:.1%} · kNN {r.knn_top1:.1%}", r.test_features, r.test_labels)
         for r in results
@@ -206,6 +213,8 @@ def plot_results(results: list[FrozenFeatureResult], data: ClassificationData, e
 
 
 def _check_pooling(model_args: ModelArguments) -> None:
+    from modeling_mimco.evaluation.frozen_features import FEATURE_POOLINGS
+
     if model_args.pooling not in FEATURE_POOLINGS:
         raise ValueError(f"--pooling must be one of {FEATURE_POOLINGS}, got {model_args.pooling!r}.")
 
@@ -219,11 +228,15 @@ def measure_models(
     """Measures every `--model_name_or_path` entry on `data` (default: the splits `data_args` names) and returns the
     results, in order, writing nothing. Results measured apart (in another process, say) with the same data and
     settings make one report together (`report_results`)."""
+    import torch
+
+    from modeling_mimco.data.sources import load_labelled_splits
+
     _check_pooling(model_args)
     names = _display_names(model_args.model_name_or_path, model_args.model_names)
     probe_config = build_probe_config(eval_args)
     if data is None:
-        data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
+        data = load_labelled_splits(data_args, eval_args.seed, cache_dir=data_args.cache_dir)
     device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return [
         evaluate_model(name, path, data, model_args, data_args, eval_args, probe_config, device)
@@ -239,6 +252,8 @@ def report_results(
 ) -> dict:
     """Writes `linear_probe_results.json` (and, with `--plot`, the t-SNE) for `results` and prints their table;
     returns the report, with `results_file` and, with `--plot`, `plot_file`."""
+    from modeling_mimco.evaluation.frozen_features import results_table
+
     results = list(results)
     report = write_report(results, data, data_args, eval_args, build_probe_config(eval_args))
     if eval_args.plot:
@@ -252,14 +267,16 @@ def report_results(
 def run_linear_probe(model_args: ModelArguments, data_args: DataArguments, eval_args: EvaluationArguments) -> dict:
     """Evaluates every model as `mimco-probe` does (`measure_models`, then `report_results`); returns the report
     written to `linear_probe_results.json`, with `results_file` and, with `--plot`, `plot_file`."""
+    from modeling_mimco.data.sources import load_labelled_splits
+
     _check_pooling(model_args)  # before the data loads
-    data = data_args.load_splits(eval_args.seed, cache_dir=data_args.cache_dir)
+    data = load_labelled_splits(data_args, eval_args.seed, cache_dir=data_args.cache_dir)
     return report_results(measure_models(model_args, data_args, eval_args, data), data, data_args, eval_args)
 
 
 @reports_errors
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, EvaluationArguments))
+    parser = argument_parser((ModelArguments, DataArguments, EvaluationArguments))
     return run_linear_probe(*parser.parse_args_into_dataclasses(args=argv))
 
 

@@ -14,28 +14,24 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import datasets
-from accelerate import Accelerator, PartialState
-from accelerate.utils import parse_flag_from_env
-from transformers import HfArgumentParser, set_seed
-
-from modeling_mimco import MimCoConfig, MimCoForPreTraining, MimCoModel
-from modeling_mimco.commands import recipe_default, reports_errors, run_command
-from modeling_mimco.configuration_mimco import BACKBONE_FIELDS, preset_backbone_kwargs
-from modeling_mimco.data.pipeline import MimCoPretrainingCollator, build_pretraining_pipeline
-from modeling_mimco.data.sources import DataArguments, load_training_images
+from modeling_mimco.commands import argument_parser, recipe_default, reports_errors, run_command
+from modeling_mimco.data.arguments import DataArguments
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.interop.model_folders import save_image_processor
 from modeling_mimco.training.arguments import PreTrainingArguments
-from modeling_mimco.training.loop import (
-    TrainingResult,
-    build_dataloader,
-    create_accelerator,
-    stream_batches,
-    train,
-)
-from modeling_mimco.training.sharding import ShardingPlan
+
+
+# torch, transformers' models, Accelerate, datasets and the data pipeline are imported by the functions that use
+# them, so that `--help` and a bad flag answer without loading them
+if TYPE_CHECKING:
+    import datasets
+    from accelerate import Accelerator
+
+    from modeling_mimco import MimCoConfig, MimCoForPreTraining
+    from modeling_mimco.data.pipeline import MimCoPretrainingCollator
+    from modeling_mimco.training.loop import TrainingResult
+    from modeling_mimco.training.sharding import ShardingPlan
 
 
 logger = logging.getLogger(__name__)
@@ -104,6 +100,9 @@ class MimCoPreTrainingArguments(PreTrainingArguments):
 
 def student_backbone_kwargs(model_args: ModelArguments) -> dict:
     """The student's shape: that of `--model_name_or_path`, else the preset's (with `--image_size`)."""
+    from modeling_mimco import MimCoConfig
+    from modeling_mimco.configuration_mimco import BACKBONE_FIELDS, preset_backbone_kwargs
+
     if model_args.model_name_or_path is None:
         backbone = preset_backbone_kwargs(model_args.model_preset, model_args.image_size)
         if model_args.mask_patch_size is not None:
@@ -118,6 +117,8 @@ def student_backbone_kwargs(model_args: ModelArguments) -> dict:
 
 def load_student_weights(model: MimCoForPreTraining, model_name_or_path: str) -> None:
     """Copies the backbone weights of a MimCo checkpoint into the student (its heads start fresh)."""
+    from modeling_mimco import MimCoModel
+
     try:
         start = MimCoModel.from_pretrained(model_name_or_path)
     except EXPECTED_ERRORS as error:
@@ -133,6 +134,8 @@ def load_student_weights(model: MimCoForPreTraining, model_name_or_path: str) ->
 
 def build_config(model_args: ModelArguments) -> MimCoConfig:
     """The student's config: `model_args`' shape and objective."""
+    from modeling_mimco import MimCoConfig
+
     backbone = student_backbone_kwargs(model_args)
     return MimCoConfig(
         **backbone,
@@ -153,6 +156,8 @@ def build_config(model_args: ModelArguments) -> MimCoConfig:
 
 def build_model(model_args: ModelArguments) -> MimCoForPreTraining:
     """The student of `model_args`' shape and objective, with its frozen teacher loaded."""
+    from modeling_mimco import MimCoForPreTraining
+
     config = build_config(model_args)
     try:
         model = MimCoForPreTraining.from_teacher(
@@ -188,6 +193,9 @@ def _data_for_process(
     process_index: int,
     num_processes: int,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, MimCoPretrainingCollator]:
+    from modeling_mimco.data.pipeline import build_pretraining_pipeline
+    from modeling_mimco.data.sources import load_training_images
+
     dataset, image_column = load_training_images(
         data_args,
         config.image_size,
@@ -224,6 +232,11 @@ def training_stream_keys(
     `stream_batches`; only the model is left out. Without `process_index` / `num_processes`, those of the launch
     (`accelerate launch`'s environment) are used.
     """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from modeling_mimco.training.loop import build_dataloader, stream_batches
+
     if not data_args.streaming:
         raise ValueError("training_stream_keys lists the batches of a --streaming run.")
     if process_index is None or num_processes is None:
@@ -265,6 +278,8 @@ def compute_loss(model, batch: dict, progress: float):
 
 def save_student(model: MimCoForPreTraining, output_dir: str) -> None:
     """The final folder: the whole `MimCoForPreTraining` checkpoint and its image processor."""
+    from modeling_mimco.interop.model_folders import save_image_processor
+
     model.save_pretrained(output_dir)
     save_image_processor(output_dir, model.config.image_size, model.config.image_mean, model.config.image_std)
 
@@ -272,6 +287,8 @@ def save_student(model: MimCoForPreTraining, output_dir: str) -> None:
 def sharding_plan(model: MimCoForPreTraining) -> ShardingPlan:
     """FSDP shards the student block by block (heads and embeddings with the root); the frozen teacher stays whole
     on every process: it takes no gradient and no optimizer state, so sharding it would only add all-gathers."""
+    from modeling_mimco.training.sharding import ShardingPlan
+
     return ShardingPlan(blocks=list(model.mimco.layers), replicated=[model.teacher])
 
 
@@ -279,6 +296,10 @@ def run_pretraining(
     model_args: ModelArguments, data_args: DataArguments, training_args: MimCoPreTrainingArguments
 ) -> TrainingResult:
     """Pre-trains the student as `mimco-pretrain` does and saves it to `--output_dir`; returns the run's result."""
+    from transformers import set_seed
+
+    from modeling_mimco.training.loop import create_accelerator, train
+
     # Everything that can be wrong with the arguments fails here, before any training step.
     set_seed(training_args.seed)  # --seed also fixes the student's initialisation
     model = build_model(model_args)
@@ -308,7 +329,7 @@ def run_pretraining(
 
 @reports_errors
 def main(argv: list[str] | None = None) -> TrainingResult:
-    parser = HfArgumentParser((ModelArguments, DataArguments, MimCoPreTrainingArguments))
+    parser = argument_parser((ModelArguments, DataArguments, MimCoPreTrainingArguments))
     return run_pretraining(*parser.parse_args_into_dataclasses(args=argv))
 
 

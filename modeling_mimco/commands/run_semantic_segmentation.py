@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 
 import transformers
 from transformers import (
-    HfArgumentParser,
     SegformerImageProcessor,
     TrainingArguments,
     set_seed,
 )
 
 from modeling_mimco import MimCoConfig, MimCoForSemanticSegmentation, MimCoUperNetConfig
-from modeling_mimco.commands import reports_errors, run_command
+from modeling_mimco.commands import argument_parser, reports_errors, run_command
 from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 from modeling_mimco.data.pipeline import apply_example_transform
 from modeling_mimco.data.segmentation import (
@@ -134,7 +133,13 @@ class SegmentationTrainingArguments(CpuProcessGroupTimeout, TrainingArguments):
         default=False, metadata={"help": "Must stay False: images and masks are decoded on the fly."}
     )
     do_train: bool = field(default=True)
-    do_eval: bool = field(default=True)
+    do_eval: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate at the end; on by default with an --eval_strategy other than 'no' (as in "
+            "transformers), so --eval_strategy no evaluates nothing unless --do_eval is given."
+        },
+    )
 
 
 def check_arguments(training_args: SegmentationTrainingArguments) -> None:
@@ -332,7 +337,7 @@ def run_semantic_segmentation(
 
 @reports_errors
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, SegmentationAugmentationArguments, SegmentationTrainingArguments))
+    parser = argument_parser((ModelArguments, SegmentationAugmentationArguments, SegmentationTrainingArguments))
     return run_semantic_segmentation(*parser.parse_args_into_dataclasses(args=argv))
 
 

@@ -36,13 +36,10 @@ import torch
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tensor
 
+from modeling_mimco.data.arguments import DEFAULT_MAX_IMAGE_PIXELS
+
 
 logger = logging.getLogger(__name__)
-
-
-DEFAULT_MAX_IMAGE_PIXELS: int | None = PIL.Image.MAX_IMAGE_PIXELS
-"""The default `max_image_pixels`: PIL's `Image.MAX_IMAGE_PIXELS` when this module is imported (89,478,485, about
-9,459 x 9,459 pixels, unless changed before)."""
 
 
 class UnreadableImageError(OSError):

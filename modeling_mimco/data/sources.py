@@ -8,7 +8,8 @@
   warns about the symbolic links a class folder drops silently (`find_skipped_links`), and remembers which parquet
   file each row came from, so that `data.apply_example_transform` can name an unreadable image by its row.
 - `resolve_image_column` / `resolve_label_column`, `disable_image_decoding` (images stay `{"bytes", "path"}` records
-  until `decoding.decode_image`), `shard_for_process` (a stream split between processes).
+  until `decoding.decode_image`), `shard_for_process` (a stream split between processes), `take_subset` (the seeded
+  `--max_train_samples` subset; a folder draws it from its file list, reading no other file).
 - `load_training_images` (pre-training) and `load_classification_splits` (a labelled train and evaluation split).
 
 Imports only `digits`, `webdataset` (shards), `decoding` (the default size limit) and `errors`; the augmentations and collators that consume these datasets are in
@@ -23,7 +24,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
@@ -32,7 +33,11 @@ import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 from datasets.table import list_table_cache_files
 
-from modeling_mimco.data.decoding import DEFAULT_MAX_IMAGE_PIXELS
+from modeling_mimco.data.arguments import (  # noqa: F401 (the argument classes' first home, re-exported)
+    DataArguments,
+    ImageSourceArguments,
+    LabelledDataArguments,
+)
 from modeling_mimco.data.digits import (
     CLUTTERED_DIGITS_DATASET,
     DIGITS_DATASET,
@@ -55,107 +60,6 @@ MAX_LISTED_NAMES = 10
 """How many names a warning about skipped files lists before it only counts the rest."""
 
 
-@dataclass
-class ImageSourceArguments:
-    """Where a script's images come from: a Hub dataset or local dataset folder (`--dataset_name`), a folder with one
-    sub-folder per class (`--train_dir`), parquet files (`--data_files`), or, without any of those, the built-in
-    digits data. Every script's data arguments extend this class, so a new kind of source is added here once."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, 'digits' or 'cluttered-digits' (built in)."
-        },
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
-    train_dir: str | None = field(default=None, metadata={"help": "A local folder with one sub-folder per class."})
-    data_files: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Parquet files with an image column, or WebDataset .tar shards (KEY.jpg + KEY.cls samples); "
-            "globs and brace ranges such as 'shards/train-{000000..000099}.tar'."
-        },
-    )
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column; found automatically if unset."})
-    max_train_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": "Use a subset of N training images, drawn with --seed (a folder sorted by class still gives every "
-            "class); with --streaming, the first N of the stream."
-        },
-    )
-    max_image_pixels: int | None = field(
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        metadata={
-            "help": "Largest image decoded, in pixels (width x height, read from the file's header first): a larger "
-            "one is skipped as unreadable, within --max_skipped_fraction, and never decoded (a decompression bomb). "
-            "0 for no limit. Default: PIL's Image.MAX_IMAGE_PIXELS."
-        },
-    )
-
-    def __post_init__(self):
-        if self.max_train_samples is not None and not self.max_train_samples > 0:
-            raise ValueError(f"--max_train_samples must be positive, got {self.max_train_samples}.")
-        if self.max_image_pixels is not None and self.max_image_pixels < 0:
-            raise ValueError(f"--max_image_pixels must be 0 (no limit) or positive, got {self.max_image_pixels}.")
-
-    def source_kwargs(self) -> dict:
-        """The `load_image_dataset` arguments that name the source (all but the split)."""
-        return {
-            "dataset_name": self.dataset_name,
-            "dataset_config_name": self.dataset_config_name,
-            "train_dir": self.train_dir,
-            "data_files": self.data_files,
-        }
-
-
-@dataclass
-class DataArguments(ImageSourceArguments):
-    """The images of the two pre-training stages (unlabelled; a label column is ignored)."""
-
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of preparing it locally."})
-    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
-
-
-@dataclass
-class LabelledDataArguments(ImageSourceArguments):
-    """The labelled images of fine-tuning and frozen-feature evaluation: a training split and an evaluation split."""
-
-    eval_split: str | None = field(
-        default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
-    )
-    validation_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "A folder of evaluation images by class (the class folders of the training data), used instead "
-            "of an evaluation split, as transformers' example scripts take it."
-        },
-    )
-    train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
-    label_column: str | None = field(default=None, metadata={"help": "Found automatically if unset."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N eval images."})
-
-    def load_splits(
-        self, seed: int, cache_dir: str | None = None, token: str | bool | None = None
-    ) -> ClassificationData:
-        """The training and evaluation splits these arguments describe (`load_classification_splits`)."""
-        return load_classification_splits(
-            **self.source_kwargs(),
-            train_split=self.train_split,
-            eval_split=self.eval_split,
-            validation_dir=self.validation_dir,
-            train_val_split=self.train_val_split,
-            image_column=self.image_column,
-            label_column=self.label_column,
-            max_train_samples=self.max_train_samples,
-            max_eval_samples=self.max_eval_samples,
-            cache_dir=cache_dir,
-            token=token,
-            seed=seed,
-        )
-
-
 def load_training_images(
     data_args: DataArguments,
     image_size: int,
@@ -174,14 +78,11 @@ def load_training_images(
         streaming=data_args.streaming,
         cache_dir=data_args.cache_dir,
         digits_image_size=image_size,
+        max_samples=data_args.max_train_samples,
+        seed=seed,
+        keep_order=True,
     )
     image_column = resolve_image_column(dataset, data_args.image_column)
-    if data_args.max_train_samples is not None:
-        if data_args.streaming:
-            dataset = dataset.take(data_args.max_train_samples)
-        else:
-            subset = np.random.default_rng(seed).permutation(len(dataset))[: data_args.max_train_samples]
-            dataset = dataset.select(np.sort(subset))
     dataset = disable_image_decoding(dataset, image_column)
     if isinstance(dataset, datasets.IterableDataset) and is_webdataset(data_args.data_files):
         check_shards_for_workers(dataset.num_shards, num_processes, num_workers)
@@ -255,7 +156,9 @@ def load_classification_splits(
         token=token,
         digits_image_size=digits_image_size,
     )
-    train = load_image_dataset(split=train_split, **source)
+    subset_early = _subsets_from_file_lists(train_dir, validation_dir, train_split, eval_split)
+    early = {"max_samples": max_train_samples, "seed": seed} if subset_early else {}
+    train = load_image_dataset(split=train_split, **source, **early)
     image_column = resolve_image_column(train, image_column)
     label_column = resolve_label_column(train, label_column)
     if label_column is None:
@@ -267,56 +170,114 @@ def load_classification_splits(
 
     eval_dataset, eval_name = None, None
     if validation_dir is not None:
-        eval_dataset = _load_validation_dir(validation_dir, train, image_column, label_column, cache_dir)
-        eval_name, candidates = f"--validation_dir {validation_dir!r}", []
+        eval_dataset = _load_validation_dir(
+            validation_dir, train, image_column, label_column, cache_dir, max_eval_samples, seed
+        )
+        max_eval_samples = None  # taken from the folder's file list
+        eval_name = f"--validation_dir {validation_dir!r}"
     else:
-        candidates = [eval_split] if eval_split is not None else ["validation", "test"]
+        subset = {"max_samples": max_eval_samples, "seed": seed} if subset_early else {}
+        eval_dataset, eval_name = _load_eval_split(source, train_split, eval_split, subset)
+    if eval_dataset is None:
+        train, eval_dataset, class_names = _split_off_eval(train, label_column, train_val_split, seed)
+        eval_name = f"{train_split}[split off {train_val_split:.0%}]"
+    else:
+        eval_dataset = disable_image_decoding(eval_dataset, image_column)
+        train, eval_dataset, class_names = _encode_labels(train, eval_dataset, label_column)
+    if not subset_early:
+        train = take_subset(train, max_train_samples, seed)
+        eval_dataset = take_subset(eval_dataset, max_eval_samples, seed)
+    return ClassificationData(train, eval_dataset, image_column, label_column, class_names, eval_name)
+
+
+def load_labelled_splits(
+    data_args: LabelledDataArguments, seed: int, cache_dir: str | None = None, token: str | bool | None = None
+) -> ClassificationData:
+    """The training and evaluation splits that `data_args` describe (`load_classification_splits`)."""
+    return load_classification_splits(
+        **data_args.source_kwargs(),
+        train_split=data_args.train_split,
+        eval_split=data_args.eval_split,
+        validation_dir=data_args.validation_dir,
+        train_val_split=data_args.train_val_split,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        cache_dir=cache_dir,
+        token=token,
+        seed=seed,
+    )
+
+
+def _load_eval_split(
+    source: dict, train_split: str, eval_split: str | None, subset: dict
+) -> tuple[datasets.Dataset | None, str | None]:
+    """The split `eval_split` of `source` (its absence raises), else `"validation"`, else `"test"`, else none:
+    `(dataset, split name)` or `(None, None)`."""
+    candidates = [eval_split] if eval_split is not None else ["validation", "test"]
     for candidate in candidates:
         if candidate == train_split:
             continue
         try:
             # the train split's load already warned about the folder's skipped links
-            eval_dataset = load_image_dataset(split=candidate, report_skipped_links=False, **source)
+            dataset = load_image_dataset(split=candidate, report_skipped_links=False, **source, **subset)
         except ValueError:
             if eval_split is not None:
                 raise
             continue
-        eval_name = candidate
-        break
-    if eval_dataset is None:
-        if not 0.0 < train_val_split < 1.0:
-            raise ValueError(
-                f"The dataset has no 'validation' or 'test' split; set --train_val_split in (0, 1) to split one off "
-                f"the training images (got {train_val_split})."
-            )
-        train, _, class_names = _encode_labels(train, None, label_column)
-        try:
-            parts = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column=label_column)
-        except ValueError:  # a class too small to stratify
-            parts = train.train_test_split(test_size=train_val_split, seed=seed)
-        train, eval_dataset = parts["train"], parts["test"]
-        eval_name = f"{train_split}[split off {train_val_split:.0%}]"
-    else:
-        eval_dataset = disable_image_decoding(eval_dataset, image_column)
-        train, eval_dataset, class_names = _encode_labels(train, eval_dataset, label_column)
-    if max_train_samples is not None:
-        train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
-    if max_eval_samples is not None:
-        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(min(max_eval_samples, len(eval_dataset))))
-    return ClassificationData(train, eval_dataset, image_column, label_column, class_names, eval_name)
+        return dataset, candidate
+    return None, None
+
+
+def _subsets_from_file_lists(
+    train_dir: str | None, validation_dir: str | None, train_split: str, eval_split: str | None
+) -> bool:
+    """Whether the training (and evaluation) subsets are drawn from the file lists of a folder: a `--train_dir`
+    whose evaluation images lie apart (`--validation_dir`, or a split sub-folder), so that nothing else is read. A
+    folder whose evaluation images are split off its training images is read whole first."""
+    if train_dir is None or not os.path.isdir(train_dir):
+        return False
+    eval_names = {eval_split} if eval_split is not None else {"validation", "test"}
+    return validation_dir is not None or bool((eval_names - {train_split}) & set(folder_data_files(train_dir)))
+
+
+def _split_off_eval(
+    train: datasets.Dataset, label_column: str, train_val_split: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """A seeded `train_val_split` of the training images as the evaluation split (stratified by class where every
+    class is large enough); returns `(train, eval, class_names)`."""
+    if not 0.0 < train_val_split < 1.0:
+        raise ValueError(
+            f"The dataset has no 'validation' or 'test' split; set --train_val_split in (0, 1) to split one off "
+            f"the training images (got {train_val_split})."
+        )
+    train, _, class_names = _encode_labels(train, None, label_column)
+    try:
+        parts = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column=label_column)
+    except ValueError:  # a class too small to stratify
+        parts = train.train_test_split(test_size=train_val_split, seed=seed)
+    return parts["train"], parts["test"], class_names
 
 
 def _load_validation_dir(
-    validation_dir: str, train: datasets.Dataset, image_column: str, label_column: str, cache_dir: str | None
+    validation_dir: str,
+    train: datasets.Dataset,
+    image_column: str,
+    label_column: str,
+    cache_dir: str | None,
+    max_samples: int | None = None,
+    seed: int = 42,
 ) -> datasets.Dataset:
-    """The images of `--validation_dir`, their class numbers made those of the training data's (by class name)."""
+    """The images of `--validation_dir` (a seeded subset of `max_samples`, as `take_subset` draws it), their class
+    numbers made those of the training data's (by class name)."""
     if not os.path.isdir(validation_dir):
         raise ValueError(f"--validation_dir {validation_dir!r} is not a directory.")
     builder_files = {"validation": [os.path.join(validation_dir, "**")]}
     try:
         # labels from the class folders even where there is only one (the builder leaves them out then)
-        validation = datasets.load_dataset(
-            "imagefolder", data_files=builder_files, split="validation", drop_labels=False, cache_dir=cache_dir
+        validation = _load_image_folder(
+            validation_dir, builder_files, "validation", max_samples, seed, False, cache_dir, drop_labels=False
         )
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"--validation_dir {validation_dir!r}: {one_line(err)}") from err
@@ -375,6 +336,9 @@ def load_image_dataset(
     token: str | bool | None = None,
     digits_image_size: int = 32,
     report_skipped_links: bool = True,
+    max_samples: int | None = None,
+    seed: int = 42,
+    keep_order: bool = False,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Loads one split of an image dataset from exactly one source.
 
@@ -406,33 +370,70 @@ def load_image_dataset(
         report_skipped_links: With `train_dir`, warn about the symbolic links that `"imagefolder"` drops without a
             word (dangling links, link loops, links to folders), naming up to 10 of them and counting all
             (`find_skipped_links`). Loading further splits of a folder already reported can turn this off.
+        max_samples: Keep a seeded subset of at most this many rows (`take_subset`: the first N of a stream). A
+            folder (`train_dir`) lists its files and builds the dataset of the chosen ones only, so that a subset of
+            a large folder reads nothing else; the rows are those the subset of the whole folder would hold.
+        seed: Draws the subset.
+        keep_order: The subset's rows in the source's order, instead of in the order they were drawn.
 
     Local parquet files (`data_files`, or the files of a local dataset folder) are checked first: one that is
     truncated or not parquet raises `ValueError` naming it, and `datasets` failing to prepare a source raises
     `ValueError` naming the source. The row counts of the files are remembered, so that an unreadable image without
-    a file name is reported by its row and parquet file (see `apply_example_transform`).
+    a file name is reported by its row and parquet file (see `apply_example_transform`). A folder logs how many
+    images in how many classes it reads, instead of `datasets`' download and generation progress bars.
 
     Returns:
         A `datasets.Dataset`, or a `datasets.IterableDataset` when `streaming=True`.
     """
     _check_one_source(dataset_name, train_dir, data_files)
-    if (dataset_name is None and train_dir is None and data_files is None) or dataset_name == DIGITS_DATASET:
-        dataset = load_digits_dataset(split=split, image_size=digits_image_size)
-        return dataset.to_iterable_dataset(num_shards=_digits_num_shards(len(dataset))) if streaming else dataset
-    if dataset_name == CLUTTERED_DIGITS_DATASET:
-        dataset = load_cluttered_digits_dataset(split=split, image_size=digits_image_size)
-        return dataset.to_iterable_dataset(num_shards=_digits_num_shards(len(dataset))) if streaming else dataset
+    builtin = _builtin_dataset(dataset_name, train_dir, data_files, split, digits_image_size)
+    if builtin is not None:
+        if streaming:
+            builtin = builtin.to_iterable_dataset(num_shards=_digits_num_shards(len(builtin)))
+        return take_subset(builtin, max_samples, seed, keep_order)
 
-    hub_kwargs = {"cache_dir": cache_dir, "token": token}
     path, kwargs, source = _builder_for_source(dataset_name, dataset_config_name, train_dir, data_files)
-    parquet_files = None
-    if dataset_name is not None and os.path.isdir(dataset_name):  # a local dataset folder; the Hub is not looked into
-        parquet_files = _checked_parquet_files(path, kwargs, source, **hub_kwargs)
-    elif data_files is not None and path == "parquet":
-        parquet_files = _checked_parquet_files(path, kwargs, "--data_files", **hub_kwargs)
-    elif train_dir is not None and report_skipped_links:
+    if train_dir is not None and report_skipped_links:
         _warn_about_skipped_links(train_dir)
+    if train_dir is not None and not streaming and _split_base_names(split) == {split}:
+        return _load_image_folder(train_dir, kwargs["data_files"], split, max_samples, seed, keep_order, cache_dir)
+    local_folder = dataset_name is not None and os.path.isdir(dataset_name)  # the Hub is not looked into
+    check_parquet_as = source if local_folder else "--data_files" if data_files is not None else None
+    dataset = _load_with_builder(path, kwargs, source, split, streaming, cache_dir, token, check_parquet_as)
+    if path == "webdataset":
+        renames = webdataset_columns(dataset.column_names or [])
+        if renames:
+            dataset = _rename_undecoded(dataset, renames)
+    return take_subset(dataset, max_samples, seed, keep_order)
 
+
+def _builtin_dataset(
+    dataset_name: str | None, train_dir: str | None, data_files, split: str, image_size: int
+) -> datasets.Dataset | None:
+    """The split of a built-in digits dataset when the source names one (or none is given), else `None`."""
+    if (dataset_name is None and train_dir is None and data_files is None) or dataset_name == DIGITS_DATASET:
+        return load_digits_dataset(split=split, image_size=image_size)
+    if dataset_name == CLUTTERED_DIGITS_DATASET:
+        return load_cluttered_digits_dataset(split=split, image_size=image_size)
+    return None
+
+
+def _load_with_builder(
+    path: str,
+    kwargs: dict,
+    source: str,
+    split: str,
+    streaming: bool,
+    cache_dir: str | None,
+    token: str | bool | None,
+    check_parquet_as: str | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """`datasets.load_dataset` of one source, its failures in one line naming `source`. With `check_parquet_as`, the
+    source's local parquet files are checked first (named as coming from it) and their rows remembered."""
+    hub_kwargs = {"cache_dir": cache_dir, "token": token}
+    parquet_files = None
+    if check_parquet_as is not None and (path == "parquet" or check_parquet_as == source):
+        parquet_files = _checked_parquet_files(path, kwargs, check_parquet_as, **hub_kwargs)
     try:
         dataset = datasets.load_dataset(path, **kwargs, split=split, streaming=streaming, **hub_kwargs)
     except DatasetGenerationError as err:
@@ -447,11 +448,26 @@ def load_image_dataset(
         raise ValueError(f"Split {split!r} does not exist in {source}; available splits: {available}.") from err
     if parquet_files is not None and isinstance(dataset, datasets.Dataset):
         _remember_row_sources(dataset, parquet_files.get(str(split)))
-    if path == "webdataset":
-        renames = webdataset_columns(dataset.column_names or [])
-        if renames:
-            dataset = _rename_undecoded(dataset, renames)
     return dataset
+
+
+def take_subset(
+    dataset: datasets.Dataset | datasets.IterableDataset, max_samples: int | None, seed: int, keep_order: bool = False
+) -> datasets.Dataset | datasets.IterableDataset:
+    """A seeded subset of at most `max_samples` rows: rows `np.random.default_rng(seed).permutation(len(dataset))
+    [:max_samples]`, in that order (as `dataset.shuffle(seed=seed).select(range(max_samples))` gives them), or in
+    the dataset's order with `keep_order`; the first `max_samples` of a stream. `None` keeps every row."""
+    if max_samples is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(max_samples)
+    chosen = _subset_positions(len(dataset), max_samples, seed, keep_order)
+    return dataset.select(chosen)
+
+
+def _subset_positions(num_rows: int, max_samples: int, seed: int, keep_order: bool) -> np.ndarray:
+    chosen = np.random.default_rng(seed).permutation(num_rows)[:max_samples]
+    return np.sort(chosen) if keep_order else chosen
 
 
 def _rename_undecoded(
@@ -503,6 +519,92 @@ def _builder_for_source(
         # brace ranges expanded and every local shard checked here: datasets knows globs only
         return "webdataset", {"data_files": check_shard_files(data_files)}, f"--data_files {data_files!r}"
     return "parquet", {"data_files": data_files}, f"--data_files {data_files!r}"
+
+
+def _load_image_folder(
+    folder: str,
+    data_files: dict[str, list[str]],
+    split: str,
+    max_samples: int | None,
+    seed: int,
+    keep_order: bool,
+    cache_dir: str | None,
+    drop_labels: bool | None = None,
+) -> datasets.Dataset:
+    """One split of a folder of class sub-folders with the `"imagefolder"` builder, from a file list made here.
+
+    The builder gets the list (`datasets`' own listing of `data_files[split]`) or, with `max_samples`, the files of
+    the subset that `take_subset` would draw from the whole folder, with the class names of the whole folder: the
+    dataset equals the subset of the whole folder's, and no other file is read. A folder with a metadata file or a
+    zip archive is read whole. Logs what it reads instead of `datasets`' progress bars."""
+    from datasets.data_files import DataFilesList
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    if split not in data_files:  # known without preparing the folder
+        raise ValueError(
+            f"Split {split!r} does not exist in --train_dir {folder!r}; available splits: {list(data_files)}."
+        )
+    with _quiet_datasets():
+        listed = DataFilesList.from_patterns(data_files[split])
+    images = [index for index, name in enumerate(listed) if _image_extension(name, ImageFolder.EXTENSIONS)]
+    metadata = {os.path.basename(name) for name in listed} & set(ImageFolder.METADATA_FILENAMES)
+    if not images or metadata or any(name.lower().endswith(".zip") for name in listed):
+        # rows from metadata files or archives, or no image (datasets says so): the builder reads the folder itself
+        dataset = _read_image_folder(folder, data_files, split, None, drop_labels, cache_dir)
+        return take_subset(dataset, max_samples, seed, keep_order)
+    class_names = sorted({os.path.basename(os.path.dirname(listed[index])) for index in images})
+    depths = {listed[index].replace("\\", "/").count("/") for index in images}
+    add_labels = (len(class_names) > 1 and len(depths) == 1) if drop_labels is None else not drop_labels
+    num_images, chosen = len(images), None
+    if max_samples is not None:
+        chosen = _subset_positions(num_images, max_samples, seed, keep_order)
+        images = [images[position] for position in np.sort(chosen)]
+    files = DataFilesList([listed[index] for index in images], [listed.origin_metadata[index] for index in images])
+    features = None
+    if add_labels:
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
+    subset = f" (a subset of {num_images})" if len(images) < num_images else ""
+    logger.info(f"Reading {len(images)} images{subset} in {len(class_names)} classes from {folder}")
+    dataset = _read_image_folder(folder, {split: files}, split, features, not add_labels, cache_dir)
+    if chosen is not None and not keep_order:
+        dataset = dataset.select(np.argsort(np.argsort(chosen)))  # the rows in the order they were drawn
+    return dataset
+
+
+def _read_image_folder(
+    folder: str, data_files: dict, split: str, features, drop_labels: bool | None, cache_dir: str | None
+) -> datasets.Dataset:
+    """`datasets.load_dataset("imagefolder", ...)` without its progress bars, its failures in one line."""
+    try:
+        with _without_progress_bars():
+            return datasets.load_dataset(
+                "imagefolder",
+                data_files=data_files,
+                split=split,
+                features=features,
+                drop_labels=drop_labels,
+                cache_dir=cache_dir,
+            )
+    except DatasetGenerationError as err:
+        raise ValueError(f"{folder!r}: datasets could not read the data: {one_line(err.__cause__ or err)}") from err
+
+
+def _image_extension(name: str, extensions) -> bool:
+    """Whether the `"imagefolder"` builder takes the file `name` for an image (`x.jpg`, also `x.jpg.gz`)."""
+    root, extension = os.path.splitext(name)
+    return extension.lower() in extensions or os.path.splitext(root)[1].lower() in extensions
+
+
+@contextlib.contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """Hides `datasets`' progress bars ("Downloading data" for local files, "Generating train split")."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 # Sub-folders of a --train_dir that name a split, and the split each gives.

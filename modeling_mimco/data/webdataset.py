@@ -29,6 +29,8 @@ import re
 import tarfile
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from modeling_mimco.data.decoding import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageError, open_checked
 from modeling_mimco.errors import MimCoError
 
@@ -252,6 +254,8 @@ def write_shards(
     prefix: str = "train",
     num_shards: int | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_samples: int | None = None,
+    seed: int = 42,
 ) -> list[str]:
     """Writes the images of a class-folder tree (`train_dir/<class>/<image>`) as WebDataset shards.
 
@@ -268,6 +272,9 @@ def write_shards(
     Args:
         shard_size: Images per shard when `num_shards` is not given.
         num_shards: Exactly this many shards (e.g. a multiple of processes x workers).
+        max_samples: Write a subset of at most this many images, drawn with `seed` before any file is opened
+            (`np.random.default_rng(seed).permutation(num_images)[:max_samples]`, kept in class then file-name
+            order); the class list stays that of the whole tree.
 
     Returns:
         The shard paths, `output_dir/PREFIX-000000.tar`, ...
@@ -276,11 +283,16 @@ def write_shards(
         raise ShardError(f"--shard_size must be >= 1, got {shard_size}.")
     if num_shards is not None and num_shards < 1:
         raise ShardError(f"--num_shards must be >= 1, got {num_shards}.")
+    if max_samples is not None and max_samples < 1:
+        raise ShardError(f"--max_samples must be >= 1, got {max_samples}.")
     if not os.path.isdir(train_dir):
         raise ShardError(f"--train_dir {train_dir!r} is not a directory.")
     classes, images = _class_folder_images(train_dir)
     if not images:
         raise ShardError(f"--train_dir {train_dir!r} holds no images.")
+    if max_samples is not None:
+        chosen = np.sort(np.random.default_rng(seed).permutation(len(images))[:max_samples])
+        images = [images[index] for index in chosen]
     images = _readable_images(images, max_image_pixels, train_dir)
     if not images:
         raise ShardError(f"--train_dir {train_dir!r} holds no readable images (see the warnings above).")

@@ -13,6 +13,7 @@ transformers, accelerate and `optimization` and `log` of this package.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -209,13 +210,30 @@ class CpuProcessGroupTimeout:
     or `ACCELERATE_USE_CPU=1 accelerate launch`) get torch's default of 30 minutes whatever the flag says. So the
     gloo group of such a launch is created here, before transformers sets up its devices, with the flag's timeout;
     transformers then finds it and trains in it.
+
+    It also turns `--dataloader_pin_memory` off on a machine without an accelerator (or with `--use_cpu`), where
+    pinned memory serves nothing and torch warns about it once per DataLoader, and, unless `--disable_tqdm` is
+    given, the progress bars off where stderr is no terminal (a log file): the evaluation bar nested in the
+    training bar writes cursor-movement escape codes there. The logged metrics are printed as plain lines instead.
     """
 
     def __post_init__(self):
         on_cpus = self.use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
         if on_cpus and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
             PartialState(cpu=True, backend=self.ddp_backend, timeout=timedelta(seconds=self.ddp_timeout))
+        if self.dataloader_pin_memory and (on_cpus or not has_accelerator()):
+            self.dataloader_pin_memory = False
+        if self.disable_tqdm is None and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+            self.disable_tqdm = True
         super().__post_init__()
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a device that pinned host memory speeds up (the check behind its pin_memory warning)."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 __all__ = [
@@ -223,6 +241,7 @@ __all__ = [
     "FineTuningTrainer",
     "SoftTargetCrossEntropy",
     "build_batch_mixer",
+    "has_accelerator",
     "push_trainer_output",
     "trainer_arguments",
 ]

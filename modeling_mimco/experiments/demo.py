@@ -56,7 +56,7 @@ from modeling_mimco.commands import (
     run_pretraining,
 )
 from modeling_mimco.data.digits import CLUTTERED_DIGITS_DATASET
-from modeling_mimco.data.sources import DataArguments
+from modeling_mimco.data.sources import DataArguments, load_labelled_splits
 from modeling_mimco.evaluation.frozen_features import FrozenFeatureResult, results_table
 from modeling_mimco.experiments.background import BackgroundRun
 from modeling_mimco.experiments.pixel_mim import run_pixel_mim
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         # the teacher's and the student's rows, while the second process may still be measuring its own
         model_args, data_args, eval_args = probe_arguments(args, list(MIMCO_ROWS), folders, evaluation_dir)
-        data = data_args.load_splits(eval_args.seed)
+        data = load_labelled_splits(data_args, eval_args.seed)
         mimco_results = run_linear_probe.measure_models(model_args, data_args, eval_args, data)
         if second_process is not None:
             print("Waiting for the second process ...")

@@ -10,7 +10,7 @@
    preset `tiny-64`): a MimCo
    teacher (stage 1, MoCo v3), the MimCo student (stage 2) against it, a pixel-MIM model (SimMIM:
    `ViTForMaskedImageModeling`, trained through the same stage-2 pipeline and loop as the student, as
-   `experiments/reproduction.py` does) and a random init; the pre-training seed is the run's seed.
+   `experiments/reproduction_pretraining.py` does) and a random init; the pre-training seed is the run's seed.
 3. Dense transfer: a linear per-patch head (a 1x1 convolution from the frozen, standardised patch tokens to the 11
    classes, logits upsampled bilinearly to the pixels, pixel cross-entropy weighted by 1 / sqrt(class frequency)) on each frozen backbone, same epochs and
    learning rate for all; mean IoU on the test canvases (`evaluation.segmentation_metrics`). A linear head on

@@ -21,9 +21,9 @@ The teachers (`RECIPES`):
   ViT on the 32-px cluttered digits, batch 64, base learning rate 5e-3, crops of at least 60 %, no flip). `make demo`
   still trains its own 200-step teacher: a student started from a long-trained one has not yet done better
   (docs/benchmarks.md, "Shipped teachers").
-- `cifar10`: the reproduction's teacher shape and recipe (`experiments/reproduction.py`: `tiny`, CIFAR-10, batch
-  128, base learning rate 1.5e-3, crops of at least 25 %, flips, weight decay 0.1), probed on 10,000 training and
-  5,000 test images.
+- `cifar10`: the reproduction's teacher shape and recipe (`experiments/reproduction_arguments.py` and
+  `reproduction_pretraining.py`: `tiny`, CIFAR-10, batch 128, base learning rate 1.5e-3, crops of at least 25 %,
+  flips, weight decay 0.1), probed on 10,000 training and 5,000 test images.
 
 What each run writes:
 - `OUTPUT_DIR/<name>/`: the stage-1 run (checkpoints, the last export), `best/` (the export with the best linear
@@ -49,7 +49,7 @@ import torch
 
 from modeling_mimco.commands import reports_errors, run_command, run_contrastive_pretraining, run_linear_probe
 from modeling_mimco.data.digits import CLUTTERED_DIGITS_DATASET
-from modeling_mimco.data.sources import DataArguments
+from modeling_mimco.data.sources import DataArguments, load_labelled_splits
 from modeling_mimco.training.host_memory import keep_freed_memory
 
 
@@ -298,11 +298,9 @@ def log(message: str) -> None:
     print(f"[teachers {datetime.now(timezone.utc):%H:%M:%S}] {message}", flush=True)
 
 
-def train_teacher(recipe: TeacherRecipe, args: argparse.Namespace) -> dict:
-    """Trains, probes and stops one teacher (see the module's docstring); returns its state (`curve.json`)."""
-    run_dir = os.path.join(args.output_dir, recipe.name)
-    os.makedirs(run_dir, exist_ok=True)
-    curve_path = os.path.join(run_dir, CURVE_NAME)
+def start_state(recipe: TeacherRecipe, args: argparse.Namespace, run_dir: str, curve_path: str) -> dict:
+    """A teacher's fresh state (`curve.json`), or the one its earlier run left in `run_dir` to go on from; refuses a
+    curve that another recipe wrote."""
     state = {
         "name": recipe.name,
         "recipe": asdict(recipe),
@@ -325,65 +323,92 @@ def train_teacher(recipe: TeacherRecipe, args: argparse.Namespace) -> dict:
             )
         state["curve"], state["best"] = saved["curve"], saved.get("best")
         log(f"{recipe.name}: going on from step {state['curve'][-1]['step'] if state['curve'] else 0}")
+    return state
+
+
+def train_and_probe(
+    recipe: TeacherRecipe,
+    args: argparse.Namespace,
+    state: dict,
+    probe: tuple,
+    target: int,
+    cooldown_from: int | None = None,
+) -> float:
+    """One segment up to step `target` (a cool-down from `cooldown_from`), its probe (`probe`: the probe's model,
+    data and evaluation arguments and its loaded splits), the curve and the shipped folder brought up to date;
+    returns the segment's seconds."""
+    run_dir = os.path.join(args.output_dir, recipe.name)
+    model_args, data_args, eval_args, data = probe
+    segment_start = time.monotonic()
+    stage1 = stage1_arguments(recipe, run_dir, target, args, cooldown_from)
+    run_contrastive_pretraining.run_contrastive_pretraining(*stage1)
+    train_seconds = time.monotonic() - segment_start
+    (result,) = run_linear_probe.measure_models(model_args, data_args, eval_args, data)
+    seconds = time.monotonic() - segment_start
+    point = {
+        "step": target,
+        "linear": round(100 * result.linear_probe_top1, 2),
+        "knn": round(100 * result.knn_top1, 2),
+        "train_seconds": round(train_seconds, 1),
+        "probe_seconds": round(seconds - train_seconds, 1),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if cooldown_from is not None:
+        point["cooldown_from"] = cooldown_from
+    state["curve"].append(point)
+    if not state.get("best") or point["linear"] > state["best"]["linear"]:
+        copy_teacher(run_dir, os.path.join(run_dir, BEST_NAME))
+        state["best"] = point
+    log(f"{recipe.name}: step {target}: linear {point['linear']:.1f}, kNN {point['knn']:.1f}")
+    write_json(os.path.join(run_dir, CURVE_NAME), state)
+    plot_curve(state, os.path.join(run_dir, PLOT_NAME))
+    ship_teacher(state, args)  # after every probe, so that a run stopped early still leaves its best teacher
+    return seconds
+
+
+def stop_reason(
+    state: dict, recipe: TeacherRecipe, args: argparse.Namespace, budget_left: float | None, segment_seconds
+) -> str | None:
+    """Why the teacher stops before its next segment (the probe stopped rising, `--max_steps`, or the next segment
+    would overrun `--max_minutes`), or `None` to go on."""
+    step = state["curve"][-1]["step"] if state["curve"] else 0
+    if should_stop(state["curve"], args.min_gain, args.patience):
+        return f"no linear-probe gain above {args.min_gain} points in the last {args.patience} probes"
+    if step >= recipe.max_steps:
+        return f"reached --max_steps {recipe.max_steps}"
+    if budget_left is not None and segment_seconds and budget_left < (2 if args.cooldown else 1) * segment_seconds:
+        return f"the next segment would overrun --max_minutes {args.max_minutes:g}"
+    return None
+
+
+def train_teacher(recipe: TeacherRecipe, args: argparse.Namespace) -> dict:
+    """Trains, probes and stops one teacher (see the module's docstring); returns its state (`curve.json`)."""
+    run_dir = os.path.join(args.output_dir, recipe.name)
+    os.makedirs(run_dir, exist_ok=True)
+    curve_path = os.path.join(run_dir, CURVE_NAME)
+    state = start_state(recipe, args, run_dir, curve_path)
     model_args, data_args, eval_args = probe_arguments(recipe, run_dir, run_dir, args)
-    data = data_args.load_splits(eval_args.seed)
+    data = load_labelled_splits(data_args, eval_args.seed)
+    probe = (model_args, data_args, eval_args, data)
     state["num_train_images"], state["num_test_images"] = len(data.train), len(data.eval)
     started, segment_seconds = time.monotonic(), None
-
-    def train_and_probe(target: int, cooldown_from: int | None = None) -> float:
-        """One segment up to step `target` (a cool-down from `cooldown_from`), its probe, the curve and the shipped
-        folder brought up to date; returns the segment's seconds."""
-        segment_start = time.monotonic()
-        stage1 = stage1_arguments(recipe, run_dir, target, args, cooldown_from)
-        run_contrastive_pretraining.run_contrastive_pretraining(*stage1)
-        train_seconds = time.monotonic() - segment_start
-        (result,) = run_linear_probe.measure_models(model_args, data_args, eval_args, data)
-        seconds = time.monotonic() - segment_start
-        point = {
-            "step": target,
-            "linear": round(100 * result.linear_probe_top1, 2),
-            "knn": round(100 * result.knn_top1, 2),
-            "train_seconds": round(train_seconds, 1),
-            "probe_seconds": round(seconds - train_seconds, 1),
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        if cooldown_from is not None:
-            point["cooldown_from"] = cooldown_from
-        state["curve"].append(point)
-        if not state.get("best") or point["linear"] > state["best"]["linear"]:
-            copy_teacher(run_dir, os.path.join(run_dir, BEST_NAME))
-            state["best"] = point
-        log(f"{recipe.name}: step {target}: linear {point['linear']:.1f}, kNN {point['knn']:.1f}")
-        write_json(curve_path, state)
-        plot_curve(state, os.path.join(run_dir, PLOT_NAME))
-        ship_teacher(state, args)  # after every probe, so that a run stopped early still leaves its best teacher
-        return seconds
 
     cooled = bool(state["curve"]) and "cooldown_from" in state["curve"][-1]
     while not cooled:
         step = state["curve"][-1]["step"] if state["curve"] else 0
         budget_left = None if args.max_minutes is None else 60 * args.max_minutes - (time.monotonic() - started)
-        if should_stop(state["curve"], args.min_gain, args.patience):
-            state["stopped_because"] = (
-                f"no linear-probe gain above {args.min_gain} points in the last {args.patience} probes"
-            )
-        elif step >= recipe.max_steps:
-            state["stopped_because"] = f"reached --max_steps {recipe.max_steps}"
-        elif (
-            budget_left is not None and segment_seconds and budget_left < (2 if args.cooldown else 1) * segment_seconds
-        ):
-            state["stopped_because"] = f"the next segment would overrun --max_minutes {args.max_minutes:g}"
+        state["stopped_because"] = stop_reason(state, recipe, args, budget_left, segment_seconds)
         if state["stopped_because"]:
             break
         target = min(step + recipe.probe_every, recipe.max_steps)
         log(f"{recipe.name}: stage 1 from step {step} to {target}")
-        segment_seconds = train_and_probe(target)
+        segment_seconds = train_and_probe(recipe, args, state, probe, target)
     if args.cooldown and not cooled and state["curve"]:
         # the learning rate from its constant value down to 0 on a cosine over one more segment, as a run of this
         # length would end
         step = state["curve"][-1]["step"]
         log(f"{recipe.name}: cool-down from step {step} to {step + recipe.probe_every}")
-        train_and_probe(step + recipe.probe_every, cooldown_from=step)
+        train_and_probe(recipe, args, state, probe, step + recipe.probe_every, cooldown_from=step)
     write_json(curve_path, state)
     plot_curve(state, os.path.join(run_dir, PLOT_NAME))
     log(f"{recipe.name}: stopped at step {state['curve'][-1]['step']}: {state['stopped_because']}")

@@ -5,7 +5,8 @@ the card's metadata (tags, pipeline tag, datasets, `model-index`), its evaluatio
 citation, and the rendering of the Jinja2 template shipped in `modeling_mimco/hub/templates/model_card.md`, checked by
 parsing the result back with `huggingface_hub.ModelCard`. `mimco-card` (`commands/make_model_card.py`) writes the
 card; `modeling_mimco.hub.upload` generates it for a folder that has none before an upload. It imports the standard
-library, `huggingface_hub`, `safetensors` and, of the package, only the model file's `PRETRAINING_ONLY_PREFIXES`.
+library, `huggingface_hub`, `safetensors` and, of the package, only the model file's `PRETRAINING_ONLY_PREFIXES`
+(when it counts a checkpoint's parameters, so that `mimco-card --help` and `mimco-push --help` need no torch).
 
 Results file
 ------------
@@ -62,8 +63,6 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-from modeling_mimco.modeling_mimco import PRETRAINING_ONLY_PREFIXES
 
 
 # Read through importlib.resources, so that the template is found in an installed wheel, an editable install or a
@@ -381,6 +380,8 @@ def count_parameters(checkpoint_dir: str | Path, only_prefix: str | None = None)
     only; a pre-training checkpoint's teacher and heads are not counted, and with `only_prefix` only the weights
     under it are (`base_encoder.`: a stage-1 folder's trained ViT). `None` without safetensors files."""
     from safetensors import safe_open
+
+    from modeling_mimco.modeling_mimco import PRETRAINING_ONLY_PREFIXES
 
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
     if not files:

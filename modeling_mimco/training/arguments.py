@@ -2,17 +2,15 @@
 precision, logging, checkpoints, resume, bad-step and unreadable-image limits, and the Hub upload.
 
 Like transformers' `training_args.py`, it only holds and checks the settings: a bad value is a `ValueError` that
-names its flag, raised when the arguments are built. It imports `checkpointing` (to verify the checkpoint
-`--resume_from_checkpoint` names) and transformers; `training` imports it.
+names its flag, raised when the arguments are built. It imports only the standard library, so that a command prints
+`--help` and rejects an unknown flag without loading torch; `checkpointing` (to verify the checkpoint
+`--resume_from_checkpoint` names) and transformers' `SchedulerType` are imported when the arguments are checked.
+`training` imports it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from transformers import SchedulerType
-
-from modeling_mimco.training.checkpointing import CheckpointError, verify_checkpoint
 
 
 # torch.compile's modes, by the names transformers' TrainingArguments gives them
@@ -127,6 +125,8 @@ class PreTrainingArguments:
             raise ValueError(f"--max_skipped_fraction must lie in [0, 1], got {self.max_skipped_fraction}.")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
+        from transformers import SchedulerType
+
         try:
             SchedulerType(self.lr_scheduler_type)
         except ValueError:
@@ -141,6 +141,8 @@ class PreTrainingArguments:
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id.")
         if self.resume_from_checkpoint not in (None, "latest"):
+            from modeling_mimco.training.checkpointing import CheckpointError, verify_checkpoint
+
             try:
                 verify_checkpoint(self.resume_from_checkpoint)
             except CheckpointError as error:

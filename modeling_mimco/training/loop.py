@@ -510,18 +510,9 @@ def _set_up(
         num_warmup_steps=args.warmup_steps(max_train_steps),
         num_training_steps=max_train_steps,
     )
-    if sharded is not None:
-        # the sharded model and its optimizer stay outside Accelerate (a stream's loader too, as below)
-        if streaming:
-            scheduler = accelerator.prepare(scheduler)
-        else:
-            dataloader, scheduler = accelerator.prepare(dataloader, scheduler)
-    elif streaming:
-        # A streaming dataset is already sharded per process (`shard_for_process`); Accelerate must not shard it
-        # again or dispatch it from the main process, so only the batches' device placement is done here.
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    else:
-        model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    model, optimizer, dataloader, scheduler = _prepare(
+        accelerator, model, optimizer, dataloader, scheduler, sharded=sharded is not None, streaming=streaming
+    )
     skipped = SkippedImageTracker(max_skipped_fraction=args.max_skipped_fraction)
     accelerator.register_for_checkpointing(skipped)
     window = LogWindow(accelerator.device)
@@ -561,6 +552,26 @@ def _set_up(
         progress_bar=progress_bar,
     )
     return run, state
+
+
+def _prepare(
+    accelerator: Accelerator, model, optimizer, dataloader, scheduler, sharded: bool, streaming: bool
+) -> tuple:
+    """`accelerator.prepare` on what it may wrap: everything, but neither a sharded model and its optimizer nor a
+    stream's loader; returns the model, optimizer, loader and schedule to train with."""
+    if sharded:
+        # the sharded model and its optimizer stay outside Accelerate (a stream's loader too, as below)
+        if streaming:
+            scheduler = accelerator.prepare(scheduler)
+        else:
+            dataloader, scheduler = accelerator.prepare(dataloader, scheduler)
+    elif streaming:
+        # A streaming dataset is already sharded per process (`shard_for_process`); Accelerate must not shard it
+        # again or dispatch it from the main process, so only the batches' device placement is done here.
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    return model, optimizer, dataloader, scheduler
 
 
 def _start_tracking(

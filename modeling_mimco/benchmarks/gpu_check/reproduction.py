@@ -23,7 +23,7 @@ import time
 
 from modeling_mimco.benchmarks.gpu_check.arguments import GpuCheckArguments
 from modeling_mimco.benchmarks.gpu_check.checks import Budget, Checks, PartSkipped
-from modeling_mimco.experiments.reproduction import markdown_table
+from modeling_mimco.experiments.reproduction_report import markdown_table
 
 
 REPRODUCTION_MODULE = "modeling_mimco.experiments.reproduction"

@@ -1,0 +1,117 @@
+"""The console commands answer `--help` and reject a bad flag without importing torch: the modules import the
+argument dataclasses and transformers' argument parser only, and defer torch, the models, Accelerate, `datasets`
+and the data pipeline to the functions that do the work. (`mimco-finetune` and `mimco-segment` build on
+`transformers.TrainingArguments`, whose module imports torch: they are not held to this.)
+
+Each check runs in a fresh interpreter, as the console command would; no wall-clock time is asserted."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from modeling_mimco.commands import CONSOLE_COMMANDS
+
+
+REPO = Path(__file__).resolve().parents[1]
+LIGHT_COMMANDS = (
+    "run_contrastive_pretraining",
+    "run_pretraining",
+    "run_linear_probe",
+    "convert_checkpoint",
+    "make_model_card",
+    "push_to_hub",
+    "make_shards",
+)
+HEAVY = ("torch", "accelerate", "datasets", "torchvision")
+
+CHECK = textwrap.dedent(
+    """
+    import contextlib, io, sys
+    module_name, flag = sys.argv[1], sys.argv[2]
+    module = __import__(f"modeling_mimco.commands.{module_name}", fromlist=["cli"])
+    sys.argv = ["mimco-test", flag]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            module.cli()
+    except SystemExit as exit:
+        code = exit.code
+    else:
+        code = 0
+    print(code)
+    print(" ".join(name for name in sys.argv[3:] if name in sys.modules))
+    print(out.getvalue())
+    """
+)
+
+
+def _run_check(module: str, flag: str) -> tuple[str, list[str], str]:
+    completed = subprocess.run(
+        [sys.executable, "-c", CHECK, module, flag, *HEAVY],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    code, loaded, output = completed.stdout.split("\n", 2)
+    return code, loaded.split(), output
+
+
+@pytest.mark.parametrize("module", LIGHT_COMMANDS)
+def test_help_imports_no_torch(module):
+    code, loaded, output = _run_check(module, "--help")
+    assert code == "0", output
+    assert output.startswith("usage: mimco-test"), output[:300]
+    assert loaded == [], f"--help of {module} imported {loaded}"
+
+
+@pytest.mark.parametrize("module", LIGHT_COMMANDS)
+def test_unknown_flag_imports_no_torch(module):
+    code, loaded, output = _run_check(module, "--no_such_flag")
+    assert code == "2", output
+    assert "mimco-test: error:" in output, output[-500:]
+    assert loaded == [], f"an unknown flag of {module} imported {loaded}"
+
+
+def test_package_import_is_light():
+    completed = subprocess.run(
+        [sys.executable, "-c", "import sys, modeling_mimco; print('torch' in sys.modules)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.stdout.strip() == "False", completed.stderr[-3000:]
+
+
+def test_public_names_load_and_register_the_auto_classes():
+    script = textwrap.dedent(
+        """
+        import modeling_mimco
+        from transformers import AutoConfig, AutoModel
+        model_class = modeling_mimco.MimCoModel
+        config = AutoConfig.for_model("mimco", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, image_size=32, patch_size=8)
+        assert type(AutoModel.from_config(config)) is model_class
+        print("ok")
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.stdout.strip() == "ok", completed.stderr[-3000:]
+
+
+def test_console_command_names_match_setup_cfg():
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    scripts = {}
+    for line in parser["options.entry_points"]["console_scripts"].strip().splitlines():
+        name, target = (part.strip() for part in line.split("="))
+        scripts[target.split(":")[0]] = name
+    assert scripts == CONSOLE_COMMANDS
