@@ -107,6 +107,28 @@ def test_public_names_load_and_register_the_auto_classes():
     assert completed.stdout.strip() == "ok", completed.stderr[-3000:]
 
 
+def test_a_model_imported_from_its_module_still_saves_its_remote_code(tmp_path):
+    """The Auto-class registration is lazy, but every `save_pretrained` writes the `auto_map` and the model files
+    however the class was imported (here from its module, the package's public names never touched)."""
+    script = textwrap.dedent(
+        f"""
+        import json, os, modeling_mimco
+        from modeling_mimco.configuration_mimco import MimCoConfig
+        from modeling_mimco.modeling_mimco import MimCoModel
+        config = MimCoConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8, mask_patch_size=8)
+        MimCoModel(config).save_pretrained({str(tmp_path)!r})
+        saved = json.load(open(os.path.join({str(tmp_path)!r}, "config.json")))
+        print(modeling_mimco._registered, saved["auto_map"]["AutoModel"], sorted(os.listdir({str(tmp_path)!r})))
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    registered, auto_model, files = completed.stdout.strip().split(" ", 2)
+    assert registered == "False" and auto_model == "modeling_mimco.MimCoModel"
+    assert "'modeling_mimco.py'" in files and "'configuration_mimco.py'" in files
+
+
 def test_console_command_names_match_setup_cfg():
     parser = configparser.ConfigParser()
     parser.read(REPO / "setup.cfg")

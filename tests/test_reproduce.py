@@ -401,7 +401,7 @@ def test_a_given_teacher_costs_no_steps_and_the_matched_row_matches_the_student_
     reserve = FIXED_SECONDS + EVAL_SECONDS_PER_ROW * len(ROWS)
     assert plan["pretrain_steps"] == int((60 * 60 - reserve) / per_step) // 10 * 10
     assert plan["matched_pixel_mim_steps"] == 2 * plan["pretrain_steps"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(FileNotFoundError, match="no-such-teacher not found"):
         parse_args(["--teacher_name_or_path", str(REPO / "no-such-teacher")])
 
 

@@ -32,7 +32,7 @@ from modeling_mimco.modeling_mimco import get_2d_sincos_position_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "convert_checkpoint.py"
-README = ROOT / "README.md"
+EXPORT_DOCS = ROOT / "docs" / "finetuning.md"  # the page with the export commands
 TOLERANCE = 1e-5
 LABELS = {0: "cat", 1: "dog", 2: "eel"}
 
@@ -373,14 +373,17 @@ def test_what_vit_cannot_carry_is_refused_in_one_line(tmp_path, case):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The README's command
+# The documented command
 
 
 @pytest.mark.slow
-def test_readme_vit_export_command_runs(tmp_path):
-    """The `--to vit` command that the README prints runs as printed on a saved MimCo folder of the name it uses."""
+def test_documented_vit_export_command_runs(tmp_path):
+    """The `--to vit` command that docs/finetuning.md prints runs as printed on a saved MimCo folder of the name it
+    uses."""
     commands = [
-        line for line in README.read_text().splitlines() if line.startswith("mimco-convert") and "--to vit" in line
+        line
+        for line in EXPORT_DOCS.read_text().splitlines()
+        if line.startswith("mimco-convert") and "--to vit" in line
     ]
     assert len(commands) == 1, commands
     arguments = shlex.split(commands[0].split("#")[0])[1:]

@@ -23,11 +23,11 @@ table (tests/test_demo.py checks this).
 The script prints how the losses moved, a table of the accuracies, a reading of the table against the demo's aims
 (the student above the pixels, above pixel MIM, and within a point of the teacher or above it, on both metrics), and
 where the checkpoints and the picture are. In each process one torch thread trains while a loader worker prepares the
-next batch, and freed tensors are kept for the next step (`host_memory.keep_freed_memory`); docs/benchmarks.md has
+next batch, and freed tensors are kept for the next step (`host_memory.keep_freed_memory`); docs/history.md has
 the wall times and every variant of the data and of the step counts that was tried, with its table.
 
 Settings that differ from the paper-scale defaults, for a 4-layer, 64-wide ViT on 32-px images, chosen by measurement
-(docs/benchmarks.md):
+(docs/history.md):
 - 200 stage-1 and 400 stage-2 (and pixel-MIM) steps of batch 64. On the cluttered digits, 400 student steps gave
   the best student of 300, 400, 500 and 600 (linear / kNN 38.7 / 19.1 against 36.1 / 17.0, 38.0 / 17.0 and
   35.9 / 15.0), and at 300 pixel MIM's kNN was ahead of the student's; 150 teacher steps gave a teacher below the
@@ -327,7 +327,7 @@ def reading(models: list[dict], keys: list[str]) -> list[str]:
     num_test = models[0]["num_test_images"]
     lines.append(
         f"- one seed; on {num_test} test images one image is {100 / num_test:.2f} points, and another seed or CPU model "
-        "trains other weights, so gaps of a few points may not hold in another run (docs/benchmarks.md has the "
+        "trains other weights, so gaps of a few points may not hold in another run (docs/history.md has the "
         "variants that were tried)"
     )
     return lines

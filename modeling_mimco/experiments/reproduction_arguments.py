@@ -233,9 +233,9 @@ def parse_args(argv: list[str] | None = None, local_dataset: str | None = None) 
         parser.error("--finetune_epochs must be 0 (no fine-tune) or more.")
     if args.teacher_name_or_path is not None and not os.path.isfile(
         os.path.join(args.teacher_name_or_path, "config.json")
-    ):
-        parser.error(
-            f"--teacher_name_or_path: {args.teacher_name_or_path} is not a saved model folder (no config.json)."
+    ):  # an OSError, not a usage error: the flag is right, the folder is not on this machine
+        raise FileNotFoundError(
+            f"--teacher_name_or_path: {args.teacher_name_or_path} not found (a saved model folder with a config.json)."
         )
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds: each seed once, got {args.seeds}.")

@@ -23,7 +23,12 @@ from modeling_mimco.experiments.reproduction_arguments import (
 
 def time_pretraining_steps(args, repeats: int = 3) -> dict[str, float]:
     """Seconds per optimizer step of each objective at the run's batch size, on synthetic tensors (1 warm-up step), on
-    the device pre-training will use (the GPU when there is one, as Accelerate picks it)."""
+    the device pre-training will use (the GPU when there is one, as Accelerate picks it).
+
+    On a CPU the seconds are this process's CPU time, not the wall clock: on a machine shared with other work the wall
+    clock of a few steps moves with the load (one plan timed the student's step at 0.36 s and pixel MIM's at 0.50 s,
+    the wrong way round, and sized the compute-matched row below the others), while the CPU time of one thread does
+    not."""
     import torch
     from transformers import ViTForMaskedImageModeling
 
@@ -58,18 +63,19 @@ def time_pretraining_steps(args, repeats: int = 3) -> dict[str, float]:
         "mimco": (student, lambda: student(pixels, bool_masked_pos=mask).loss),
         "simmim": (simmim, lambda: simmim(pixels, bool_masked_pos=mask).loss),
     }
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     seconds = {}
     for name, (model, loss_fn) in objectives.items():
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         for step in range(repeats + 1):
             if step == 1:
                 _synchronize(device)
-                start = time.perf_counter()
+                start = clock()
             loss_fn().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
-        seconds[name] = (time.perf_counter() - start) / repeats
+        seconds[name] = (clock() - start) / repeats
     return seconds
 
 

@@ -20,7 +20,7 @@ The teachers (`RECIPES`):
 - `cluttered-digits`: the demo's teacher (`experiments/demo.py`'s stage-1 settings: the 4-layer, 64-wide `tiny`
   ViT on the 32-px cluttered digits, batch 64, base learning rate 5e-3, crops of at least 60 %, no flip). `make demo`
   still trains its own 200-step teacher: a student started from a long-trained one has not yet done better
-  (docs/benchmarks.md, "Shipped teachers").
+  (docs/history.md, "Shipped teachers").
 - `cifar10`: the reproduction's teacher shape and recipe (`experiments/reproduction_arguments.py` and
   `reproduction_pretraining.py`: `tiny`, CIFAR-10, batch 128, base learning rate 1.5e-3, crops of at least 25 %,
   flips, weight decay 0.1), probed on 10,000 training and 5,000 test images.
