@@ -24,8 +24,10 @@ the script's file name, and under `-m` the console command (`program_name`).
 
 The modules import only the standard library, `transformers`' argument parser and the argument dataclasses at the
 top; torch, the models, Accelerate, `datasets` and the data pipeline are imported by the functions that do the work,
-so that `--help` and a bad flag answer within a second. `mimco-finetune` and `mimco-segment` are the exception: their
-arguments extend `transformers.TrainingArguments`, whose module imports torch.
+so that `--help` and a bad flag answer within a second. `mimco-finetune` and `mimco-segment` take every flag of
+`transformers.TrainingArguments`, whose module imports torch: they parse in two phases
+(`parse_with_training_arguments`), their own model and data flags first, with `--help`, then the rest into their
+`TrainingArguments` subclass once the work starts.
 
 Exit codes: 0 done; 1 an expected error (`modeling_mimco.errors`), shown as one `PROGRAM: error: MESSAGE` line on
 stderr; 2 a command line that argparse could not parse (with the usage); 143 stopped by SIGTERM after writing a
@@ -35,6 +37,7 @@ the others exit with the same code silently, except for a lost or hung peer, whi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import logging
@@ -75,11 +78,95 @@ def program_name() -> str:
     return os.path.basename(sys.argv[0]) or "mimco"
 
 
-def argument_parser(dataclass_types) -> HfArgumentParser:
-    """The `HfArgumentParser` of a command's argument dataclasses, under the program's name (`program_name`)."""
+def argument_parser(dataclass_types, **kwargs) -> HfArgumentParser:
+    """The `HfArgumentParser` of a command's argument dataclasses, under the program's name (`program_name`);
+    `kwargs` go to `argparse.ArgumentParser` (`allow_abbrev`, `epilog`, `usage`, `formatter_class`...)."""
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(dataclass_types, prog=program_name())
+    return HfArgumentParser(dataclass_types, prog=program_name(), **kwargs)
+
+
+TRAINING_HELP_FLAG = "--help_training"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help (as `HfArgumentParser`'s), the epilog's lines as written."""
+
+
+class _ShowTrainingHelp(argparse.Action):
+    """`--help_training`: prints the help of every training flag (phase 2's parser) and exits, as `--help` does."""
+
+    def __init__(self, option_strings, dest, training_arguments: Callable[[], type], help: str | None = None):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.training_arguments = training_arguments
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        training_parser(self.training_arguments()).print_help()
+        parser.exit()
+
+
+def training_epilog(training_defaults: dict[str, Any], width: int = 100) -> str:
+    """The end of a two-phase command's `--help`: every `TrainingArguments` flag is accepted, the recipe's defaults
+    (`training_defaults`, the dict its `TrainingArguments` subclass reads), and how to see all training flags."""
+    lines, line = [], " "
+    for name, value in training_defaults.items():
+        item = f"--{name} {value}"
+        if len(line) + 2 + len(item) > width and line.strip():
+            lines.append(line)
+            line = " "
+        line += " " + item
+    lines.append(line)
+    return "\n".join(
+        [
+            "Training flags: every flag of transformers' TrainingArguments is accepted too (--output_dir,",
+            "--max_steps, --seed, --report_to, --push_to_hub, ...). The recipe's defaults, where they differ from",
+            "transformers':",
+            *lines,
+            f"All training flags with their help: {program_name()} {TRAINING_HELP_FLAG} (slower: it imports torch).",
+        ]
+    )
+
+
+def training_parser(training_arguments: type) -> HfArgumentParser:
+    """Phase 2's parser: the command's `TrainingArguments` subclass alone, with a short usage line."""
+    usage = f"%(prog)s [model and data flags: --help] [TrainingArguments flags: {TRAINING_HELP_FLAG}]"
+    return argument_parser(training_arguments, usage=usage)
+
+
+def parse_with_training_arguments(
+    dataclass_types: tuple[type, ...],
+    training_arguments: Callable[[], type],
+    training_defaults: dict[str, Any],
+    argv: list[str] | None = None,
+) -> tuple:
+    """Parses the command line of a command that takes every flag of transformers' `TrainingArguments`, in two
+    phases, so that `--help` and a bad model or data flag answer without importing torch.
+
+    Phase 1 reads the command's own dataclasses (`dataclass_types`, from modules that import no torch), with
+    `--help` (whose epilog lists the recipe's `training_defaults`) and `--help_training`, and leaves every other
+    string; it takes no abbreviation, so that it never swallows an abbreviated training flag. Phase 2 imports the
+    `TrainingArguments` subclass (`training_arguments()`; transformers' `training_args` imports torch) and reads the
+    rest into it; what it does not know is refused as argparse refuses an unknown flag (exit code 2). Returns the
+    dataclasses in order, the training arguments last.
+    """
+    parser = argument_parser(
+        dataclass_types, allow_abbrev=False, epilog=training_epilog(training_defaults), formatter_class=_HelpFormatter
+    )
+    parser.add_argument(
+        TRAINING_HELP_FLAG,
+        TRAINING_HELP_FLAG.replace("_", "-"),
+        action=_ShowTrainingHelp,
+        training_arguments=training_arguments,
+        help="Show every training flag (transformers' TrainingArguments, with this recipe's defaults) and exit.",
+    )
+    *own, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    phase_two = training_parser(training_arguments())
+    _, unknown = phase_two.parse_known_args(remaining)  # refused before the arguments are built and checked
+    if unknown:
+        phase_two.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # the `.args` file next to the program, if any, was read by phase 1: its training flags are in `remaining`
+    (training_args,) = phase_two.parse_args_into_dataclasses(args=remaining, look_for_args_file=False)
+    return (*own, training_args)
 
 
 def reports_errors(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], object]:

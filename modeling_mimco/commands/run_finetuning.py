@@ -20,6 +20,10 @@ The output folder holds the model with `id2label` / `label2id` and its `preproce
 installed). `--push_to_hub --hub_model_id ORG/NAME` uploads it once, at the end, through the package's checked upload
 (`modeling_mimco.hub.upload.push_to_hub`, as `mimco-push` does: a model card with the eval accuracy, only the model's
 files, no access token); the `Trainer` itself never creates a repository or pushes.
+
+Every flag of transformers' `TrainingArguments` is accepted, with the recipe's defaults
+(`evaluation.recipes.FINETUNING_TRAINING_DEFAULTS`); `--help` shows the model and data flags and these defaults
+without importing torch, `--help_training` every training flag (`commands.parse_with_training_arguments`).
 """
 
 from __future__ import annotations
@@ -28,28 +32,23 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
-from torchvision.transforms import v2
-from transformers import TrainingArguments, set_seed
-
-from modeling_mimco import MimCoForImageClassification
-from modeling_mimco.commands import argument_parser, reports_errors, run_command
-from modeling_mimco.data.pipeline import MimCoPretrainingCollator, PretrainingExampleTransform, apply_example_transform
-from modeling_mimco.data.sources import ClassificationData, LabelledDataArguments, load_labelled_splits
-from modeling_mimco.data.transforms import build_eval_transform
+from modeling_mimco.commands import parse_with_training_arguments, reports_errors, run_command
+from modeling_mimco.data.arguments import LabelledDataArguments
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.evaluation.finetuning import (
-    CpuProcessGroupTimeout,
-    FineTuningTrainer,
-    SoftTargetCrossEntropy,
-    build_batch_mixer,
-    push_trainer_output,
-    trainer_arguments,
-)
-from modeling_mimco.evaluation.metrics import ClassificationMetrics, reported_top_k, top_k_predictions
-from modeling_mimco.interop.model_folders import load_classifier, load_image_processor, processor_side
+from modeling_mimco.evaluation.recipes import FINETUNING_TRAINING_DEFAULTS
+
+
+# torch, torchvision, transformers' models and Trainer, datasets and the data pipeline are imported by the functions
+# that use them, and `FineTuningArguments` (transformers' `TrainingArguments`, whose module imports torch) lives in
+# `evaluation.finetuning`, read from here on first use (`__getattr__`): `--help` and a bad model or data flag answer
+# without loading them
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
+    from modeling_mimco.data.sources import ClassificationData
+    from modeling_mimco.evaluation.finetuning import FineTuningArguments, FineTuningTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -95,42 +94,12 @@ class DataTrainingArguments(LabelledDataArguments):
     eval_crop_pct: float = field(default=0.875, metadata={"help": "Eval: resize to size / crop_pct, center crop."})
 
 
-@dataclass
-class FineTuningArguments(CpuProcessGroupTimeout, TrainingArguments):
-    """`TrainingArguments` with the fine-tuning recipe's defaults (every other flag as in transformers; its
-    `--ddp_timeout` holds on CPUs too)."""
-
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the head (AdamW)."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, tokens)."})
-    lr_scheduler_type: str = field(default="cosine")
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction of all steps if < 1."})
-    num_train_epochs: float = field(default=100.0)
-    per_device_train_batch_size: int = field(default=64)
-    per_device_eval_batch_size: int = field(default=128)
-    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing of the training loss."})
-    eval_strategy: str = field(default="epoch")
-    save_strategy: str = field(default="epoch")
-    save_total_limit: int | None = field(default=2)
-    logging_steps: float = field(default=50)
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Must stay False: the image column is decoded on the fly."}
-    )
-    do_train: bool = field(default=True)
-    do_eval: bool = field(default=True)
-
-
-class ClassificationCollator(MimCoPretrainingCollator):
-    """Stacks `pixel_values` and `labels`, dropping unreadable images (without a mask, without the skip count)."""
-
-    def __call__(self, examples):
-        batch = super().__call__(examples)
-        batch.pop("num_skipped", None)
-        return batch
-
-
 def build_train_transform(image_size: int, mean, std, data_args: DataTrainingArguments) -> v2.Compose:
     """RandomResizedCrop (bicubic) -> flip -> RandAugment -> float32 -> Normalize -> RandomErasing, for a PIL image or
     a uint8 tensor."""
+    import torch
+    from torchvision.transforms import v2
+
     steps = [
         v2.RandomResizedCrop(
             image_size,
@@ -176,6 +145,8 @@ def load_model(model_args: ModelArguments, id2label: dict[int, str], label2id: d
     A `--model_name_or_path` that does not load fails with a `ValueError` naming the flag and the path (`errors.
     describe_load_error`: a missing folder, tried as a Hub id too; a damaged or truncated weights file).
     """
+    from modeling_mimco.interop.model_folders import load_classifier
+
     path = model_args.model_name_or_path
     try:
         return load_classifier(
@@ -198,6 +169,10 @@ def load_model(model_args: ModelArguments, id2label: dict[int, str], label2id: d
 def prepare_datasets(data: ClassificationData, image_processor, data_args: DataTrainingArguments) -> tuple:
     """The training split with the recipe's augmentation and the evaluation split with the evaluation transform, at
     the image processor's size and normalisation; returns `(train_dataset, eval_dataset)`."""
+    from modeling_mimco.data.pipeline import PretrainingExampleTransform, apply_example_transform
+    from modeling_mimco.data.transforms import build_eval_transform
+    from modeling_mimco.interop.model_folders import processor_side
+
     image_size = processor_side(image_processor)
     mean, std = image_processor.image_mean, image_processor.image_std
     train_transform = build_train_transform(image_size, mean, std, data_args)
@@ -246,6 +221,16 @@ def build_trainer(
     It never talks to the Hub and never sees the token (its copy of the arguments, `trainer_arguments`, has
     `push_to_hub` off and no `hub_token`, so that its `training_args.bin` holds none): `--push_to_hub` uploads once,
     at the end, through `modeling_mimco.hub.upload.push_to_hub` (`evaluation.finetuning.push_trainer_output`)."""
+    from modeling_mimco.evaluation.finetuning import (
+        ClassificationCollator,
+        FineTuningTrainer,
+        SoftTargetCrossEntropy,
+        build_batch_mixer,
+        trainer_arguments,
+    )
+    from modeling_mimco.evaluation.metrics import ClassificationMetrics, reported_top_k, top_k_predictions
+    from modeling_mimco.interop.model_folders import processor_side
+
     trainer_args = trainer_arguments(training_args)
     top_k = max(reported_top_k(num_labels))
     return FineTuningTrainer(
@@ -290,12 +275,19 @@ def run_finetuning(
     """Fine-tunes and evaluates as `mimco-finetune` does; returns the train and eval metrics.
 
     `training_args.learning_rate` is set from `--base_learning_rate` when that is given."""
+    import transformers
+
+    from modeling_mimco import MimCoForImageClassification
+    from modeling_mimco.data.sources import load_labelled_splits
+    from modeling_mimco.evaluation.finetuning import push_trainer_output
+    from modeling_mimco.interop.model_folders import load_image_processor
+
     check_arguments(model_args, training_args)
     data = load_labelled_splits(data_args, training_args.seed, cache_dir=model_args.cache_dir, token=model_args.token)
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    set_seed(training_args.seed)
+    transformers.set_seed(training_args.seed)
 
     model = load_model(model_args, data.id2label, data.label2id)
     if training_args.push_to_hub and not isinstance(model, MimCoForImageClassification):
@@ -323,10 +315,36 @@ def run_finetuning(
     return metrics
 
 
+def _training_arguments() -> type[FineTuningArguments]:
+    from modeling_mimco.evaluation.finetuning import FineTuningArguments
+
+    return FineTuningArguments
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, FineTuningArguments]:
+    """The command line (default: the process's arguments) as `run_finetuning`'s three dataclasses: the model and
+    data flags first, without torch (`--help` ends there), then the rest into `FineTuningArguments`."""
+    return parse_with_training_arguments(
+        (ModelArguments, DataTrainingArguments), _training_arguments, FINETUNING_TRAINING_DEFAULTS, argv
+    )
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> dict:
-    parser = argument_parser((ModelArguments, DataTrainingArguments, FineTuningArguments))
-    return run_finetuning(*parser.parse_args_into_dataclasses(args=argv))
+    return run_finetuning(*parse_args(argv))
+
+
+_HEAVY_NAMES = ("FineTuningArguments", "ClassificationCollator")
+
+
+def __getattr__(name: str):
+    """`FineTuningArguments` and `ClassificationCollator`, defined in `evaluation.finetuning` (which imports torch),
+    as names of this module too, imported on first use."""
+    if name in _HEAVY_NAMES:
+        from modeling_mimco.evaluation import finetuning
+
+        return getattr(finetuning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cli() -> int:

@@ -11,7 +11,7 @@ With `--use_feature_pyramid` (the default) the four feature maps of `--out_indic
 2/3 and all of the depth) are resampled to 4x, 2x, 1x and 1/2x of the patch grid, as BEiT / MAE feed UperNet.
 Without a checkpoint, a randomly initialised `--model_preset` is trained.
 
-Data (`data.segmentation.SegmentationDataArguments`): a Hub dataset in the ADE20K `scene_parse_150` layout (columns
+Data (`data.arguments.SegmentationDataArguments`): a Hub dataset in the ADE20K `scene_parse_150` layout (columns
 `image` and `annotation`; `--dataset_name`), parquet files (`--train_file` / `--validation_file`, `--data_files`), a
 folder of images with a folder of same-named masks (`--train_dir` + `--train_masks_dir`), or, without any, the
 built-in synthetic `digit-canvas` set. `--reduce_labels` turns label 0 into the ignore index 255 and lowers the
@@ -26,6 +26,10 @@ no network (`evaluation.segmentation_metrics`). The output folder holds the mode
 `AutoModelForSemanticSegmentation.from_pretrained(..., trust_remote_code=True)` from the model files saved with it),
 a `SegformerImageProcessor` and `eval_results.json`, which `mimco-card` reads; `--push_to_hub --hub_model_id ORG/NAME` uploads it once, at the end,
 through `hub.upload.push_to_hub`.
+
+Every flag of transformers' `TrainingArguments` is accepted, with the recipe's defaults above
+(`evaluation.recipes.SEGMENTATION_TRAINING_DEFAULTS`); `--help` shows the model and data flags and these defaults
+without importing torch, `--help_training` every training flag (`commands.parse_with_training_arguments`).
 """
 
 from __future__ import annotations
@@ -35,36 +39,24 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import transformers
-from transformers import (
-    SegformerImageProcessor,
-    TrainingArguments,
-    set_seed,
-)
-
-from modeling_mimco import MimCoConfig, MimCoForSemanticSegmentation, MimCoUperNetConfig
-from modeling_mimco.commands import argument_parser, reports_errors, run_command
-from modeling_mimco.configuration_mimco import preset_backbone_kwargs
-from modeling_mimco.data.pipeline import apply_example_transform
-from modeling_mimco.data.segmentation import (
-    IGNORE_INDEX,
-    SegmentationCollator,
-    SegmentationData,
-    SegmentationDataArguments,
-    SegmentationExampleTransform,
-    build_segmentation_transforms,
-    load_segmentation_splits,
-)
+from modeling_mimco.commands import parse_with_training_arguments, reports_errors, run_command
+from modeling_mimco.data.arguments import SegmentationDataArguments
 from modeling_mimco.errors import EXPECTED_ERRORS, describe_load_error
-from modeling_mimco.evaluation.finetuning import (
-    CpuProcessGroupTimeout,
-    FineTuningTrainer,
-    push_trainer_output,
-    trainer_arguments,
-)
-from modeling_mimco.evaluation.segmentation_metrics import SegmentationMetrics, upsampled_predictions
-from modeling_mimco.interop.model_folders import load_image_processor
+from modeling_mimco.evaluation.recipes import SEGMENTATION_TRAINING_DEFAULTS
+
+
+# torch, transformers' models and Trainer, datasets and the data pipeline are imported by the functions that use
+# them, and `SegmentationTrainingArguments` (transformers' `TrainingArguments`, whose module imports torch) lives in
+# `evaluation.finetuning`, read from here on first use (`__getattr__`): `--help` and a bad model or data flag answer
+# without loading them
+if TYPE_CHECKING:
+    from transformers import SegformerImageProcessor
+
+    from modeling_mimco import MimCoForSemanticSegmentation
+    from modeling_mimco.data.segmentation import SegmentationData
+    from modeling_mimco.evaluation.finetuning import FineTuningTrainer, SegmentationTrainingArguments
 
 
 logger = logging.getLogger(__name__)
@@ -108,40 +100,6 @@ class SegmentationAugmentationArguments(SegmentationDataArguments):
     horizontal_flip: bool = field(default=True, metadata={"help": "Flip half of the training crops left-right."})
 
 
-@dataclass
-class SegmentationTrainingArguments(CpuProcessGroupTimeout, TrainingArguments):
-    """`TrainingArguments` with the ADE20K UperNet recipe's defaults (every other flag as in transformers; its
-    `--ddp_timeout` holds on CPUs too)."""
-
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head (AdamW)."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, tokens)."})
-    lr_scheduler_type: str = field(default="linear")
-    warmup_steps: float = field(default=1500, metadata={"help": "Warmup steps, or a fraction of all steps if < 1."})
-    max_steps: int = field(default=160_000)
-    per_device_train_batch_size: int = field(default=2, metadata={"help": "2 per GPU on 8 GPUs: batch 16."})
-    per_device_eval_batch_size: int = field(default=4)
-    eval_strategy: str = field(default="steps")
-    eval_steps: float | None = field(default=16_000)
-    save_strategy: str = field(default="steps")
-    save_steps: float = field(default=16_000)
-    save_total_limit: int | None = field(default=2)
-    logging_steps: float = field(default=50)
-    batch_eval_metrics: bool = field(
-        default=True, metadata={"help": "Accumulate the IoU per batch, instead of keeping every predicted mask."}
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Must stay False: images and masks are decoded on the fly."}
-    )
-    do_train: bool = field(default=True)
-    do_eval: bool = field(
-        default=False,
-        metadata={
-            "help": "Evaluate at the end; on by default with an --eval_strategy other than 'no' (as in "
-            "transformers), so --eval_strategy no evaluates nothing unless --do_eval is given."
-        },
-    )
-
-
 def check_arguments(training_args: SegmentationTrainingArguments) -> None:
     """Refuses flags that cannot work, before any data or model is loaded."""
     if training_args.remove_unused_columns:
@@ -161,7 +119,8 @@ def _hub_kwargs(model_args: ModelArguments) -> dict:
 
 def load_backbone_model(model_args: ModelArguments):
     """The `MimCoBackbone` of `--model_name_or_path` (weights loaded) or an untrained one of `--model_preset`."""
-    from modeling_mimco import MimCoBackbone
+    from modeling_mimco import MimCoBackbone, MimCoConfig
+    from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 
     path = model_args.model_name_or_path
     if path is None:
@@ -189,6 +148,9 @@ def load_backbone_model(model_args: ModelArguments):
 
 def build_model(model_args: ModelArguments, data: SegmentationData) -> MimCoForSemanticSegmentation:
     """UperNet (new head) on the MimCo backbone, the backbone's weights copied from `load_backbone_model`."""
+    from modeling_mimco import MimCoForSemanticSegmentation, MimCoUperNetConfig
+    from modeling_mimco.data.segmentation import IGNORE_INDEX
+
     backbone = load_backbone_model(model_args)
     config = MimCoUperNetConfig(
         backbone_config=backbone.config,
@@ -210,6 +172,10 @@ def build_image_processor(
 ) -> SegformerImageProcessor:
     """The processor saved with the model (the one UperNet checkpoints use): resize to `--crop_size`, the
     checkpoint's normalisation, `--reduce_labels`."""
+    from transformers import SegformerImageProcessor
+
+    from modeling_mimco.interop.model_folders import load_image_processor
+
     source = load_image_processor(
         model_args.model_name_or_path, model.config.backbone_config, **_hub_kwargs(model_args)
     )
@@ -223,6 +189,9 @@ def build_image_processor(
 
 def prepare_datasets(data: SegmentationData, image_processor, data_args: SegmentationAugmentationArguments) -> tuple:
     """The training split with the joint augmentation and the evaluation split resized; `(train, eval)`."""
+    from modeling_mimco.data.pipeline import apply_example_transform
+    from modeling_mimco.data.segmentation import SegmentationExampleTransform, build_segmentation_transforms
+
     train_transform, eval_transform = build_segmentation_transforms(
         data_args.crop_size,
         image_processor.image_mean,
@@ -253,6 +222,10 @@ def build_trainer(
     """The Trainer with layer-wise lr decay (`FineTuningTrainer`, no batch mixing) and the IoU metrics. It never
     talks to the Hub nor sees the token (`trainer_arguments`: no `training_args.bin` holds it): `--push_to_hub`
     uploads once, at the end, through `evaluation.finetuning.push_trainer_output`."""
+    from modeling_mimco.data.segmentation import IGNORE_INDEX, SegmentationCollator
+    from modeling_mimco.evaluation.finetuning import FineTuningTrainer, trainer_arguments
+    from modeling_mimco.evaluation.segmentation_metrics import SegmentationMetrics, upsampled_predictions
+
     trainer_args = trainer_arguments(training_args)
     return FineTuningTrainer(
         model=model,
@@ -315,13 +288,18 @@ def run_semantic_segmentation(
 ) -> dict:
     """Trains and evaluates UperNet on a MimCo backbone as `mimco-segment` does; returns the train and eval
     metrics."""
+    import transformers
+
+    from modeling_mimco.data.segmentation import load_segmentation_splits
+    from modeling_mimco.evaluation.finetuning import push_trainer_output
+
     check_arguments(training_args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     data = load_segmentation_splits(
         data_args, training_args.seed, cache_dir=model_args.cache_dir, token=model_args.token
     )
-    set_seed(training_args.seed)
+    transformers.set_seed(training_args.seed)
     model = build_model(model_args, data)
     image_processor = build_image_processor(model_args, model, data_args)
     train_dataset, eval_dataset = prepare_datasets(data, image_processor, data_args)
@@ -335,10 +313,36 @@ def run_semantic_segmentation(
     return metrics
 
 
+def _training_arguments() -> type[SegmentationTrainingArguments]:
+    from modeling_mimco.evaluation.finetuning import SegmentationTrainingArguments
+
+    return SegmentationTrainingArguments
+
+
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, SegmentationAugmentationArguments, SegmentationTrainingArguments]:
+    """The command line (default: the process's arguments) as `run_semantic_segmentation`'s three dataclasses: the
+    model and data flags first, without torch (`--help` ends there), then the rest into
+    `SegmentationTrainingArguments`."""
+    return parse_with_training_arguments(
+        (ModelArguments, SegmentationAugmentationArguments), _training_arguments, SEGMENTATION_TRAINING_DEFAULTS, argv
+    )
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> dict:
-    parser = argument_parser((ModelArguments, SegmentationAugmentationArguments, SegmentationTrainingArguments))
-    return run_semantic_segmentation(*parser.parse_args_into_dataclasses(args=argv))
+    return run_semantic_segmentation(*parse_args(argv))
+
+
+def __getattr__(name: str):
+    """`SegmentationTrainingArguments`, defined in `evaluation.finetuning` (which imports torch), as a name of this
+    module too, imported on first use."""
+    if name == "SegmentationTrainingArguments":
+        from modeling_mimco.evaluation import finetuning
+
+        return finetuning.SegmentationTrainingArguments
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cli() -> int:

@@ -2,7 +2,8 @@
 
 - `SegmentationDataArguments`: the data flags of `mimco-segment` (a Hub dataset or local dataset folder in the ADE20K
   `scene_parse_150` layout, parquet files, two folders of images and same-named masks, or the built-in synthetic
-  `digit-canvas` data), `load_segmentation_splits` (a train and an evaluation split, checked columns, the classes).
+  `digit-canvas` data; defined in the light `arguments` module, so that `--help` loads no torch, and re-exported
+  here), `load_segmentation_splits` (a train and an evaluation split, checked columns, the classes).
 - `load_digit_canvas_dataset`: the built-in synthetic set, scikit-learn's digits pasted at random positions and
   scales on a cluttered, textured canvas, with per-pixel labels (background + 10 digits); deterministic by seed.
 - `build_segmentation_transforms`: joint augmentations of an image and its mask (random resize, crop, flip; the mask
@@ -20,7 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -31,6 +32,10 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from modeling_mimco.data.arguments import (  # noqa: F401 (the argument class's first home, re-exported)
+    DIGIT_CANVAS_DATASET,
+    SegmentationDataArguments,
+)
 from modeling_mimco.data.decoding import (
     DEFAULT_MAX_IMAGE_PIXELS,
     _describe_image_value,
@@ -49,8 +54,6 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 """The label of pixels that count in neither the loss nor the metric (ADE20K's convention, and the padding value)."""
-DIGIT_CANVAS_DATASET = "digit-canvas"
-"""The `--dataset_name` of the built-in synthetic segmentation set (also the default when no source is given)."""
 DIGIT_CANVAS_CLASSES = ["background"] + [str(digit) for digit in range(10)]
 MASK_MODES = ("L", "P", "I", "I;16", "1")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -66,21 +69,22 @@ def make_digit_canvas(
     labels: np.ndarray,
     canvas_size: int = 64,
     max_digits: int = 3,
+    digit_scale: tuple[float, float] = (0.375, 0.625),
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic scene: `(image uint8 (S, S, 3), mask uint8 (S, S))`, mask 0 = background, 1 + d = digit d.
 
     The background is `digits.cluttered_background` (a smooth colour field, pixel noise, lines, boxes and digit
-    fragments). 1 to `max_digits` digits of random scale (3/8 to 5/8 of the canvas side) and position, in a colour
-    that contrasts with the background under them (`digits.paste_digit`), are pasted on top, later ones over earlier
-    ones; a pixel is labelled with the digit whose ink covers it by more than 0.3, widened by
-    one pixel (a 3x3 maximum filter).
+    fragments). 1 to `max_digits` digits of random scale (`digit_scale`: their side as fractions of the canvas side,
+    3/8 to 5/8 by default) and position, in a colour that contrasts with the background under them
+    (`digits.paste_digit`), are pasted on top, later ones over earlier ones; a pixel is labelled with the digit whose
+    ink covers it by more than 0.3, widened by one pixel (a 3x3 maximum filter).
     """
     size = canvas_size
     canvas = cluttered_background(rng, size, digits)
     mask = np.zeros((size, size), np.uint8)
     for _ in range(rng.integers(1, max_digits + 1)):
         index = int(rng.integers(len(digits)))
-        side = int(rng.integers(3 * size // 8, 5 * size // 8 + 1))
+        side = int(rng.integers(int(digit_scale[0] * size), int(digit_scale[1] * size) + 1))
         ink, y, x = paste_digit(rng, canvas, digits[index], side)
         # the digit's shape, its strokes widened by a pixel: a label a few patches wide, not a 2-px line
         shape = PIL.Image.fromarray(np.uint8(ink > 0.3) * 255).filter(PIL.ImageFilter.MaxFilter(3))
@@ -89,7 +93,12 @@ def make_digit_canvas(
 
 
 def load_digit_canvas_dataset(
-    split: str = "train", num_images: int = 512, canvas_size: int = 64, seed: int = 0
+    split: str = "train",
+    num_images: int = 512,
+    canvas_size: int = 64,
+    seed: int = 0,
+    max_digits: int = 3,
+    digit_scale: tuple[float, float] = (0.375, 0.625),
 ) -> datasets.Dataset:
     """The built-in synthetic segmentation set: `num_images` scenes of `make_digit_canvas`, columns `"image"` (RGB)
     and `"annotation"` (L mode mask: 0 background, 1 + d digit d), in the ADE20K layout.
@@ -97,9 +106,15 @@ def load_digit_canvas_dataset(
     The training scenes draw their digits from the digits' training images and the evaluation scenes from the test
     images (the split of `digits.load_digits_dataset`), so evaluation digits are unseen handwriting. The same
     arguments always give the same images; the evaluation split uses another stream of the seed than the training one.
+    `max_digits` and `digit_scale` (the digits' side as fractions of the canvas side) are `make_digit_canvas`'s; their
+    defaults give the set `mimco-segment` builds.
     """
     if split not in ("train", "validation", "test"):
         raise ValueError(f"Unknown split {split!r} of {DIGIT_CANVAS_DATASET!r}; available: train, validation, test.")
+    if not (max_digits >= 1 and 0.0 < digit_scale[0] <= digit_scale[1] <= 1.0):
+        raise ValueError(
+            f"Need max_digits >= 1 and 0 < digit_scale[0] <= digit_scale[1] <= 1, got {max_digits}, {digit_scale}."
+        )
     if num_images <= 0 or canvas_size < 16:
         raise ValueError(f"Need num_images > 0 and canvas_size >= 16, got {num_images} and {canvas_size}.")
     digits, labels = digits_of_split(split, DIGIT_CANVAS_DATASET)
@@ -107,7 +122,7 @@ def load_digit_canvas_dataset(
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     images, masks = [], []
     for _ in range(num_images):
-        image, mask = make_digit_canvas(rng, digits, labels, canvas_size)
+        image, mask = make_digit_canvas(rng, digits, labels, canvas_size, max_digits, digit_scale)
         images.append(PIL.Image.fromarray(image))
         masks.append(PIL.Image.fromarray(mask, mode="L"))
     features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
@@ -116,96 +131,6 @@ def load_digit_canvas_dataset(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # loading
-
-
-@dataclass
-class SegmentationDataArguments:
-    """Where `mimco-segment`'s images and masks come from. Exactly one source: `--dataset_name` (a Hub dataset such as
-    `scene_parse_150`, a local dataset folder, or `digit-canvas`), `--train_file` / `--validation_file` or
-    `--data_files` (parquet), or `--train_dir` with `--train_masks_dir` (images and same-named masks). Without any,
-    the built-in `digit-canvas` set is used."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Hub dataset (e.g. scene_parse_150), a local dataset folder, or 'digit-canvas'."},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
-    train_file: str | None = field(default=None, metadata={"help": "A parquet file of training rows."})
-    validation_file: str | None = field(default=None, metadata={"help": "A parquet file of evaluation rows."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "Parquet files (split 'train')."})
-    train_dir: str | None = field(default=None, metadata={"help": "A folder of training images."})
-    train_masks_dir: str | None = field(
-        default=None, metadata={"help": "Their masks: same file names (any image extension) as in --train_dir."}
-    )
-    validation_dir: str | None = field(default=None, metadata={"help": "A folder of evaluation images."})
-    validation_masks_dir: str | None = field(default=None, metadata={"help": "Their masks, named as the images."})
-    image_column: str = field(default="image", metadata={"help": "Column of the images."})
-    annotation_column: str = field(default="annotation", metadata={"help": "Column of the label masks."})
-    train_split: str = field(default="train")
-    eval_split: str | None = field(
-        default=None, metadata={"help": "Evaluation split; default: validation, else test, else --train_val_split."}
-    )
-    train_val_split: float = field(default=0.15, metadata={"help": "Fraction split off train when there is no eval."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of N evaluation rows."})
-    reduce_labels: bool = field(
-        default=False,
-        metadata={"help": "Label 0 (ADE20K's 'other') becomes the ignore index 255 and every other label drops by 1."},
-    )
-    id2label_file: str | None = field(
-        default=None, metadata={"help": "A JSON file {id: name} of the classes (after --reduce_labels)."}
-    )
-    num_labels: int | None = field(
-        default=None,
-        metadata={"help": "Number of classes, when there is no --id2label_file (default: read off the masks)."},
-    )
-    synthetic_train_images: int = field(default=512, metadata={"help": "digit-canvas: training scenes."})
-    synthetic_eval_images: int = field(default=128, metadata={"help": "digit-canvas: evaluation scenes."})
-    synthetic_canvas_size: int = field(default=64, metadata={"help": "digit-canvas: side of a scene in pixels."})
-    max_image_pixels: int | None = field(
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        metadata={
-            "help": "Largest image or mask decoded, in pixels (width x height, read from the file's header first): a "
-            "larger one is an unreadable image, never decoded (a decompression bomb). 0 for no limit. Default: PIL's "
-            "Image.MAX_IMAGE_PIXELS."
-        },
-    )
-
-    def __post_init__(self):
-        for name in ("max_train_samples", "max_eval_samples", "num_labels"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name} must be positive, got {value}.")
-        if self.max_image_pixels is not None and self.max_image_pixels < 0:
-            raise ValueError(f"--max_image_pixels must be 0 (no limit) or positive, got {self.max_image_pixels}.")
-        if (self.train_dir is None) != (self.train_masks_dir is None):
-            raise ValueError("--train_dir and --train_masks_dir go together: images and their masks.")
-        if (self.validation_dir is None) != (self.validation_masks_dir is None):
-            raise ValueError("--validation_dir and --validation_masks_dir go together: images and their masks.")
-        if self.validation_file is not None and self.train_file is None:
-            raise ValueError("--validation_file needs --train_file.")
-        sources = [
-            flag
-            for flag, value in (
-                ("--dataset_name", self.dataset_name),
-                ("--train_file", self.train_file),
-                ("--data_files", self.data_files),
-                ("--train_dir", self.train_dir),
-            )
-            if value is not None
-        ]
-        if len(sources) > 1:
-            raise ValueError(f"Give one data source, got {', '.join(sources)}.")
-
-    @property
-    def source_name(self) -> str:
-        """The data source as the results and the model card name it."""
-        return (
-            self.dataset_name
-            or self.train_file
-            or self.train_dir
-            or (", ".join(self.data_files) if self.data_files else DIGIT_CANVAS_DATASET)
-        )
 
 
 @dataclass

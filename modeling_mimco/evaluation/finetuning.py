@@ -6,8 +6,11 @@ This module owns the parts of the recipe that the `Trainer` does not have: `Soft
 the layer-wise learning-rate decay groups of `optimization.layer_decay_parameter_groups` and whose training steps,
 never its evaluation steps, mix their batches). `mimco-finetune` (`commands/run_finetuning.py`) puts them together.
 `trainer_arguments` is the copy of the arguments that such a `Trainer` gets (no upload, no token), and
-`CpuProcessGroupTimeout` makes their `--ddp_timeout` hold for processes on CPUs. It imports torch, torchvision,
-transformers, accelerate and `optimization` and `log` of this package.
+`CpuProcessGroupTimeout` makes their `--ddp_timeout` hold for processes on CPUs. `FineTuningArguments` and
+`SegmentationTrainingArguments` are the `TrainingArguments` of `mimco-finetune` and `mimco-segment`, with their
+recipes' defaults (`recipes`, which their `--help` lists without importing this module), and
+`ClassificationCollator` batches `mimco-finetune`'s images. It imports torch, torchvision, transformers, accelerate
+and `optimization`, `log` and `data.pipeline` of this package; the commands import it only when the work starts.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -22,9 +26,11 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from torch import nn
 from torchvision.transforms import v2
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from modeling_mimco.data.pipeline import MimCoPretrainingCollator
+from modeling_mimco.evaluation.recipes import FINETUNING_TRAINING_DEFAULTS, SEGMENTATION_TRAINING_DEFAULTS
 from modeling_mimco.training.failures import RunPosition, collective_failure
 from modeling_mimco.training.log import without_secrets
 from modeling_mimco.training.optimization import layer_decay_parameter_groups
@@ -236,9 +242,102 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+_FINETUNING = FINETUNING_TRAINING_DEFAULTS
+_SEGMENTATION = SEGMENTATION_TRAINING_DEFAULTS
+
+
+@dataclass
+class FineTuningArguments(CpuProcessGroupTimeout, TrainingArguments):
+    """`TrainingArguments` with the fine-tuning recipe's defaults (`recipes.FINETUNING_TRAINING_DEFAULTS`; every
+    other flag as in transformers; its `--ddp_timeout` holds on CPUs too)."""
+
+    learning_rate: float = field(
+        default=_FINETUNING["learning_rate"], metadata={"help": "Peak learning rate of the head (AdamW)."}
+    )
+    weight_decay: float = field(
+        default=_FINETUNING["weight_decay"], metadata={"help": "AdamW weight decay (not on norms, biases, tokens)."}
+    )
+    lr_scheduler_type: str = field(default=_FINETUNING["lr_scheduler_type"])
+    warmup_steps: float = field(
+        default=_FINETUNING["warmup_steps"], metadata={"help": "Warmup steps, or a fraction of all steps if < 1."}
+    )
+    num_train_epochs: float = field(default=_FINETUNING["num_train_epochs"])
+    per_device_train_batch_size: int = field(default=_FINETUNING["per_device_train_batch_size"])
+    per_device_eval_batch_size: int = field(default=_FINETUNING["per_device_eval_batch_size"])
+    label_smoothing_factor: float = field(
+        default=_FINETUNING["label_smoothing_factor"], metadata={"help": "Label smoothing of the training loss."}
+    )
+    eval_strategy: str = field(default=_FINETUNING["eval_strategy"])
+    save_strategy: str = field(default=_FINETUNING["save_strategy"])
+    save_total_limit: int | None = field(default=_FINETUNING["save_total_limit"])
+    logging_steps: float = field(default=_FINETUNING["logging_steps"])
+    remove_unused_columns: bool = field(
+        default=_FINETUNING["remove_unused_columns"],
+        metadata={"help": "Must stay False: the image column is decoded on the fly."},
+    )
+    do_train: bool = field(default=_FINETUNING["do_train"])
+    do_eval: bool = field(default=_FINETUNING["do_eval"])
+
+
+@dataclass
+class SegmentationTrainingArguments(CpuProcessGroupTimeout, TrainingArguments):
+    """`TrainingArguments` with the ADE20K UperNet recipe's defaults (`recipes.SEGMENTATION_TRAINING_DEFAULTS`;
+    every other flag as in transformers; its `--ddp_timeout` holds on CPUs too)."""
+
+    learning_rate: float = field(
+        default=_SEGMENTATION["learning_rate"], metadata={"help": "Peak learning rate of the head (AdamW)."}
+    )
+    weight_decay: float = field(
+        default=_SEGMENTATION["weight_decay"], metadata={"help": "AdamW weight decay (not on norms, biases, tokens)."}
+    )
+    lr_scheduler_type: str = field(default=_SEGMENTATION["lr_scheduler_type"])
+    warmup_steps: float = field(
+        default=_SEGMENTATION["warmup_steps"], metadata={"help": "Warmup steps, or a fraction of all steps if < 1."}
+    )
+    max_steps: int = field(default=_SEGMENTATION["max_steps"])
+    per_device_train_batch_size: int = field(
+        default=_SEGMENTATION["per_device_train_batch_size"], metadata={"help": "2 per GPU on 8 GPUs: batch 16."}
+    )
+    per_device_eval_batch_size: int = field(default=_SEGMENTATION["per_device_eval_batch_size"])
+    eval_strategy: str = field(default=_SEGMENTATION["eval_strategy"])
+    eval_steps: float | None = field(default=_SEGMENTATION["eval_steps"])
+    save_strategy: str = field(default=_SEGMENTATION["save_strategy"])
+    save_steps: float = field(default=_SEGMENTATION["save_steps"])
+    save_total_limit: int | None = field(default=_SEGMENTATION["save_total_limit"])
+    logging_steps: float = field(default=_SEGMENTATION["logging_steps"])
+    batch_eval_metrics: bool = field(
+        default=_SEGMENTATION["batch_eval_metrics"],
+        metadata={"help": "Accumulate the IoU per batch, instead of keeping every predicted mask."},
+    )
+    remove_unused_columns: bool = field(
+        default=_SEGMENTATION["remove_unused_columns"],
+        metadata={"help": "Must stay False: images and masks are decoded on the fly."},
+    )
+    do_train: bool = field(default=_SEGMENTATION["do_train"])
+    do_eval: bool = field(
+        default=_SEGMENTATION["do_eval"],
+        metadata={
+            "help": "Evaluate at the end; on by default with an --eval_strategy other than 'no' (as in "
+            "transformers), so --eval_strategy no evaluates nothing unless --do_eval is given."
+        },
+    )
+
+
+class ClassificationCollator(MimCoPretrainingCollator):
+    """Stacks `pixel_values` and `labels`, dropping unreadable images (without a mask, without the skip count)."""
+
+    def __call__(self, examples):
+        batch = super().__call__(examples)
+        batch.pop("num_skipped", None)
+        return batch
+
+
 __all__ = [
+    "ClassificationCollator",
     "CpuProcessGroupTimeout",
+    "FineTuningArguments",
     "FineTuningTrainer",
+    "SegmentationTrainingArguments",
     "SoftTargetCrossEntropy",
     "build_batch_mixer",
     "has_accelerator",
