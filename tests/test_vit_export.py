@@ -26,7 +26,12 @@ from transformers import PreTrainedConfig, ViTConfig, ViTImageProcessor, ViTMode
 
 from modeling_mimco import MimCoConfig, MimCoForImageClassification, MimCoForPreTraining, MimCoModel
 from modeling_mimco.commands.convert_checkpoint import ConversionArguments, conversion_target, convert_to_vit
-from modeling_mimco.interop.vit_export import VIT_EXPORT_FIELDS, export_mimco_to_vit
+from modeling_mimco.interop.vit_export import (
+    VIT_EXPORT_FIELDS,
+    export_mimco_to_vit,
+    mimco_to_vit_state_dict,
+    vit_to_mimco_state_dict,
+)
 from modeling_mimco.modeling_mimco import get_2d_sincos_position_embeddings
 
 
@@ -398,3 +403,20 @@ def test_documented_vit_export_command_runs(tmp_path):
     pixel_values = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(22))
     with torch.no_grad():
         assert max_diff(vit(pixel_values).last_hidden_state, model(pixel_values).last_hidden_state) < TOLERANCE
+
+
+def test_a_vit_state_dict_renames_back_to_the_mimco_backbone_it_came_from():
+    """`vit_to_mimco_state_dict` inverts `mimco_to_vit_state_dict` (the dense study loads pixel MIM's ViT with it)."""
+    torch.manual_seed(0)
+    model = MimCoModel(MimCoConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    vit_state, _ = mimco_to_vit_state_dict(model.state_dict(), model.config.hidden_size)
+    vit_state["embeddings.mask_token"] = model.state_dict()["embeddings.mask_token"]  # the export drops it
+    vit_config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64)  # fmt: skip
+    vit = ViTModel(vit_config, add_pooling_layer=False, use_mask_token=True)  # as ViTForMaskedImageModeling's `.vit`
+    vit.load_state_dict(vit_state, strict=True)  # the names are transformers' own
+    back = vit_to_mimco_state_dict(vit.state_dict(), list(model.state_dict()))
+    assert back.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(back[name], tensor, rtol=0, atol=0, msg=name)

@@ -230,6 +230,24 @@ def mimco_to_vit_state_dict(
     return converted, notes
 
 
+def vit_to_mimco_state_dict(
+    vit_state_dict: dict[str, torch.Tensor], mimco_names: list[str]
+) -> dict[str, torch.Tensor]:
+    """The inverse of `mimco_to_vit_state_dict` for a backbone: a `ViTModel` state dict (transformers' names, e.g. the
+    `.vit` of a `ViTForMaskedImageModeling`) renamed to the `MimCoModel` weights `mimco_names`, with `q_proj`, `k_proj`
+    and `v_proj` fused into `qkv` again; the mask token comes from a ViT built with `use_mask_token` (as
+    `ViTForMaskedImageModeling`'s). A MimCo weight with no ViT counterpart raises `KeyError` naming it."""
+    state = {}
+    for name in mimco_names:
+        parts = name.split(".")
+        if len(parts) == 5 and parts[0] == "layers" and parts[2:4] == ["attention", "qkv"]:
+            prefix = f"layers.{parts[1]}.attention"
+            state[name] = torch.cat([vit_state_dict[f"{prefix}.{projection}.{parts[4]}"] for projection in _QKV_SPLIT])
+        else:
+            state[name] = vit_state_dict[_vit_name(name) or name]
+    return state
+
+
 def _identity_pooler(hidden_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """ViTModel's pooler weights that make `pooler_output` the normalised CLS token (with `pooler_act="linear"`)."""
     return {
