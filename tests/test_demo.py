@@ -25,7 +25,8 @@ def run_demo(output_dir: Path, *flags: str, env: dict[str, str] | None = None) -
 
 @pytest.mark.slow
 def test_demo_prints_the_table_with_the_pixel_baseline(tmp_path):
-    tiny = ("--stage1_steps", "3", "--stage2_steps", "3", "--batch_size", "16")
+    # 5 probe epochs: the rows and their order are what this test reads, not the probe's convergence
+    tiny = ("--stage1_steps", "3", "--stage2_steps", "3", "--batch_size", "16", "--probe_epochs", "5")
     completed = run_demo(tmp_path / "demo", *tiny)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = [line for line in completed.stdout.splitlines() if line.startswith("| ") and "%" in line]
@@ -159,7 +160,17 @@ def test_demo_image_size_and_mask_block_reach_both_stages(tmp_path):
     """The flags of the measured demo variants (docs/benchmarks.md) change the models the demo trains."""
     completed = run_demo(
         tmp_path / "demo",
-        *("--stage1_steps", "2", "--stage2_steps", "2", "--batch_size", "8", "--skip_pixel_mim"),
+        *(
+            "--stage1_steps",
+            "2",
+            "--stage2_steps",
+            "2",
+            "--batch_size",
+            "8",
+            "--skip_pixel_mim",
+            "--probe_epochs",
+            "5",
+        ),
         *("--image_size", "16", "--mask_patch_size", "4", "--dataset_name", "digits"),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage2_crop_min_scale", type=float, default=0.67)
     parser.add_argument("--image_temperature", type=float, default=0.01)
     parser.add_argument(
+        "--probe_epochs",
+        type=int,
+        default=100,
+        help="Epochs of each row's linear probe over its cached features (mimco-probe's --probe_epochs).",
+    )
+    parser.add_argument(
         "--num_threads",
         type=int,
         default=1,
@@ -239,7 +245,9 @@ def probe_arguments(args: argparse.Namespace, keys: list[str], folders: dict[str
         random_init_config=folders["random_init"],
     )
     data_args = run_linear_probe.DataArguments(dataset_name=args.dataset_name, crop_pct=1.0)
-    eval_args = run_linear_probe.EvaluationArguments(output_dir=evaluation_dir, plot=True)
+    eval_args = run_linear_probe.EvaluationArguments(
+        output_dir=evaluation_dir, plot=True, probe_epochs=args.probe_epochs
+    )
     return model_args, data_args, eval_args
 
 
