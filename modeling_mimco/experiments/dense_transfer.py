@@ -39,7 +39,6 @@ import json
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -56,6 +55,7 @@ from modeling_mimco.data.segmentation import (
 )
 from modeling_mimco.data.sources import DataArguments
 from modeling_mimco.evaluation.segmentation_metrics import confusion_matrix, scores_from_confusion
+from modeling_mimco.experiments.reproduction_evaluation import spread
 from modeling_mimco.training.host_memory import keep_freed_memory
 
 
@@ -448,14 +448,7 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
             metric for metric in METRICS + UPERNET_METRICS if metric in next(iter(per_seed.values()))[key]
         ]
         values = {metric: [per_seed[seed][key][metric] for seed in per_seed] for metric in found_metrics}
-        summary[key] = {
-            metric: {
-                "mean": statistics.fmean(found),
-                "std": statistics.stdev(found) if len(found) > 1 else 0.0,
-                "values": found,
-            }
-            for metric, found in values.items()
-        }
+        summary[key] = {metric: spread(found) for metric, found in values.items()}
     return summary
 
 
