@@ -51,7 +51,9 @@ def test_the_script_prints_both_columns_for_every_backbone(tmp_path):
         assert 0.0 <= row["upernet_mean_iou"] <= 1.0 and 0.0 <= row["mean_iou"] <= 1.0
         assert (output_dir / "seed-0" / f"upernet-{key}" / "eval_results.json").is_file()
     # mimco-segment read the very canvases the linear head used
-    written = load_digit_canvas_dataset("test", 8, 64, seed=0, max_digits=4, digit_scale=(0.5, 0.75))
+    written = load_digit_canvas_dataset(
+        "test", 8, 64, seed=0, max_digits=4, digit_scale=(0.5, 0.75), background="plain"
+    )
     stored = datasets.Dataset.from_parquet(str(output_dir / "seed-0" / "data" / "test.parquet"))
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(written["image"], stored["image"]))
 
@@ -66,6 +68,23 @@ def test_the_task_defaults_keep_the_built_in_set():
     assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain["image"], bigger["image"]))
     with pytest.raises(ValueError, match="digit_scale"):
         load_digit_canvas_dataset("train", 1, 48, digit_scale=(0.8, 0.5))
+
+
+def test_on_the_plain_background_every_bright_pixel_is_a_digit():
+    """`background="plain"` (the study's canvases): outside the labelled digits the canvas is dark noise, where the
+    built-in set's clutter puts bright strokes; an unknown background is refused by name."""
+    for background, most_bright_background in (("plain", 0.0), ("clutter", None)):
+        scenes = load_digit_canvas_dataset("train", 16, 64, seed=3, background=background)
+        images = np.stack([np.asarray(image, dtype=np.float32) for image in scenes["image"]])
+        masks = np.stack([np.asarray(mask) for mask in scenes["annotation"]])
+        bright_background = float((images.max(axis=-1)[masks == 0] > 150).mean())
+        if most_bright_background is not None:
+            assert bright_background <= most_bright_background, background
+        else:
+            assert bright_background > 0.01, background
+        assert set(np.unique(masks)) > {0}  # digits are labelled on both
+    with pytest.raises(ValueError, match="'striped'.*clutter, plain"):
+        load_digit_canvas_dataset("train", 1, 48, background="striped")
 
 
 def test_pixel_mim_becomes_an_equal_mimco_folder(tmp_path):

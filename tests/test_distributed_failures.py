@@ -40,7 +40,6 @@ from test_launch import (
     _env,
     _free_port,
     _launch,
-    _ok,
 )
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -101,6 +100,21 @@ def _start_machines(
             process = subprocess.Popen(command, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
         machines.append((process, log))
     return machines
+
+
+def _start_launch(root: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    """`_launch`'s command (one launcher, 2 processes on this machine) started in the background, its output in
+    `root/name.log`."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launcher = ["--multi_gpu", "--num_processes", str(NUM_PROCESSES), "--num_machines", "1"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    log = root / f"{name}.log"
+    command = [str(accelerate), "launch", *launcher, str(SCRIPTS / SCRIPT), *args]
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            command, env=_env(root, ACCELERATE_USE_CPU="1"), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT
+        )
+    return process, log
 
 
 def _processes(launcher: subprocess.Popen) -> list[psutil.Process]:
@@ -164,22 +178,31 @@ def root(tmp_path_factory) -> Path:
 def test_a_stopped_process_makes_the_other_exit_after_ddp_timeout_and_the_run_resumes(root):
     output_dir = root / "hung"
     args = [*STAGE1_ARGS, "--output_dir", str(output_dir)]
+    uninterrupted = root / "uninterrupted"
     machines = _start_machines(root, "hung", args)
     (machine0, log0), (machine1, _) = machines
+    reference = []
     try:
         _wait_for(output_dir / "checkpoints" / f"checkpoint-{CHECKPOINTING_STEPS}" / MANIFEST_NAME, machines)
         worker0 = _training_process(machine0)
         for process in reversed(_processes(machine1)):  # the training process first, then its launcher
             process.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
+        # The uninterrupted run to compare with trains meanwhile, on the CPU that the waiting machine 0 leaves idle;
+        # its load cannot shorten the wait (gloo's timeout) and may only delay the exit after it, within EXIT_MARGIN.
+        reference.append(_start_launch(root, "uninterrupted", [*STAGE1_ARGS, "--output_dir", str(uninterrupted)]))
         try:
             machine0.wait(timeout=DDP_TIMEOUT + EXIT_MARGIN)
         except subprocess.TimeoutExpired:
             pytest.fail(f"machine 0 still runs {DDP_TIMEOUT + EXIT_MARGIN} s after machine 1 stopped")
         elapsed = time.monotonic() - stopped
         assert not worker0.is_running() or worker0.status() == psutil.STATUS_ZOMBIE
+        # the resumed machines start once it has ended: 2 runs side by side could starve a process past the timeout
+        for launcher, log in reference:
+            launcher.wait(timeout=300)
+            assert launcher.returncode == 0, log.read_text()[-4000:]
     finally:
-        _kill(machines)
+        _kill([*machines, *reference])
     print(f"machine 0 exited {elapsed:.1f} s after machine 1 stopped (--ddp_timeout {DDP_TIMEOUT})")
     output = log0.read_text()
     assert machine0.returncode != 0
@@ -204,8 +227,6 @@ def test_a_stopped_process_makes_the_other_exit_after_ddp_timeout_and_the_run_re
     finally:
         _kill(resumed)
     assert f"Resumed from {checkpoint}" in resumed[0][1].read_text()
-    uninterrupted = root / "uninterrupted"
-    _ok(_launch(SCRIPT, [*STAGE1_ARGS, "--output_dir", str(uninterrupted)], _env(root)))
     _assert_same_run(
         output_dir,
         uninterrupted,

@@ -32,6 +32,7 @@ from test_launch import (
     _launch,
     _ok,
     _results,
+    _single,
 )
 
 from modeling_mimco.training.checkpointing import OutputDirLock, find_resume_checkpoint, verify_checkpoint
@@ -167,9 +168,13 @@ def test_sigkill_of_the_launcher_ends_the_training_processes_with_a_checkpoint(t
     teacher = tmp_path / "teacher"
     MimCoModel(MimCoConfig(**preset_backbone_kwargs("tiny"))).save_pretrained(teacher)
     env = _env(tmp_path)
-    args = [*COMMON, *STAGE2, *BATCH, "--teacher_name_or_path", str(teacher)]
+    stage2 = [*COMMON, *STAGE2, "--teacher_name_or_path", str(teacher)]
+    args = [*stage2, *BATCH]
+    # The uninterrupted run to compare with: one process on the same global batch, which trains as 2 processes do
+    # (stage 2 to ~1e-7, tests/test_launch.py), at the cost of one interpreter instead of a launcher and two.
     reference = tmp_path / "uninterrupted"
-    _ok(_launch("run_pretraining.py", [*args, "--output_dir", str(reference)], env))
+    big_batch = ["--per_device_train_batch_size", str(PER_PROCESS_BATCH * NUM_PROCESSES)]
+    _ok(_single("run_pretraining.py", [*stage2, *big_batch, "--output_dir", str(reference)], env))
 
     output_dir = tmp_path / "killed"
     accelerate = Path(sys.executable).with_name("accelerate")

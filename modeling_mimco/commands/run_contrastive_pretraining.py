@@ -196,7 +196,7 @@ def run_contrastive_pretraining(
     model_args: ModelArguments, data_args: DataArguments, training_args: ContrastivePreTrainingArguments
 ) -> TrainingResult:
     """Pre-trains the teacher as `mimco-contrastive` does and exports it to `--output_dir`; returns the run's result."""
-    from transformers import set_seed
+    from accelerate.utils import set_seed
 
     from modeling_mimco import MimCoForContrastivePreTraining
     from modeling_mimco.data.pipeline import ContrastiveCollator

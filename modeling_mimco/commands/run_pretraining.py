@@ -296,7 +296,7 @@ def run_pretraining(
     model_args: ModelArguments, data_args: DataArguments, training_args: MimCoPreTrainingArguments
 ) -> TrainingResult:
     """Pre-trains the student as `mimco-pretrain` does and saves it to `--output_dir`; returns the run's result."""
-    from transformers import set_seed
+    from accelerate.utils import set_seed
 
     from modeling_mimco.training.loop import create_accelerator, train
 

@@ -7,8 +7,8 @@ tests run offline.
   background cluttered with pieces of other digits (the "cluttered translated digits" kind of task). `make demo`
   trains on it: an object that moves among distractors is what pre-training is for, and a linear classifier on the
   raw pixels does poorly there.
-- The colour canvas helpers (`cluttered_background`, `paste_digit`) make the segmentation set `digit-canvas`
-  (`segmentation.make_digit_canvas`).
+- The canvas helpers (`cluttered_background` or `plain_background`, then `paste_digit`) make the segmentation set
+  `digit-canvas` (`segmentation.make_digit_canvas`).
 
 Imports nothing of the package.
 """
@@ -133,6 +133,13 @@ def cluttered_background(rng: np.random.Generator, size: int, fragment_digits: n
         region = canvas[y : y + quarter.shape[0], x : x + quarter.shape[1]]
         region[:] = (1 - alpha) * region + alpha * colour
     return canvas
+
+
+def plain_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A `size` x `size` x 3 dark grey background, float32 (about 0..255): level 30 with pixel noise (std 20) and
+    nothing else, so that every bright stroke on it belongs to a digit."""
+    canvas = 30.0 + 20 * rng.standard_normal((size, size, 1))
+    return np.repeat(canvas, 3, axis=2).astype(np.float32)
 
 
 def paste_digit(

@@ -5,7 +5,8 @@
   `digit-canvas` data; defined in the light `arguments` module, so that `--help` loads no torch, and re-exported
   here), `load_segmentation_splits` (a train and an evaluation split, checked columns, the classes).
 - `load_digit_canvas_dataset`: the built-in synthetic set, scikit-learn's digits pasted at random positions and
-  scales on a cluttered, textured canvas, with per-pixel labels (background + 10 digits); deterministic by seed.
+  scales on a cluttered, textured canvas (or, with `background="plain"`, a dark noisy one), with per-pixel labels
+  (background + 10 digits); deterministic by seed.
 - `build_segmentation_transforms`: joint augmentations of an image and its mask (random resize, crop, flip; the mask
   always with nearest-neighbour resampling and padded with the ignore index), `SegmentationExampleTransform` (decode,
   check, `--reduce_labels`, augment) and `SegmentationCollator`.
@@ -44,7 +45,7 @@ from modeling_mimco.data.decoding import (
     decode_image,
     open_checked,
 )
-from modeling_mimco.data.digits import cluttered_background, digits_of_split, paste_digit
+from modeling_mimco.data.digits import cluttered_background, digits_of_split, paste_digit, plain_background
 from modeling_mimco.data.pipeline import ROW_INDEX_COLUMN, _ExampleTransform
 from modeling_mimco.data.sources import load_image_dataset
 
@@ -55,6 +56,9 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 """The label of pixels that count in neither the loss nor the metric (ADE20K's convention, and the padding value)."""
 DIGIT_CANVAS_CLASSES = ["background"] + [str(digit) for digit in range(10)]
+DIGIT_CANVAS_BACKGROUNDS = ("clutter", "plain")
+"""The canvases `make_digit_canvas` draws on: `digits.cluttered_background` (the built-in set's) or
+`digits.plain_background`."""
 MASK_MODES = ("L", "P", "I", "I;16", "1")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -70,17 +74,18 @@ def make_digit_canvas(
     canvas_size: int = 64,
     max_digits: int = 3,
     digit_scale: tuple[float, float] = (0.375, 0.625),
+    background: str = "clutter",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic scene: `(image uint8 (S, S, 3), mask uint8 (S, S))`, mask 0 = background, 1 + d = digit d.
 
-    The background is `digits.cluttered_background` (a smooth colour field, pixel noise, lines, boxes and digit
-    fragments). 1 to `max_digits` digits of random scale (`digit_scale`: their side as fractions of the canvas side,
+    The background is `digits.cluttered_background` (`background="clutter"`: a smooth colour field, pixel noise,
+    lines, boxes and digit fragments) or `digits.plain_background` (`"plain"`: dark grey and pixel noise). 1 to `max_digits` digits of random scale (`digit_scale`: their side as fractions of the canvas side,
     3/8 to 5/8 by default) and position, in a colour that contrasts with the background under them
     (`digits.paste_digit`), are pasted on top, later ones over earlier ones; a pixel is labelled with the digit whose
     ink covers it by more than 0.3, widened by one pixel (a 3x3 maximum filter).
     """
     size = canvas_size
-    canvas = cluttered_background(rng, size, digits)
+    canvas = cluttered_background(rng, size, digits) if background == "clutter" else plain_background(rng, size)
     mask = np.zeros((size, size), np.uint8)
     for _ in range(rng.integers(1, max_digits + 1)):
         index = int(rng.integers(len(digits)))
@@ -99,6 +104,7 @@ def load_digit_canvas_dataset(
     seed: int = 0,
     max_digits: int = 3,
     digit_scale: tuple[float, float] = (0.375, 0.625),
+    background: str = "clutter",
 ) -> datasets.Dataset:
     """The built-in synthetic segmentation set: `num_images` scenes of `make_digit_canvas`, columns `"image"` (RGB)
     and `"annotation"` (L mode mask: 0 background, 1 + d digit d), in the ADE20K layout.
@@ -106,8 +112,8 @@ def load_digit_canvas_dataset(
     The training scenes draw their digits from the digits' training images and the evaluation scenes from the test
     images (the split of `digits.load_digits_dataset`), so evaluation digits are unseen handwriting. The same
     arguments always give the same images; the evaluation split uses another stream of the seed than the training one.
-    `max_digits` and `digit_scale` (the digits' side as fractions of the canvas side) are `make_digit_canvas`'s; their
-    defaults give the set `mimco-segment` builds.
+    `max_digits`, `digit_scale` (the digits' side as fractions of the canvas side) and `background` (one of
+    `DIGIT_CANVAS_BACKGROUNDS`) are `make_digit_canvas`'s; their defaults give the set `mimco-segment` builds.
     """
     if split not in ("train", "validation", "test"):
         raise ValueError(f"Unknown split {split!r} of {DIGIT_CANVAS_DATASET!r}; available: train, validation, test.")
@@ -115,6 +121,8 @@ def load_digit_canvas_dataset(
         raise ValueError(
             f"Need max_digits >= 1 and 0 < digit_scale[0] <= digit_scale[1] <= 1, got {max_digits}, {digit_scale}."
         )
+    if background not in DIGIT_CANVAS_BACKGROUNDS:
+        raise ValueError(f"Unknown background {background!r}; available: {', '.join(DIGIT_CANVAS_BACKGROUNDS)}.")
     if num_images <= 0 or canvas_size < 16:
         raise ValueError(f"Need num_images > 0 and canvas_size >= 16, got {num_images} and {canvas_size}.")
     digits, labels = digits_of_split(split, DIGIT_CANVAS_DATASET)
@@ -122,7 +130,7 @@ def load_digit_canvas_dataset(
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     images, masks = [], []
     for _ in range(num_images):
-        image, mask = make_digit_canvas(rng, digits, labels, canvas_size, max_digits, digit_scale)
+        image, mask = make_digit_canvas(rng, digits, labels, canvas_size, max_digits, digit_scale, background)
         images.append(PIL.Image.fromarray(image))
         masks.append(PIL.Image.fromarray(mask, mode="L"))
     features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})

@@ -9,7 +9,8 @@ same code, not from a copy of its defaults. The demo, the CIFAR-10 reproduction 
 
 from __future__ import annotations
 
-from transformers import ViTConfig, ViTForMaskedImageModeling, set_seed
+from accelerate.utils import set_seed
+from transformers import ViTConfig, ViTForMaskedImageModeling
 
 from modeling_mimco.commands import run_pretraining
 from modeling_mimco.configuration_mimco import MimCoConfig

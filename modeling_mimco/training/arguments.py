@@ -125,15 +125,7 @@ class PreTrainingArguments:
             raise ValueError(f"--max_skipped_fraction must lie in [0, 1], got {self.max_skipped_fraction}.")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
-        from transformers import SchedulerType
-
-        try:
-            SchedulerType(self.lr_scheduler_type)
-        except ValueError:
-            choices = ", ".join(member.value for member in SchedulerType)
-            raise ValueError(
-                f"--lr_scheduler_type must be one of {choices}; got {self.lr_scheduler_type!r}."
-            ) from None
+        self._check_lr_scheduler_type()
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"--report_to must be 'tensorboard' or 'none', got {self.report_to!r}.")
         if self.with_tracking and self.report_to == "none":
@@ -147,6 +139,21 @@ class PreTrainingArguments:
                 verify_checkpoint(self.resume_from_checkpoint)
             except CheckpointError as error:
                 raise ValueError(f"--resume_from_checkpoint: {error}") from error
+
+    def _check_lr_scheduler_type(self) -> None:
+        from modeling_mimco.training.schedules import OWN_SCHEDULES
+
+        if str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) in OWN_SCHEDULES:
+            return  # known without importing transformers' Trainer utilities (and peft with them)
+        from transformers import SchedulerType
+
+        try:
+            SchedulerType(self.lr_scheduler_type)
+        except ValueError:
+            choices = ", ".join(member.value for member in SchedulerType)
+            raise ValueError(
+                f"--lr_scheduler_type must be one of {choices}; got {self.lr_scheduler_type!r}."
+            ) from None
 
     def warmup_steps(self, max_train_steps: int) -> int:
         """`--num_warmup_steps` if given, else `--warmup_ratio` of the run's optimizer steps."""

@@ -35,7 +35,6 @@ from accelerate.utils import (
 )
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from modeling_mimco.errors import MimCoError
 from modeling_mimco.training.arguments import PreTrainingArguments
@@ -60,6 +59,7 @@ from modeling_mimco.training.log import (
 )
 from modeling_mimco.training.optimization import build_adamw, skip_update_if
 from modeling_mimco.training.orphans import end_with_launcher
+from modeling_mimco.training.schedules import build_scheduler
 from modeling_mimco.training.sharding import (
     ShardedModel,
     ShardingPlan,
@@ -504,7 +504,7 @@ def _set_up(
     learning_rate = args.learning_rate * global_batch / 256
     optimizer = build_adamw(model, learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
     max_train_steps, steps_per_epoch = _count_steps(args, train_dataset, accelerator.num_processes)
-    scheduler = get_scheduler(
+    scheduler = build_scheduler(
         args.lr_scheduler_type,
         optimizer,
         num_warmup_steps=args.warmup_steps(max_train_steps),
