@@ -87,6 +87,51 @@ def test_on_the_plain_background_every_bright_pixel_is_a_digit():
         load_digit_canvas_dataset("train", 1, 48, background="striped")
 
 
+def test_a_given_teacher_is_every_seeds_teacher_and_is_not_trained(tmp_path, monkeypatch):
+    """`--teacher_name_or_path`: the student and pixel MIM of every seed start from that folder, no teacher trains,
+    and a folder without a config is refused by name before any work."""
+    from modeling_mimco import MimCoConfig, MimCoModel
+    from modeling_mimco.configuration_mimco import preset_backbone_kwargs
+
+    teacher = tmp_path / "given-teacher"
+    MimCoModel(MimCoConfig(**preset_backbone_kwargs(dense_transfer.PRESET))).save_pretrained(teacher)
+    args = dense_transfer.parse_args(
+        ["--output_dir", str(tmp_path / "dense"), "--teacher_name_or_path", str(teacher), *TINY]
+    )
+    started = []
+
+    def no_teacher_training(*arguments):
+        raise AssertionError("a teacher was trained although one was given")
+
+    monkeypatch.setattr(dense_transfer, "pretrain_teacher", no_teacher_training)
+    monkeypatch.setattr(
+        dense_transfer.run_pretraining, "run_pretraining", lambda model_args, *_: started.append(model_args)
+    )
+    monkeypatch.setattr(
+        dense_transfer, "pretrain_pixel_mim", lambda args, data, out, teacher_dir, seed: started.append(teacher_dir)
+    )
+    for seed in (0, 1):
+        folders = dense_transfer.pretrain_all(args, seed, str(tmp_path / "dense" / f"seed-{seed}"))
+        assert folders["teacher"] == str(teacher)
+    assert [getattr(item, "teacher_name_or_path", item) for item in started] == [str(teacher)] * 4
+
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "dense_transfer.py"),
+            "--teacher_name_or_path",
+            str(tmp_path / "typo"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert f"--teacher_name_or_path {tmp_path / 'typo'}: no config.json there" in completed.stderr
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "outputs").exists()
+
+
 def test_pixel_mim_becomes_an_equal_mimco_folder(tmp_path):
     """Pixel MIM's ViT folder renamed to a MimCo folder gives the same patch tokens (what UperNet starts from)."""
     from transformers import ViTForMaskedImageModeling

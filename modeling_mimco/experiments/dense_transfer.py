@@ -128,7 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decoder_hidden_size", type=int, default=FINETUNE["decoder_hidden_size"])
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (0: torch's default).")
     parser.add_argument("--dataloader_num_workers", type=int, default=1)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    teacher = args.teacher_name_or_path
+    if teacher is not None and not os.path.isfile(os.path.join(teacher, "config.json")):
+        # without this check a mistyped folder would be taken for an unfinished teacher and trained into
+        parser.error(f"--teacher_name_or_path {teacher}: no config.json there; give a stage-1 teacher's folder.")
+    return args
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
