@@ -542,6 +542,13 @@ def preset_backbone_kwargs(model_preset: str, image_size: int | None = None) -> 
     return kwargs
 
 
+# Marked for remote code where the class is defined, so that every `save_pretrained` writes the `auto_map` and copies
+# the model files, however the class was imported (the package's Auto-class registration is separate, and lazy).
+MimCoConfig.register_for_auto_class()
+MimCoContrastiveConfig.register_for_auto_class()
+MimCoUperNetConfig.register_for_auto_class()
+
+
 __all__ = [
     "BACKBONE_FIELDS",
     "MODEL_PRESETS",

@@ -735,6 +735,29 @@ class MimCoModel(MimCoPreTrainedModel):
             attention_mask, hidden_states, "eager" if output_attentions else self.config._attn_implementation
         )
         head_masks = prepare_head_mask(head_mask, len(self.layers), self.config.num_attention_heads)
+        hidden_states, all_hidden_states, all_attentions = self._run_layers(
+            hidden_states, output_attentions, output_hidden_states, sample_seeds, attention_mask, head_masks
+        )
+
+        sequence_output = self.layernorm(hidden_states)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=self._pool(hidden_states, sequence_output, token_mask),
+            hidden_states=_select_hidden_states(all_hidden_states, output_hidden_states),
+            attentions=all_attentions,
+        )
+
+    def _run_layers(
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool,
+        output_hidden_states,
+        sample_seeds: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        head_masks: list[torch.Tensor | None],
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        """The encoder layers over the embeddings: the last layer's output, and the embeddings and every layer's
+        output / attention probabilities when `output_hidden_states` / `output_attentions` ask for them."""
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer, layer_head_mask in zip(self.layers, head_masks):
@@ -745,27 +768,23 @@ class MimCoModel(MimCoPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             if output_attentions:
                 all_attentions += (attn_weights,)
+        return hidden_states, all_hidden_states, all_attentions
 
-        sequence_output = self.layernorm(hidden_states)
+    def _pool(
+        self, hidden_states: torch.Tensor, sequence_output: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """`pooler_output`: `None` without the pooling layer; with `pooling="mean"`, the normalised mean of the patch
+        tokens (those `token_mask` keeps); otherwise the final CLS token."""
         if not self.add_pooling_layer:
-            pooled_output = None
-        elif self.pooler_norm is not None:
-            patch_tokens = hidden_states[:, 1:]
-            if token_mask is None:
-                pooled_output = self.pooler_norm(patch_tokens.mean(dim=1))
-            else:
-                # the mean of the patches that `attention_mask` keeps
-                kept = token_mask[:, 1:, None].to(device=patch_tokens.device, dtype=patch_tokens.dtype)
-                pooled_output = self.pooler_norm((patch_tokens * kept).sum(1) / kept.sum(1).clamp(min=1))
-        else:
-            pooled_output = sequence_output[:, 0]
-
-        return BaseModelOutputWithPooling(
-            last_hidden_state=sequence_output,
-            pooler_output=pooled_output,
-            hidden_states=_select_hidden_states(all_hidden_states, output_hidden_states),
-            attentions=all_attentions,
-        )
+            return None
+        if self.pooler_norm is None:
+            return sequence_output[:, 0]
+        patch_tokens = hidden_states[:, 1:]
+        if token_mask is None:
+            return self.pooler_norm(patch_tokens.mean(dim=1))
+        # the mean of the patches that `attention_mask` keeps
+        kept = token_mask[:, 1:, None].to(device=patch_tokens.device, dtype=patch_tokens.dtype)
+        return self.pooler_norm((patch_tokens * kept).sum(1) / kept.sum(1).clamp(min=1))
 
 
 @dataclass
@@ -1279,6 +1298,25 @@ class MimCoBackbone(BackboneMixin, MimCoPreTrainedModel):
             if output_attentions:
                 attentions += (attn_weights,)
 
+        feature_maps = self._feature_maps(hidden_states, batch_size, grid_height, grid_width)
+
+        # an index 0 selects the embeddings: only `None` and `False` mean "no hidden states"
+        returns_hidden_states = output_hidden_states is not None and output_hidden_states is not False
+        output = BackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=_select_hidden_states(hidden_states, output_hidden_states)
+            if returns_hidden_states
+            else None,
+            attentions=attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _feature_maps(
+        self, hidden_states: tuple[torch.Tensor, ...], batch_size: int, grid_height: int, grid_width: int
+    ) -> tuple[torch.Tensor, ...]:
+        """The `out_features` stages of `hidden_states` (the embeddings, then every block's output), normalised and
+        reshaped to maps as the config asks, and through the feature pyramid when there is one."""
+        config = self.config
         feature_maps = ()
         for stage, stage_output in zip(self.stage_names, hidden_states):
             if stage not in self.out_features:
@@ -1292,17 +1330,7 @@ class MimCoBackbone(BackboneMixin, MimCoPreTrainedModel):
             feature_maps += (stage_output,)
         if self.pyramid is not None:
             feature_maps = self.pyramid(feature_maps)
-
-        # an index 0 selects the embeddings: only `None` and `False` mean "no hidden states"
-        returns_hidden_states = output_hidden_states is not None and output_hidden_states is not False
-        output = BackboneOutput(
-            feature_maps=feature_maps,
-            hidden_states=_select_hidden_states(hidden_states, output_hidden_states)
-            if returns_hidden_states
-            else None,
-            attentions=attentions,
-        )
-        return output if return_dict else output.to_tuple()
+        return feature_maps
 
 
 def _load_pixel_normalisation(name_or_path: str, **kwargs) -> tuple[list[float] | None, list[float] | None]:
@@ -1327,9 +1355,17 @@ MIMCO_AUTO_MAP = {
     "AutoBackbone": "modeling_mimco.MimCoBackbone",
 }
 
-# Stage 1 lives in `modeling_mimco_contrastive.py`. Until every module imports it from there, its names still resolve
-# here; the module is looked up by name rather than by a `from .` import line, which would make `save_pretrained`
-# copy stage 1 into every stage-2 folder.
+# Stage 1 lives in `modeling_mimco_contrastive.py`, and its names are imported from there only: none of them resolves
+# here. This module does not import stage 1, since a `from .` import line would make `save_pretrained` copy stage 1
+# into every stage-2 folder.
+# Marked for remote code where the class is defined, so that every `save_pretrained` writes the `auto_map` and copies
+# the model files, however the class was imported (the package's Auto-class registration is separate, and lazy).
+MimCoModel.register_for_auto_class("AutoModel")
+MimCoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+MimCoForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MimCoBackbone.register_for_auto_class("AutoBackbone")
+
+
 __all__ = [
     "MimCoBackbone",
     "MimCoFeaturePyramid",
