@@ -79,10 +79,11 @@ def make_digit_canvas(
     """One synthetic scene: `(image uint8 (S, S, 3), mask uint8 (S, S))`, mask 0 = background, 1 + d = digit d.
 
     The background is `digits.cluttered_background` (`background="clutter"`: a smooth colour field, pixel noise,
-    lines, boxes and digit fragments) or `digits.plain_background` (`"plain"`: dark grey and pixel noise). 1 to `max_digits` digits of random scale (`digit_scale`: their side as fractions of the canvas side,
-    3/8 to 5/8 by default) and position, in a colour that contrasts with the background under them
-    (`digits.paste_digit`), are pasted on top, later ones over earlier ones; a pixel is labelled with the digit whose
-    ink covers it by more than 0.3, widened by one pixel (a 3x3 maximum filter).
+    lines, boxes and digit fragments) or `digits.plain_background` (`"plain"`: dark grey and pixel noise). 1 to
+    `max_digits` digits of random scale (`digit_scale`: their side as fractions of the canvas side, 3/8 to 5/8 by
+    default) and position, in a colour that contrasts with the background under them (`digits.paste_digit`), are
+    pasted on top, later ones over earlier ones; a pixel is labelled with the digit whose ink covers it by more than
+    0.3, widened by one pixel (a 3x3 maximum filter).
     """
     size = canvas_size
     canvas = cluttered_background(rng, size, digits) if background == "clutter" else plain_background(rng, size)

@@ -160,7 +160,8 @@ def labelled_arrays(
     split: str, num_images: int, canvas_size: int, seed: int, parquet_path: str | None = None, **task
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images `(N, S, S, 3)` uint8 and masks `(N, S, S)` int64 of `load_digit_canvas_dataset` (`task`: its
-    `max_digits`, `digit_scale` and `background`), also written to `parquet_path` when given (the rows `mimco-segment` reads)."""
+    `max_digits`, `digit_scale` and `background`), also written to `parquet_path` when given (the rows `mimco-segment`
+    reads)."""
     scenes = load_digit_canvas_dataset(split, num_images, canvas_size, seed=seed, **task)
     if parquet_path is not None:
         os.makedirs(os.path.dirname(parquet_path), exist_ok=True)

@@ -2,9 +2,10 @@
 
 transformers' `get_scheduler` lives in `transformers.optimization`, which imports `transformers.trainer_utils`, which
 imports peft where peft is installed: about half a CPU-second at the start of every pre-training process (a 2-step
-`mimco-contrastive` run: 9.6-9.8 CPU-s before, 9.0-9.6 after), for a function of the step. The schedules the package's recipes use (`OWN_SCHEDULES`) are written here as the same
-functions of the step as transformers' (tests/test_schedules.py compares them step by step, and their checkpointed
-state loads either way); any other `--lr_scheduler_type` is built by transformers' `get_scheduler`.
+`mimco-contrastive` run: 9.6-9.8 CPU-s before, 9.0-9.6 after), for a function of the step. The schedules the
+package's recipes use (`OWN_SCHEDULES`) are written here as the same functions of the step as transformers'
+(tests/test_schedules.py compares them step by step, and their checkpointed state loads either way); any other
+`--lr_scheduler_type` is built by transformers' `get_scheduler`.
 """
 
 from __future__ import annotations
