@@ -294,6 +294,46 @@ def test_seed_summary_is_mean_and_sample_std_over_the_seeds():
     )
 
 
+def test_runs_of_other_rows_merge_into_one_seed_summary(tmp_path):
+    """`python -m modeling_mimco.experiments.reproduction_report OUT DIR...`: rows of several runs share one table (a
+    row from the first folder that has it), and runs measured under other settings are refused in one line."""
+    from modeling_mimco.experiments.reproduction_report import SEED_METRICS
+    from modeling_mimco.experiments.reproduction_results import RESULTS_VERSION
+
+    settings = {"version": RESULTS_VERSION, "dataset": "d", "pretrain_steps": 690, "eval_seed": 0, "seed": 0}
+
+    def write(folder: str, seed: int, rows: dict, **changed) -> None:
+        path = tmp_path / folder / f"seed-{seed}" / "reproduce_results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = {key: dict.fromkeys(SEED_METRICS, value) for key, value in rows.items()}
+        path.write_text(json.dumps({"settings": {**settings, "seed": seed, **changed}, "rows": rows}))
+
+    for seed in (0, 1):
+        write("student", seed, {"mimco": 0.5 + seed / 100, "teacher": 0.6})
+        write("baselines", seed, {"pixel_mim": 0.3 + seed / 100, "mimco": 0.1})  # its mimco is not the table's
+    write("baselines", 2, {"pixel_mim": 0.3})  # a seed the other folder lacks: left out
+    command = [sys.executable, "-m", "modeling_mimco.experiments.reproduction_report", str(tmp_path / "out")]
+    completed = subprocess.run(
+        [*command, str(tmp_path / "student"), str(tmp_path / "baselines")], capture_output=True, text=True, cwd=REPO
+    )
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads((tmp_path / "out" / "merged_summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["rows"]) == {"mimco", "teacher", "pixel_mim"}
+    assert summary["rows"]["mimco"]["linear_probe_top1_cls"]["values"] == [0.5, 0.51]
+    assert summary["rows"]["pixel_mim"]["knn_top1_cls"]["values"] == [0.3, 0.31]
+    difference = [c for c in summary["comparisons"] if c["row"] == "pixel_mim" and c["metric"] == "knn_top1_cls"]
+    assert difference[0]["difference"] == pytest.approx(0.2)
+    assert (tmp_path / "out" / "merged_summary.png").is_file() and "| MimCo" in completed.stdout
+
+    write("other_eval", 0, {"pixel_mim": 0.3}, eval_seed=1)
+    refused = subprocess.run(
+        [*command, str(tmp_path / "student"), str(tmp_path / "other_eval")], capture_output=True, text=True, cwd=REPO
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"{tmp_path / 'other_eval'}/seed-0: measured under other settings" in refused.stderr
+    assert "(eval_seed)" in refused.stderr
+
+
 @pytest.mark.slow
 def test_seeds_run_every_row_per_seed_on_the_same_evaluation_images(tmp_path):
     """`--seeds` through the script: one results file per pre-training seed, one teacher for all of them (trained

@@ -20,7 +20,6 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from modeling_mimco.experiments.figures import plot_seed_summary
 from modeling_mimco.experiments.reproduction_arguments import (
     ROW_KINDS,
     RUN_ORDER,
@@ -46,13 +45,10 @@ from modeling_mimco.experiments.reproduction_pretraining import (
     teacher_directory,
 )
 from modeling_mimco.experiments.reproduction_report import (
-    compare_with_seed_spread,
-    comparison_table,
     markdown_table,
     percent,
-    seed_summary,
-    seed_summary_table,
     write_model_card,
+    write_seed_summary,
     write_tsne,
 )
 from modeling_mimco.experiments.reproduction_results import (
@@ -181,14 +177,8 @@ def run_seeds(args) -> dict:
         plan = states[seed]["plan"]
         if "teacher" in states[seed]["rows"]:
             shared_rows.setdefault("teacher", states[seed]["rows"]["teacher"])
-    summary = seed_summary(states)
-    summary["comparisons"] = compare_with_seed_spread(summary)
-    summary["table_markdown"] = seed_summary_table(summary) + "\n\n" + comparison_table(summary["comparisons"])
-    summary["settings"] = {k: v for k, v in states[args.seeds[0]]["settings"].items() if k != "seed"}
-    write_json(os.path.join(args.results_dir, "seed_summary.json"), summary)
-    with open(os.path.join(args.results_dir, "seed_summary.md"), "w") as handle:
-        handle.write(summary["table_markdown"] + "\n")
-    plot_seed_summary(summary, os.path.join(args.results_dir, "seed_summary.png"))
+    settings = {k: v for k, v in states[args.seeds[0]]["settings"].items() if k != "seed"}
+    summary = write_seed_summary(states, settings, args.results_dir, "seed_summary")
     print()
     print(summary["table_markdown"])
     print()

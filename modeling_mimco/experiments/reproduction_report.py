@@ -1,13 +1,43 @@
 """The reproduction's report: the Markdown table of one run, the mean ± std over pre-training seeds and MimCo's
-differences against the seed spread, the t-SNE figure and the MimCo student's model card."""
+differences against the seed spread, the t-SNE figure and the MimCo student's model card.
+
+    python -m modeling_mimco.experiments.reproduction_report OUT_DIR RESULTS_DIR [RESULTS_DIR ...]
+
+merges the seed runs of several `--results_dir` folders (each `seed-<S>/reproduce_results.json`) into one seed
+summary, `OUT_DIR/merged_summary.{json,md,png}`: each row from the first folder that has it, for the seeds every
+folder has. Runs whose rows do not depend on each other (the baselines do not depend on the teacher) then share one
+table without training anything again; runs evaluated under other settings are refused.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 
 from modeling_mimco.experiments.reproduction_arguments import COMPARED_ROWS, HUB_CIFAR10, ROW_KINDS, ROWS, TSNE_ROWS
 from modeling_mimco.experiments.reproduction_evaluation import spread
-from modeling_mimco.experiments.reproduction_results import write_json
+from modeling_mimco.experiments.reproduction_results import RESULTS_VERSION, write_json
+
+
+# the settings under which two runs' rows are measured alike: data, shape, batch, student steps and evaluation
+MERGE_SETTINGS = (
+    "version",
+    "dataset",
+    "smoke",
+    "model_preset",
+    "batch_size",
+    "base_learning_rate",
+    "pretrain_steps",
+    "eval_seed",
+    "eval_repeats",
+    "probe_train_samples",
+    "eval_samples",
+    "probe_epochs",
+    "finetune_samples",
+    "finetune_epochs",
+    "finetune_learning_rate",
+)
 
 
 def percent(value) -> str:
@@ -71,6 +101,73 @@ def seed_summary(states: dict[int, dict]) -> dict:
                 summary[metric] = spread(values)
         rows[key] = summary
     return {"seeds": sorted(states), "rows": rows}
+
+
+def write_seed_summary(states: dict[int, dict], settings: dict, results_dir: str, stem: str) -> dict:
+    """The seed summary of `states` with MimCo's comparisons against the seed spread, written to
+    `results_dir/<stem>.json`, `.md` (the tables) and `.png` (bars with error bars); returned."""
+    from modeling_mimco.experiments.figures import plot_seed_summary
+
+    summary = seed_summary(states)
+    summary["comparisons"] = compare_with_seed_spread(summary)
+    summary["table_markdown"] = seed_summary_table(summary) + "\n\n" + comparison_table(summary["comparisons"])
+    summary["settings"] = settings
+    write_json(os.path.join(results_dir, f"{stem}.json"), summary)
+    with open(os.path.join(results_dir, f"{stem}.md"), "w") as handle:
+        handle.write(summary["table_markdown"] + "\n")
+    plot_seed_summary(summary, os.path.join(results_dir, f"{stem}.png"))
+    return summary
+
+
+def merged_seed_states(results_dirs: list[str]) -> tuple[dict[int, dict], list[dict]]:
+    """Per seed that every folder of `results_dirs` has, the rows of all of them (a row from the first folder that has
+    it); and each folder's settings. Raises `ValueError` naming the folder and the settings when two runs were
+    measured under other `MERGE_SETTINGS`, or when the folders share no seed."""
+    per_folder = []
+    for folder in results_dirs:
+        runs = {}
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, name, "reproduce_results.json")
+            if name.startswith("seed-") and os.path.isfile(path):
+                with open(path) as handle:
+                    runs[int(name.removeprefix("seed-"))] = json.load(handle)
+        if not runs:
+            raise ValueError(f"{folder}: no seed-<S>/reproduce_results.json there.")
+        per_folder.append(runs)
+    seeds = sorted(set.intersection(*(set(runs) for runs in per_folder)))
+    if not seeds:
+        raise ValueError(f"{', '.join(results_dirs)}: no seed that every folder has.")
+    reference = {key: per_folder[0][seeds[0]]["settings"].get(key) for key in MERGE_SETTINGS}
+    states = {}
+    for seed in seeds:
+        rows = {}
+        for folder, runs in zip(results_dirs, per_folder):
+            settings = runs[seed]["settings"]
+            changed = sorted(key for key in MERGE_SETTINGS if settings.get(key) != reference[key])
+            if changed or settings.get("version") != RESULTS_VERSION:
+                raise ValueError(
+                    f"{folder}/seed-{seed}: measured under other settings than {results_dirs[0]} "
+                    f"({', '.join(changed) or 'version'}); its rows cannot share a table."
+                )
+            for key, row in runs[seed]["rows"].items():
+                rows.setdefault(key, row)
+        states[seed] = {"rows": rows}
+    return states, [runs[seeds[0]]["settings"] for runs in per_folder]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", help="Where merged_summary.{json,md,png} go.")
+    parser.add_argument("results_dirs", nargs="+", help="`--results_dir` folders of reproduce.py, first first.")
+    args = parser.parse_args(argv)
+    try:
+        states, settings = merged_seed_states(args.results_dirs)
+    except ValueError as error:
+        parser.error(str(error))
+    merged = {"results_dirs": args.results_dirs, "settings": settings}
+    summary = write_seed_summary(states, merged, args.output_dir, "merged_summary")
+    print(summary["table_markdown"])
+    return summary
 
 
 def mean_std_text(measured: dict | None) -> str:
@@ -204,3 +301,7 @@ def write_model_card(args, state: dict, student_dir: str, results_dir: str) -> s
         overwrite_output=True,
     )
     return str(make_model_card(card_args, ResultsArguments(results_file=results_file)))
+
+
+if __name__ == "__main__":
+    main()
