@@ -35,7 +35,7 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-# The shipped stage-1 teachers (model_cards/teachers/: the demo's, on the cluttered digits, and CIFAR-10's at the
+# The shipped stage-1 teachers (model_cards/teachers/: the demo's, on the canvas digits, and CIFAR-10's at the
 # reproduction's shape), each trained until its linear probe stops rising, probed every few hundred steps; about an
 # hour each on 2 CPU cores. Stopped and started again, it goes on from the last probe (outputs/teachers/).
 teachers: $(STAMP)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""`make demo`: both MimCo stages and pixel MIM on built-in cluttered digits, then a frozen-feature evaluation; CPU,
-no network.
+"""`make demo`: a MimCo student from the shipped teacher and pixel MIM on built-in digits, then a frozen-feature
+evaluation; CPU, no network.
 
 The program lives in `modeling_mimco/experiments/demo.py`; `python scripts/demo.py --help` lists its flags.
 """

@@ -210,6 +210,34 @@ def test_cluttered_digits_place_each_split_digit_on_a_new_canvas():
         load_cluttered_digits_dataset("dev")
 
 
+def test_canvas_digits_are_the_cluttered_digits_without_clutter():
+    """`make demo`'s data: the same digits, places and scales as `cluttered-digits`, on plain canvases (nothing bright
+    but the digit), drawn once per process and named in their errors."""
+    from modeling_mimco.data.digits import (
+        CANVAS_DIGITS_DATASET,
+        CLUTTERED_DIGITS_DATASET,
+        load_canvas_digits_dataset,
+    )
+
+    plain = load_image_dataset(CANVAS_DIGITS_DATASET, split="validation", digits_image_size=32)
+    cluttered = load_image_dataset(CLUTTERED_DIGITS_DATASET, split="validation", digits_image_size=32)
+    assert len(plain) == len(cluttered) == 540 and plain["label"] == cluttered["label"]
+    assert len(load_image_dataset(CANVAS_DIGITS_DATASET, split="train", digits_image_size=32)) == 6108
+    images = np.stack([np.asarray(image, np.float32) for image in plain["image"][:100]])
+    # a dark background with pixel noise: the median pixel is background, and only a digit's ink is bright
+    assert 20 < np.median(images) < 45
+    assert images.std(axis=0).mean() > 30  # the digits move from image to image
+    for image in images[:20]:
+        assert (image > 200).mean() > 0.01  # every canvas holds a digit
+    assert not np.array_equal(images[0], np.asarray(cluttered[0]["image"], np.float32))
+    again = load_canvas_digits_dataset("validation", image_size=32)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again["image"][:20], plain["image"][:20]))
+    with pytest.raises(ValueError, match=r"'canvas-digits'.*'train', 'test'"):
+        load_canvas_digits_dataset("dev")
+    with pytest.raises(ValueError, match="'canvas-digits' must be at least 16"):
+        load_canvas_digits_dataset("train", image_size=8)
+
+
 def test_paste_digit_paints_the_ink_in_a_contrasting_colour_where_it_says():
     from modeling_mimco.data.digits import digits_of_split, paste_digit
 

@@ -174,11 +174,71 @@ def test_demo_image_size_and_mask_block_reach_both_stages(tmp_path):
             "--probe_epochs",
             "5",
         ),
-        *("--image_size", "16", "--mask_patch_size", "4", "--dataset_name", "digits"),
+        *("--image_size", "16", "--mask_patch_size", "4", "--mask_ratio", "0.3", "--dataset_name", "digits"),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     teacher = json.loads((tmp_path / "demo" / "teacher" / "config.json").read_text())
     student = json.loads((tmp_path / "demo" / "student" / "config.json").read_text())
     assert teacher["image_size"] == student["image_size"] == 16
-    assert student["mask_patch_size"] == 4
+    assert student["mask_patch_size"] == 4 and student["mask_ratio"] == 0.3
     assert "| raw pixels | " in completed.stdout and "| 768 |" in completed.stdout  # 3 x 16 x 16 pixel features
+    # the shipped teacher is for canvas-digits at 32 px: at 16 px the demo trains its own, and says why
+    assert "so a teacher is trained here for 2 steps" in completed.stdout
+
+    # a given teacher is the student's teacher and the table's, and is not trained again
+    teacher_dir = tmp_path / "demo" / "teacher"
+    teacher_bytes = (teacher_dir / "model.safetensors").read_bytes()
+    given = run_demo(
+        tmp_path / "given",
+        *("--teacher_name_or_path", str(teacher_dir), "--stage2_steps", "2", "--batch_size", "8", "--skip_pixel_mim"),
+        *("--probe_epochs", "5", "--image_size", "16", "--mask_patch_size", "4", "--dataset_name", "digits"),
+    )
+    assert given.returncode == 0, given.stderr[-3000:]
+    assert f"the given teacher {teacher_dir} (not trained here)" in given.stdout
+    assert "Stage 1 (MoCo v3 teacher)" not in given.stdout  # no stage-1 loss summary: nothing trained
+    assert not (tmp_path / "given" / "teacher").exists()
+    assert (teacher_dir / "model.safetensors").read_bytes() == teacher_bytes
+    assert (tmp_path / "given" / "student" / "model.safetensors").is_file()
+    teacher_rows = [
+        [line for line in run.stdout.splitlines() if line.startswith("| teacher (MoCo v3, stage 1) |")][-1]
+        for run in (completed, given)
+    ]
+    assert teacher_rows[0] == teacher_rows[1]  # the same teacher, the same probe
+
+
+def test_demo_teacher_choice():
+    """By default the shipped teacher of the demo's data; --train_teacher, another image size or another data set
+    trains one; a given folder is used as it is."""
+    from modeling_mimco.experiments import demo
+
+    shipped = os.path.join(demo.REPOSITORY_ROOT, demo.SHIPPED_TEACHER_RELATIVE)
+    if not os.path.isfile(os.path.join(shipped, "config.json")):
+        pytest.skip("no shipped demo teacher in this checkout")
+    teacher, default_line = demo.choose_teacher(demo.parse_args([]))
+    assert os.path.samefile(teacher, shipped)
+    assert "the shipped teacher model_cards/teachers/canvas-digits" in default_line
+    assert "--train_teacher trains one for 200 steps instead" in default_line
+    assert demo.choose_teacher(demo.parse_args(["--train_teacher"]))[0] is None
+    teacher, line = demo.choose_teacher(demo.parse_args(["--image_size", "16"]))
+    assert teacher is None and "not canvas-digits at 16 px" in line
+    assert demo.choose_teacher(demo.parse_args(["--dataset_name", "digits"]))[0] is None
+    assert demo.choose_teacher(demo.parse_args(["--teacher_name_or_path", shipped]))[0] == shipped
+    with open(os.path.join(shipped, "curve.json")) as handle:
+        best = json.load(handle)["best"]
+    assert f"({best['step']:,} stage-1 steps; its probe: {best['linear']:.1f} % linear" in default_line
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--teacher_name_or_path", "no-such-teacher"), "--teacher_name_or_path no-such-teacher: no config.json"),
+        (("--train_teacher", "--teacher_name_or_path", "."), "--train_teacher and --teacher_name_or_path exclude"),
+    ],
+)
+def test_demo_bad_teacher_flags_are_one_line(tmp_path, flags, message):
+    completed = run_demo(tmp_path / "demo", *flags)
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    error_lines = [line for line in completed.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], completed.stderr
+    assert not (tmp_path / "demo").exists()  # refused before anything was written

@@ -20,7 +20,7 @@ def run_teachers(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         str(REPO / "scripts" / "train_teachers.py"),
-        *("--teachers", "cluttered-digits", "--dataset_name", "digits", "--batch_size", "16"),
+        *("--teachers", "canvas-digits", "--dataset_name", "digits", "--batch_size", "16"),
         *("--probe_every", "2", "--probe_train_samples", "200", "--probe_eval_samples", "100", "--probe_epochs", "5"),
         *("--output_dir", str(tmp_path / "runs"), "--cards_dir", str(tmp_path / "cards")),
         *flags,
@@ -45,12 +45,12 @@ def test_should_stop_when_the_linear_probe_stops_rising():
 def test_a_teacher_is_trained_probed_shipped_and_extended(tmp_path):
     completed = run_teachers(tmp_path, "--max_steps", "4", "--no_cooldown")
     assert completed.returncode == 0, completed.stderr[-3000:]
-    state = json.loads((tmp_path / "runs" / "cluttered-digits" / "curve.json").read_text())
+    state = json.loads((tmp_path / "runs" / "canvas-digits" / "curve.json").read_text())
     assert [point["step"] for point in state["curve"]] == [2, 4]
     assert state["stopped_because"] == "reached --max_steps 4"
     assert state["recipe"]["seed"] == 42 and state["recipe"]["dataset_name"] == "digits"
     assert (state["num_train_images"], state["num_test_images"]) == (200, 100)
-    shipped = tmp_path / "cards" / "cluttered-digits"
+    shipped = tmp_path / "cards" / "canvas-digits"
     for name in (
         "config.json",
         "model.safetensors",
@@ -74,7 +74,7 @@ def test_a_teacher_is_trained_probed_shipped_and_extended(tmp_path):
     output = extended.stdout + extended.stderr
     assert "going on from step 4" in output and "checkpoint-4" in output
     assert "step 8/8 | lr 0.000e+00" in output
-    state = json.loads((tmp_path / "runs" / "cluttered-digits" / "curve.json").read_text())
+    state = json.loads((tmp_path / "runs" / "canvas-digits" / "curve.json").read_text())
     assert [point["step"] for point in state["curve"]] == [2, 4, 6, 8]
     assert state["curve"][-1]["cooldown_from"] == 6 and "cooldown_from" not in state["curve"][-2]
     assert "| 8 (cool-down) |" in (shipped / "README.md").read_text()
@@ -92,3 +92,50 @@ def test_momentum_final_makes_the_stage1_momentum_constant():
     assert [model.momentum_at(progress) for progress in (0.0, 0.5, 1.0)] == pytest.approx([0.99] * 3)
     default = MimCoForContrastivePreTraining(build_config(ModelArguments(model_preset="tiny")))
     assert default.momentum_at(0.0) == pytest.approx(0.99) and default.momentum_at(1.0) == pytest.approx(1.0)
+
+
+SHIPPED_TEACHERS = sorted(path.parent for path in (REPO / "model_cards" / "teachers").glob("*/config.json"))
+
+LOAD_SHIPPED_TEACHER = """
+    import sys
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    with torch.no_grad():
+        outputs = model(**processor(image, return_tensors="pt"))
+    torch.save({"pooled": outputs.pooler_output, "module": type(model).__module__}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("folder", SHIPPED_TEACHERS, ids=lambda folder: folder.name)
+def test_a_shipped_teacher_loads_without_the_package_as_it_does_with_it(folder, tmp_path):
+    """Every committed teacher (the demo's, CIFAR-10's) loads from its own code where the package is hidden, as a
+    Hub user would load it, and gives the features the package's `MimCoModel` gives; its curve names its best probe."""
+    import numpy as np
+    import torch
+    from helpers.clean_process import run_without_package
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from modeling_mimco import MimCoModel
+
+    result = run_without_package(LOAD_SHIPPED_TEACHER, [folder, tmp_path / "out.pt"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert loaded["module"].startswith("transformers_modules.")
+    model = MimCoModel.from_pretrained(folder).eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    with torch.no_grad():
+        here = model(**AutoImageProcessor.from_pretrained(folder)(image, return_tensors="pt")).pooler_output
+    assert here.shape == (1, model.config.hidden_size)
+    torch.testing.assert_close(loaded["pooled"], here, rtol=1e-5, atol=1e-5)
+    curve = json.loads((folder / "curve.json").read_text())
+    assert curve["best"]["linear"] == max(probe["linear"] for probe in curve["curve"])
+    assert f"{curve['best']['linear']:.1f}" in (folder / "README.md").read_text()

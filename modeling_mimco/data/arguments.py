@@ -28,7 +28,7 @@ class ImageSourceArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, 'digits' or 'cluttered-digits' (built in)."
+            "help": "Hub dataset (e.g. ILSVRC/imagenet-1k), a local dataset folder, 'digits', 'canvas-digits' or 'cluttered-digits' (built in)."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})

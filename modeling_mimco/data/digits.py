@@ -3,10 +3,12 @@ tests run offline.
 
 - `digits` (`load_digits_dataset`): the digits themselves, upscaled, as an RGB image-classification dataset;
   `sources.load_image_dataset` returns it when no data source is given or `--dataset_name digits`.
-- `cluttered-digits` (`load_cluttered_digits_dataset`): each digit at a random position and scale on a noisy grey
-  background cluttered with pieces of other digits (the "cluttered translated digits" kind of task). `make demo`
-  trains on it: an object that moves among distractors is what pre-training is for, and a linear classifier on the
-  raw pixels does poorly there.
+- `canvas-digits` (`load_canvas_digits_dataset`): each digit at a random position and scale on a plain dark canvas
+  with pixel noise. `make demo` trains on it: a linear classifier on the raw pixels does poorly on an object that
+  moves, and the digit is the only thing that tells one image from another.
+- `cluttered-digits` (`load_cluttered_digits_dataset`): the same, on a noisy grey background cluttered with pieces of
+  other digits (the "cluttered translated digits" kind of task); the demo's data until its teacher was shipped (two
+  views of one canvas can be matched by the clutter alone, a shortcut that stage 1 takes).
 - The canvas helpers (`cluttered_background` or `plain_background`, then `paste_digit`) make the segmentation set
   `digit-canvas` (`segmentation.make_digit_canvas`).
 
@@ -27,6 +29,8 @@ DIGITS_DATASET = "digits"
 """The `--dataset_name` that stands for this dataset (also the default when no source is given)."""
 CLUTTERED_DIGITS_DATASET = "cluttered-digits"
 """The `--dataset_name` of the digits placed on cluttered canvases (`load_cluttered_digits_dataset`)."""
+CANVAS_DIGITS_DATASET = "canvas-digits"
+"""The `--dataset_name` of the digits placed on plain canvases (`load_canvas_digits_dataset`), `make demo`'s data."""
 DIGITS_TEST_FRACTION = 0.15
 DIGITS_SPLIT_SEED = 0
 SPLITS = ("train", "test", "validation")
@@ -189,12 +193,26 @@ def load_cluttered_digits_dataset(
 ) -> datasets.Dataset:
     """The bundled digits on cluttered canvases, as an RGB image-classification dataset (label: the digit).
 
+    As `load_canvas_digits_dataset`, but each canvas is a new `grey_clutter` background instead of a plain one.
+    """
+    return _digits_on_canvases(split, image_size, placements, min_scale, max_scale, seed, "clutter")
+
+
+def load_canvas_digits_dataset(
+    split: str = "train",
+    image_size: int = 32,
+    placements: int | None = None,
+    min_scale: float = 0.45,
+    max_scale: float = 0.75,
+    seed: int = 0,
+) -> datasets.Dataset:
+    """The bundled digits on plain canvases, as an RGB image-classification dataset (label: the digit).
+
     Every digit of the split (the split of `load_digits_dataset`, so test handwriting is unseen) is drawn
     `placements` times (default 4 for training, 2 for evaluation: 6,108 and 540 images), each time on a new
-    `grey_clutter` background of `image_size` pixels, scaled to `min_scale`..`max_scale` of the side, at a random
-    position, in white ink over whatever lies beneath. The same arguments always give the same images; the training
-    and evaluation splits use separate streams of `seed`.
-
+    `plain_background` of `image_size` pixels, scaled to `min_scale`..`max_scale` of the side, at a random position,
+    in white ink. The same arguments always give the same images; the training and evaluation splits use separate
+    streams of `seed`.
 
     The images are drawn once per process and arguments (about 5 s for the training split); each call returns its own
     `datasets.Dataset` over the same Arrow table, so one caller's format or transform does not reach another's.
@@ -202,20 +220,27 @@ def load_cluttered_digits_dataset(
     Returns:
         A `datasets.Dataset` with columns `"image"` (`datasets.Image`) and `"label"` (`ClassLabel`, names "0".."9").
     """
+    return _digits_on_canvases(split, image_size, placements, min_scale, max_scale, seed, "plain")
+
+
+def _digits_on_canvases(
+    split: str, image_size: int, placements: int | None, min_scale: float, max_scale: float, seed: int, background: str
+) -> datasets.Dataset:
     placements = placements if placements is not None else (4 if split == "train" else 2)
-    drawn = _draw_cluttered_digits(split, image_size, placements, min_scale, max_scale, seed)
+    drawn = _draw_digits_on_canvases(split, image_size, placements, min_scale, max_scale, seed, background)
     return datasets.Dataset(drawn.data, info=drawn.info.copy(), split=drawn.split)
 
 
 @functools.lru_cache(maxsize=4)
-def _draw_cluttered_digits(
-    split: str, image_size: int, placements: int, min_scale: float, max_scale: float, seed: int
+def _draw_digits_on_canvases(
+    split: str, image_size: int, placements: int, min_scale: float, max_scale: float, seed: int, background: str
 ) -> datasets.Dataset:
+    name = CLUTTERED_DIGITS_DATASET if background == "clutter" else CANVAS_DIGITS_DATASET
     if image_size < 16:
-        raise ValueError(f"`image_size` of {CLUTTERED_DIGITS_DATASET!r} must be at least 16, got {image_size}.")
+        raise ValueError(f"`image_size` of {name!r} must be at least 16, got {image_size}.")
     if not 0.0 < min_scale <= max_scale <= 1.0:
         raise ValueError(f"Need 0 < min_scale <= max_scale <= 1, got {min_scale} and {max_scale}.")
-    digits, labels = digits_of_split(split, CLUTTERED_DIGITS_DATASET)
+    digits, labels = digits_of_split(split, name)
     if placements < 1:
         raise ValueError(f"`placements` must be at least 1, got {placements}.")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
@@ -223,7 +248,10 @@ def _draw_cluttered_digits(
     images, image_labels = [], []
     for _ in range(placements):
         for digit, label in zip(digits, labels):
-            canvas = grey_clutter(rng, image_size, digits)
+            if background == "clutter":
+                canvas = grey_clutter(rng, image_size, digits)
+            else:
+                canvas = plain_background(rng, image_size)
             side = int(rng.integers(smallest, largest + 1))
             ink = digit_ink(digit, side)
             y, x = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))

@@ -39,8 +39,10 @@ from modeling_mimco.data.arguments import (  # noqa: F401 (the argument classes'
     LabelledDataArguments,
 )
 from modeling_mimco.data.digits import (
+    CANVAS_DIGITS_DATASET,
     CLUTTERED_DIGITS_DATASET,
     DIGITS_DATASET,
+    load_canvas_digits_dataset,
     load_cluttered_digits_dataset,
     load_digits_dataset,
 )
@@ -346,8 +348,8 @@ def load_image_dataset(
 
     - `dataset_name`: a Hub dataset (`"ILSVRC/imagenet-1k"`, gated: `token`, or the environment / cached login) or a
       local dataset folder (e.g. a parquet folder in the Hub layout), read with `datasets.load_dataset`;
-      `dataset_config_name` picks a configuration. `"digits"` and `"cluttered-digits"` are reserved for the built-in
-      datasets (`data/digits.py`).
+      `dataset_config_name` picks a configuration. `"digits"`, `"canvas-digits"` and `"cluttered-digits"` are reserved for the
+      built-in datasets (`data/digits.py`).
     - `train_dir`: a local folder of class sub-folders (`train_dir/<class>/<image>`), read with the `"imagefolder"`
       builder; class names become a `ClassLabel` `"label"` column. Every image is in the split `"train"`, whatever
       its file name; sub-folders named after splits (`train_dir/train/<class>/...`, `train_dir/val/<class>/...`)
@@ -358,7 +360,7 @@ def load_image_dataset(
       (the sample's name) is kept. A list or a string gives the single split `"train"`; a dict maps split names to
       files. A missing shard, or shards mixed with parquet files, raise `ValueError` in one line.
     - none of them, or `dataset_name="digits"`: `load_digits_dataset(split, digits_image_size)`;
-      `dataset_name="cluttered-digits"`: `load_cluttered_digits_dataset(split, digits_image_size)` (the demo's).
+      `"canvas-digits"` (the demo's) and `"cluttered-digits"`: `load_canvas_digits_dataset` and the cluttered one.
 
     Args:
         split: The split to load; an unknown split raises `ValueError` listing the available ones.
@@ -415,6 +417,8 @@ def _builtin_dataset(
         return load_digits_dataset(split=split, image_size=image_size)
     if dataset_name == CLUTTERED_DIGITS_DATASET:
         return load_cluttered_digits_dataset(split=split, image_size=image_size)
+    if dataset_name == CANVAS_DIGITS_DATASET:
+        return load_canvas_digits_dataset(split=split, image_size=image_size)
     return None
 
 

@@ -1,14 +1,19 @@
-"""`make demo`: both MimCo stages and the pixel-MIM baseline on built-in cluttered digits, then a frozen-feature
-evaluation; CPU, no network.
+"""`make demo`: a MimCo student from the shipped stage-1 teacher and the pixel-MIM baseline on built-in digits, then a
+frozen-feature evaluation; CPU, no network.
 
-Data (`--dataset_name cluttered-digits`, `data/digits.py`): each of scikit-learn's 8x8 digits at a random position
-and scale (45-75 % of a 32-px canvas) on a noisy grey background cluttered with pieces of other digits; 6,108 training
-and 540 test images (test handwriting unseen). Objects that move among distractors are the case pre-training is for:
-a linear classifier on the raw pixels is at chance there. (`--dataset_name digits` gives the earlier demo's centred
-digits, on which the raw pixels beat every model.)
+Data (`--dataset_name canvas-digits`, `data/digits.py`): each of scikit-learn's 8x8 digits at a random position and
+scale (45-75 % of a 32-px canvas) on a plain dark canvas with pixel noise; 6,108 training and 540 test images (test
+handwriting unseen). A linear classifier on the raw pixels is near chance there, and only the digit tells one image
+from another. (`--dataset_name cluttered-digits` puts the digits among clutter, the demo's data until its teacher was
+shipped; `--dataset_name digits` gives the earlier demo's centred digits, on which the raw pixels beat every model.)
+
+The teacher: by default the shipped one, `model_cards/teachers/canvas-digits` (`make teachers` trained it with the
+demo's stage-1 settings until its linear probe stopped rising), as a user starts stage 2 from published MoCo v3
+weights; it is evaluated, not trained. `--train_teacher` trains a teacher of the demo's budget (`--stage1_steps`)
+instead, and so does a run on other data or another image size, or from a wheel (which installs no teacher).
 
 Two processes share the work, so that both cores of a small machine are busy (`experiments/background.py`):
-1. The first trains stage 1, a tiny MoCo v3 teacher, then stage 2, a MimCo student against it.
+1. The first trains the teacher where it has to (stage 1, a tiny MoCo v3), then stage 2, a MimCo student against it.
 2. Meanwhile the second (at a lower priority, its output in `OUTPUT_DIR/baselines.log`) trains pixel MIM (SimMIM,
    transformers' `ViTForMaskedImageModeling`, `experiments/pixel_mim.py`) with the student's shape, data, masks, steps
    and schedule: the method the paper compares MimCo with. Then it measures the rows that need neither teacher nor
@@ -24,26 +29,25 @@ The script prints how the losses moved, a table of the accuracies, a reading of 
 (the student above the pixels, above pixel MIM, and within a point of the teacher or above it, on both metrics), and
 where the checkpoints and the picture are. In each process one torch thread trains while a loader worker prepares the
 next batch, and freed tensors are kept for the next step (`host_memory.keep_freed_memory`); docs/history.md has
-the wall times and every variant of the data and of the step counts that was tried, with its table.
+the wall times and every variant of the data, the teacher and the step counts that was tried, with its table.
 
 Settings that differ from the paper-scale defaults, for a 4-layer, 64-wide ViT on 32-px images, chosen by measurement
 (docs/history.md):
-- 200 stage-1 and 400 stage-2 (and pixel-MIM) steps of batch 64. On the cluttered digits, 400 student steps gave
-  the best student of 300, 400, 500 and 600 (linear / kNN 38.7 / 19.1 against 36.1 / 17.0, 38.0 / 17.0 and
-  35.9 / 15.0), and at 300 pixel MIM's kNN was ahead of the student's; 150 teacher steps gave a teacher below the
-  untrained network and a student below pixel MIM, and 500 teacher steps no better teacher than 200;
+- 400 stage-2 (and pixel-MIM) steps of batch 64, and 200 stage-1 steps for a teacher trained here. From the shipped
+  teacher, 1,200 student steps did no better than 400 (docs/history.md, "The demo from a shipped teacher");
 - no horizontal flip in either stage (a mirrored 2, 3, 5 or 7 is no digit) and crops of at least 60 % (stage 1) and
   67 % (stage 2) of the image; MoCo v3's 8 % crops leave a stroke;
 - base learning rates 5e-3 (stage 1) and 1.5e-3 (stage 2);
-- an image-level temperature of 0.01 instead of 0.2: the tiny teacher's CLS features all point almost the same way,
-  so at 0.2 the image-level InfoNCE logits hardly differ between images and that loss stays at its chance value,
-  ln(batch size).
+- an image-level temperature of 0.01 instead of 0.2: a 200-step teacher's CLS features all point almost the same
+  way, so at 0.2 the image-level InfoNCE logits hardly differ between images and that loss stays at its chance value,
+  ln(batch size); from the shipped teacher 0.2 did no better.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 
 import torch
@@ -55,7 +59,7 @@ from modeling_mimco.commands import (
     run_linear_probe,
     run_pretraining,
 )
-from modeling_mimco.data.digits import CLUTTERED_DIGITS_DATASET
+from modeling_mimco.data.digits import CANVAS_DIGITS_DATASET
 from modeling_mimco.data.sources import DataArguments, load_labelled_splits
 from modeling_mimco.evaluation.frozen_features import FrozenFeatureResult, results_table
 from modeling_mimco.experiments.background import BackgroundRun
@@ -64,16 +68,47 @@ from modeling_mimco.training.host_memory import keep_freed_memory
 from modeling_mimco.training.loop import TrainingResult
 
 
+SHIPPED_TEACHER_RELATIVE = os.path.join("model_cards", "teachers", CANVAS_DIGITS_DATASET)
+"""The demo's shipped teacher (`make teachers`), relative to the repository root; a wheel installs none."""
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the teacher comes from: the shipped one (default), a given folder, or trained here."""
+    parser.add_argument(
+        "--teacher_name_or_path",
+        default=None,
+        help="The stage-1 teacher the student starts from (a MimCoModel folder). Default: the shipped teacher of the "
+        f"demo's data ({SHIPPED_TEACHER_RELATIVE}, trained by `make teachers`) when it exists and fits the images.",
+    )
+    parser.add_argument(
+        "--train_teacher",
+        action="store_true",
+        help="Train a teacher for --stage1_steps instead of starting from the shipped one.",
+    )
+    parser.add_argument("--stage1_steps", type=int, default=200, help="Steps of a teacher the demo trains itself.")
+
+
+def check_teacher_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.train_teacher and args.teacher_name_or_path is not None:
+        parser.error("--train_teacher and --teacher_name_or_path exclude each other: train a teacher, or give one.")
+    if args.teacher_name_or_path is not None and not os.path.isfile(
+        os.path.join(args.teacher_name_or_path, "config.json")
+    ):
+        parser.error(f"--teacher_name_or_path {args.teacher_name_or_path}: no config.json there (not a model folder).")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument(
         "--dataset_name",
-        default=CLUTTERED_DIGITS_DATASET,
-        help="The built-in data: 'cluttered-digits' (digits placed on cluttered canvases) or 'digits' (the 8x8 "
-        "digits upscaled, on which raw pixels beat every model), or any source `mimco-pretrain` reads.",
+        default=CANVAS_DIGITS_DATASET,
+        help="The built-in data: 'canvas-digits' (digits at random places and scales on plain canvases), "
+        "'cluttered-digits' (the same among clutter) or 'digits' (the 8x8 digits upscaled, on which raw pixels beat "
+        "every model), or any source `mimco-pretrain` reads.",
     )
-    parser.add_argument("--stage1_steps", type=int, default=200)
+    add_teacher_arguments(parser)
     parser.add_argument(
         "--stage2_steps", type=int, default=400, help="Steps of the MimCo student and of the pixel-MIM baseline."
     )
@@ -89,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="Seed of both stages and of pixel MIM.")
     parser.add_argument("--image_size", type=int, default=32, help="Side of the built-in images.")
     parser.add_argument("--mask_patch_size", type=int, default=None, help="Stage-2 mask block size (preset's).")
+    parser.add_argument(
+        "--mask_ratio", type=float, default=0.6, help="Fraction of the patches that stage 2 and pixel MIM mask."
+    )
     parser.add_argument("--stage1_learning_rate", type=float, default=5e-3)
     parser.add_argument("--stage2_learning_rate", type=float, default=1.5e-3)
     parser.add_argument("--stage1_crop_min_scale", type=float, default=0.6)
@@ -122,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher_autocast", choices=["bf16"], default=None, help="Run stage 2's frozen teacher under bf16 autocast."
     )
     args = parser.parse_args(argv)
+    check_teacher_arguments(parser, args)
     for flag in ("stage1_crop_min_scale", "stage2_crop_min_scale"):  # the stages' own messages name --crop_min_scale
         if not 0.0 < getattr(args, flag) <= 1.0:
             parser.error(f"--{flag} must lie in (0, 1], got {getattr(args, flag)}.")
@@ -142,6 +181,49 @@ def demo_training_arguments(arguments_class: type, args: argparse.Namespace, out
         mixed_precision=args.mixed_precision,
         seed=args.seed,
         **settings,
+    )
+
+
+def shipped_teacher_summary(folder: str) -> str:
+    """What `make teachers` recorded of a shipped teacher (its `curve.json`): steps and probe, or `""`."""
+    path = os.path.join(folder, "curve.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as handle:
+        best = json.load(handle).get("best") or {}
+    if "step" not in best:
+        return ""
+    return f"{best['step']:,} stage-1 steps; its probe: {best['linear']:.1f} % linear, {best['knn']:.1f} % kNN"
+
+
+def choose_teacher(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The teacher folder the student starts from (`None`: the demo trains one for `--stage1_steps`), and a line that
+    says which and why. By default the shipped teacher, where it exists and was trained on the demo's data and size,
+    as a user starts stage 2 from published MoCo v3 weights."""
+    trained_here = f"a teacher is trained here for {args.stage1_steps} steps"
+    if args.teacher_name_or_path is not None:
+        return args.teacher_name_or_path, f"Stage 1: the given teacher {args.teacher_name_or_path} (not trained here)."
+    if args.train_teacher:
+        return None, f"Stage 1: {trained_here} (--train_teacher)."
+    shipped = os.path.join(REPOSITORY_ROOT, SHIPPED_TEACHER_RELATIVE)
+    config_path = os.path.join(shipped, "config.json")
+    if not os.path.isfile(config_path):
+        return None, f"Stage 1: no shipped teacher at {shipped} (a wheel installs none), so {trained_here}."
+    with open(config_path) as handle:
+        shipped_size = json.load(handle).get("image_size")
+    if args.dataset_name != CANVAS_DIGITS_DATASET or args.image_size != shipped_size:
+        return None, (
+            f"Stage 1: the shipped teacher is for {CANVAS_DIGITS_DATASET} at {shipped_size} px, not "
+            f"{args.dataset_name} at {args.image_size} px, so {trained_here}."
+        )
+    summary = shipped_teacher_summary(shipped)
+    if not os.path.relpath(shipped).startswith(os.pardir):
+        shipped = os.path.relpath(shipped)  # printed and recorded as the user sees it from here
+    return shipped, (
+        f"Stage 1: the shipped teacher {SHIPPED_TEACHER_RELATIVE}"
+        + (f" ({summary})" if summary else "")
+        + f", not trained here, as a user starts from published MoCo v3 weights; --train_teacher trains one for "
+        f"{args.stage1_steps} steps instead."
     )
 
 
@@ -176,6 +258,7 @@ def student_arguments(args: argparse.Namespace, teacher_dir: str, output_dir: st
         model_preset="tiny",
         image_size=args.image_size,
         mask_patch_size=args.mask_patch_size,
+        mask_ratio=args.mask_ratio,
         head_hidden_size=256,
         image_temperature=args.image_temperature,
         teacher_autocast=args.teacher_autocast,
@@ -341,7 +424,7 @@ def reading(models: list[dict], keys: list[str]) -> list[str]:
     return lines
 
 
-def print_report(summaries: list[str], report: dict, folders: dict[str, str]) -> None:
+def print_report(summaries: list[str], report: dict, folders: dict[str, str], trained_teacher: bool = True) -> None:
     print()
     for summary in summaries:
         print(summary)
@@ -357,7 +440,12 @@ def print_report(summaries: list[str], report: dict, folders: dict[str, str]) ->
     print("How to read it:")
     print("\n".join(reading(report["models"], report["row_keys"])))
     print()
-    print(f"Teacher:   {folders['teacher']}  (MimCoModel; resumable checkpoints in {folders['teacher']}/checkpoints)")
+    if trained_teacher:
+        print(
+            f"Teacher:   {folders['teacher']}  (MimCoModel; resumable checkpoints in {folders['teacher']}/checkpoints)"
+        )
+    else:
+        print(f"Teacher:   {folders['teacher']}  (MimCoModel, given; not trained by this run)")
     print(
         f"Student:   {folders['student']}  (MimCoForPreTraining; loads as MimCoModel or MimCoForImageClassification)"
     )
@@ -373,6 +461,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     folders = demo_folders(args)
+    given_teacher, stage1_line = choose_teacher(args)
+    if given_teacher is not None:
+        folders["teacher"] = given_teacher
+    print(stage1_line)
     evaluation_dir = os.path.join(args.output_dir, "evaluation")
     write_random_init_config(args, folders)
 
@@ -392,8 +484,11 @@ def main(argv: list[str] | None = None) -> dict:
             what = "pixel MIM trains and " if "pixel_mim" in folders and not args.skip_pretraining else ""
             print(f"In a second process, {what}the baseline rows are measured; its log: {log_path}")
         if not args.skip_pretraining:
-            stage1 = train_teacher(args, folders["teacher"])
-            summaries.append(loss_summary("Stage 1 (MoCo v3 teacher)", stage1.log_history, ("loss",)))
+            if given_teacher is None:
+                stage1 = train_teacher(args, folders["teacher"])
+                summaries.append(loss_summary("Stage 1 (MoCo v3 teacher)", stage1.log_history, ("loss",)))
+            else:
+                summaries.append(stage1_line)
             stage2 = train_student(args, folders["teacher"], folders["student"])
             summaries.append(
                 loss_summary("Stage 2 (MimCo student)", stage2.log_history, ("loss", "patch_loss", "image_loss"))
@@ -413,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         summaries.append(loss_summary("Pixel MIM (SimMIM, the student's steps)", baseline.log_history, ("loss",)))
     report = run_linear_probe.report_results([*baseline_results, *mimco_results], data, data_args, eval_args)
     report["row_keys"] = baseline_rows(folders) + list(MIMCO_ROWS)
-    print_report(summaries, report, folders)
+    print_report(summaries, report, folders, trained_teacher=given_teacher is None)
     return report
 
 

@@ -1,7 +1,7 @@
 """`make teachers`: the stage-1 teachers that the repository ships, trained until their linear probe stops rising.
 
     python scripts/train_teachers.py                                    # both teachers, the digits' first
-    python scripts/train_teachers.py --teachers cluttered-digits --max_minutes 30
+    python scripts/train_teachers.py --teachers canvas-digits --max_minutes 30
     python scripts/train_teachers.py --help                             # every flag
 
 Each teacher is a MoCo v3 model trained by the package's own stage 1 (`run_contrastive_pretraining`), in segments of
@@ -17,10 +17,9 @@ probed too. The shipped teacher is the probe with the best linear probe (the coo
 started again, the program goes on from the last probe.
 
 The teachers (`RECIPES`):
-- `cluttered-digits`: the demo's teacher (`experiments/demo.py`'s stage-1 settings: the 4-layer, 64-wide `tiny`
-  ViT on the 32-px cluttered digits, batch 64, base learning rate 5e-3, crops of at least 60 %, no flip). `make demo`
-  still trains its own 200-step teacher: a student started from a long-trained one has not yet done better
-  (docs/history.md, "Shipped teachers").
+- `canvas-digits`: the demo's teacher (`experiments/demo.py`'s stage-1 settings: the 4-layer, 64-wide `tiny`
+  ViT on the 32-px digits on plain canvases, batch 64, base learning rate 5e-3, crops of at least 60 %, no flip).
+  `make demo` starts its student from it (`--train_teacher`: a teacher of the demo's own budget instead).
 - `cifar10`: the reproduction's teacher shape and recipe (`experiments/reproduction_arguments.py` and
   `reproduction_pretraining.py`: `tiny`, CIFAR-10, batch 128, base learning rate 1.5e-3, crops of at least 25 %,
   flips, weight decay 0.1), probed on 10,000 training and 5,000 test images.
@@ -48,7 +47,7 @@ from datetime import datetime, timezone
 import torch
 
 from modeling_mimco.commands import reports_errors, run_command, run_contrastive_pretraining, run_linear_probe
-from modeling_mimco.data.digits import CLUTTERED_DIGITS_DATASET
+from modeling_mimco.data.digits import CANVAS_DIGITS_DATASET
 from modeling_mimco.data.sources import DataArguments, load_labelled_splits
 from modeling_mimco.training.host_memory import keep_freed_memory
 
@@ -88,10 +87,10 @@ class TeacherRecipe:
 
 
 RECIPES = {
-    CLUTTERED_DIGITS_DATASET: TeacherRecipe(
-        name=CLUTTERED_DIGITS_DATASET,
+    CANVAS_DIGITS_DATASET: TeacherRecipe(
+        name=CANVAS_DIGITS_DATASET,
         description="the demo's stage-1 teacher: `make demo`'s shape, data and stage-1 settings",
-        dataset_name=CLUTTERED_DIGITS_DATASET,
+        dataset_name=CANVAS_DIGITS_DATASET,
         seed=42,
         image_size=32,
         weight_decay=0.1,
@@ -115,8 +114,8 @@ RECIPES = {
 
 # what a card says of its teacher's data, beside the recipe
 CARD_NOTES = {
-    CLUTTERED_DIGITS_DATASET: "Data: `cluttered-digits` (`data/digits.py`), the 32-px digits on cluttered canvases "
-    "of `make demo`.",
+    CANVAS_DIGITS_DATASET: "Data: `canvas-digits` (`data/digits.py`), the 32-px digits on plain canvases of "
+    "`make demo`.",
     CIFAR10: "Data: CIFAR-10 (`uoft-cs/cifar10` layout), the 32-px `tiny` ViT of `make reproduce`.",
 }
 
