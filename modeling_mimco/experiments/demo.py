@@ -64,11 +64,12 @@ from modeling_mimco.data.sources import DataArguments, load_labelled_splits
 from modeling_mimco.evaluation.frozen_features import FrozenFeatureResult, results_table
 from modeling_mimco.experiments.background import BackgroundRun
 from modeling_mimco.experiments.pixel_mim import run_pixel_mim
+from modeling_mimco.experiments.teachers import CURVE_NAME, DEFAULT_CARDS_DIR
 from modeling_mimco.training.host_memory import keep_freed_memory
 from modeling_mimco.training.loop import TrainingResult
 
 
-SHIPPED_TEACHER_RELATIVE = os.path.join("model_cards", "teachers", CANVAS_DIGITS_DATASET)
+SHIPPED_TEACHER_RELATIVE = os.path.join(DEFAULT_CARDS_DIR, CANVAS_DIGITS_DATASET)
 """The demo's shipped teacher (`make teachers`), relative to the repository root; a wheel installs none."""
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -186,7 +187,7 @@ def demo_training_arguments(arguments_class: type, args: argparse.Namespace, out
 
 def shipped_teacher_summary(folder: str) -> str:
     """What `make teachers` recorded of a shipped teacher (its `curve.json`): steps and probe, or `""`."""
-    path = os.path.join(folder, "curve.json")
+    path = os.path.join(folder, CURVE_NAME)
     if not os.path.isfile(path):
         return ""
     with open(path) as handle:
