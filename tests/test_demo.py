@@ -211,7 +211,7 @@ def test_demo_teacher_choice():
     trains one; a given folder is used as it is."""
     from modeling_mimco.experiments import demo
 
-    shipped = os.path.join(demo.REPOSITORY_ROOT, demo.SHIPPED_TEACHER_RELATIVE)
+    shipped = str(Path(__file__).resolve().parent.parent / demo.SHIPPED_TEACHER_RELATIVE)
     if not os.path.isfile(os.path.join(shipped, "config.json")):
         pytest.skip("no shipped demo teacher in this checkout")
     teacher, default_line = demo.choose_teacher(demo.parse_args([]))

@@ -13,6 +13,8 @@ import datasets
 import numpy as np
 import pytest
 
+from modeling_mimco import MimCoConfig, MimCoModel
+from modeling_mimco.configuration_mimco import preset_backbone_kwargs
 from modeling_mimco.data.segmentation import load_digit_canvas_dataset
 from modeling_mimco.experiments import dense_transfer
 
@@ -26,17 +28,43 @@ TINY = [
 ]  # fmt: skip
 
 
+def refused_run(output_dir: Path, *flags: str, exit_code: int = 2) -> str:
+    """Runs the script with `flags` on `output_dir`, which must refuse them with `exit_code` (2: the parser's, 1: a
+    later check's) and no traceback, before writing anything new; returns its stderr."""
+    existed = output_dir.exists()
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "dense_transfer.py"), "--output_dir", str(output_dir), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == exit_code and "Traceback" not in completed.stderr, completed.stderr
+    assert output_dir.exists() == existed
+    return completed.stderr
+
+
 @pytest.mark.slow
 def test_the_script_prints_both_columns_for_every_backbone(tmp_path):
     output_dir = tmp_path / "dense"
     process = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "dense_transfer.py"), "--output_dir", str(output_dir), *TINY],
+        # --train_teacher: the per-seed teacher's path (the README's line, with the shipped teacher, is
+        # tests/test_segmentation.py's)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "dense_transfer.py"),
+            "--output_dir",
+            str(output_dir),
+            "--train_teacher",
+            *TINY,
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=600,
     )
     assert process.returncode == 0, process.stderr[-3000:]
+    assert "Teacher: one teacher per seed is trained here for 1 steps (--train_teacher)." in process.stdout
+    assert (output_dir / "seed-0" / "teacher" / "config.json").is_file()
     rows = [line for line in process.stdout.splitlines() if line.startswith("| ")]
     assert "fine-tuned UperNet mIoU" in rows[0] and "frozen linear-head mIoU" in rows[0]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows[1:]] == [name for _, name in dense_transfer.ROWS]
@@ -50,9 +78,16 @@ def test_the_script_prints_both_columns_for_every_backbone(tmp_path):
         row = report["per_seed"]["0"][key]
         assert 0.0 <= row["upernet_mean_iou"] <= 1.0 and 0.0 <= row["mean_iou"] <= 1.0
         assert (output_dir / "seed-0" / f"upernet-{key}" / "eval_results.json").is_file()
+    # run again: every backbone and fine-tune is reused, and reports the time it took the first time
+    again = dense_transfer.main(["--output_dir", str(output_dir), "--train_teacher", *TINY])
+    for key, _ in dense_transfer.ROWS:
+        first = report["per_seed"]["0"][key]
+        assert first["upernet_wall_seconds"] > 0
+        assert again["per_seed"]["0"][key]["upernet_wall_seconds"] == first["upernet_wall_seconds"]
+        assert again["per_seed"]["0"][key]["upernet_mean_iou"] == first["upernet_mean_iou"]
     # mimco-segment read the very canvases the linear head used
     written = load_digit_canvas_dataset(
-        "test", 8, 64, seed=0, max_digits=4, digit_scale=(0.5, 0.75), background="plain"
+        "test", 8, 32, seed=0, max_digits=1, digit_scale=(0.45, 0.75), background="plain"
     )
     stored = datasets.Dataset.from_parquet(str(output_dir / "seed-0" / "data" / "test.parquet"))
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(written["image"], stored["image"]))
@@ -144,7 +179,66 @@ def test_pixel_mim_becomes_an_equal_mimco_folder(tmp_path):
     config = MimCoConfig(**preset_backbone_kwargs(dense_transfer.PRESET))
     ViTForMaskedImageModeling(vit_config_like(config)).save_pretrained(tmp_path / "vit")
     save_image_processor(str(tmp_path / "vit"), config.image_size, config.image_mean, config.image_std)
-    folder = dense_transfer.pixel_mim_as_mimco(str(tmp_path / "vit"), str(tmp_path / "mimco"))
-    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    folder = dense_transfer.pixel_mim_as_mimco(str(tmp_path / "vit"), str(tmp_path / "mimco"), dense_transfer.PRESET)
+    side = config.image_size
+    images = np.random.default_rng(0).integers(0, 256, (2, side, side, 3), dtype=np.uint8)
     original = dense_transfer.patch_features(str(tmp_path / "vit"), images)
     assert (dense_transfer.patch_features(folder, images) - original).abs().max() < 1e-5
+
+
+def test_the_preset_sets_the_canvases_the_crop_and_the_teachers_shape(tmp_path):
+    """`--model_preset tiny` (the shipped canvas-digits teacher's shape): 32-px canvases, UperNet cropped at 32 and
+    given `--finetune_layer_decay`; a teacher of another shape than the preset is refused by name before any work."""
+    args = dense_transfer.parse_args(
+        ["--output_dir", str(tmp_path / "dense"), "--model_preset", "tiny", "--finetune_layer_decay", "0.65", *TINY]
+    )
+    assert dense_transfer.canvas_size(args) == 32
+    files = {"train": "train.parquet", "test": "test.parquet", "id2label": "id2label.json"}
+    command = dense_transfer.finetune_command(args, "backbone", files, "out", 0)
+    assert command[command.index("--crop_size") + 1] == "32"
+    assert command[command.index("--layer_decay") + 1] == "0.65"
+    images = dense_transfer.write_pretraining_images(args, 0, str(tmp_path / "pretrain.parquet"))
+    assert {image.size for image in datasets.Dataset.from_parquet(images)["image"]} == {(32, 32)}
+
+    teacher = tmp_path / "teacher-32"
+    MimCoModel(MimCoConfig(**preset_backbone_kwargs("tiny"))).save_pretrained(teacher)
+    assert dense_transfer.parse_args(["--teacher_name_or_path", str(teacher), "--model_preset", "tiny"])
+    stderr = refused_run(tmp_path / "refused", "--teacher_name_or_path", str(teacher), "--model_preset", "tiny-64")
+    assert "image_size 32 where --model_preset tiny-64 has 64" in stderr
+
+
+def test_the_shipped_teacher_is_every_seeds_teacher_by_default(tmp_path):
+    """Without teacher flags the study starts from the shipped canvas-digits teacher and says so; --train_teacher or
+    a preset of another shape trains one per seed (saying why); both teacher flags at once are refused."""
+    shipped = ROOT / "model_cards" / "teachers" / "canvas-digits"
+    if not (shipped / "config.json").is_file():
+        pytest.skip("no shipped canvas-digits teacher in this checkout")
+    args = dense_transfer.parse_args(["--output_dir", str(tmp_path / "dense")])
+    assert Path(args.teacher_name_or_path).resolve() == shipped.resolve()
+    assert args.teacher_source.startswith("Teacher: the shipped") and "stage-1 steps" in args.teacher_source
+    trained = dense_transfer.parse_args(["--train_teacher"])
+    assert trained.teacher_name_or_path is None and "(--train_teacher)" in trained.teacher_source
+    other_shape = dense_transfer.parse_args(["--model_preset", "tiny-64"])
+    assert other_shape.teacher_name_or_path is None
+    assert "image_size 32 where --model_preset tiny-64 has 64" in other_shape.teacher_source
+    stderr = refused_run(tmp_path / "refused", "--train_teacher", "--teacher_name_or_path", str(shipped))
+    assert "give --teacher_name_or_path or --train_teacher, not both" in stderr
+
+
+def test_an_output_folder_of_other_settings_is_refused_before_any_work(tmp_path):
+    """Finished backbones are reused by folder, so a run with other settings (or one of an earlier version, which
+    recorded none) in the same --output_dir is refused by the script with one line naming each difference."""
+    earlier = tmp_path / "earlier"
+    dense_transfer.check_run_settings(dense_transfer.parse_args(["--output_dir", str(earlier), "--max_digits", "2"]))
+    dense_transfer.check_run_settings(  # the same settings, other seeds: resumed
+        dense_transfer.parse_args(["--output_dir", str(earlier), "--max_digits", "2", "--seeds", "4"])
+    )
+    unrecorded = tmp_path / "unrecorded"
+    (unrecorded / "seed-0").mkdir(parents=True)
+    for folder, message in (
+        (earlier, f"--output_dir {earlier} holds a run with other settings (--max_digits 2 there, 1 now)"),
+        (unrecorded, f"--output_dir {unrecorded} holds a run whose settings were not recorded"),
+    ):
+        stderr = refused_run(folder, exit_code=1)
+        assert stderr.strip().count("\n") == 0 and message in stderr, stderr
+        assert not (folder / "seed-1").exists() and not (folder / "data").exists()

@@ -541,4 +541,8 @@ def test_the_readme_dense_transfer_command_runs_every_row_with_tiny_settings(tmp
         assert len(row["mean_iou"]["values"]) == 2 and all(0.0 <= value <= 1.0 for value in row["mean_iou"]["values"])
     assert json.loads((tmp_path / "dense" / "dense_transfer_results.json").read_text())["summary"] == report["summary"]
     assert (tmp_path / "dense" / "seed-1" / "student" / "config.json").is_file()
+    # the shipped teacher is every seed's (where the checkout has it): none is trained
+    assert os.path.isfile(os.path.join(report["settings"]["teacher_name_or_path"] or "", "config.json")) != (
+        (tmp_path / "dense" / "seed-0" / "teacher").exists()
+    )
     shutil.rmtree(tmp_path / "dense")

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 
 import torch
@@ -64,14 +63,13 @@ from modeling_mimco.data.sources import DataArguments, load_labelled_splits
 from modeling_mimco.evaluation.frozen_features import FrozenFeatureResult, results_table
 from modeling_mimco.experiments.background import BackgroundRun
 from modeling_mimco.experiments.pixel_mim import run_pixel_mim
-from modeling_mimco.experiments.teachers import CURVE_NAME, DEFAULT_CARDS_DIR
+from modeling_mimco.experiments.teachers import DEFAULT_CARDS_DIR, choose_teacher_folder
 from modeling_mimco.training.host_memory import keep_freed_memory
 from modeling_mimco.training.loop import TrainingResult
 
 
 SHIPPED_TEACHER_RELATIVE = os.path.join(DEFAULT_CARDS_DIR, CANVAS_DIGITS_DATASET)
 """The demo's shipped teacher (`make teachers`), relative to the repository root; a wheel installs none."""
-REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,46 +183,27 @@ def demo_training_arguments(arguments_class: type, args: argparse.Namespace, out
     )
 
 
-def shipped_teacher_summary(folder: str) -> str:
-    """What `make teachers` recorded of a shipped teacher (its `curve.json`): steps and probe, or `""`."""
-    path = os.path.join(folder, CURVE_NAME)
-    if not os.path.isfile(path):
-        return ""
-    with open(path) as handle:
-        best = json.load(handle).get("best") or {}
-    if "step" not in best:
-        return ""
-    return f"{best['step']:,} stage-1 steps; its probe: {best['linear']:.1f} % linear, {best['knn']:.1f} % kNN"
-
-
 def choose_teacher(args: argparse.Namespace) -> tuple[str | None, str]:
     """The teacher folder the student starts from (`None`: the demo trains one for `--stage1_steps`), and a line that
     says which and why. By default the shipped teacher, where it exists and was trained on the demo's data and size,
     as a user starts stage 2 from published MoCo v3 weights."""
-    trained_here = f"a teacher is trained here for {args.stage1_steps} steps"
-    if args.teacher_name_or_path is not None:
-        return args.teacher_name_or_path, f"Stage 1: the given teacher {args.teacher_name_or_path} (not trained here)."
-    if args.train_teacher:
-        return None, f"Stage 1: {trained_here} (--train_teacher)."
-    shipped = os.path.join(REPOSITORY_ROOT, SHIPPED_TEACHER_RELATIVE)
-    config_path = os.path.join(shipped, "config.json")
-    if not os.path.isfile(config_path):
-        return None, f"Stage 1: no shipped teacher at {shipped} (a wheel installs none), so {trained_here}."
-    with open(config_path) as handle:
-        shipped_size = json.load(handle).get("image_size")
-    if args.dataset_name != CANVAS_DIGITS_DATASET or args.image_size != shipped_size:
-        return None, (
-            f"Stage 1: the shipped teacher is for {CANVAS_DIGITS_DATASET} at {shipped_size} px, not "
-            f"{args.dataset_name} at {args.image_size} px, so {trained_here}."
+
+    def unfit(config: dict) -> str:
+        if args.dataset_name == CANVAS_DIGITS_DATASET and args.image_size == config.get("image_size"):
+            return ""
+        return (
+            f"is for {CANVAS_DIGITS_DATASET} at {config.get('image_size')} px, not {args.dataset_name} at "
+            f"{args.image_size} px"
         )
-    summary = shipped_teacher_summary(shipped)
-    if not os.path.relpath(shipped).startswith(os.pardir):
-        shipped = os.path.relpath(shipped)  # printed and recorded as the user sees it from here
-    return shipped, (
-        f"Stage 1: the shipped teacher {SHIPPED_TEACHER_RELATIVE}"
-        + (f" ({summary})" if summary else "")
-        + f", not trained here, as a user starts from published MoCo v3 weights; --train_teacher trains one for "
-        f"{args.stage1_steps} steps instead."
+
+    return choose_teacher_folder(
+        "Stage 1",
+        args.teacher_name_or_path,
+        args.train_teacher,
+        CANVAS_DIGITS_DATASET,
+        unfit,
+        trained_here=f"a teacher is trained here for {args.stage1_steps} steps",
+        trained_instead=f"trains one for {args.stage1_steps} steps instead",
     )
 
 

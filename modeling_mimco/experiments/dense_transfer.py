@@ -2,25 +2,26 @@
 
     python scripts/dense_transfer.py --output_dir outputs/dense_transfer
 
-1. Data: the `digit-canvas` scenes (`data.segmentation.load_digit_canvas_dataset`): digits pasted at random
-   positions and scales on 64-px canvases, per-pixel labels background + 10 digits, deterministic by seed. The task
-   is calibrated (docs/history.md) so that even the random init finds digits: 1 to `--max_digits` 4 digits of
-   `--digit_scale` 0.5-0.75 of the canvas side on a `--background` plain dark canvas (the built-in set of
-   `mimco-segment`: 3 digits of 0.375-0.625 on clutter, where a fine-tune of this budget from random init finds
-   none). Pre-training sees
-   only canvas images (no labels); the dense heads see labelled canvases whose digits are the digits' training
-   images, the test canvases the digits' test images.
-2. Per seed, four backbones of one shape (the demo's tiny ViT, 4 layers, 64 wide, at 64 px with 8-px patches:
-   preset `tiny-64`): a MimCo teacher (stage 1, MoCo v3; `--teacher_name_or_path` gives every seed one teacher
-   instead), the MimCo student (stage 2) against it, a pixel-MIM model (SimMIM: `ViTForMaskedImageModeling`,
-   trained through the same stage-2 pipeline, loop and number of steps as the student, as
-   `experiments/reproduction_pretraining.py` does) and a random init; the pre-training seed is the run's seed.
+1. Data: the `digit-canvas` scenes (`data.segmentation.load_digit_canvas_dataset`) in the shipped teacher's family:
+   one digit (`--max_digits` 1) of `--digit_scale` 0.45-0.75 of the side, at a random position, on a `--background`
+   plain dark 32-px canvas (the size of `--model_preset`), per-pixel labels background + 10 digits (the digit's
+   strokes, widened by a pixel), deterministic by seed. The task is calibrated (docs/history.md) so that even the
+   random init finds digits (`mimco-segment`'s built-in set, 3 digits on clutter, is one where a fine-tune of this
+   budget from random init finds none). Pre-training sees only canvas images (no labels); the dense heads see
+   labelled canvases whose digits are the digits' training images, the test canvases the digits' test images.
+2. Per seed, four backbones of one shape (`--model_preset`: by default `tiny`, the demo's ViT, 4 layers, 64 wide, 32
+   px with 4-px patches; `tiny-64` is the same at 64 px with 8-px patches): the MimCo teacher (stage 1, MoCo v3; by
+   default the shipped `model_cards/teachers/canvas-digits`, trained to convergence by `make teachers`, as every
+   seed's teacher; `--teacher_name_or_path` gives another, `--train_teacher` trains one per seed), the MimCo student
+   (stage 2) against it, a pixel-MIM model (SimMIM: `ViTForMaskedImageModeling`, trained through the same stage-2
+   pipeline, loop and number of steps as the student, as `experiments/reproduction_pretraining.py` does) and a random
+   init; the pre-training seed is the run's seed.
 3. Dense transfer, twice per backbone, on the same labelled canvases (written as parquet files with an
    `id2label.json` to `OUTPUT_DIR/seed-S/data`):
    - UperNet fine-tuned end to end by `mimco-segment` (the paper's protocol, run as a subprocess of the real command),
-     with the CPU-sized recipe of docs/finetuning.md (crop 64, a 64-channel decoder, no auxiliary head, no layer
-     decay, no flip) and the calibrated budget (`--finetune_steps` 200 of batch 16, lr 2e-3); pixel MIM's ViT folder
-     is first renamed to a MimCo folder (`pixel_mim_as_mimco`, exact);
+     with the CPU-sized recipe of docs/finetuning.md (crop = the canvas, a 64-channel decoder, no auxiliary head, no
+     flip), the paper's layer decay 0.65 and the calibrated budget (`--finetune_steps` 600 of batch 16, lr 2e-3);
+     pixel MIM's ViT folder is first renamed to a MimCo folder (`pixel_mim_as_mimco`, exact);
    - a linear per-patch head on the frozen backbone (a 1x1 convolution from the standardised patch tokens to the 11
      classes, logits upsampled bilinearly to the pixels, pixel cross-entropy weighted by
      (1 / class frequency) ** `--head_class_weight_power` 0.5), same epochs and learning rate for all, which
@@ -31,7 +32,9 @@
 The mean and sample standard deviation over the seeds go to `OUTPUT_DIR/dense_transfer_results.json` (the linear
 head's scores under the keys they always had, UperNet's as `upernet_*`, the wall and CPU time of the whole command),
 and a Markdown table is printed (docs/results.md has the run). Finished backbones and fine-tunes are reused when the
-command runs again on the same `--output_dir` (whatever the settings: give changed settings a new folder).
+command runs again on the same `--output_dir` with the same settings (recorded in its `run_settings.json`; other
+settings are refused there), so seeds may also run as separate commands, in parallel, and one run of all of them
+then only adds the table.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import torch
 from torch import nn
 
 from modeling_mimco.commands import reports_errors, run_command, run_contrastive_pretraining, run_pretraining
+from modeling_mimco.data.digits import CANVAS_DIGITS_DATASET
 from modeling_mimco.data.segmentation import (
     DIGIT_CANVAS_BACKGROUNDS,
     DIGIT_CANVAS_CLASSES,
@@ -59,18 +63,30 @@ from modeling_mimco.data.segmentation import (
 from modeling_mimco.data.sources import DataArguments
 from modeling_mimco.evaluation.segmentation_metrics import confusion_matrix, scores_from_confusion
 from modeling_mimco.experiments.reproduction_evaluation import spread
+from modeling_mimco.experiments.teachers import choose_teacher_folder
 from modeling_mimco.training.host_memory import keep_freed_memory
 
 
-PRESET = "tiny-64"
-CANVAS_SIZE = 64
-"""The backbone shape of every row: the demo's tiny ViT (4 layers, 64 wide) at 64 px with 8-px patches."""
-MAX_DIGITS = 4
-DIGIT_SCALE = (0.5, 0.75)
+SHIPPED_TEACHER = CANVAS_DIGITS_DATASET
+"""The shipped teacher (`make teachers`, `model_cards/teachers/`) every seed starts from by default."""
+PRESET = "tiny"
+PRESETS = ("tiny", "tiny-64")
+"""The backbone shape of every row (`--model_preset`): the demo's tiny ViT (4 layers, 64 wide) with 8x8 tokens, at
+32 px with 4-px patches (`tiny`, the shape of the shipped canvas-digits teacher) or at 64 px with 8-px patches
+(`tiny-64`); the canvases have the preset's image size."""
+MAX_DIGITS = 1
+DIGIT_SCALE = (0.45, 0.75)
 BACKGROUND = "plain"
 """The labelled and unlabelled canvases' task: 1 to `MAX_DIGITS` digits, each `DIGIT_SCALE` of the canvas side, on a
-`BACKGROUND` canvas."""
-FINETUNE = {"steps": 200, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 10, "decoder_hidden_size": 64}
+`BACKGROUND` canvas: the shipped teacher's data (`canvas-digits`: one digit of 0.45-0.75 on a plain canvas)."""
+FINETUNE = {
+    "steps": 600,
+    "batch_size": 16,
+    "learning_rate": 2e-3,
+    "warmup_steps": 30,
+    "decoder_hidden_size": 64,
+    "layer_decay": 0.65,
+}
 """The UperNet fine-tuning budget of every backbone (docs/history.md has the calibration)."""
 ROWS = [
     ("random_init", "random init"),
@@ -88,7 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_images", type=int, default=512, help="Labelled canvases for the dense head.")
     parser.add_argument("--test_images", type=int, default=256)
     parser.add_argument("--stage1_steps", type=int, default=100)
-    parser.add_argument("--stage2_steps", type=int, default=150, help="Steps of the student and of pixel MIM.")
+    parser.add_argument(
+        "--stage2_steps", type=int, default=400, help="Steps of the student and of pixel MIM (the demo's 400)."
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--stage1_learning_rate", type=float, default=5e-3)
     parser.add_argument("--stage2_learning_rate", type=float, default=1.5e-3)
@@ -103,7 +121,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--teacher_name_or_path",
         default=None,
-        help="A stage-1 teacher folder every seed starts from (its row is this teacher); default: one per seed.",
+        help="A stage-1 teacher folder every seed starts from (its row is this teacher). Default: the shipped "
+        f"{SHIPPED_TEACHER} teacher (`make teachers`) where it exists and has the --model_preset's shape.",
+    )
+    parser.add_argument(
+        "--train_teacher",
+        action="store_true",
+        help="Train one teacher per seed for --stage1_steps instead of starting from the shipped one.",
+    )
+    parser.add_argument(
+        "--model_preset", choices=PRESETS, default=PRESET, help="The backbone shape; the canvases take its image size."
     )
     parser.add_argument("--max_digits", type=int, default=MAX_DIGITS, help="Canvases hold 1 to this many digits.")
     parser.add_argument(
@@ -126,17 +153,110 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune_learning_rate", type=float, default=FINETUNE["learning_rate"])
     parser.add_argument("--finetune_warmup_steps", type=int, default=FINETUNE["warmup_steps"])
     parser.add_argument("--decoder_hidden_size", type=int, default=FINETUNE["decoder_hidden_size"])
+    parser.add_argument(
+        "--finetune_layer_decay",
+        type=float,
+        default=FINETUNE["layer_decay"],
+        help="mimco-segment's --layer_decay: each backbone layer's learning rate is this times the one above it's.",
+    )
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (0: torch's default).")
     parser.add_argument("--dataloader_num_workers", type=int, default=1)
     args = parser.parse_args(argv)
     teacher = args.teacher_name_or_path
+    if teacher is not None and args.train_teacher:
+        parser.error("give --teacher_name_or_path or --train_teacher, not both.")
     if teacher is not None and not os.path.isfile(os.path.join(teacher, "config.json")):
         # without this check a mistyped folder would be taken for an unfinished teacher and trained into
         parser.error(f"--teacher_name_or_path {teacher}: no config.json there; give a stage-1 teacher's folder.")
+    if teacher is not None:
+        with open(os.path.join(teacher, "config.json")) as handle:
+            mismatch = _shape_mismatch(json.load(handle), args.model_preset)
+        if mismatch:
+            parser.error(f"--teacher_name_or_path {teacher}: {mismatch}; give a teacher of that shape.")
+    args.teacher_name_or_path, args.teacher_source = choose_teacher(args)
     return args
 
 
+def choose_teacher(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The teacher every seed starts from (`None`: one is trained per seed for `--stage1_steps`) and a line that says
+    which and why: a given folder, else the shipped canvas-digits teacher (the canvases' family, trained to
+    convergence) where it exists and has the preset's shape."""
+
+    def unfit(config: dict) -> str:
+        mismatch = _shape_mismatch(config, args.model_preset)
+        return f"has {mismatch}" if mismatch else ""
+
+    return choose_teacher_folder(
+        "Teacher",
+        args.teacher_name_or_path,
+        args.train_teacher,
+        SHIPPED_TEACHER,
+        unfit,
+        trained_here=f"one teacher per seed is trained here for {args.stage1_steps} steps",
+        trained_instead="trains one per seed instead",
+    )
+
+
+def _shape_mismatch(config: dict, model_preset: str) -> str:
+    """What in a teacher's config (its `config.json` as a dict) differs from `model_preset`'s backbone shape ("" when
+    nothing does): the student and the canvases follow the preset, so a teacher of another shape could not be
+    distilled."""
+    from modeling_mimco.configuration_mimco import MODEL_PRESETS
+
+    differing = [
+        f"{field} {config.get(field)} where --model_preset {model_preset} has {value}"
+        for field, value in MODEL_PRESETS[model_preset].items()
+        if field != "mask_patch_size" and config.get(field) != value
+    ]
+    return ", ".join(differing)
+
+
+# --- the output folder -----------------------------------------------------------------------------------------------
+
+
+RUN_SETTINGS_FILE = "run_settings.json"
+NOT_RUN_SETTINGS = ("output_dir", "seeds", "num_threads", "dataloader_num_workers", "teacher_source")
+"""Arguments that do not change what a seed's backbones and heads are (the rest are recorded per output folder)."""
+
+
+def check_run_settings(args: argparse.Namespace) -> None:
+    """Records the settings of a run in `OUTPUT_DIR/run_settings.json`, or refuses (`ValueError`, naming the folder and
+    each differing setting) an output folder that holds a run with other settings: finished backbones and fine-tunes
+    are reused, so a run with changed settings would otherwise mix their results with the earlier ones."""
+    current = json.loads(json.dumps({key: value for key, value in vars(args).items() if key not in NOT_RUN_SETTINGS}))
+    path = os.path.join(args.output_dir, RUN_SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as handle:
+            recorded = json.load(handle)
+        differing = [
+            f"--{key} {recorded.get(key)!r} there, {current.get(key)!r} now"
+            for key in sorted(set(recorded) | set(current))
+            if recorded.get(key) != current.get(key)
+        ]
+        if differing:
+            raise ValueError(
+                f"--output_dir {args.output_dir} holds a run with other settings ({'; '.join(differing)}); give a "
+                "new --output_dir, or the same settings to resume that run."
+            )
+        return
+    if os.path.isdir(args.output_dir) and any(name.startswith("seed-") for name in os.listdir(args.output_dir)):
+        raise ValueError(
+            f"--output_dir {args.output_dir} holds a run whose settings were not recorded (an earlier version of this "
+            "study); give a new --output_dir."
+        )
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(current, handle, indent=2)
+
+
 # --- data ----------------------------------------------------------------------------------------------------------
+
+
+def canvas_size(args: argparse.Namespace) -> int:
+    """The side of every canvas: the image size of the run's `--model_preset`."""
+    from modeling_mimco.configuration_mimco import MODEL_PRESETS
+
+    return MODEL_PRESETS[args.model_preset]["image_size"]
 
 
 def task_settings(args: argparse.Namespace) -> dict:
@@ -150,7 +270,7 @@ def write_pretraining_images(args: argparse.Namespace, seed: int, path: str) -> 
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         scenes = load_digit_canvas_dataset(
-            "train", args.pretrain_images, CANVAS_SIZE, seed=seed + 1000, **task_settings(args)
+            "train", args.pretrain_images, canvas_size(args), seed=seed + 1000, **task_settings(args)
         )
         scenes.remove_columns("annotation").to_parquet(path)
     return path
@@ -177,10 +297,10 @@ def labelled_data(args: argparse.Namespace, seed: int, seed_dir: str) -> dict:
     folder = os.path.join(seed_dir, "data")
     files = {name: os.path.join(folder, f"{name}.parquet") for name in ("train", "test")}
     train_images, train_masks = labelled_arrays(
-        "train", args.train_images, CANVAS_SIZE, seed, files["train"], **task_settings(args)
+        "train", args.train_images, canvas_size(args), seed, files["train"], **task_settings(args)
     )
     test_images, test_masks = labelled_arrays(
-        "test", args.test_images, CANVAS_SIZE, seed, files["test"], **task_settings(args)
+        "test", args.test_images, canvas_size(args), seed, files["test"], **task_settings(args)
     )
     files["id2label"] = os.path.join(folder, "id2label.json")
     with open(files["id2label"], "w") as handle:
@@ -215,7 +335,7 @@ def _loop_settings(arguments_class: type, args: argparse.Namespace, output_dir: 
 def pretrain_teacher(args: argparse.Namespace, data_file: str, output_dir: str, seed: int) -> None:
     """Stage 1 as the demo trains it (tiny shape, narrow projector, no flip: a mirrored digit is no digit)."""
     model_args = run_contrastive_pretraining.ModelArguments(
-        model_preset=PRESET,
+        model_preset=args.model_preset,
         projector_hidden_size=512,
         projection_size=128,
         crop_min_scale=0.6,
@@ -238,7 +358,7 @@ def student_arguments(args: argparse.Namespace, data_file: str, output_dir: str,
     """`run_pretraining`'s arguments of the student, which pixel MIM shares (same data, masks, loop, schedule)."""
     model_args = run_pretraining.ModelArguments(
         teacher_name_or_path=teacher_dir,
-        model_preset=PRESET,
+        model_preset=args.model_preset,
         head_hidden_size=256,
         image_temperature=0.01,
         crop_min_scale=0.67,
@@ -282,7 +402,7 @@ def pretrain_all(args: argparse.Namespace, seed: int, seed_dir: str) -> dict[str
     if not done("pixel_mim"):
         pretrain_pixel_mim(args, data_file, folders["pixel_mim"], folders["teacher"], seed)
     if not done("random_init"):
-        config = MimCoConfig(**preset_backbone_kwargs(PRESET))
+        config = MimCoConfig(**preset_backbone_kwargs(args.model_preset))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             MimCoModel(config).save_pretrained(folders["random_init"])
@@ -290,9 +410,9 @@ def pretrain_all(args: argparse.Namespace, seed: int, seed_dir: str) -> dict[str
     return folders
 
 
-def pixel_mim_as_mimco(vit_folder: str, output_dir: str) -> str:
-    """Pixel MIM's `ViTForMaskedImageModeling` folder as a MimCo folder of the same backbone (what `mimco-segment`
-    loads), through `interop.vit_export.vit_to_mimco_state_dict`, loaded strictly."""
+def pixel_mim_as_mimco(vit_folder: str, output_dir: str, model_preset: str = PRESET) -> str:
+    """Pixel MIM's `ViTForMaskedImageModeling` folder as a MimCo folder of the same backbone (`model_preset`, what
+    `mimco-segment` loads), through `interop.vit_export.vit_to_mimco_state_dict`, loaded strictly."""
     from transformers import ViTForMaskedImageModeling
 
     from modeling_mimco import MimCoConfig, MimCoModel
@@ -303,7 +423,7 @@ def pixel_mim_as_mimco(vit_folder: str, output_dir: str) -> str:
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         return output_dir
     vit = ViTForMaskedImageModeling.from_pretrained(vit_folder).vit.state_dict()
-    config = MimCoConfig(**preset_backbone_kwargs(PRESET))
+    config = MimCoConfig(**preset_backbone_kwargs(model_preset))
     model = MimCoModel(config)
     state = vit_to_mimco_state_dict(vit, list(model.state_dict()))
     model.load_state_dict(state, strict=True)
@@ -413,11 +533,11 @@ def finetune_command(
         sys.executable, "-m", "modeling_mimco.commands.run_semantic_segmentation",
         "--model_name_or_path", folder, "--output_dir", output_dir,
         "--train_file", files["train"], "--validation_file", files["test"], "--id2label_file", files["id2label"],
-        "--crop_size", str(CANVAS_SIZE), "--decoder_hidden_size", str(args.decoder_hidden_size),
+        "--crop_size", str(canvas_size(args)), "--decoder_hidden_size", str(args.decoder_hidden_size),
         "--auxiliary_head", "false", "--max_steps", str(args.finetune_steps),
         "--warmup_steps", str(args.finetune_warmup_steps), "--per_device_train_batch_size", str(args.finetune_batch_size),
         "--per_device_eval_batch_size", "64", "--learning_rate", str(args.finetune_learning_rate),
-        "--layer_decay", "1.0", "--eval_strategy", "no", "--do_eval", "--save_strategy", "no", "--no_horizontal_flip",
+        "--layer_decay", str(args.finetune_layer_decay), "--eval_strategy", "no", "--do_eval", "--save_strategy", "no", "--no_horizontal_flip",
         "--seed", str(seed), "--report_to", "none", "--logging_steps", "50",
         "--dataloader_num_workers", str(args.dataloader_num_workers),
     ]  # fmt: skip
@@ -425,8 +545,10 @@ def finetune_command(
 
 def finetune(args: argparse.Namespace, folder: str, files: dict[str, str], output_dir: str, seed: int) -> dict:
     """UperNet fine-tuned from one backbone through `mimco-segment` (skipped when `output_dir` already holds its
-    `eval_results.json`); its test scores as `upernet_*` keys and the command's wall time."""
+    `eval_results.json`); its test scores as `upernet_*` keys and the command's wall time (kept in `output_dir`, so
+    that a reused fine-tune reports the time it took)."""
     results_file = os.path.join(output_dir, "eval_results.json")
+    wall_file = os.path.join(output_dir, "dense_transfer_wall_seconds.json")
     start = time.perf_counter()
     if not os.path.isfile(results_file):
         env = dict(os.environ)
@@ -437,15 +559,21 @@ def finetune(args: argparse.Namespace, folder: str, files: dict[str, str], outpu
         )
         if process.returncode != 0:
             raise RuntimeError(f"mimco-segment failed on {folder}:\n{process.stderr[-3000:]}")
+        with open(wall_file, "w") as handle:
+            json.dump(round(time.perf_counter() - start, 1), handle)
     with open(results_file) as handle:
         metrics = json.load(handle)
+    wall_seconds = math.nan
+    if os.path.isfile(wall_file):
+        with open(wall_file) as handle:
+            wall_seconds = json.load(handle)
     digits = [metrics.get(f"eval_iou_{name}", math.nan) for name in DIGIT_CANVAS_CLASSES[1:]]
     return {
         "upernet_mean_iou": float(metrics["eval_mean_iou"]),
         "upernet_mean_accuracy": float(metrics["eval_mean_accuracy"]),
         "upernet_digit_mean_iou": float(np.nanmean(digits)),
         "upernet_background_iou": float(metrics["eval_iou_background"]),
-        "upernet_wall_seconds": round(time.perf_counter() - start, 1),
+        "upernet_wall_seconds": wall_seconds,
     }
 
 
@@ -516,7 +644,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
         if args.finetune_steps > 0:
             folder = folders[key]
             if key == "pixel_mim":
-                folder = pixel_mim_as_mimco(folder, os.path.join(seed_dir, "pixel_mim_as_mimco"))
+                folder = pixel_mim_as_mimco(folder, os.path.join(seed_dir, "pixel_mim_as_mimco"), args.model_preset)
             rows[key].update(finetune(args, folder, data["files"], os.path.join(seed_dir, f"upernet-{key}"), seed))
     print(
         f"seed {seed}: "
@@ -535,6 +663,8 @@ def main(argv: list[str] | None = None) -> dict:
     keep_freed_memory()
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
+    check_run_settings(args)
+    print(args.teacher_source, flush=True)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
     summary = summarize(per_seed)

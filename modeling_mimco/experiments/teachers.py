@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
@@ -56,8 +57,65 @@ CIFAR10 = "cifar10"
 HUB_CIFAR10 = "uoft-cs/cifar10"
 DEFAULT_CARDS_DIR = os.path.join("model_cards", "teachers")
 CURVE_NAME, PLOT_NAME, BEST_NAME = "curve.json", "curve.png", "best"
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""The checkout's root, where `DEFAULT_CARDS_DIR` lies (a wheel installs no shipped teacher)."""
 # the files of an exported teacher that the shipped folder keeps (not the run's checkpoints, logs or stage-1 model)
 TEACHER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+
+def shipped_teacher_folder(name: str) -> str:
+    """Where the checkout keeps the shipped teacher `name` (a recipe's name, e.g. "canvas-digits"); it may not exist."""
+    return os.path.join(REPOSITORY_ROOT, DEFAULT_CARDS_DIR, name)
+
+
+def shipped_teacher_summary(folder: str) -> str:
+    """What `make teachers` recorded of a shipped teacher (its `curve.json`): steps and probe, or `""`."""
+    path = os.path.join(folder, CURVE_NAME)
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as handle:
+        best = json.load(handle).get(BEST_NAME) or {}
+    if "step" not in best:
+        return ""
+    return f"{best['step']:,} stage-1 steps; its probe: {best['linear']:.1f} % linear, {best['knn']:.1f} % kNN"
+
+
+def choose_teacher_folder(
+    label: str,
+    given: str | None,
+    train_teacher: bool,
+    shipped_name: str,
+    unfit: Callable[[dict], str],
+    trained_here: str,
+    trained_instead: str,
+) -> tuple[str | None, str]:
+    """The stage-1 teacher a study starts from and a line, headed `label`, that says which and why.
+
+    `given` (a `--teacher_name_or_path`) wins; `train_teacher` (`--train_teacher`) asks for none (`None`: the caller
+    trains one, as `trained_here` says); otherwise the shipped teacher `shipped_name`, as a user starts stage 2 from
+    published MoCo v3 weights, where the checkout has it and `unfit(its config.json)` finds nothing against it
+    (`unfit` returns why it does not fit, or `""`). `trained_instead` ends the line: what `--train_teacher` would do.
+    """
+    if given is not None:
+        return given, f"{label}: the given teacher {given} (not trained here)."
+    if train_teacher:
+        return None, f"{label}: {trained_here} (--train_teacher)."
+    shipped = shipped_teacher_folder(shipped_name)
+    config_path = os.path.join(shipped, "config.json")
+    if not os.path.isfile(config_path):
+        return None, f"{label}: no shipped teacher at {shipped} (a wheel installs none), so {trained_here}."
+    with open(config_path) as handle:
+        reason = unfit(json.load(handle))
+    if reason:
+        return None, f"{label}: the shipped teacher {reason}, so {trained_here}."
+    summary = shipped_teacher_summary(shipped)
+    if not os.path.relpath(shipped).startswith(os.pardir):
+        shipped = os.path.relpath(shipped)  # recorded as the user sees it from here
+    return shipped, (
+        f"{label}: the shipped teacher {os.path.join(DEFAULT_CARDS_DIR, shipped_name)}"
+        + (f" ({summary})" if summary else "")
+        + f", not trained here, as a user starts from published MoCo v3 weights; --train_teacher {trained_instead}."
+    )
 
 
 @dataclass(frozen=True)
